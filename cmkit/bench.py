@@ -1,0 +1,171 @@
+"""Quality against the number of network evaluations: a teacher with each solver beside consistency models.
+
+Layer 6. Writes ``quality_vs_steps.json`` (all numbers, machine, versions), ``quality_vs_steps.md`` (the table) and
+``quality_vs_steps.png`` (metric against NFE on a log axis, and a grid of samples).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .sampling import sample, sample_teacher, teacher_grid
+
+MMD_MAX = 2000  # MMD is quadratic in the set size; the first MMD_MAX samples of each set are enough to rank methods
+
+
+def _score(samples: torch.Tensor, ref: torch.Tensor) -> dict:
+    return {"sw": metrics.sliced_wasserstein(samples, ref, n_projections=256, seed=0),
+            "mmd": metrics.mmd(samples[:MMD_MAX], ref[:MMD_MAX])}
+
+
+def _summarise(rows: list[dict]) -> dict:
+    out = {}
+    for key in rows[0]:
+        vals = [r[key] for r in rows]
+        out[f"{key}_mean"] = statistics.fmean(vals)
+        out[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return out
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def quality_vs_steps(teacher, models: dict, reference: torch.Tensor, *, teacher_solvers=("euler", "heun"),
+                     teacher_nfe=(1, 2, 4, 8, 16, 35, 79), cm_steps=(1, 2, 4), num_samples: int = 4000,
+                     seeds=(0, 1, 2), dopri5: bool = True, progress: bool = True) -> dict:
+    """Score every (method, NFE) pair over ``seeds`` against ``reference`` samples (the held-out split).
+
+    Solvers that cannot reach an NFE exactly (heun reaches only odd NFE) skip it. Returns a dict with ``rows``
+    (one per method and NFE: means and standard deviations over seeds, samples per second) and ``samples``
+    (seed 0's samples of the best setting of each method, for plots).
+    """
+    jobs = []
+    for solver in teacher_solvers:
+        for nfe in teacher_nfe:
+            if solver == "heun" and nfe % 2 == 0:
+                continue
+            grid = teacher_grid(nfe, solver, teacher.sigma_min, teacher.sigma_max)
+            jobs.append((f"teacher {solver}", nfe, lambda n, g, grid=grid, solver=solver:
+                         (sample_teacher(teacher, n, grid, method=solver, generator=g), None)))
+    if dopri5:
+        grid = [teacher.sigma_max, teacher.sigma_min, 0.0]
+        jobs.append(("teacher dopri5", None, lambda n, g: sample_teacher(
+            teacher, n, grid, method="dopri5", generator=g, return_nfe=True, rtol=1e-5, atol=1e-5)))
+    for name, cm in models.items():
+        for steps in cm_steps:
+            jobs.append((name, steps, lambda n, g, cm=cm, steps=steps: (sample(cm, n, steps=steps, generator=g), None)))
+
+    rows, kept = [], {}
+    bar = tqdm(total=len(jobs) * len(seeds), desc="bench", disable=not progress, dynamic_ncols=True)
+    for method, nfe, run in jobs:
+        scores, secs, nfes = [], [], []
+        for seed in seeds:
+            t0 = time.perf_counter()
+            x, counted = run(num_samples, _gen(seed))
+            secs.append(time.perf_counter() - t0)
+            nfes.append(counted if counted is not None else nfe)
+            scores.append(_score(x.float().cpu(), reference))
+            if seed == seeds[0]:
+                kept[(method, nfe if nfe is not None else "adaptive")] = x.float().cpu()
+            bar.update(1)
+        row = {"method": method, "nfe": statistics.fmean(nfes), "adaptive": nfe is None,
+               "samples_per_sec": num_samples / statistics.fmean(secs), **_summarise(scores)}
+        rows.append(row)
+    bar.close()
+    return {"rows": rows, "samples": kept, "num_samples": num_samples, "seeds": list(seeds)}
+
+
+def machine_info() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    import os
+
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "git_commit": commit}
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| method | NFE | sliced W2 (mean ± std) | MMD² (mean ± std) | samples/s |", "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        nfe = f"{r['nfe']:.0f}" + (" (adaptive)" if r["adaptive"] else "")
+        lines.append(f"| {r['method']} | {nfe} | {r['sw_mean']:.4f} ± {r['sw_std']:.4f} | "
+                     f"{r['mmd_mean']:.5f} ± {r['mmd_std']:.5f} | {r['samples_per_sec']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, reference: torch.Tensor, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = result["samples"]
+    picks = [("data (held out)", reference)]
+    teacher_shown = {("teacher euler", 2), ("teacher heun", 35), ("teacher dopri5", "adaptive")}
+    for (method, nfe), x in samples.items():
+        if not method.startswith("teacher") or (method, nfe) in teacher_shown:
+            picks.append((f"{method}, NFE {nfe}", x))
+    picks = picks[:8]
+    two_d = reference.ndim == 2 and reference.shape[1] == 2
+    fig = plt.figure(figsize=(5 + 2.6 * len(picks), 4.2))
+    gs = fig.add_gridspec(1, len(picks) + 2)
+    ax = fig.add_subplot(gs[0, :2])
+    by_method: dict[str, list] = {}
+    for r in result["rows"]:
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rs in by_method.items():
+        rs = sorted(rs, key=lambda r: r["nfe"])
+        xs, ys, es = [r["nfe"] for r in rs], [r["sw_mean"] for r in rs], [r["sw_std"] for r in rs]
+        style = "--o" if method.startswith("teacher") else "-s"
+        ax.errorbar(xs, ys, yerr=es, fmt=style, label=method, capsize=2, markersize=4)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel("sliced W2 to held-out data")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    for i, (title, x) in enumerate(picks):
+        a = fig.add_subplot(gs[0, i + 2])
+        if two_d:
+            a.scatter(x[:2000, 0], x[:2000, 1], s=1, alpha=0.5)
+            a.set_xlim(-1.6, 1.6)
+            a.set_ylim(-1.6, 1.6)
+            a.set_aspect("equal")
+        a.set_title(title, fontsize=8)
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(result: dict, reference: torch.Tensor, out, name: str = "quality_vs_steps",
+                  extra: dict | None = None) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {**machine_info(), **(extra or {})}
+    payload = {"info": info, "num_samples": result["num_samples"], "seeds": result["seeds"], "rows": result["rows"]}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    header = (f"Quality vs steps, {result['num_samples']} samples x {len(result['seeds'])} seeds, measured "
+              f"{info['date']} on {info['processor']} ({info['cpu_count']} cores, torch {info['torch']}).\n\n")
+    table = markdown_table(result)
+    (out / f"{name}.md").write_text(header + table + "\n")
+    plot(result, reference, out / f"{name}.png")
+    return {"table": table, "header": header, "paths": [str(out / f"{name}.{e}") for e in ("md", "json", "png")]}

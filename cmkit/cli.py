@@ -1,0 +1,172 @@
+"""The ``cmkit`` command. It only parses arguments and calls the library; every failure a user can cause ends in
+one line on stderr and a non-zero exit code, never a traceback (set CMKIT_DEBUG=1 to see one).
+
+Layer 6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+class CliError(Exception):
+    pass
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, out_help: str = "output folder (default runs/<recipe name>)"):
+    p.add_argument("recipe", help="a TOML recipe file, or the name of a shipped recipe (e.g. quickstart-cd)")
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _default_out(recipe: str) -> Path:
+    return Path("runs") / Path(recipe).stem
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmkit", description="Consistency models: distil, train, sample, measure.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quickstart", help="teacher -> distil -> sample -> quality-vs-steps table + plot (S-curve)")
+    q.add_argument("--out", default="quickstart-out", help="output folder (default quickstart-out)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key in both quickstart recipes, e.g. --set train.steps=500")
+    q.add_argument("--no-progress", action="store_true")
+
+    t = sub.add_parser("train-teacher", help="train an EDM teacher from a recipe")
+    _add_recipe_args(t)
+
+    d = sub.add_parser("distill", help="consistency distillation of a teacher")
+    _add_recipe_args(d)
+    d.add_argument("--teacher", help="teacher folder or hub id (default: teacher.path of the recipe)")
+
+    s = sub.add_parser("sample", help="draw samples from a consistency model folder")
+    s.add_argument("model", help="a consistency model folder (e.g. runs/quickstart-cd/model)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=1, help="number of network evaluations (default 1)")
+    g.add_argument("--sigmas", help="comma-separated descending noise levels, e.g. 80,0.8")
+    s.add_argument("--num", type=int, default=1000, help="number of samples (default 1000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="samples.npy", help="output .npy file (default samples.npy)")
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    bq = bsub.add_parser("quality-vs-steps", help="teacher solvers vs consistency models at every NFE")
+    _add_recipe_args(bq, "output folder (default benchmarks/results/<recipe name>)")
+    bq.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER",
+                    help="a consistency model to score (repeatable), e.g. --model CD=runs/quickstart-cd/model")
+    bq.add_argument("--teacher", help="teacher folder (default: teacher.path of the recipe)")
+    return parser
+
+
+def _parse_sigmas(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CliError(f"--sigmas wants comma-separated numbers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import runs
+    from .recipes import load_recipe
+
+    progress = not getattr(args, "no_progress", False)
+    if args.command == "quickstart":
+        from .quickstart import run_quickstart
+
+        run_quickstart(args.out, args.set, progress=progress)
+    elif args.command == "train-teacher":
+        recipe = load_recipe(args.recipe, args.set)
+        summary = runs.train_teacher(recipe, args.out or _default_out(args.recipe), progress=progress)
+        print(f"teacher saved to {summary['model_dir']}")
+    elif args.command == "distill":
+        recipe = load_recipe(args.recipe, args.set)
+        summary = runs.distill(recipe, args.out or _default_out(args.recipe), teacher_path=args.teacher,
+                               progress=progress)
+        print(f"consistency model saved to {summary['model_dir']}")
+    elif args.command == "sample":
+        import numpy as np
+        import torch
+
+        from .consistency import ConsistencyModel
+        from .sampling import sample
+
+        cm = ConsistencyModel.from_pretrained(args.model)
+        sigmas = _parse_sigmas(args.sigmas) if args.sigmas else None
+        x = sample(cm, args.num, steps=args.steps, sigmas=sigmas, generator=torch.Generator().manual_seed(args.seed))
+        out = Path(args.out)
+        if out.suffix != ".npy":
+            raise CliError(f"--out must end in .npy, got {out.name!r}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, x.cpu().numpy())
+        print(f"wrote {args.num} samples of shape {tuple(x.shape[1:])} to {out}")
+    elif args.command == "bench":
+        from .bench import quality_vs_steps, write_results
+        from .consistency import ConsistencyModel
+        from .denoisers import load_teacher
+
+        recipe = load_recipe(args.recipe, args.set)
+        teacher_path = args.teacher or recipe.teacher.path
+        if not teacher_path:
+            raise CliError("no teacher: pass --teacher PATH or set teacher.path in the recipe")
+        models = {}
+        for item in args.model:
+            if "=" not in item:
+                raise CliError(f"--model wants NAME=FOLDER, got {item!r}")
+            name, folder = item.split("=", 1)
+            models[name] = ConsistencyModel.from_pretrained(folder)
+        teacher = load_teacher(teacher_path)
+        data = runs.dataset_for(recipe)
+        runs.check_data_matches(data, teacher, "teacher")
+        ev = recipe.eval
+        result = quality_vs_steps(teacher, models, data.test, teacher_solvers=ev.teacher_solvers,
+                                  teacher_nfe=ev.teacher_nfe, cm_steps=ev.cm_steps, num_samples=ev.num_samples,
+                                  seeds=ev.seeds, progress=progress)
+        out = args.out or Path("benchmarks/results") / Path(args.recipe).stem
+        written = write_results(result, data.test, out, extra={"dataset": data.name, "teacher": str(teacher_path)})
+        print(written["header"] + written["table"])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .training import TrainingInterrupted
+
+    try:
+        return run(args)
+    except TrainingInterrupted as e:
+        print(f"cmkit: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("cmkit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CliError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        if os.environ.get("CMKIT_DEBUG"):
+            raise
+        print(f"cmkit: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - the last line of defence keeps the promise of one line, no traceback
+        if os.environ.get("CMKIT_DEBUG"):
+            raise
+        print(f"cmkit: internal error: {type(e).__name__}: {_one_line(e)} (set CMKIT_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, KeyError) or not text:
+        text = text or type(e).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

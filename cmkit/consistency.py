@@ -1,0 +1,72 @@
+"""The consistency model ``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, 250 log sigma)``.
+
+Layer 3. The boundary scalings make ``f(x, sigma_min) = x`` exactly (c_skip = 1, c_out = 0 in floating point).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import sigmas as S
+from .artefacts import read_model_folder, write_model_folder
+from .nets import backbone_forward, sample_shape
+
+
+class ConsistencyModel(nn.Module):
+    kind = "consistency_model"
+
+    def __init__(self, backbone: nn.Module, sigma_min: float = S.SIGMA_MIN, sigma_max: float = S.SIGMA_MAX,
+                 sigma_data: float = S.SIGMA_DATA, default_sigmas: dict | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
+        # steps -> the sigma list `sample(steps=n)` uses; filled by schedule searches, else a Karras default.
+        self.default_sigmas = {int(k): [float(s) for s in v] for k, v in (default_sigmas or {}).items()}
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return sample_shape(self.backbone)
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        sigma = S.as_batch_sigma(sigma, x)
+        c_skip, c_out, c_in = (S.append_dims(c, x.ndim) for c in
+                               S.boundary_scalings(sigma, self.sigma_min, self.sigma_data))
+        f = backbone_forward(self.backbone, c_in * x, S.c_noise(sigma), **cond)
+        return c_skip * x + c_out * f
+
+    def sigmas_for_steps(self, steps: int) -> list[float]:
+        """The descending sigma list used for ``steps``-step sampling (first = sigma_max)."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if steps in self.default_sigmas:
+            return list(self.default_sigmas[steps])
+        # Karras spacing over steps + 1 points, dropping the last (a denoise at sigma_min is the identity).
+        return S.karras_sigmas(steps + 1, self.sigma_min, self.sigma_max, dtype=torch.float64)[:-1].tolist()
+
+    @classmethod
+    def from_teacher(cls, teacher, **kwargs) -> "ConsistencyModel":
+        """A student whose backbone starts as a copy of the teacher's (same architecture, so the shapes agree)."""
+        backbone = getattr(teacher, "backbone", None)
+        if backbone is None:
+            backbone = getattr(teacher, "unet", None)
+        if backbone is None:
+            raise ValueError(f"cannot copy a backbone out of {type(teacher).__name__}")
+        kwargs.setdefault("sigma_min", teacher.sigma_min)
+        kwargs.setdefault("sigma_max", teacher.sigma_max)
+        return cls(copy.deepcopy(backbone).requires_grad_(True), **kwargs)
+
+    def config_dict(self) -> dict:
+        return {"kind": self.kind, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
+                "sigma_data": self.sigma_data, "default_sigmas": {str(k): v for k, v in self.default_sigmas.items()}}
+
+    def save_pretrained(self, folder) -> Path:
+        return write_model_folder(folder, self.backbone, self.config_dict())
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "ConsistencyModel":
+        backbone, meta = read_model_folder(folder, cls.kind)
+        return cls(backbone, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta.get("default_sigmas"))

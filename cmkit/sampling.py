@@ -1,0 +1,95 @@
+"""Samplers: consistency-model one-step / multistep sampling and teacher ODE baselines.
+
+Layer 5. Noise is drawn once as a ``(num, draws, *shape)`` tensor, so sample i gets the same noise whatever ``num``
+is (the i-th block of a fixed-seed stream), and results are reproducible from a generator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import sigmas as S
+from .ode import ode_solve
+
+
+def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    p = next(iter(model.parameters()), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+def per_sample_noise(num: int, draws: int, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise of shape ``(draws, num, *shape)``; sample i's values do not depend on ``num``."""
+    z = torch.randn((num, draws, *shape), generator=generator, dtype=dtype)
+    return z.transpose(0, 1).to(device)
+
+
+def resolve_sigmas(cm, steps: int | None, sigmas) -> list[float]:
+    """The sigma list for a consistency-model sampler, validated (descending, inside the model's range)."""
+    if sigmas is None:
+        if steps is None or int(steps) < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        sigmas = cm.sigmas_for_steps(int(steps))
+    return S.check_sigmas(sigmas, cm.sigma_min, cm.sigma_max).tolist()
+
+
+@torch.no_grad()
+def multistep(cm, x: torch.Tensor, sigmas, noise: torch.Tensor | None = None, generator=None, **cond) -> torch.Tensor:
+    """CM paper Algorithm 1 from a starting sample ``x`` at ``sigmas[0]``: denoise, then for each further sigma
+    re-noise with ``sqrt(sigma^2 - sigma_min^2) z`` and denoise again. ``noise[k]`` is the z of the k-th re-noise."""
+    x = cm(x, sigmas[0], **cond)
+    for k, s in enumerate(sigmas[1:]):
+        z = noise[k] if noise is not None else torch.randn(x.shape, generator=generator).to(x)
+        x = x + (s**2 - cm.sigma_min**2) ** 0.5 * z
+        x = cm(x, s, **cond)
+    return x
+
+
+@torch.no_grad()
+def sample(cm, num: int, steps: int = 1, sigmas=None, generator: torch.Generator | None = None, **cond) -> torch.Tensor:
+    """``num`` samples from a consistency model in ``steps`` evaluations, or along an explicit descending sigma
+    list (first = the starting noise level, normally sigma_max)."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    sig = resolve_sigmas(cm, steps, sigmas)
+    device, dtype = _device_dtype(cm)
+    z = per_sample_noise(num, len(sig), cm.sample_shape, generator, device, dtype)
+    was_training = cm.training
+    cm.eval()
+    try:
+        return multistep(cm, sig[0] * z[0], sig, noise=z[1:], **cond)
+    finally:
+        cm.train(was_training)
+
+
+def teacher_grid(nfe: int, solver: str, sigma_min: float, sigma_max: float, rho: float = S.RHO) -> list[float]:
+    """A Karras grid ending in 0 whose solve costs exactly ``nfe`` denoiser evaluations with ``solver``.
+
+    euler: nfe steps (nfe + 1 points); heun: 2 evaluations a step except the last (Euler to 0), so nfe must be odd.
+    """
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    if solver == "euler":
+        n_points = nfe
+    elif solver == "heun":
+        if nfe % 2 == 0:
+            raise ValueError(f"heun reaches only odd NFE (2n - 1), got {nfe}")
+        n_points = (nfe + 1) // 2
+    else:
+        raise ValueError(f"teacher_grid knows euler and heun, not {solver!r}")
+    return S.karras_sigmas(n_points, sigma_min, sigma_max, rho, dtype=torch.float64).tolist() + [0.0]
+
+
+@torch.no_grad()
+def sample_teacher(den, num: int, sigmas, method: str = "heun", generator=None, return_nfe: bool = False,
+                   rtol: float = 1e-5, atol: float = 1e-5, **cond):
+    """Teacher samples: start at ``sigmas[0] z`` and solve the PF-ODE along ``sigmas`` (may end at 0)."""
+    device, dtype = _device_dtype(den)
+    x = per_sample_noise(num, 1, den.sample_shape, generator, device, dtype)[0] * float(sigmas[0])
+    was_training = getattr(den, "training", False)
+    if hasattr(den, "eval"):
+        den.eval()
+    try:
+        return ode_solve(den, x, sigmas, method=method, return_nfe=return_nfe, rtol=rtol, atol=atol, **cond)
+    finally:
+        if hasattr(den, "train"):
+            den.train(was_training)
