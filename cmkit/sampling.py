@@ -1,7 +1,7 @@
 """Samplers: consistency-model one-step / multistep sampling and teacher ODE baselines.
 
-Layer 5. Noise is drawn once as a ``(num, draws, *shape)`` tensor, so sample i gets the same noise whatever ``num``
-is (the i-th block of a fixed-seed stream), and results are reproducible from a generator.
+Layer 5. Each sample's noise comes from its own stream (seeded in order from the caller's generator), so sample i
+gets the same noise whatever ``num`` is, and results are reproducible from a generator.
 """
 
 from __future__ import annotations
@@ -18,9 +18,15 @@ def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 
 def per_sample_noise(num: int, draws: int, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise of shape ``(draws, num, *shape)``; sample i's values do not depend on ``num``."""
-    z = torch.randn((num, draws, *shape), generator=generator, dtype=dtype)
-    return z.transpose(0, 1).to(device)
+    """Standard normal noise of shape ``(draws, num, *shape)``; sample i's values do not depend on ``num``.
+
+    torch's CPU normal sampler takes a different (vectorised) path for larger tensors, so one big draw would give
+    sample i different values at different batch sizes. Instead each sample gets its own seed, drawn in order
+    from ``generator``, and its own small stream.
+    """
+    seeds = torch.randint(0, 2**62, (num,), generator=generator).tolist()
+    per = [torch.randn((draws, *shape), generator=torch.Generator().manual_seed(s), dtype=dtype) for s in seeds]
+    return torch.stack(per, 1).to(device)
 
 
 def resolve_sigmas(cm, steps: int | None, sigmas) -> list[float]:

@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def gaussian_denoiser():
+    """The exact denoiser of N(mu, s^2 I) data: D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu)."""
+    class GaussianDenoiser(torch.nn.Module):
+        def __init__(self, mu, s):
+            super().__init__()
+            self.mu, self.s = mu, s
+            self.sigma_min, self.sigma_max = 0.002, 80.0
+
+        def forward(self, x, sigma):
+            sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+            return self.mu + self.s**2 / (self.s**2 + sigma**2) * (x - self.mu)
+
+    return GaussianDenoiser
+
+
+CLI = [sys.executable, "-m", "cmkit"]
+ROOT = Path(__file__).resolve().parents[1]

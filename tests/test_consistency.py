@@ -1,0 +1,84 @@
+import torch
+
+import cmkit
+from cmkit import EDMDenoiser, TimeMLP
+from cmkit.consistency import ConsistencyModel
+
+
+def make_cm(**kw):
+    torch.manual_seed(0)
+    return ConsistencyModel(TimeMLP(dim=3, hidden=32, depth=2), **kw)
+
+
+def test_boundary_condition_exact():
+    cm = make_cm()
+    # scramble the weights so F is far from zero
+    for p in cm.parameters():
+        p.data.normal_(0, 3)
+    x = torch.randn(16, 3) * 5
+    assert torch.equal(cm(x, 0.002), x)
+    assert torch.equal(cm(x, torch.full((16,), 0.002)), x)
+    assert not torch.allclose(cm(x, 0.5), x)
+
+
+def test_parameterisation_matches_formula():
+    cm = make_cm()
+    x = torch.randn(8, 3)
+    sigma = torch.tensor([0.01, 0.1, 0.5, 1, 2, 10, 40, 80.0])
+    c_skip, c_out, c_in = cmkit.boundary_scalings(sigma)
+    f = cm.backbone(c_in[:, None] * x, 250 * sigma.log())
+    torch.testing.assert_close(cm(x, sigma), c_skip[:, None] * x + c_out[:, None] * f)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    cm = make_cm(default_sigmas={2: [80.0, 0.7]})
+    cm.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "diffusion_pytorch_model.safetensors").is_file()
+    back = ConsistencyModel.from_pretrained(tmp_path / "m")
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(back(x, 3.0), cm(x, 3.0), rtol=0, atol=0)
+    assert back.sigmas_for_steps(2) == [80.0, 0.7]
+    assert back.sigmas_for_steps(3)[0] == 80.0
+
+
+def test_student_starts_from_teacher_weights():
+    torch.manual_seed(0)
+    teacher = EDMDenoiser(TimeMLP(dim=3, hidden=32, depth=2))
+    teacher.requires_grad_(False)
+    cm = ConsistencyModel.from_teacher(teacher)
+    for (n, a), (_, b) in zip(cm.backbone.named_parameters(), teacher.backbone.named_parameters()):
+        assert torch.equal(a, b), n
+        assert a.requires_grad and a.data_ptr() != b.data_ptr()
+
+
+def test_sample_per_sample_noise_independent_of_batch_size():
+    cm = make_cm()
+    a = cmkit.sample(cm, 3, steps=2, generator=torch.Generator().manual_seed(7))
+    b = cmkit.sample(cm, 10, steps=2, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a, b[:3])
+
+
+def test_multistep_is_algorithm_1():
+    cm = make_cm()
+    sig = [80.0, 2.0, 0.5]
+    g = torch.Generator().manual_seed(1)
+    out = cmkit.sample(cm, 5, sigmas=sig, generator=g)
+    from cmkit.sampling import per_sample_noise
+
+    z = per_sample_noise(5, 3, (3,), torch.Generator().manual_seed(1))
+    x = cm(80.0 * z[0], 80.0)
+    for k, s in enumerate(sig[1:]):
+        x = cm(x + (s**2 - 0.002**2) ** 0.5 * z[k + 1], s)
+    torch.testing.assert_close(out, x)
+
+
+def test_sample_rejects_bad_sigmas():
+    import pytest
+
+    cm = make_cm()
+    with pytest.raises(ValueError, match="descending"):
+        cmkit.sample(cm, 2, sigmas=[1.0, 2.0])
+    with pytest.raises(ValueError, match="sigma_min, sigma_max"):
+        cmkit.sample(cm, 2, sigmas=[100.0, 1.0])
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        cmkit.sample(cm, 2, steps=0)

@@ -1,0 +1,108 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cmkit.recipes import load_recipe
+from cmkit.runs import distill, train_teacher
+from cmkit.training import TrainingInterrupted
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+SMALL = ["model.hidden=32", "model.depth=2", "train.batch_size=64", "train.log_every=10", "train.checkpoint_every=50",
+         "eval.num_samples=200"]
+
+
+def teacher_recipe(steps, *extra):
+    return load_recipe("quickstart-teacher", SMALL + [f"train.steps={steps}", *extra])
+
+
+def weights(folder):
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def small_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    train_teacher(teacher_recipe(150), out, progress=False)
+    return out / "model"
+
+
+def test_teacher_loss_decreases(tmp_path):
+    train_teacher(teacher_recipe(300), tmp_path, progress=False)
+    rows = [json.loads(r) for r in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows][-1] == 300
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+
+
+def test_resume_gives_identical_weights(tmp_path, small_teacher):
+    cd = ["objective.kind=\"cd\"", f"teacher.path=\"{small_teacher}\"", "train.checkpoint_every=1000"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    distill(load_recipe("quickstart-cd", SMALL + cd + ["train.steps=200"]), straight, progress=False)
+    distill(load_recipe("quickstart-cd", SMALL + cd + ["train.steps=100"]), split, progress=False)
+    assert (split / "checkpoints" / "latest").read_text() == "step-00000100"
+    distill(load_recipe("quickstart-cd", SMALL + cd + ["train.steps=200"]), split, progress=False)
+    a, b = weights(straight / "model"), weights(split / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # online and target networks in the checkpoint match too
+    for name in ("model", "target"):
+        ca = load_file(straight / "checkpoints" / "step-00000200" / f"{name}.safetensors")
+        cb = load_file(split / "checkpoints" / "step-00000200" / f"{name}.safetensors")
+        assert all(torch.equal(ca[k], cb[k]) for k in ca)
+    log_steps = [json.loads(r)["step"] for r in (split / "log.jsonl").read_text().splitlines()]
+    assert log_steps == sorted(set(log_steps)) and log_steps[-1] == 200
+
+
+def test_resume_with_other_recipe_is_refused(tmp_path):
+    train_teacher(teacher_recipe(20), tmp_path, progress=False)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match="different recipe"):
+        train_teacher(teacher_recipe(40, "train.lr=0.1"), tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
+    import cmkit.data
+
+    real = cmkit.data.Dataset.batches
+    calls = {"n": 0}
+
+    def interrupting(self, conditional=False):
+        draw = real(self, conditional)
+
+        def wrapped(n, device):
+            calls["n"] += 1
+            if calls["n"] == 38:  # during step 38 (0-based 37): 37 steps are complete
+                raise KeyboardInterrupt
+            return draw(n, device)
+        return wrapped
+
+    monkeypatch.setattr(cmkit.data.Dataset, "batches", interrupting)
+    with pytest.raises(TrainingInterrupted, match="step 37"):
+        train_teacher(teacher_recipe(60), tmp_path / "a", progress=False)
+    assert (tmp_path / "a" / "checkpoints" / "latest").read_text() == "step-00000037"
+    monkeypatch.setattr(cmkit.data.Dataset, "batches", real)
+    train_teacher(teacher_recipe(60), tmp_path / "a", progress=False)
+    train_teacher(teacher_recipe(60), tmp_path / "b", progress=False)
+    a, b = weights(tmp_path / "a" / "model"), weights(tmp_path / "b" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_cpu_run(tmp_path, small_teacher):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "cmkit", "distill", "quickstart-cd", "--teacher", str(small_teacher), "--out", str(tmp_path / "dd"),
+           "--no-progress", *[f"--set={s}" for s in SMALL], "--set", "train.steps=30", "--set", "train.cpu=true"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpts = [p.name for p in (tmp_path / "dd" / "checkpoints").iterdir() if p.name.startswith("step-")]
+    assert ckpts == ["step-00000030"]
+    state = json.loads((tmp_path / "dd" / "checkpoints" / "step-00000030" / "state.json").read_text())
+    assert state["step"] == 30
+    assert (tmp_path / "dd" / "model" / "cmkit.json").is_file()
