@@ -44,7 +44,10 @@ class ConsistencyModel(nn.Module):
             raise ValueError(f"steps must be >= 1, got {steps}")
         if steps in self.default_sigmas:
             return list(self.default_sigmas[steps])
-        # Karras spacing over steps + 1 points, dropping the last (a denoise at sigma_min is the identity).
+        return self.karras_schedule(steps)
+
+    def karras_schedule(self, steps: int) -> list[float]:
+        """Karras spacing over steps + 1 points, dropping the last (a denoise at sigma_min is the identity)."""
         return S.karras_sigmas(steps + 1, self.sigma_min, self.sigma_max, dtype=torch.float64)[:-1].tolist()
 
     @classmethod

@@ -96,13 +96,13 @@ class DiffusersDenoiser(nn.Module):
         hi = torch.searchsorted(ls, log_s).clamp(1, len(ls) - 1)
         lo = hi - 1
         frac = (log_s - ls[lo]) / (ls[hi] - ls[lo])
-        return (lo + frac).to(torch.float32)
+        return lo + frac
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         sigma = S.as_batch_sigma(sigma, x)
         s = S.append_dims(sigma, x.ndim)
         scale = 1 / (1 + s**2).sqrt()  # sqrt(abar)
-        out = backbone_forward(self.unet, x * scale, self.sigma_to_t(sigma), **cond)
+        out = backbone_forward(self.unet, x * scale, self.sigma_to_t(sigma).to(x.dtype), **cond)
         if out.shape[1] == 2 * x.shape[1]:  # learned-variance UNets: the mean part comes first
             out = out[:, : x.shape[1]]
         if self.prediction_type == "epsilon":

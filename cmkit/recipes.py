@@ -60,6 +60,8 @@ class EvalSection:
     teacher_solvers: list[str] = field(default_factory=lambda: ["euler", "heun"])
     teacher_nfe: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 8, 9, 16, 17, 35, 79])
     cm_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    schedule_max_steps: int = 4         # after distillation/training, search few-step sigmas up to this many steps
+    schedule_candidates: int = 16       # candidate sigmas tried per step (log-spaced)
 
 
 @dataclass

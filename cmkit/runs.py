@@ -18,6 +18,7 @@ from .denoisers import EDMDenoiser, load_teacher
 from .nets import TimeMLP
 from .objectives import ConsistencyDistillation, EDMLoss
 from .recipes import Recipe
+from .schedules import search_schedule
 from .training import train
 
 RECIPE_FILE = "recipe.json"
@@ -111,5 +112,23 @@ def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool
     objective = ConsistencyDistillation(teacher, n_points=o.n_points, solver=o.solver, distance=o.distance,
                                         weighting=o.weighting, target_mu=o.target_mu, sigma_min=sigma_min,
                                         sigma_max=sigma_max, huber_c=o.huber_c or None)
-    return train(student, objective, data.batches(), recipe.train, out, seed=recipe.seed,
-                 run_info={"job": "distill", "teacher": str(path)}, progress=progress, accelerator=acc)
+    summary = train(student, objective, data.batches(), recipe.train, out, seed=recipe.seed,
+                    run_info={"job": "distill", "teacher": str(path)}, progress=progress, accelerator=acc)
+    if acc.is_main_process:
+        summary["schedule"] = tune_schedule(recipe, out / "model", data, progress)
+    acc.wait_for_everyone()
+    return summary
+
+
+def tune_schedule(recipe: Recipe, model_dir: Path, data: Dataset, progress: bool = True) -> dict | None:
+    """Search the few-step sigmas of a freshly trained model against training samples and store them in its
+    folder (``cmkit.json``); the search's scores go to ``schedule_search.json`` beside it."""
+    ev = recipe.eval
+    if ev.schedule_max_steps < 2:
+        return None
+    cm = ConsistencyModel.from_pretrained(model_dir)
+    found = search_schedule(cm, data.train, max_steps=ev.schedule_max_steps, candidates=ev.schedule_candidates,
+                            progress=progress)
+    cm.save_pretrained(model_dir)
+    (model_dir.parent / "schedule_search.json").write_text(json.dumps(found, indent=2))
+    return found

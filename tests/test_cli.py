@@ -1,0 +1,108 @@
+"""Bad input ends in one line on stderr, a non-zero exit and no traceback, and leaves checkpoints alone."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cmkit.recipes import load_recipe
+from cmkit.runs import train_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "model.hidden=16", "--set", "model.depth=1", "--set", "train.batch_size=32",
+         "--set", "train.steps=5"]
+
+
+def cmkit(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CMKIT_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "cmkit", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=cwd)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    r = load_recipe("quickstart-teacher", [s for s in SMALL if s != "--set"])
+    train_teacher(r, root / "teacher", progress=False)
+    return root
+
+
+def test_help_for_every_command():
+    for cmd in ([], ["quickstart"], ["train-teacher"], ["distill"], ["sample"], ["bench", "quality-vs-steps"]):
+        proc = cmkit(*cmd, "--help")
+        assert proc.returncode == 0 and "usage: cmkit" in proc.stdout
+
+
+def test_unknown_recipe_key_suggests_nearest(tmp_path):
+    proc = cmkit("train-teacher", "quickstart-teacher", "--out", tmp_path, "--set", "train.step=3")
+    assert_one_line_error(proc, "unknown recipe key 'train.step'", "did you mean 'train.steps'")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nbatchsize = 3\n")
+    proc = cmkit("train-teacher", bad, "--out", tmp_path / "o")
+    assert_one_line_error(proc, "train.batchsize", "train.batch_size")
+
+
+def test_non_finite_data(tmp_path):
+    arr = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
+    arr[3, 0] = np.inf
+    np.save(tmp_path / "x.npy", arr)
+    proc = cmkit("train-teacher", "quickstart-teacher", "--out", tmp_path / "o", "--set", f"data.path='{tmp_path / 'x.npy'}'")
+    assert_one_line_error(proc, "NaN or inf")
+
+
+def test_data_dimension_not_matching_teacher(tmp_path, tiny):
+    np.save(tmp_path / "x3.npy", np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32))
+    proc = cmkit("distill", "quickstart-cd", "--teacher", tiny / "teacher" / "model", "--out", tmp_path / "o",
+                 "--set", f"data.path='{tmp_path / 'x3.npy'}'", *SMALL)
+    assert_one_line_error(proc, "shape (3,)", "(2,)")
+
+
+def test_missing_teacher_folder(tmp_path):
+    proc = cmkit("distill", "quickstart-cd", "--teacher", tmp_path / "nope", "--out", tmp_path / "o")
+    assert_one_line_error(proc, "does not exist")
+
+
+def test_steps_below_one(tmp_path, tiny):
+    proc = cmkit("train-teacher", "quickstart-teacher", "--out", tmp_path / "o", "--set", "train.steps=0")
+    assert_one_line_error(proc, "train.steps must be >= 1")
+    cd = cmkit("distill", "quickstart-cd", "--teacher", tiny / "teacher" / "model", "--out", tiny / "cd", *SMALL)
+    assert cd.returncode == 0, cd.stderr
+    proc = cmkit("sample", tiny / "cd" / "model", "--steps", "0", "--out", tmp_path / "s.npy")
+    assert_one_line_error(proc, "steps must be >= 1")
+
+
+def test_bad_sigmas(tmp_path, tiny):
+    if not (tiny / "cd" / "model").is_dir():
+        pytest.skip("needs the distilled model from test_steps_below_one")
+    model = tiny / "cd" / "model"
+    assert_one_line_error(cmkit("sample", model, "--sigmas", "1,5", "--out", tmp_path / "s.npy"), "descending")
+    assert_one_line_error(cmkit("sample", model, "--sigmas", "200,1", "--out", tmp_path / "s.npy"), "sigma_max")
+    assert_one_line_error(cmkit("sample", model, "--sigmas", "80,0.0001", "--out", tmp_path / "s.npy"), "sigma_min")
+    ok = cmkit("sample", model, "--sigmas", "80,0.8", "--num", "7", "--out", tmp_path / "s.npy")
+    assert ok.returncode == 0, ok.stderr
+    assert np.load(tmp_path / "s.npy").shape == (7, 2)
+
+
+def test_bad_input_leaves_checkpoint_untouched(tmp_path, tiny):
+    out = tmp_path / "run"
+    first = cmkit("train-teacher", "quickstart-teacher", "--out", out, *SMALL, "--no-progress")
+    assert first.returncode == 0, first.stderr
+    snapshot = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    proc = cmkit("train-teacher", "quickstart-teacher", "--out", out, *SMALL, "--set", "train.lr=5.0")
+    assert_one_line_error(proc, "different recipe")
+    proc = cmkit("train-teacher", "quickstart-teacher", "--out", out, *SMALL, "--set", "train.lr=oops")
+    assert_one_line_error(proc, "train.lr")
+    assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == snapshot

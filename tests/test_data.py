@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+import torch
+
+from cmkit.data import dataset_names, load_dataset
+
+
+@pytest.mark.parametrize("name", dataset_names())
+def test_named_2d_sets_are_scaled_and_split(name):
+    d = load_dataset(name)
+    assert d.train.shape == (20_000, 2) and d.test.shape == (5_000, 2)
+    assert abs(d.train.std().item() - 0.5) < 1e-3
+    assert d.train.mean(0).abs().max() < 1e-4
+    assert not torch.equal(d.train[:100], d.test[:100])
+    assert torch.equal(load_dataset(name).test, d.test)  # fixed held-out split
+
+
+def test_s_curve_uses_columns_x_and_z():
+    from sklearn.datasets import make_s_curve
+
+    raw, _ = make_s_curve(20_000, noise=0.0, random_state=0)
+    d = load_dataset("s_curve")
+    corr = np.corrcoef(d.train.numpy()[:, 0], raw[:, 0])[0, 1]
+    assert corr > 0.9999
+
+
+def test_npy_loading_and_errors(tmp_path):
+    arr = np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32)
+    np.save(tmp_path / "ok.npy", arr)
+    d = load_dataset(path=str(tmp_path / "ok.npy"))
+    assert d.train.shape == (90, 3) and d.test.shape == (10, 3)
+    arr[5, 1] = np.nan
+    np.save(tmp_path / "bad.npy", arr)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        load_dataset(path=str(tmp_path / "bad.npy"))
+    with pytest.raises(ValueError, match="did you mean 's_curve'"):
+        load_dataset("s_curv")
