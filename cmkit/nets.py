@@ -57,14 +57,21 @@ class TimeMLP(ModelMixin, ConfigMixin):
         return self.out(torch.nn.functional.silu(self.out_norm(h)))
 
 
-def small_unet(sample_size: int = 8, channels: int = 1, base: int = 32, num_classes: int | None = None,
-               dropout: float = 0.0) -> UNet2DModel:
-    """A small diffusers ``UNet2DModel`` for 8x8 to 32x32 images (two resolutions, attention at the lower one)."""
+def small_unet(sample_size: int = 8, channels: int = 1, base: int = 32, levels: int = 2, layers_per_block: int = 1,
+               attention: bool = True, num_classes: int | None = None, dropout: float = 0.0) -> UNet2DModel:
+    """A small diffusers ``UNet2DModel``: ``levels`` resolutions with ``base * 2^i`` channels, self-attention at
+    the lowest one when ``attention``."""
+    if levels < 1:
+        raise ValueError(f"model.levels must be >= 1, got {levels}")
+    down = ["DownBlock2D"] * levels
+    up = ["UpBlock2D"] * levels
+    if attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    chans = tuple(base * 2**i for i in range(levels))
     return UNet2DModel(
-        sample_size=sample_size, in_channels=channels, out_channels=channels,
-        block_out_channels=(base, base * 2), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, num_class_embeds=num_classes, dropout=dropout,
+        sample_size=sample_size, in_channels=channels, out_channels=channels, block_out_channels=chans,
+        layers_per_block=layers_per_block, down_block_types=tuple(down), up_block_types=tuple(up),
+        norm_num_groups=min(8, base), num_class_embeds=num_classes, dropout=dropout,
     )
 
 

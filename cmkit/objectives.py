@@ -32,6 +32,36 @@ class EDMLoss:
         return (S.edm_loss_weight(sigma, self.sigma_data) * distance("l2", denoised, x0)).mean()
 
 
+class DDPMLoss:
+    """Ho et al. (2020) for a ``DiffusersDenoiser``: t uniform over the scheduler's table, and the loss in the
+    network's own target space written through x0 (so the trainer still only sees a denoiser):
+
+        epsilon:      ||eps_hat - eps||^2 = ||x0_hat - x0||^2 / sigma^2
+        v_prediction: ||v_hat - v||^2     = ||x0_hat - x0||^2 (1 + sigma^2) / sigma^2
+        sample:       ||x0_hat - x0||^2
+    """
+
+    def __init__(self, log_sigmas: torch.Tensor, prediction_type: str = "epsilon"):
+        self.sigmas = log_sigmas.exp().float()
+        self.prediction_type = prediction_type
+
+    def target_ema(self, step: int) -> float:
+        return 0.0
+
+    def weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return 1 / sigma**2
+        if self.prediction_type == "v_prediction":
+            return (1 + sigma**2) / sigma**2
+        return torch.ones_like(sigma)
+
+    def __call__(self, model, x0: torch.Tensor, target=None, **cond) -> torch.Tensor:
+        table = self.sigmas.to(x0.device)
+        sigma = table[torch.randint(0, len(table), (x0.shape[0],), device=x0.device)].to(x0.dtype)
+        noisy = x0 + S.append_dims(sigma, x0.ndim) * torch.randn_like(x0)
+        return (self.weight(sigma) * distance("l2", model(noisy, sigma, **cond), x0)).mean()
+
+
 class ConsistencyDistillation:
     """Song et al. (2023), CD: with n uniform on the N-point Karras grid (ascending, sigma_1 = sigma_min),
 

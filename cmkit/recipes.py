@@ -19,15 +19,23 @@ from .training import TrainSettings
 @dataclass
 class DataSection:
     name: str = "s_curve"
-    path: str = ""                      # a .npy file instead of a named set
+    path: str = ""                      # a .npy file or a folder of images instead of a named set
+    image_size: int = 0                 # image folders: resize to this size (0 = keep)
+    channels: int = 0                   # image folders: 1 or 3 (0 = as the first image)
+    hflip: bool = False                 # random horizontal flips of training images
 
 
 @dataclass
 class ModelSection:
-    backbone: str = "mlp"               # mlp (vector data)
-    hidden: int = 256
-    depth: int = 4
-    time_embed_dim: int = 64
+    backbone: str = "mlp"               # mlp (vector data) | unet (images, a diffusers UNet2DModel)
+    hidden: int = 256                   # mlp width
+    depth: int = 4                      # mlp residual blocks
+    time_embed_dim: int = 64            # mlp time embedding
+    base: int = 32                      # unet channels at full resolution
+    levels: int = 2                     # unet resolutions (channels base * 2^i)
+    layers_per_block: int = 1
+    attention: bool = True              # unet self-attention at the lowest resolution
+    class_conditional: bool = False     # condition on the dataset's class labels
     dropout: float = 0.0
 
 
@@ -39,9 +47,12 @@ class TeacherSection:
 
 @dataclass
 class ObjectiveSection:
-    kind: str = "edm"                   # edm (teacher training) | cd
+    kind: str = "edm"                   # teachers: edm | ddpm;  consistency models: cd
     p_mean: float = -1.2                # edm: lognormal sigma
     p_std: float = 1.2
+    num_train_timesteps: int = 1000     # ddpm: the DDPMScheduler the teacher is saved with
+    beta_schedule: str = "linear"       # ddpm: linear | scaled_linear | squaredcos_cap_v2
+    prediction_type: str = "epsilon"    # ddpm: epsilon | v_prediction | sample
     n_points: int = 18                  # cd: N of the Karras grid
     solver: str = "heun"                # cd: teacher step, heun | euler
     distance: str = "l2"                # l2 | l1 | pseudo_huber

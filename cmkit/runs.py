@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from diffusers import DDPMScheduler
 
 from .consistency import ConsistencyModel
 from .data import Dataset, load_dataset
-from .denoisers import EDMDenoiser, load_teacher
-from .nets import TimeMLP
-from .objectives import ConsistencyDistillation, EDMLoss
+from .denoisers import DiffusersDenoiser, EDMDenoiser, load_teacher
+from .nets import TimeMLP, small_unet
+from .objectives import ConsistencyDistillation, DDPMLoss, EDMLoss
 from .recipes import Recipe
 from .schedules import search_schedule
 from .training import train
@@ -27,17 +28,43 @@ RESUMABLE_CHANGES = {("train", "steps"), ("train", "checkpoint_every"), ("train"
 
 
 def dataset_for(recipe: Recipe) -> Dataset:
-    return load_dataset(recipe.data.name, recipe.data.path or None)
+    d = recipe.data
+    return load_dataset(d.name, d.path or None, d.image_size, d.channels)
 
 
 def build_backbone(recipe: Recipe, data: Dataset) -> torch.nn.Module:
     m = recipe.model
-    if m.backbone != "mlp":
-        raise ValueError(f"unknown model.backbone {m.backbone!r}; this version builds 'mlp' for vector data")
-    if len(data.sample_shape) != 1:
-        raise ValueError(f"model.backbone 'mlp' needs vector data, got samples of shape {data.sample_shape}")
-    return TimeMLP(dim=data.sample_shape[0], hidden=m.hidden, depth=m.depth, time_embed_dim=m.time_embed_dim,
-                   num_classes=data.num_classes, dropout=m.dropout)
+    num_classes = data.num_classes if m.class_conditional else None
+    if m.class_conditional and not data.num_classes:
+        raise ValueError(f"model.class_conditional needs a labelled dataset; {data.name!r} has no labels")
+    shape = data.sample_shape
+    if m.backbone == "mlp":
+        if len(shape) != 1:
+            raise ValueError(f"model.backbone 'mlp' needs vector data, got samples of shape {shape}; use 'unet'")
+        return TimeMLP(dim=shape[0], hidden=m.hidden, depth=m.depth, time_embed_dim=m.time_embed_dim,
+                       num_classes=num_classes, dropout=m.dropout)
+    if m.backbone == "unet":
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise ValueError(f"model.backbone 'unet' needs square images (C, H, H), got samples of shape {shape}")
+        return small_unet(shape[1], shape[0], m.base, m.levels, m.layers_per_block, m.attention, num_classes,
+                          m.dropout)
+    raise ValueError(f"unknown model.backbone {m.backbone!r}; choose 'mlp' (vectors) or 'unet' (images)")
+
+
+def build_teacher_model(recipe: Recipe, data: Dataset):
+    """The network a teacher recipe trains and the objective that trains it."""
+    o = recipe.objective
+    backbone = build_backbone(recipe, data)
+    if o.kind == "edm":
+        return EDMDenoiser(backbone, o.sigma_data, o.sigma_min, o.sigma_max), EDMLoss(o.p_mean, o.p_std, o.sigma_data)
+    if o.kind == "ddpm":
+        if recipe.model.backbone != "unet":
+            raise ValueError("objective.kind 'ddpm' saves a diffusers UNet2DModel teacher; set model.backbone = 'unet'")
+        scheduler = DDPMScheduler(num_train_timesteps=o.num_train_timesteps, beta_schedule=o.beta_schedule,
+                                  prediction_type=o.prediction_type, clip_sample=False)
+        den = DiffusersDenoiser(backbone, scheduler)
+        return den, DDPMLoss(den.log_sigmas, o.prediction_type)
+    raise ValueError(f"train-teacher runs objective.kind 'edm' or 'ddpm', the recipe says {o.kind!r}")
 
 
 def check_resume(recipe: Recipe, out: Path, extra: dict | None = None) -> None:
@@ -67,19 +94,21 @@ def _accelerator(recipe: Recipe) -> Accelerator:
 
 def train_teacher(recipe: Recipe, out, progress: bool = True) -> dict:
     """EDM teacher training; ``out/model`` is a teacher folder for ``cmkit.load_teacher``."""
-    if recipe.objective.kind != "edm":
-        raise ValueError(f"train-teacher runs objective.kind = 'edm', the recipe says {recipe.objective.kind!r}")
+    if recipe.objective.kind not in ("edm", "ddpm"):
+        raise ValueError(f"train-teacher runs objective.kind 'edm' or 'ddpm', the recipe says {recipe.objective.kind!r}")
     out = Path(out)
     data = dataset_for(recipe)
+    torch.manual_seed(recipe.seed)
+    model, objective = build_teacher_model(recipe, data)
     acc = _accelerator(recipe)
     if acc.is_main_process:
         check_resume(recipe, out)
-    torch.manual_seed(recipe.seed)
-    o = recipe.objective
-    model = EDMDenoiser(build_backbone(recipe, data), o.sigma_data, o.sigma_min, o.sigma_max)
-    objective = EDMLoss(o.p_mean, o.p_std, o.sigma_data)
-    return train(model, objective, data.batches(), recipe.train, out, seed=recipe.seed,
+    return train(model, objective, batches_for(recipe, data), recipe.train, out, seed=recipe.seed,
                  run_info={"job": "train-teacher"}, progress=progress, accelerator=acc)
+
+
+def batches_for(recipe: Recipe, data: Dataset):
+    return data.batches(conditional=recipe.model.class_conditional, hflip=recipe.data.hflip)
 
 
 def check_data_matches(data: Dataset, model, what: str) -> None:
@@ -112,7 +141,7 @@ def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool
     objective = ConsistencyDistillation(teacher, n_points=o.n_points, solver=o.solver, distance=o.distance,
                                         weighting=o.weighting, target_mu=o.target_mu, sigma_min=sigma_min,
                                         sigma_max=sigma_max, huber_c=o.huber_c or None)
-    summary = train(student, objective, data.batches(), recipe.train, out, seed=recipe.seed,
+    summary = train(student, objective, batches_for(recipe, data), recipe.train, out, seed=recipe.seed,
                     run_info={"job": "distill", "teacher": str(path)}, progress=progress, accelerator=acc)
     if acc.is_main_process:
         summary["schedule"] = tune_schedule(recipe, out / "model", data, progress)
