@@ -71,5 +71,57 @@ class ConsistencyModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder) -> "ConsistencyModel":
+        """A cmkit consistency-model folder, or a diffusers ``ConsistencyModelPipeline`` folder (``unet/`` +
+        ``scheduler/``, e.g. one written by ``to_diffusers`` or openai's released checkpoints)."""
+        folder = Path(folder)
+        if (folder / "model_index.json").is_file() and not (folder / "cmkit.json").is_file():
+            return cls._from_diffusers_pipeline(folder)
         backbone, meta = read_model_folder(folder, cls.kind)
         return cls(backbone, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta.get("default_sigmas"))
+
+    @classmethod
+    def _from_diffusers_pipeline(cls, folder: Path) -> "ConsistencyModel":
+        import json
+
+        from diffusers import CMStochasticIterativeScheduler, UNet2DModel
+
+        index = json.loads((folder / "model_index.json").read_text())
+        if index.get("_class_name") != "ConsistencyModelPipeline":
+            raise ValueError(f"{str(folder)!r} holds a {index.get('_class_name')}, not a ConsistencyModelPipeline")
+        sched = CMStochasticIterativeScheduler.from_pretrained(folder, subfolder="scheduler")
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+        c = sched.config
+        return cls(unet, c.sigma_min, c.sigma_max, c.sigma_data)
+
+    def to_diffusers(self, folder, num_train_timesteps: int = 40) -> Path:
+        """Write a ``ConsistencyModelPipeline`` folder (``UNet2DModel`` + ``CMStochasticIterativeScheduler`` with
+        this model's sigma range and sigma_data; no clipping, as ``cmkit.sample``).
+
+        The pipeline picks multistep sigmas from a Karras grid of ``num_train_timesteps`` points (its integer
+        ``timesteps`` index that grid); ``pipeline_timesteps(steps)`` gives the timesteps nearest this model's
+        own schedule."""
+        from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
+
+        if not isinstance(self.backbone, UNet2DModel):
+            raise ValueError(f"diffusers' ConsistencyModelPipeline runs UNet2DModel backbones, this model has a "
+                             f"{type(self.backbone).__name__}; use save_pretrained instead")
+        sched = CMStochasticIterativeScheduler(num_train_timesteps=num_train_timesteps, sigma_min=self.sigma_min,
+                                               sigma_max=self.sigma_max, sigma_data=self.sigma_data, rho=S.RHO,
+                                               clip_denoised=False)
+        folder = Path(folder)
+        ConsistencyModelPipeline(unet=self.backbone, scheduler=sched).save_pretrained(folder, safe_serialization=True)
+        return folder
+
+    def pipeline_timesteps(self, steps: int, num_train_timesteps: int = 40) -> list[int]:
+        """Integer ``timesteps`` for ``ConsistencyModelPipeline(timesteps=...)`` nearest to ``sigmas_for_steps``.
+
+        The scheduler reverses the (descending) timesteps and reads each as the index, counted from sigma_max, of
+        a point on its Karras grid of ``num_train_timesteps`` points; so the first sigma comes from the last
+        timestep."""
+        lo, hi = self.sigma_min ** (1 / S.RHO), self.sigma_max ** (1 / S.RHO)
+        index = [round((s ** (1 / S.RHO) - hi) / (lo - hi) * (num_train_timesteps - 1))
+                 for s in self.sigmas_for_steps(steps)]
+        if len(set(index)) < len(index):
+            raise ValueError(f"{num_train_timesteps} grid points are too coarse for this {steps}-step schedule; "
+                             "export with a larger num_train_timesteps")
+        return index[::-1]

@@ -6,10 +6,12 @@ Layer 4. Every distance maps two ``(batch, ...)`` tensors to a ``(batch,)`` tens
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from torch import nn
 
-DISTANCES = ("l2", "l1", "pseudo_huber")
+DISTANCES = ("l2", "l1", "pseudo_huber", "l2-32", "lpips", "lpips-vgg", "lpips-alex")
 WEIGHTINGS = ("uniform", "inverse_gap")
 
 
@@ -33,7 +35,71 @@ def distance(name: str, x: torch.Tensor, y: torch.Tensor, c: float | None = None
     if name == "pseudo_huber":
         c = pseudo_huber_c(diff.shape[1]) if c is None else c
         return (diff.pow(2).sum(1) + c * c).sqrt() - c
+    if name == "l2-32":
+        return distance("l2", resize(x, 32), resize(y, 32))
     raise ValueError(f"unknown distance {name!r}; choose one of {', '.join(DISTANCES)}")
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of an image batch to size x size (no-op when already that size)."""
+    if x.ndim != 4:
+        raise ValueError(f"this distance needs image batches (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[-2:] == (size, size):
+        return x
+    return nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+# torchvision's file names for the ImageNet backbones lpips builds on
+LPIPS_BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
+
+
+class LPIPSDistance(nn.Module):
+    """LPIPS (Zhang et al. 2018) through the ``lpips`` package, per sample: inputs in [-1, 1], grayscale repeated
+    to 3 channels, images smaller than 224 upsampled bilinearly to 224 (as the CM paper does for CIFAR-10).
+
+    lpips's calibrated linear heads ship inside the package; the VGG / AlexNet backbone comes from torchvision's
+    weight server, which may be unreachable: then construction fails with one line naming the file to place in
+    ``$TORCH_HOME/hub/checkpoints``. ``random_backbone=True`` skips the download (tests of the loss path only).
+    """
+
+    def __init__(self, net: str = "vgg", random_backbone: bool = False, upsample_to: int = 224):
+        super().__init__()
+        import lpips
+
+        if net not in LPIPS_BACKBONE_FILES:
+            raise ValueError(f"unknown LPIPS backbone {net!r}; choose vgg or alex")
+        if not random_backbone:
+            _require_backbone_file(net)
+        self.model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False).eval().requires_grad_(False)
+        self.upsample_to = upsample_to
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"LPIPS needs 1- or 3-channel images (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] == 1:
+            x, y = x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)
+        if x.shape[-1] < self.upsample_to:
+            x, y = resize(x, self.upsample_to), resize(y, self.upsample_to)
+        return self.model(x, y, normalize=False).reshape(x.shape[0])
+
+
+def _require_backbone_file(net: str) -> None:
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    file = checkpoints / LPIPS_BACKBONE_FILES[net]
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"LPIPS-{net} needs torchvision's ImageNet weights {file.name}, which are not in {checkpoints} "
+            f"and cannot be downloaded here; copy {file.name} there ($TORCH_HOME/hub/checkpoints) or use "
+            "objective.distance = 'l2-32' or 'pseudo_huber'")
+
+
+def make_distance(name: str, huber_c: float | None = None):
+    """A per-sample distance ``(x, y) -> (batch,)`` by name; LPIPS variants build their network once."""
+    if name.startswith("lpips"):
+        return LPIPSDistance(name.split("-", 1)[1] if "-" in name else "vgg")
+    if name not in DISTANCES:
+        raise ValueError(f"unknown distance {name!r}; choose one of {', '.join(DISTANCES)}")
+    return lambda x, y: distance(name, x, y, huber_c)
 
 
 def weighting(name: str, sigma_hi: torch.Tensor, sigma_lo: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import sigmas as S
-from .losses import distance, weighting
+from .losses import distance, make_distance, weighting
 from .ode import ode_step
 
 
@@ -74,8 +74,8 @@ class ConsistencyDistillation:
                  weighting: str = "uniform", target_mu: float = 0.95, sigma_min: float | None = None,
                  sigma_max: float | None = None, rho: float = S.RHO, huber_c: float | None = None):
         self.teacher = teacher
-        self.solver, self.distance, self.weighting, self.target_mu, self.huber_c = (
-            solver, distance, weighting, float(target_mu), huber_c)
+        self.solver, self.weighting, self.target_mu = solver, weighting, float(target_mu)
+        self.distance = make_distance(distance, huber_c) if isinstance(distance, str) else distance
         smin = teacher.sigma_min if sigma_min is None else sigma_min
         smax = teacher.sigma_max if sigma_max is None else sigma_max
         self.grid = S.karras_sigmas(n_points, smin, smax, rho).flip(0)  # ascending: grid[0] = sigma_min
@@ -92,5 +92,7 @@ class ConsistencyDistillation:
             x_n = ode_step(self.teacher, x_np1, s_np1, s_n, solver=self.solver, **cond)
             f_target = (model if target is None else target)(x_n, s_n, **cond)
         f_online = model(x_np1, s_np1, **cond)
-        d = distance(self.distance, f_online, f_target, self.huber_c)
+        if isinstance(self.distance, torch.nn.Module):
+            self.distance.to(x0.device)
+        d = self.distance(f_online, f_target)
         return (weighting(self.weighting, s_np1, s_n) * d).mean()
