@@ -40,11 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a key in both quickstart recipes, e.g. --set train.steps=500")
     q.add_argument("--no-progress", action="store_true")
 
-    t = sub.add_parser("train-teacher", help="train an EDM teacher from a recipe")
+    t = sub.add_parser("train-teacher", help="train an EDM or DDPM teacher from a recipe")
     _add_recipe_args(t)
+    t.add_argument("--dry-run", action="store_true", help="build everything and run one step on a batch of 2")
 
     d = sub.add_parser("distill", help="consistency distillation of a teacher")
     _add_recipe_args(d)
+    d.add_argument("--dry-run", action="store_true", help="build everything and run one step on a batch of 2")
     d.add_argument("--teacher", help="teacher folder or hub id (default: teacher.path of the recipe)")
 
     s = sub.add_parser("sample", help="draw samples from a consistency model folder")
@@ -82,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         from .quickstart import run_quickstart
 
         run_quickstart(args.out, args.set, progress=progress)
+    elif args.command in ("train-teacher", "distill") and args.dry_run:
+        recipe = load_recipe(args.recipe, args.set)
+        runs.dry_run(recipe, "distill" if args.command == "distill" else "train-teacher",
+                     getattr(args, "teacher", None))
     elif args.command == "train-teacher":
         recipe = load_recipe(args.recipe, args.set)
         summary = runs.train_teacher(recipe, args.out or _default_out(args.recipe), progress=progress)

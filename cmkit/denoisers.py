@@ -141,10 +141,27 @@ def _load_diffusers(path: str, clip_x0: float | None = None) -> DiffusersDenoise
     return DiffusersDenoiser(load("unet"), load("scheduler"), clip_x0=clip_x0)
 
 
+ASSET_PREFIX = "cmkit:"
+
+
+def asset_path(name: str) -> Path:
+    """A model folder shipped inside the cmkit package (``cmkit/assets/NAME``)."""
+    root = Path(__file__).parent / "assets"
+    path = root / name
+    if not path.is_dir():
+        known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise FileNotFoundError(f"no shipped model {name!r} (shipped: {', '.join(known) or 'none'})")
+    return path
+
+
 def load_teacher(path_or_hub_id, clip_x0: float | None = None):
-    """A teacher denoiser from a cmkit teacher folder, a diffusers pipeline folder (``unet/`` + ``scheduler/``) or a
-    hub id (the real ``from_pretrained`` call; needs network access)."""
+    """A teacher denoiser from a cmkit teacher folder, a diffusers pipeline folder (``unet/`` + ``scheduler/``), a
+    shipped teacher (``"cmkit:digits-ddpm"``) or a hub id (the real ``from_pretrained`` call; needs network access)."""
     path = str(path_or_hub_id)
+    if not path:
+        raise ValueError("no teacher given: pass --teacher PATH or set teacher.path in the recipe")
+    if path.startswith(ASSET_PREFIX):
+        path = str(asset_path(path[len(ASSET_PREFIX):]))
     p = Path(path)
     if p.is_dir():
         meta = read_meta(p)

@@ -6,6 +6,7 @@ Layer 4. Every distance maps two ``(batch, ...)`` tensors to a ``(batch,)`` tens
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,7 +71,10 @@ class LPIPSDistance(nn.Module):
             raise ValueError(f"unknown LPIPS backbone {net!r}; choose vgg or alex")
         if not random_backbone:
             _require_backbone_file(net)
-        self.model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False).eval().requires_grad_(False)
+        with warnings.catch_warnings():  # torchvision's deprecation notes about lpips's `pretrained=` calls
+            warnings.simplefilter("ignore", UserWarning)
+            self.model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
+        self.model.eval().requires_grad_(False)
         self.upsample_to = upsample_to
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

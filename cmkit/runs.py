@@ -92,12 +92,12 @@ def _accelerator(recipe: Recipe) -> Accelerator:
     return Accelerator(cpu=recipe.train.cpu, mixed_precision=recipe.train.mixed_precision)
 
 
-def train_teacher(recipe: Recipe, out, progress: bool = True) -> dict:
+def train_teacher(recipe: Recipe, out, progress: bool = True, *, data: Dataset | None = None) -> dict:
     """EDM teacher training; ``out/model`` is a teacher folder for ``cmkit.load_teacher``."""
     if recipe.objective.kind not in ("edm", "ddpm"):
         raise ValueError(f"train-teacher runs objective.kind 'edm' or 'ddpm', the recipe says {recipe.objective.kind!r}")
     out = Path(out)
-    data = dataset_for(recipe)
+    data = data if data is not None else dataset_for(recipe)
     torch.manual_seed(recipe.seed)
     model, objective = build_teacher_model(recipe, data)
     acc = _accelerator(recipe)
@@ -117,18 +117,24 @@ def check_data_matches(data: Dataset, model, what: str) -> None:
                          "use the data the teacher was trained on")
 
 
-def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool = True) -> dict:
-    """Consistency distillation of a teacher; ``out/model`` is a ConsistencyModel folder."""
+def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool = True, *, teacher=None,
+            data: Dataset | None = None, distance=None) -> dict:
+    """Consistency distillation of a teacher; ``out/model`` is a ConsistencyModel folder.
+    ``teacher``, ``data`` and ``distance`` (a callable) replace what the recipe names (used by dry runs)."""
     o = recipe.objective
     if o.kind != "cd":
         raise ValueError(f"distill runs objective.kind = 'cd', the recipe says {o.kind!r}")
     path = teacher_path or recipe.teacher.path
-    if not path:
-        raise ValueError("no teacher: pass --teacher PATH or set teacher.path in the recipe")
+    if teacher is None:
+        if not path:
+            raise ValueError("no teacher: pass --teacher PATH or set teacher.path in the recipe")
+        teacher = load_teacher(path, clip_x0=recipe.teacher.clip_x0 or None)
     out = Path(out)
-    teacher = load_teacher(path, clip_x0=recipe.teacher.clip_x0 or None)
-    data = dataset_for(recipe)
+    data = data if data is not None else dataset_for(recipe)
     check_data_matches(data, teacher, "teacher")
+    conditional = num_classes_of(teacher) is not None
+    if conditional and data.train_labels is None:
+        raise ValueError(f"the teacher is class-conditional but dataset {data.name!r} has no labels")
     acc = _accelerator(recipe)
     if acc.is_main_process:
         check_resume(recipe, out, {"teacher_path": str(path)})
@@ -138,15 +144,90 @@ def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool
     sigma_max = min(o.sigma_max, teacher.sigma_max)
     student = ConsistencyModel.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max,
                                             sigma_data=o.sigma_data)
-    objective = ConsistencyDistillation(teacher, n_points=o.n_points, solver=o.solver, distance=o.distance,
+    objective = ConsistencyDistillation(teacher, n_points=o.n_points, solver=o.solver,
+                                        distance=distance or o.distance,
                                         weighting=o.weighting, target_mu=o.target_mu, sigma_min=sigma_min,
                                         sigma_max=sigma_max, huber_c=o.huber_c or None)
-    summary = train(student, objective, batches_for(recipe, data), recipe.train, out, seed=recipe.seed,
+    batches = data.batches(conditional=conditional, hflip=recipe.data.hflip)
+    summary = train(student, objective, batches, recipe.train, out, seed=recipe.seed,
                     run_info={"job": "distill", "teacher": str(path)}, progress=progress, accelerator=acc)
     if acc.is_main_process:
         summary["schedule"] = tune_schedule(recipe, out / "model", data, progress)
     acc.wait_for_everyone()
     return summary
+
+
+def num_classes_of(model) -> int | None:
+    """The number of classes a teacher or consistency model is conditioned on (None: unconditional)."""
+    net = getattr(model, "backbone", None) or getattr(model, "unet", None)
+    cfg = getattr(net, "config", {})
+    return cfg.get("num_class_embeds") or cfg.get("num_classes") or None
+
+
+def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=print) -> dict:
+    """Build everything a recipe names and run one optimiser step on a batch of 2, in a temporary folder.
+    What cannot be had offline is replaced by a stand-in, and said so: data that is not on this machine (random
+    ``data.channels``-channel images of at most 16x16), a teacher that cannot be loaded (a randomly initialised
+    network of the data's shape: a UNet with a DDPM schedule for images), LPIPS backbone weights (a random
+    backbone, inputs upsampled to 64 instead of 224)."""
+    import dataclasses
+
+    from .losses import LPIPSDistance
+
+    small = dataclasses.replace(recipe.train, steps=1, batch_size=2, checkpoint_every=1, log_every=1, cpu=True,
+                                mixed_precision="no")
+    recipe = dataclasses.replace(recipe, train=small, eval=dataclasses.replace(recipe.eval, schedule_max_steps=0))
+    try:
+        data = dataset_for(recipe)
+    except FileNotFoundError as e:
+        # tiny shapes: the point is to build and step every part, not to pay for full-size images on a CPU
+        c, size = recipe.data.channels or 3, min(recipe.data.image_size or 32, 16)
+        echo(f"dry run: data not available ({e}); using random {c}x{size}x{size} images")
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(8, c, size, size, generator=g) * 2 - 1
+        labels = torch.randint(0, 10, (8,), generator=g)
+        data = Dataset("stand-in", x[:6], x[6:], labels[:6], labels[6:], 10)
+    teacher = None
+    if job == "distill":
+        path = teacher_path or recipe.teacher.path
+        try:
+            teacher = load_teacher(path)
+        except (FileNotFoundError, ValueError) as e:
+            echo(f"dry run: teacher not available ({e}); using a randomly initialised stand-in")
+            shape = data.sample_shape
+            classes = data.num_classes if recipe.model.class_conditional else None
+            if len(shape) == 1:
+                teacher = EDMDenoiser(TimeMLP(dim=shape[0], num_classes=classes))
+            else:
+                teacher = DiffusersDenoiser(small_unet(shape[1], shape[0], 32, 2, 1, True, classes),
+                                            DDPMScheduler(num_train_timesteps=1000))
+    distance = None
+    name = recipe.objective.distance
+    if job == "distill" and name.startswith("lpips"):
+        net = name.split("-", 1)[1] if "-" in name else "vgg"
+        try:
+            distance = LPIPSDistance(net)
+        except FileNotFoundError as e:
+            echo(f"dry run: {e}; using a random LPIPS backbone at 64x64")
+            distance = LPIPSDistance(net, random_backbone=True, upsample_to=64)
+    return _dry_train(recipe, job, teacher, data, teacher_path, distance, echo)
+
+
+def _dry_train(recipe, job, teacher, data, teacher_path, distance, echo):
+    import tempfile
+    import time
+
+    with tempfile.TemporaryDirectory(prefix="cmkit-dry-run-") as tmp:
+        t0 = time.perf_counter()
+        if job == "distill":
+            summary = distill(recipe, tmp, teacher_path, progress=False, teacher=teacher, data=data,
+                              distance=distance)
+        else:
+            summary = train_teacher(recipe, tmp, progress=False, data=data)
+        loss = json.loads((Path(tmp) / "log.jsonl").read_text().splitlines()[-1])["loss"]
+    echo(f"dry run OK: one step of {job} on data {tuple(data.sample_shape)}, loss {loss:.4g}, "
+         f"{time.perf_counter() - t0:.1f} s including set-up")
+    return {**summary, "loss": loss}
 
 
 def tune_schedule(recipe: Recipe, model_dir: Path, data: Dataset, progress: bool = True) -> dict | None:
