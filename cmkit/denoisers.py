@@ -181,5 +181,5 @@ def load_teacher(path_or_hub_id, clip_x0: float | None = None):
         return _load_diffusers(path, clip_x0)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"could not load teacher {path!r} from the hub ({first}); "
-                                "download it with network access and pass the local folder") from e
+        raise FileNotFoundError(f"could not load teacher {path!r}: no such folder here, and as a hub id ({first}); "
+                                "download it where there is network access and pass the local folder") from e

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The hub is unreachable here: fail hub look-ups at once instead of after five retries (subprocesses inherit it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture

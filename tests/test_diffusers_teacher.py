@@ -111,5 +111,5 @@ def test_sigma_range_and_load_teacher_from_pipeline_folder(tmp_path):
 
 def test_hub_id_is_the_real_from_pretrained_call(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="could not load teacher 'nobody/no-such-ddpm'"):
+    with pytest.raises(FileNotFoundError, match="could not load teacher 'nobody/no-such-ddpm': no such folder here"):
         cmkit.load_teacher("nobody/no-such-ddpm")
