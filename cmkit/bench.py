@@ -23,9 +23,39 @@ from .sampling import sample, sample_teacher, teacher_grid
 MMD_MAX = 2000  # MMD is quadratic in the set size; the first MMD_MAX samples of each set are enough to rank methods
 
 
-def _score(samples: torch.Tensor, ref: torch.Tensor) -> dict:
-    return {"sw": metrics.sliced_wasserstein(samples, ref, n_projections=256, seed=0),
-            "mmd": metrics.mmd(samples[:MMD_MAX], ref[:MMD_MAX])}
+# metric key -> (column title, lower is better)
+METRICS = {"sw": ("sliced W2", True), "mmd": ("MMD²", True), "fd": ("Fréchet dist. (classifier features)", True),
+           "confidence": ("classifier confidence", False), "recognised": ("recognised", False)}
+
+
+def vector_scorer(reference: torch.Tensor):
+    """Sliced W2 and MMD² against reference samples (2-D and other vector data)."""
+    def score(samples: torch.Tensor) -> dict:
+        return {"sw": metrics.sliced_wasserstein(samples, reference, n_projections=256, seed=0),
+                "mmd": metrics.mmd(samples[:MMD_MAX], reference[:MMD_MAX])}
+    return score
+
+
+def image_scorer(classifier, reference: torch.Tensor):
+    """Frechet distance in a small classifier's feature space, its confidence and recognition rate."""
+    from .classifier import classifier_scores
+
+    with torch.no_grad():
+        ref_features = classifier.features(reference.float())
+    return lambda samples: classifier_scores(classifier, samples, reference, ref_features)
+
+
+def scorer_for(data, progress: bool = True) -> tuple:
+    """The scorer a dataset is measured with, and what to record about it: vector data -> sliced W2 and MMD²;
+    labelled images -> the cached classifier's metrics (its held-out accuracy recorded)."""
+    if data.train.ndim == 4 and data.train_labels is not None:
+        from .classifier import load_or_train_classifier
+
+        clf, info = load_or_train_classifier(data, progress=progress)
+        return image_scorer(clf, data.test), {"classifier": info}
+    if data.train.ndim == 2:
+        return vector_scorer(data.test), {}
+    raise ValueError(f"no quality metric for dataset {data.name!r}: images need class labels for the classifier")
 
 
 def _summarise(rows: list[dict]) -> dict:
@@ -41,10 +71,11 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def quality_vs_steps(teacher, models: dict, reference: torch.Tensor, *, teacher_solvers=("euler", "heun"),
+def quality_vs_steps(teacher, models: dict, score, *, teacher_solvers=("euler", "heun"),
                      teacher_nfe=(1, 2, 4, 8, 16, 35, 79), cm_steps=(1, 2, 4), num_samples: int = 4000,
                      seeds=(0, 1, 2), dopri5: bool = True, progress: bool = True) -> dict:
-    """Score every (method, NFE) pair over ``seeds`` against ``reference`` samples (the held-out split).
+    """Score every (method, NFE) pair over ``seeds`` with ``score(samples) -> {metric: value}`` (see
+    ``vector_scorer`` and ``image_scorer``; both compare against the held-out split).
 
     Solvers that cannot reach an NFE exactly (heun reaches only odd NFE) skip it. Returns a dict with ``rows``
     (one per method and NFE: means and standard deviations over seeds, samples per second) and ``samples``
@@ -75,7 +106,7 @@ def quality_vs_steps(teacher, models: dict, reference: torch.Tensor, *, teacher_
             x, counted = run(num_samples, _gen(seed))
             secs.append(time.perf_counter() - t0)
             nfes.append(counted if counted is not None else nfe)
-            scores.append(_score(x.float().cpu(), reference))
+            scores.append(score(x.float().cpu()))
             if seed == seeds[0]:
                 kept[(method, nfe if nfe is not None else "adaptive")] = x.float().cpu()
             bar.update(1)
@@ -101,12 +132,19 @@ def machine_info() -> dict:
             "git_commit": commit}
 
 
+def _metric_keys(result: dict) -> list[str]:
+    first = result["rows"][0]
+    return [k for k in METRICS if f"{k}_mean" in first]
+
+
 def markdown_table(result: dict) -> str:
-    lines = ["| method | NFE | sliced W2 (mean ± std) | MMD² (mean ± std) | samples/s |", "|---|---:|---:|---:|---:|"]
+    keys = _metric_keys(result)
+    head = " | ".join(f"{METRICS[k][0]} {'↓' if METRICS[k][1] else '↑'}" for k in keys)
+    lines = [f"| method | NFE | {head} | samples/s |", "|---|---:|" + "---:|" * len(keys) + "---:|"]
     for r in result["rows"]:
         nfe = f"{r['nfe']:.0f}" + (" (adaptive)" if r["adaptive"] else "")
-        lines.append(f"| {r['method']} | {nfe} | {r['sw_mean']:.4f} ± {r['sw_std']:.4f} | "
-                     f"{r['mmd_mean']:.5f} ± {r['mmd_std']:.5f} | {r['samples_per_sec']:.0f} |")
+        cells = " | ".join(f"{r[k + '_mean']:.4g} ± {r[k + '_std']:.2g}" for k in keys)
+        lines.append(f"| {r['method']} | {nfe} | {cells} | {r['samples_per_sec']:.0f} |")
     return "\n".join(lines)
 
 
@@ -123,6 +161,7 @@ def plot(result: dict, reference: torch.Tensor, path) -> None:
         if not method.startswith("teacher") or (method, nfe) in teacher_shown:
             picks.append((f"{method}, NFE {nfe}", x))
     picks = picks[:8]
+    key = _metric_keys(result)[0]
     two_d = reference.ndim == 2 and reference.shape[1] == 2
     fig = plt.figure(figsize=(5 + 2.6 * len(picks), 4.2))
     gs = fig.add_gridspec(1, len(picks) + 2)
@@ -132,13 +171,13 @@ def plot(result: dict, reference: torch.Tensor, path) -> None:
         by_method.setdefault(r["method"], []).append(r)
     for method, rs in by_method.items():
         rs = sorted(rs, key=lambda r: r["nfe"])
-        xs, ys, es = [r["nfe"] for r in rs], [r["sw_mean"] for r in rs], [r["sw_std"] for r in rs]
+        xs, ys, es = [r["nfe"] for r in rs], [r[key + "_mean"] for r in rs], [r[key + "_std"] for r in rs]
         style = "--o" if method.startswith("teacher") else "-s"
         ax.errorbar(xs, ys, yerr=es, fmt=style, label=method, capsize=2, markersize=4)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations (NFE)")
-    ax.set_ylabel("sliced W2 to held-out data")
+    ax.set_ylabel(f"{METRICS[key][0]} to held-out data")
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     for i, (title, x) in enumerate(picks):
@@ -148,12 +187,22 @@ def plot(result: dict, reference: torch.Tensor, path) -> None:
             a.set_xlim(-1.6, 1.6)
             a.set_ylim(-1.6, 1.6)
             a.set_aspect("equal")
+        elif x.ndim == 4:
+            a.imshow(image_grid(x[:36], 6), cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
         a.set_title(title, fontsize=8)
         a.set_xticks([])
         a.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def image_grid(x: torch.Tensor, nrow: int):
+    """(n, C, H, W) in [-1, 1] -> an (rows*H, nrow*W[, C]) array in [0, 1] for imshow."""
+    from torchvision.utils import make_grid
+
+    g = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
+    return g[0].numpy() if x.shape[1] == 1 else g.permute(1, 2, 0).numpy()
 
 
 def write_results(result: dict, reference: torch.Tensor, out, name: str = "quality_vs_steps",

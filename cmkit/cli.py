@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sigmas", help="comma-separated descending noise levels, e.g. 80,0.8")
     s.add_argument("--num", type=int, default=1000, help="number of samples (default 1000)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default="samples.npy", help="output .npy file (default samples.npy)")
+    s.add_argument("--class-label", type=int, help="class for a class-conditional model (default: random classes)")
+    s.add_argument("--out", default="samples.npy",
+                   help="output file: .npy (any model) or .png (an image grid, image models; default samples.npy)")
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
@@ -104,17 +106,26 @@ def run(args: argparse.Namespace) -> int:
         from .consistency import ConsistencyModel
         from .sampling import sample
 
-        cm = ConsistencyModel.from_pretrained(args.model)
-        sigmas = _parse_sigmas(args.sigmas) if args.sigmas else None
-        x = sample(cm, args.num, steps=args.steps, sigmas=sigmas, generator=torch.Generator().manual_seed(args.seed))
         out = Path(args.out)
-        if out.suffix != ".npy":
-            raise CliError(f"--out must end in .npy, got {out.name!r}")
+        if out.suffix not in (".npy", ".png"):
+            raise CliError(f"--out must end in .npy or .png, got {out.name!r}")
+        cm = ConsistencyModel.from_pretrained(args.model)
+        if out.suffix == ".png" and len(cm.sample_shape) != 3:
+            raise CliError("a .png grid needs an image model; write .npy for vector data")
+        cond = runs.class_condition(cm, args.num, args.class_label, seed=args.seed)
+        sigmas = _parse_sigmas(args.sigmas) if args.sigmas else None
+        x = sample(cm, args.num, steps=args.steps, sigmas=sigmas, generator=torch.Generator().manual_seed(args.seed),
+                   **cond)
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, x.cpu().numpy())
+        if out.suffix == ".npy":
+            np.save(out, x.cpu().numpy())
+        else:
+            from torchvision.utils import save_image
+
+            save_image((x.float().clamp(-1, 1) + 1) / 2, out, nrow=max(1, int(args.num**0.5)), padding=1, pad_value=1)
         print(f"wrote {args.num} samples of shape {tuple(x.shape[1:])} to {out}")
     elif args.command == "bench":
-        from .bench import quality_vs_steps, write_results
+        from .bench import quality_vs_steps, scorer_for, write_results
         from .consistency import ConsistencyModel
         from .denoisers import load_teacher
 
@@ -132,11 +143,14 @@ def run(args: argparse.Namespace) -> int:
         data = runs.dataset_for(recipe)
         runs.check_data_matches(data, teacher, "teacher")
         ev = recipe.eval
-        result = quality_vs_steps(teacher, models, data.test, teacher_solvers=ev.teacher_solvers,
+        score, score_info = scorer_for(data, progress)
+        result = quality_vs_steps(teacher, models, score, teacher_solvers=ev.teacher_solvers,
                                   teacher_nfe=ev.teacher_nfe, cm_steps=ev.cm_steps, num_samples=ev.num_samples,
-                                  seeds=ev.seeds, progress=progress)
+                                  seeds=ev.seeds, dopri5=ev.dopri5, progress=progress)
         out = args.out or Path("benchmarks/results") / Path(args.recipe).stem
-        written = write_results(result, data.test, out, extra={"dataset": data.name, "teacher": str(teacher_path)})
+        written = write_results(result, data.test, out, extra={"dataset": data.name, "teacher": str(teacher_path),
+                                                                "models": dict(m.split("=", 1) for m in args.model),
+                                                                **score_info})
         print(written["header"] + written["table"])
     return 0
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bench import quality_vs_steps, write_results
+from .bench import quality_vs_steps, vector_scorer, write_results
 from .consistency import ConsistencyModel
 from .denoisers import load_teacher
 from .recipes import load_recipe
@@ -29,9 +29,9 @@ def run_quickstart(out="quickstart-out", overrides: list[str] | None = None, pro
     cm = ConsistencyModel.from_pretrained(out / "cd" / "model")
     ev = cd_recipe.eval
     data = dataset_for(cd_recipe)
-    result = quality_vs_steps(teacher, {"CD": cm}, data.test, teacher_solvers=ev.teacher_solvers,
+    result = quality_vs_steps(teacher, {"CD": cm}, vector_scorer(data.test), teacher_solvers=ev.teacher_solvers,
                               teacher_nfe=ev.teacher_nfe, cm_steps=ev.cm_steps, num_samples=ev.num_samples,
-                              seeds=ev.seeds, progress=progress)
+                              seeds=ev.seeds, dopri5=ev.dopri5, progress=progress)
     written = write_results(result, data.test, out, extra={"dataset": data.name, "teacher": str(teacher_dir),
                                                            "models": {"CD": str(out / "cd" / "model")}})
     echo("")

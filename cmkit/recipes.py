@@ -73,6 +73,8 @@ class EvalSection:
     cm_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     schedule_max_steps: int = 4         # after distillation/training, search few-step sigmas up to this many steps
     schedule_candidates: int = 16       # candidate sigmas tried per step (log-spaced)
+    schedule_num_samples: int = 2000    # samples drawn to score each candidate
+    dopri5: bool = True                 # include the adaptive dopri5 teacher reference in the benchmark
 
 
 @dataclass

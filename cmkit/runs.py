@@ -159,9 +159,25 @@ def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool
 
 def num_classes_of(model) -> int | None:
     """The number of classes a teacher or consistency model is conditioned on (None: unconditional)."""
-    net = getattr(model, "backbone", None) or getattr(model, "unet", None)
+    net = getattr(model, "backbone", None)
+    net = getattr(model, "unet", None) if net is None else net
     cfg = getattr(net, "config", {})
     return cfg.get("num_class_embeds") or cfg.get("num_classes") or None
+
+
+def class_condition(model, num: int, label: int | None = None, seed: int = 0) -> dict:
+    """Conditioning for sampling ``num`` samples: ``class_labels`` for a class-conditional model (all ``label``, or
+    random classes from ``seed``), nothing otherwise."""
+    classes = num_classes_of(model)
+    if classes is None:
+        if label is not None:
+            raise ValueError("this model is not class-conditional; drop --class-label")
+        return {}
+    if label is not None:
+        if not 0 <= label < classes:
+            raise ValueError(f"class label {label} is outside 0..{classes - 1}")
+        return {"class_labels": torch.full((num,), label, dtype=torch.long)}
+    return {"class_labels": torch.randint(0, classes, (num,), generator=torch.Generator().manual_seed(seed))}
 
 
 def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=print) -> dict:
@@ -238,7 +254,7 @@ def tune_schedule(recipe: Recipe, model_dir: Path, data: Dataset, progress: bool
         return None
     cm = ConsistencyModel.from_pretrained(model_dir)
     found = search_schedule(cm, data.train, max_steps=ev.schedule_max_steps, candidates=ev.schedule_candidates,
-                            progress=progress)
+                            num=ev.schedule_num_samples, progress=progress, **class_condition(cm, ev.schedule_num_samples))
     cm.save_pretrained(model_dir)
     (model_dir.parent / "schedule_search.json").write_text(json.dumps(found, indent=2))
     return found

@@ -1,0 +1,121 @@
+"""Image paths end to end on tiny models: DDPM teacher training through the denoiser interface, image CD with a
+diffusers teacher, the classifier metrics, sampling to PNG."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+import cmkit
+from cmkit.bench import image_scorer
+from cmkit.classifier import train_classifier
+from cmkit.data import load_dataset
+from cmkit.objectives import DDPMLoss
+from cmkit.recipes import load_recipe
+from cmkit.runs import distill, train_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.base=8", "model.levels=1", "model.attention=false", "model.dropout=0.0", "train.batch_size=16",
+        "train.log_every=5", "train.checkpoint_every=1000"]
+
+
+def test_ddpm_loss_is_epsilon_mse():
+    """The x0-space DDPM loss equals the textbook ||eps_hat - eps||^2 for an epsilon network."""
+    torch.manual_seed(0)
+    net = cmkit.nets.small_unet(8, 1, 8, 1, 1, False)
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    den = cmkit.DiffusersDenoiser(net, sched)
+    x0 = torch.randn(4, 1, 8, 8)
+    torch.manual_seed(5)
+    ours = DDPMLoss(den.log_sigmas)(den, x0)
+    torch.manual_seed(5)
+    t = torch.randint(0, 1000, (4,))
+    eps = torch.randn_like(x0)
+    sigma = den.log_sigmas.exp().float()[t]
+    x_t = sched.add_noise(x0, eps, t)
+    ref = (net(x_t, t.float()).sample - eps).pow(2).mean((1, 2, 3)).mean()
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    assert sigma.shape == (4,)
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    train_teacher(load_recipe("digits-teacher", TINY + ["train.steps=30"]), root / "teacher", progress=False)
+    cd = load_recipe("digits-cd", TINY + ["train.steps=20", "eval.schedule_max_steps=2",
+                                          "eval.schedule_candidates=3", "eval.schedule_num_samples=64"])
+    distill(cd, root / "cd", teacher_path=str(root / "teacher" / "model"), progress=False)
+    return root
+
+
+def test_ddpm_teacher_folder_is_a_diffusers_pipeline(digits_runs):
+    folder = digits_runs / "teacher" / "model"
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    den = cmkit.load_teacher(folder)
+    assert isinstance(den, cmkit.DiffusersDenoiser) and den.prediction_type == "epsilon"
+    rows = [json.loads(r) for r in (digits_runs / "teacher" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_image_cd_student_and_schedule(digits_runs):
+    cm = cmkit.ConsistencyModel.from_pretrained(digits_runs / "cd" / "model")
+    assert cm.sample_shape == (1, 8, 8)
+    assert isinstance(cm.backbone, type(cmkit.load_teacher(digits_runs / "teacher" / "model").unet))
+    assert 2 in cm.default_sigmas and cm.default_sigmas[2][0] == cm.sigma_max
+    x = cmkit.sample(cm, 5, steps=2)
+    assert x.shape == (5, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_sample_cli_writes_png(digits_runs, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "grid.png"
+    proc = subprocess.run([sys.executable, "-m", "cmkit", "sample", str(digits_runs / "cd" / "model"), "--num", "9",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+
+    im = Image.open(out)
+    assert im.size == (3 * 8 + 4, 3 * 8 + 4)
+
+
+def test_classifier_and_image_metrics():
+    data = load_dataset("digits")
+    clf, info = train_classifier(data, steps=300, progress=False)
+    assert info["test_accuracy"] > 0.85
+    score = image_scorer(clf, data.test)
+    real = score(data.train[:297])
+    noise = score(torch.rand(297, 1, 8, 8) * 2 - 1)
+    assert real["fd"] < noise["fd"] / 5
+    assert real["recognised"] > noise["recognised"]
+    assert 0 <= noise["confidence"] <= 1
+
+
+def test_fashion_mnist_missing_names_apt(tmp_path):
+    from cmkit.data import load_fashion_mnist
+
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_image_folder_with_classes_and_flips(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    d = load_dataset(path=str(tmp_path))
+    assert d.train.shape[1:] == (3, 6, 6) and d.num_classes == 2
+    assert d.train.min() >= -1 and d.train.max() <= 1
+    torch.manual_seed(0)
+    x, cond = d.batches(conditional=True, hflip=True)(64, "cpu")
+    assert cond["class_labels"].shape == (64,)
+    flipped = sum(any(torch.equal(xi, t.flip(-1)) and not torch.equal(xi, t) for t in d.train) for xi in x)
+    assert 10 < flipped < 54
