@@ -68,15 +68,19 @@ def build_teacher_model(recipe: Recipe, data: Dataset):
 
 
 def check_resume(recipe: Recipe, out: Path, extra: dict | None = None) -> None:
-    """Refuse to resume ``out`` with a different recipe (other than the keys in RESUMABLE_CHANGES)."""
+    """Refuse to resume ``out`` with a recipe that would train differently. Keys that only extend or report on a
+    run (RESUMABLE_CHANGES, the ``eval`` section) may change; a key the saved recipe does not have yet (added in a
+    later cmkit) is taken to be at its default."""
     current = {**recipe.to_dict(), **(extra or {})}
+    current.pop("eval", None)
     saved_file = out / RECIPE_FILE
     if saved_file.is_file():
         saved = json.loads(saved_file.read_text())
         diffs = [f"{sec}.{k}" for sec, body in current.items() if isinstance(body, dict)
-                 for k, v in body.items() if (sec, k) not in RESUMABLE_CHANGES
-                 and _jsonish(saved.get(sec, {}).get(k)) != _jsonish(v)]
-        diffs += [k for k, v in current.items() if not isinstance(v, dict) and _jsonish(saved.get(k)) != _jsonish(v)]
+                 for k, v in body.items() if (sec, k) not in RESUMABLE_CHANGES and k in saved.get(sec, {})
+                 and _jsonish(saved[sec][k]) != _jsonish(v)]
+        diffs += [k for k, v in current.items() if not isinstance(v, dict) and k in saved
+                  and _jsonish(saved[k]) != _jsonish(v)]
         if diffs:
             raise ValueError(f"{out} holds a run with a different recipe ({', '.join(diffs[:4])} differ); "
                              "use another --out, or the same recipe to resume")

@@ -125,6 +125,7 @@ def train(model: torch.nn.Module, objective, batches: Callable[[int, torch.devic
 
     bar = tqdm(total=settings.steps, initial=start, disable=not (progress and acc.is_main_process),
                desc="train", dynamic_ncols=True)
+    previous_term = _term_as_interrupt()
     try:
         while step < settings.steps:
             torch.manual_seed(step_seed(seed, step, rank))
@@ -168,6 +169,8 @@ def train(model: torch.nn.Module, objective, batches: Callable[[int, torch.devic
             checkpoint()
         raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in {ckpt_root}, "
                                   "run the same command again to resume") from None
+    finally:
+        _restore_term(previous_term)
     bar.close()
     if step > start or latest_checkpoint(ckpt_root) is None:
         checkpoint()
@@ -180,6 +183,27 @@ def train(model: torch.nn.Module, objective, batches: Callable[[int, torch.devic
     summary.update(end_step=step, seconds=time.perf_counter() - t0, model_dir=str(out / "model"),
                    world_size=world)
     return summary
+
+
+def _term_as_interrupt():
+    """Treat SIGTERM (what schedulers and `kill` send) like Ctrl-C, so the run saves a checkpoint before it ends."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_term(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _truncate_log(path: Path, step: int) -> None:

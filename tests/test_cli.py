@@ -106,3 +106,28 @@ def test_bad_input_leaves_checkpoint_untouched(tmp_path, tiny):
     proc = cmkit("train-teacher", "quickstart-teacher", "--out", out, *SMALL, "--set", "train.lr=oops")
     assert_one_line_error(proc, "train.lr")
     assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == snapshot
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "cmkit", "train-teacher", "quickstart-teacher", "--out", str(out), "--no-progress",
+            "--set", "model.hidden=16", "--set", "model.depth=1", "--set", "train.batch_size=32",
+            "--set", "train.steps=100000", "--set", "train.log_every=10", "--set", "train.checkpoint_every=100000"]
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "Traceback" not in err
+    step = int((out / "checkpoints" / "latest").read_text().split("-")[1])
+    assert step >= 10
+    resumed = cmkit("train-teacher", "quickstart-teacher", "--out", out, "--no-progress", "--set", "model.hidden=16",
+                    "--set", "model.depth=1", "--set", "train.batch_size=32", "--set", f"train.steps={step + 5}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{step + 5:08d}"
