@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dry-run", action="store_true", help="build everything and run one step on a batch of 2")
     d.add_argument("--teacher", help="teacher folder or hub id (default: teacher.path of the recipe)")
 
+    tr = sub.add_parser("train", help="consistency training without a teacher (ct, ict) or tuning from one (ect)")
+    _add_recipe_args(tr)
+    tr.add_argument("--teacher", help="ect only: the teacher whose weights the model starts from")
+    tr.add_argument("--dry-run", action="store_true", help="build everything and run one step on a batch of 2")
+
     s = sub.add_parser("sample", help="draw samples from a consistency model folder")
     s.add_argument("model", help="a consistency model folder (e.g. runs/quickstart-cd/model)")
     g = s.add_mutually_exclusive_group()
@@ -86,10 +91,14 @@ def run(args: argparse.Namespace) -> int:
         from .quickstart import run_quickstart
 
         run_quickstart(args.out, args.set, progress=progress)
-    elif args.command in ("train-teacher", "distill") and args.dry_run:
+    elif args.command in ("train-teacher", "distill", "train") and args.dry_run:
         recipe = load_recipe(args.recipe, args.set)
-        runs.dry_run(recipe, "distill" if args.command == "distill" else "train-teacher",
-                     getattr(args, "teacher", None))
+        runs.dry_run(recipe, args.command, getattr(args, "teacher", None))
+    elif args.command == "train":
+        recipe = load_recipe(args.recipe, args.set)
+        summary = runs.train_consistency(recipe, args.out or _default_out(args.recipe), teacher_path=args.teacher,
+                                         progress=progress)
+        print(f"consistency model saved to {summary['model_dir']}")
     elif args.command == "train-teacher":
         recipe = load_recipe(args.recipe, args.set)
         summary = runs.train_teacher(recipe, args.out or _default_out(args.recipe), progress=progress)

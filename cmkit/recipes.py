@@ -47,7 +47,7 @@ class TeacherSection:
 
 @dataclass
 class ObjectiveSection:
-    kind: str = "edm"                   # teachers: edm | ddpm;  consistency models: cd
+    kind: str = "edm"                   # teachers: edm | ddpm;  distillation: cd;  no teacher: ct | ict;  tuning: ect
     p_mean: float = -1.2                # edm: lognormal sigma
     p_std: float = 1.2
     num_train_timesteps: int = 1000     # ddpm: the DDPMScheduler the teacher is saved with
@@ -58,7 +58,15 @@ class ObjectiveSection:
     distance: str = "l2"                # l2 | l1 | pseudo_huber
     huber_c: float = 0.0                # 0 = 0.00054 sqrt(d)
     weighting: str = "uniform"          # uniform | inverse_gap
-    target_mu: float = 0.95             # target EMA rate; 0 = stop-gradient online network
+    target_mu: float = 0.95             # cd: target EMA rate; 0 = stop-gradient online network
+    s0: int = 0                         # ct / ict curriculum start (0 = the variant's default: ct 2, ict 10)
+    s1: int = 0                         # ct / ict curriculum end (0 = default: ct 150, ict 1280)
+    mu0: float = 0.9                    # ct: target EMA at the start
+    mu_variant: str = "openai"          # ct: mu(k) divides by N(k) - 1 ("openai", default) or N(k) ("paper")
+    ct_p_mean: float = -1.1             # ict / ect: lognormal noise levels
+    ct_p_std: float = 2.0
+    ect_q: float = 2.0                  # ect: the gap t - r shrinks by q each stage
+    ect_stage_steps: int = 1000         # ect: steps per stage (d)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     sigma_data: float = 0.5

@@ -17,7 +17,7 @@ from .consistency import ConsistencyModel
 from .data import Dataset, load_dataset
 from .denoisers import DiffusersDenoiser, EDMDenoiser, load_teacher
 from .nets import TimeMLP, small_unet
-from .objectives import ConsistencyDistillation, DDPMLoss, EDMLoss
+from .objectives import ConsistencyDistillation, ConsistencyTraining, DDPMLoss, EasyConsistencyTuning, EDMLoss
 from .recipes import Recipe
 from .schedules import search_schedule
 from .training import train
@@ -161,6 +161,51 @@ def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool
     return summary
 
 
+def train_consistency(recipe: Recipe, out, teacher_path: str | None = None, progress: bool = True, *,
+                      data: Dataset | None = None, teacher=None) -> dict:
+    """Consistency training (ct, ict: no teacher, the network built from the recipe's model section) or easy
+    consistency tuning (ect: the network starts as a copy of the teacher's); ``out/model`` is a ConsistencyModel."""
+    o = recipe.objective
+    if o.kind not in ("ct", "ict", "ect"):
+        raise ValueError(f"train runs objective.kind 'ct', 'ict' or 'ect', the recipe says {o.kind!r}"
+                         + ("; use `cmkit distill` for cd" if o.kind == "cd" else ""))
+    path = teacher_path or recipe.teacher.path
+    if o.kind in ("ct", "ict") and path:
+        raise ValueError(f"objective.kind {o.kind!r} trains without a teacher, but one is given ({path}); "
+                         "remove teacher.path / --teacher, or use kind 'ect' to start from it")
+    if o.kind == "ect" and not path and teacher is None:
+        raise ValueError("objective.kind 'ect' starts from a teacher's weights: pass --teacher PATH or set "
+                         "teacher.path")
+    out = Path(out)
+    data = data if data is not None else dataset_for(recipe)
+    torch.manual_seed(recipe.seed)
+    if o.kind == "ect":
+        teacher = load_teacher(path) if teacher is None else teacher
+        check_data_matches(data, teacher, "teacher")
+        sigma_min, sigma_max = max(o.sigma_min, teacher.sigma_min), min(o.sigma_max, teacher.sigma_max)
+        model = ConsistencyModel.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max,
+                                              sigma_data=o.sigma_data)
+        del teacher
+        objective = EasyConsistencyTuning(o.ect_q, o.ect_stage_steps, o.ct_p_mean, o.ct_p_std, o.distance,
+                                          sigma_min, sigma_max, o.huber_c or None)
+    else:
+        model = ConsistencyModel(build_backbone(recipe, data), o.sigma_min, o.sigma_max, o.sigma_data)
+        objective = ConsistencyTraining(o.kind, recipe.train.steps, o.s0 or None, o.s1 or None, o.mu0,
+                                        o.mu_variant, o.ct_p_mean, o.ct_p_std, o.distance, o.weighting,
+                                        o.sigma_min, o.sigma_max, huber_c=o.huber_c or None)
+    acc = _accelerator(recipe)
+    if acc.is_main_process:
+        check_resume(recipe, out, {"teacher_path": str(path)} if path else None)
+    conditional = num_classes_of(model) is not None
+    batches = data.batches(conditional=conditional, hflip=recipe.data.hflip)
+    summary = train(model, objective, batches, recipe.train, out, seed=recipe.seed,
+                    run_info={"job": f"train-{o.kind}"}, progress=progress, accelerator=acc)
+    if acc.is_main_process:
+        summary["schedule"] = tune_schedule(recipe, out / "model", data, progress)
+    acc.wait_for_everyone()
+    return summary
+
+
 def num_classes_of(model) -> int | None:
     """The number of classes a teacher or consistency model is conditioned on (None: unconditional)."""
     net = getattr(model, "backbone", None)
@@ -208,7 +253,7 @@ def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=prin
         labels = torch.randint(0, 10, (8,), generator=g)
         data = Dataset("stand-in", x[:6], x[6:], labels[:6], labels[6:], 10)
     teacher = None
-    if job == "distill":
+    if job == "distill" or (job == "train" and recipe.objective.kind == "ect"):
         path = teacher_path or recipe.teacher.path
         try:
             teacher = load_teacher(path)
@@ -242,6 +287,8 @@ def _dry_train(recipe, job, teacher, data, teacher_path, distance, echo):
         if job == "distill":
             summary = distill(recipe, tmp, teacher_path, progress=False, teacher=teacher, data=data,
                               distance=distance)
+        elif job == "train":
+            summary = train_consistency(recipe, tmp, teacher_path, progress=False, data=data, teacher=teacher)
         else:
             summary = train_teacher(recipe, tmp, progress=False, data=data)
         loss = json.loads((Path(tmp) / "log.jsonl").read_text().splitlines()[-1])["loss"]

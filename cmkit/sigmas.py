@@ -5,6 +5,8 @@ Layer 1: depends on torch only.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 SIGMA_MIN = 0.002
@@ -137,5 +139,45 @@ def rho_interp(sigma_hi: float, sigma_lo: float, frac: float, rho: float = RHO) 
 __all__ = [
     "SIGMA_MIN", "SIGMA_MAX", "RHO", "SIGMA_DATA", "C_NOISE_SCALE", "karras_sigmas", "boundary_scalings",
     "edm_scalings", "c_noise", "append_dims", "as_batch_sigma", "uniform_index_pairs", "lognormal_sigmas",
-    "edm_loss_weight", "check_sigmas", "rho_interp",
+    "edm_loss_weight", "check_sigmas", "rho_interp", "ct_num_points", "ct_target_mu", "ict_num_points",
+    "lognormal_index_probs", "ect_r",
 ]
+
+
+# ---- consistency-training curricula (Song et al. 2023; Song & Dhariwal 2023) -------------------------------------
+
+def ct_num_points(k: int, total: int, s0: int = 2, s1: int = 150) -> int:
+    """CT's N(k) = ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1: grid points at step k of K."""
+    return math.ceil(math.sqrt(k / total * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
+
+
+def ct_target_mu(k: int, total: int, s0: int = 2, s1: int = 150, mu0: float = 0.9, variant: str = "openai") -> float:
+    """CT's target EMA rate. paper: mu(k) = exp(s0 log(mu0) / N(k)); openai: the released code divides by
+    N(k) - 1 (its number of intervals), which is what produced the published CT results."""
+    n = ct_num_points(k, total, s0, s1)
+    if variant == "paper":
+        return math.exp(s0 * math.log(mu0) / n)
+    if variant == "openai":
+        return math.exp(s0 * math.log(mu0) / max(n - 1, 1))
+    raise ValueError(f"unknown CT mu variant {variant!r}; choose 'openai' or 'paper'")
+
+
+def ict_num_points(k: int, total: int, s0: int = 10, s1: int = 1280) -> int:
+    """iCT's N(k) = min(s0 2^floor(k/K'), s1) + 1 with K' = floor(K / (log2 floor(s1/s0) + 1))."""
+    k_prime = max(1, math.floor(total / (math.log2(math.floor(s1 / s0)) + 1)))
+    return min(s0 * 2 ** (k // k_prime), s1) + 1
+
+
+def lognormal_index_probs(grid_ascending: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
+    """iCT's discretised lognormal over pairs (n, n+1) of an ascending grid:
+    p(n) ~ erf((log sigma_{n+1} - P_mean) / (sqrt 2 P_std)) - erf((log sigma_n - P_mean) / (sqrt 2 P_std))."""
+    e = torch.erf((grid_ascending.double().log() - p_mean) / (math.sqrt(2) * p_std))
+    p = e[1:] - e[:-1]
+    return (p / p.sum()).float()
+
+
+def ect_r(t: torch.Tensor, stage: int, q: float = 2.0) -> torch.Tensor:
+    """ECT's paired level r = max(t (1 - n(t) / q^(stage + 1)), 0) with n(t) = 1 + 8 sigmoid(-t): the gap shrinks
+    by a factor q every stage."""
+    n = 1 + 8 * torch.sigmoid(-t)
+    return (t * (1 - n / q ** (stage + 1))).clamp_min(0)

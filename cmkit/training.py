@@ -1,6 +1,6 @@
 """One trainer for every objective: accelerate, output EMAs, a target network, checkpoints, resume, Ctrl-C.
 
-Layer 5. The trainer knows a model, an objective (``objective(model, x0, target, **cond)``), a batch source and
+Layer 5. The trainer knows a model, an objective (``objective(model, x0, target, step, **cond)``), a batch source and
 its settings; it never knows which objective it runs.
 
 Determinism: before every step the global torch generator is seeded from ``(seed, step, rank)``, so a run that is
@@ -134,7 +134,7 @@ def train(model: torch.nn.Module, objective, batches: Callable[[int, torch.devic
             for g in optimizer.param_groups:
                 g["lr"] = lr
             with acc.autocast():
-                loss = objective(wrapped, x0, target=target if target is not None else online, **cond)
+                loss = objective(wrapped, x0, target=target if target is not None else online, step=step, **cond)
             acc.backward(loss)
             if settings.grad_clip > 0:
                 acc.clip_grad_norm_(wrapped.parameters(), settings.grad_clip)

@@ -131,3 +131,12 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
                     "--set", "model.depth=1", "--set", "train.batch_size=32", "--set", f"train.steps={step + 5}")
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "checkpoints" / "latest").read_text() == f"step-{step + 5:08d}"
+
+
+def test_ct_with_a_teacher_and_ect_without_one_are_errors(tmp_path, tiny):
+    proc = cmkit("train", "s_curve-ict", "--teacher", tiny / "teacher" / "model", "--out", tmp_path / "a")
+    assert_one_line_error(proc, "trains without a teacher", "remove teacher.path")
+    proc = cmkit("train", "s_curve-ect", "--out", tmp_path / "b")
+    assert_one_line_error(proc, "'ect' starts from a teacher")
+    proc = cmkit("train", "quickstart-cd", "--out", tmp_path / "c")
+    assert_one_line_error(proc, "use `cmkit distill` for cd")

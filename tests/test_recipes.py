@@ -19,7 +19,8 @@ def test_contract_keys_exist():
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_parses_and_dry_runs(name):
     recipe = load_recipe(name)
-    job = "train-teacher" if recipe.objective.kind in ("edm", "ddpm") else "distill"
+    kind = recipe.objective.kind
+    job = "train-teacher" if kind in ("edm", "ddpm") else "distill" if kind == "cd" else "train"
     lines = []
     summary = dry_run(recipe, job, echo=lines.append)
     assert summary["end_step"] == 1

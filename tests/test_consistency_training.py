@@ -1,0 +1,117 @@
+"""CT / iCT / ECT: schedules pinned to their formulas, the discretised lognormal sampler against its
+probabilities, shared dropout masks, no gradient through the target, and the objectives' errors."""
+
+import math
+
+import pytest
+import torch
+
+import cmkit
+from cmkit import sigmas as S
+from cmkit.consistency import ConsistencyModel
+from cmkit.objectives import ConsistencyTraining, EasyConsistencyTuning
+
+
+@pytest.mark.parametrize("k,total", [(0, 1000), (1, 1000), (250, 1000), (999, 1000), (1000, 1000), (12345, 800000)])
+def test_ct_schedule_formulas(k, total):
+    s0, s1, mu0 = 2, 150, 0.9
+    n = math.ceil(math.sqrt(k / total * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
+    assert S.ct_num_points(k, total, s0, s1) == n
+    assert math.isclose(S.ct_target_mu(k, total, s0, s1, mu0, "paper"), math.exp(s0 * math.log(mu0) / n))
+    assert math.isclose(S.ct_target_mu(k, total, s0, s1, mu0, "openai"), math.exp(s0 * math.log(mu0) / (n - 1)))
+    assert S.ct_num_points(0, total) == 2 and S.ct_num_points(total, total) == 151
+
+
+def test_ict_curriculum_and_stage_boundaries():
+    total = 8000
+    k_prime = math.floor(total / (math.log2(math.floor(1280 / 10)) + 1))
+    assert k_prime == 1000
+    for k in (0, 999):
+        assert S.ict_num_points(k, total) == 11
+    assert S.ict_num_points(1000, total) == 21
+    assert S.ict_num_points(2999, total) == 41 and S.ict_num_points(3000, total) == 81
+    assert S.ict_num_points(7000, total) == 1281 and S.ict_num_points(7999, total) == 1281
+    assert S.ict_num_points(10**6, total) == 1281  # capped at s1 + 1
+
+
+def test_ect_pairs_and_stages():
+    t = torch.tensor([0.01, 0.5, 2.0, 80.0], dtype=torch.float64)
+    for stage in (0, 1, 3):
+        n = 1 + 8 * torch.sigmoid(-t)
+        want = (t * (1 - n / 2.0 ** (stage + 1))).clamp_min(0)
+        torch.testing.assert_close(S.ect_r(t, stage, 2.0), want)
+    assert S.ect_r(torch.tensor([0.01]), 0).item() == 0.0  # small t pairs with the data itself
+    ect = EasyConsistencyTuning(stage_steps=250)
+    assert [ect.stage(k) for k in (0, 249, 250, 999, 1000)] == [0, 0, 1, 3, 4]
+
+
+def test_discretised_lognormal_chi_square():
+    grid = S.karras_sigmas(41).flip(0)
+    p = S.lognormal_index_probs(grid, -1.1, 2.0)
+    e = torch.erf((grid.double().log() + 1.1) / (math.sqrt(2) * 2.0))
+    want = (e[1:] - e[:-1]) / (e[-1] - e[0])
+    torch.testing.assert_close(p.double(), want, rtol=1e-5, atol=1e-7)
+    g = torch.Generator().manual_seed(0)
+    n = 100_000
+    draws = torch.multinomial(p, n, replacement=True, generator=g)
+    counts = torch.bincount(draws, minlength=len(p)).double()
+    expected = n * p.double()
+    keep = expected >= 5
+    chi2 = (((counts - expected) ** 2) / expected)[keep].sum().item()
+    dof = int(keep.sum()) - 1
+    # chi-square 99.9% quantile for dof ~ 39 is about 72; a wrong sampler lands far above
+    assert chi2 < dof + 4.5 * math.sqrt(2 * dof), (chi2, dof)
+
+
+def dropout_cm():
+    torch.manual_seed(0)
+    return ConsistencyModel(cmkit.TimeMLP(dim=3, hidden=32, depth=2, dropout=0.5)).train()
+
+
+@pytest.mark.parametrize("make", [lambda: ConsistencyTraining("ict", total_steps=100, distance="l2"),
+                                  lambda: EasyConsistencyTuning(distance="l2")])
+def test_online_and_target_share_dropout_masks(make):
+    cm = dropout_cm()
+    masks = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: masks.append((out == 0) & (inp[0] != 0)))
+             for m in cm.modules() if isinstance(m, torch.nn.Dropout)]
+    make()(cm, torch.randn(64, 3), target=cm, step=10)
+    for h in hooks:
+        h.remove()
+    half = len(masks) // 2
+    assert half > 0
+    for a, b in zip(masks[:half], masks[half:]):  # target pass first, then online
+        assert torch.equal(a, b)
+        assert 0.3 < a.float().mean() < 0.7
+
+
+def test_stop_gradient_target_gives_no_gradient_through_target():
+    cm = dropout_cm().eval()
+    obj = ConsistencyTraining("ict", total_steps=100, distance="l2")
+    x0 = torch.randn(32, 3)
+    torch.manual_seed(1)
+    obj(cm, x0, target=cm, step=0).backward()
+    grads = [p.grad.clone() for p in cm.parameters()]
+    cm.zero_grad()
+    # the same loss with the target's output frozen by hand: gradients must be identical
+    torch.manual_seed(1)
+    grid = obj.grid(0)
+    probs = S.lognormal_index_probs(grid)
+    n = torch.multinomial(probs, 32, replacement=True)
+    z = torch.randn_like(x0)
+    s_n, s_np1 = grid[n], grid[n + 1]
+    with torch.no_grad():
+        tgt = cm(x0 + s_n[:, None] * z, s_n)
+    loss = (1 / (s_np1 - s_n) * (cm(x0 + s_np1[:, None] * z, s_np1) - tgt).pow(2).mean(1)).mean()
+    loss.backward()
+    for g, p in zip(grads, cm.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    assert obj.target_ema(5) == 0.0
+
+
+def test_ct_target_mu_follows_schedule():
+    obj = ConsistencyTraining("ct", total_steps=1000, distance="l2")
+    assert obj.target_ema(0) == pytest.approx(math.exp(2 * math.log(0.9) / 1))
+    assert obj.num_points(1000) == 151
+    with pytest.raises(ValueError, match="mu variant"):
+        ConsistencyTraining("ct", mu_variant="other")
