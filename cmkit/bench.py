@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .sampling import sample, sample_teacher, teacher_grid
+from .sampling import class_condition, sample, sample_teacher, teacher_grid
 
 MMD_MAX = 2000  # MMD is quadratic in the set size; the first MMD_MAX samples of each set are enough to rank methods
 
@@ -81,29 +81,30 @@ def quality_vs_steps(teacher, models: dict, score, *, teacher_solvers=("euler", 
     (one per method and NFE: means and standard deviations over seeds, samples per second) and ``samples``
     (seed 0's samples of the best setting of each method, for plots).
     """
-    jobs = []
+    jobs = []  # (method, nfe, model for conditioning, run(n, generator, cond) -> (samples, counted nfe))
     for solver in teacher_solvers:
         for nfe in teacher_nfe:
             if solver == "heun" and nfe % 2 == 0:
                 continue
             grid = teacher_grid(nfe, solver, teacher.sigma_min, teacher.sigma_max)
-            jobs.append((f"teacher {solver}", nfe, lambda n, g, grid=grid, solver=solver:
-                         (sample_teacher(teacher, n, grid, method=solver, generator=g), None)))
+            jobs.append((f"teacher {solver}", nfe, teacher, lambda n, g, c, grid=grid, solver=solver:
+                         (sample_teacher(teacher, n, grid, method=solver, generator=g, **c), None)))
     if dopri5:
         grid = [teacher.sigma_max, teacher.sigma_min, 0.0]
-        jobs.append(("teacher dopri5", None, lambda n, g: sample_teacher(
-            teacher, n, grid, method="dopri5", generator=g, return_nfe=True, rtol=1e-5, atol=1e-5)))
+        jobs.append(("teacher dopri5", None, teacher, lambda n, g, c: sample_teacher(
+            teacher, n, grid, method="dopri5", generator=g, return_nfe=True, rtol=1e-5, atol=1e-5, **c)))
     for name, cm in models.items():
         for steps in cm_steps:
-            jobs.append((name, steps, lambda n, g, cm=cm, steps=steps: (sample(cm, n, steps=steps, generator=g), None)))
+            jobs.append((name, steps, cm, lambda n, g, c, cm=cm, steps=steps:
+                         (sample(cm, n, steps=steps, generator=g, **c), None)))
 
     rows, kept = [], {}
     bar = tqdm(total=len(jobs) * len(seeds), desc="bench", disable=not progress, dynamic_ncols=True)
-    for method, nfe, run in jobs:
+    for method, nfe, model, run in jobs:
         scores, secs, nfes = [], [], []
         for seed in seeds:
             t0 = time.perf_counter()
-            x, counted = run(num_samples, _gen(seed))
+            x, counted = run(num_samples, _gen(seed), class_condition(model, num_samples, seed=seed))
             secs.append(time.perf_counter() - t0)
             nfes.append(counted if counted is not None else nfe)
             scores.append(score(x.float().cpu()))

@@ -50,6 +50,10 @@ def save_checkpoint(root, step: int, nets: dict[str, torch.nn.Module], optimizer
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
+    final = root / name
+    if (final / "state.json").is_file():  # this step is saved already (its state is the same): just point at it
+        _write_text_atomic(root / "latest", name)
+        return final
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
         for key, net in nets.items():
@@ -58,8 +62,7 @@ def save_checkpoint(root, step: int, nets: dict[str, torch.nn.Module], optimizer
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_rest))
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-        final = root / name
-        if final.exists():
+        if final.exists():  # a folder without state.json: an incomplete older write
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:

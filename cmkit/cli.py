@@ -65,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.npy",
                    help="output file: .npy (any model) or .png (an image grid, image models; default samples.npy)")
 
+    e = sub.add_parser("edit", help="zero-shot editing with a consistency model (images in [-1, 1])")
+    e.add_argument("task", choices=["inpaint", "colorize", "superres", "denoise", "interpolate", "sdedit"])
+    e.add_argument("model", help="a consistency model folder")
+    e.add_argument("--input", help="input .npy batch (B, C, H, W) in [-1, 1] or a PNG/JPEG image")
+    e.add_argument("--mask", help="inpaint: mask file (.npy or image; 1 / white = known pixel)")
+    e.add_argument("--mask-kind", default="random-half", help="inpaint without --mask: random-half, left-half, center")
+    e.add_argument("--factor", type=int, default=2, help="superres: the upsampling factor (default 2)")
+    e.add_argument("--sigma", type=float, default=1.0, help="denoise: the noise level; sdedit: the start level")
+    g2 = e.add_mutually_exclusive_group()
+    g2.add_argument("--steps", type=int, default=1, help="network evaluations (default 1)")
+    g2.add_argument("--sigmas", help="comma-separated descending noise levels")
+    e.add_argument("--num", type=int, default=8, help="interpolate: points along the path (default 8)")
+    e.add_argument("--reference", help="a reference batch shown beside the result in the figure")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default="edited.png", help="output .png grid or .npy batch (default edited.png)")
+    e.add_argument("--figure", help="also write input / output / reference side by side to this PNG")
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
     bq = bsub.add_parser("quality-vs-steps", help="teacher solvers vs consistency models at every NFE")
@@ -113,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         from .consistency import ConsistencyModel
-        from .sampling import sample
+        from .sampling import class_condition, sample
 
         out = Path(args.out)
         if out.suffix not in (".npy", ".png"):
@@ -121,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         cm = ConsistencyModel.from_pretrained(args.model)
         if out.suffix == ".png" and len(cm.sample_shape) != 3:
             raise CliError("a .png grid needs an image model; write .npy for vector data")
-        cond = runs.class_condition(cm, args.num, args.class_label, seed=args.seed)
+        cond = class_condition(cm, args.num, args.class_label, seed=args.seed)
         sigmas = _parse_sigmas(args.sigmas) if args.sigmas else None
         x = sample(cm, args.num, steps=args.steps, sigmas=sigmas, generator=torch.Generator().manual_seed(args.seed),
                    **cond)
@@ -133,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
 
             save_image((x.float().clamp(-1, 1) + 1) / 2, out, nrow=max(1, int(args.num**0.5)), padding=1, pad_value=1)
         print(f"wrote {args.num} samples of shape {tuple(x.shape[1:])} to {out}")
+    elif args.command == "edit":
+        run_edit(args)
     elif args.command == "bench":
         from .bench import quality_vs_steps, scorer_for, write_results
         from .consistency import ConsistencyModel
@@ -162,6 +181,49 @@ def run(args: argparse.Namespace) -> int:
                                                                 **score_info})
         print(written["header"] + written["table"])
     return 0
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import editing
+    from .consistency import ConsistencyModel
+    from .imageio import load_images, named_mask, save_images, side_by_side
+
+    cm = ConsistencyModel.from_pretrained(args.model)
+    gen = torch.Generator().manual_seed(args.seed)
+    sigmas = _parse_sigmas(args.sigmas) if args.sigmas else None
+    channels = cm.sample_shape[0] if len(cm.sample_shape) == 3 else None
+    if args.task != "interpolate" and not args.input:
+        raise CliError(f"edit {args.task} needs --input FILE")
+    x = load_images(args.input, 1 if args.task == "colorize" else channels) if args.input else None
+    panels = []
+    if args.task == "inpaint":
+        mask = (load_images(args.mask, 1) > 0).float() if args.mask else named_mask(args.mask_kind, x.shape, args.seed)
+        out = editing.inpaint(cm, x, mask, sigmas=sigmas, steps=args.steps, generator=gen)
+        panels.append(("input (masked)", x * mask + (mask - 1)))
+    elif args.task == "colorize":
+        out = editing.colorize(cm, x, sigmas=sigmas, steps=args.steps, generator=gen)
+        panels.append(("input (luminance)", x))
+    elif args.task == "superres":
+        out = editing.superres(cm, x, args.factor, sigmas=sigmas, steps=args.steps, generator=gen)
+        panels.append((f"input (1/{args.factor})", x.repeat_interleave(args.factor, 2).repeat_interleave(args.factor, 3)))
+    elif args.task == "denoise":
+        out = editing.denoise(cm, x, args.sigma)
+        panels.append((f"input (sigma {args.sigma:g})", x))
+    elif args.task == "sdedit":
+        out = editing.sdedit(cm, x, args.sigma, sigmas=sigmas, generator=gen)
+        panels.append(("guide", x))
+    else:
+        shape = cm.sample_shape
+        z = torch.randn((2, *shape), generator=gen)
+        out = editing.interpolate(cm, z[0], z[1], torch.linspace(0, 1, args.num).tolist())
+    panels.append(("output", out))
+    if args.reference:
+        panels.append(("reference", load_images(args.reference, channels)))
+    print(f"wrote {save_images(out, args.out)}")
+    if args.figure:
+        print(f"wrote {side_by_side(panels, args.figure)}")
 
 
 def main(argv: list[str] | None = None) -> int:

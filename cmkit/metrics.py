@@ -28,7 +28,8 @@ def sliced_wasserstein(a, b, n_projections: int = 256, seed: int = 0) -> float:
     _check_pair(a, b)
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(a.shape[1], n_projections, generator=g, dtype=torch.float64)
-    theta /= theta.norm(dim=0, keepdim=True)
+    theta = (theta / theta.norm(dim=0, keepdim=True)).to(a.device)
+    b = b.to(a.device)
     pa, _ = (a @ theta).sort(0)
     pb, _ = (b @ theta).sort(0)
     if pa.shape[0] != pb.shape[0]:

@@ -99,3 +99,11 @@ def sample_shape(net: nn.Module) -> tuple[int, ...]:
     size = cfg.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return (cfg.in_channels, h, w)
+
+
+def num_classes_of(model) -> int | None:
+    """The number of classes a teacher or consistency model is conditioned on (None: unconditional)."""
+    net = getattr(model, "backbone", None)
+    net = getattr(model, "unet", None) if net is None else net
+    cfg = getattr(net, "config", {})
+    return cfg.get("num_class_embeds") or cfg.get("num_classes") or None

@@ -9,6 +9,8 @@ seeds once per step, so a resumed run draws exactly what an uninterrupted one wo
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import sigmas as S
@@ -177,12 +179,16 @@ class EasyConsistencyTuning:
         loss = 1 / (t - r) d( f(x0 + t z, t), sg f(x0 + r z, r) ),   and f(., r) := x0 where r < sigma_min.
     """
 
+    MIN_GAP = 1e-3  # relative: t - r >= MIN_GAP t, so late stages cannot divide by a vanishing gap
+
     def __init__(self, q: float = 2.0, stage_steps: int = 1000, p_mean: float = -1.1, p_std: float = 2.0,
                  distance: str = "pseudo_huber", sigma_min: float = S.SIGMA_MIN, sigma_max: float = S.SIGMA_MAX,
                  huber_c: float | None = None):
         if q <= 1:
             raise ValueError(f"ECT's q must be > 1, got {q}")
         self.q, self.stage_steps, self.p_mean, self.p_std = q, max(1, int(stage_steps)), p_mean, p_std
+        # the stage at which the largest gap (n(t) ~ 1) reaches MIN_GAP: later stages would change nothing
+        self.max_stage = max(0, math.ceil(math.log(1 / self.MIN_GAP) / math.log(q)) - 1)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.distance = make_distance(distance, huber_c) if isinstance(distance, str) else distance
 
@@ -190,13 +196,15 @@ class EasyConsistencyTuning:
         return 0.0
 
     def stage(self, step: int) -> int:
-        return step // self.stage_steps
+        return min(step // self.stage_steps, self.max_stage)
 
     def __call__(self, model, x0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
         t = S.lognormal_sigmas(x0.shape[0], self.p_mean, self.p_std, device=x0.device)
         t = t.clamp(self.sigma_min * 1.0001, self.sigma_max).to(x0.dtype)
-        r = S.ect_r(t, self.stage(step), self.q)
+        r = torch.minimum(S.ect_r(t, self.stage(step), self.q), t.double() * (1 - self.MIN_GAP))
         at_boundary = r < self.sigma_min
+        gap = (t.double() - torch.where(at_boundary, torch.zeros_like(r), r)).to(x0.dtype)
+        r = r.to(x0.dtype)
         r_safe = torch.where(at_boundary, torch.full_like(r, self.sigma_min), r)
         z = torch.randn_like(x0)
         x_t = x0 + S.append_dims(t, x0.ndim) * z
@@ -205,5 +213,4 @@ class EasyConsistencyTuning:
         f_target = torch.where(S.append_dims(at_boundary, x0.ndim), x0, f_target)
         if isinstance(self.distance, torch.nn.Module):
             self.distance.to(x0.device)
-        gap = t - torch.where(at_boundary, torch.zeros_like(r), r)
         return (self.distance(f_online, f_target) / gap).mean()

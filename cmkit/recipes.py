@@ -55,9 +55,10 @@ class ObjectiveSection:
     prediction_type: str = "epsilon"    # ddpm: epsilon | v_prediction | sample
     n_points: int = 18                  # cd: N of the Karras grid
     solver: str = "heun"                # cd: teacher step, heun | euler
-    distance: str = "l2"                # l2 | l1 | pseudo_huber
+    distance: str = ""                  # l2 | l1 | pseudo_huber | l2-32 | lpips[-vgg|-alex]; "" = the kind's default
+                                        # (cd, ct: l2; ict, ect: pseudo_huber)
     huber_c: float = 0.0                # 0 = 0.00054 sqrt(d)
-    weighting: str = "uniform"          # uniform | inverse_gap
+    weighting: str = ""                 # uniform | inverse_gap; "" = the kind's default (ict: inverse_gap)
     target_mu: float = 0.95             # cd: target EMA rate; 0 = stop-gradient online network
     s0: int = 0                         # ct / ict curriculum start (0 = the variant's default: ct 2, ict 10)
     s1: int = 0                         # ct / ict curriculum end (0 = default: ct 150, ict 1280)
@@ -67,6 +68,7 @@ class ObjectiveSection:
     ct_p_std: float = 2.0
     ect_q: float = 2.0                  # ect: the gap t - r shrinks by q each stage
     ect_stage_steps: int = 1000         # ect: steps per stage (d)
+    total_steps: int = 0                # ct / ict: K of the curriculum (0 = train.steps of the first run)
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     sigma_data: float = 0.5

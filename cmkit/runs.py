@@ -16,9 +16,10 @@ from diffusers import DDPMScheduler
 from .consistency import ConsistencyModel
 from .data import Dataset, load_dataset
 from .denoisers import DiffusersDenoiser, EDMDenoiser, load_teacher
-from .nets import TimeMLP, small_unet
+from .nets import TimeMLP, num_classes_of, small_unet
 from .objectives import ConsistencyDistillation, ConsistencyTraining, DDPMLoss, EasyConsistencyTuning, EDMLoss
 from .recipes import Recipe
+from .sampling import class_condition
 from .schedules import search_schedule
 from .training import train
 
@@ -67,7 +68,7 @@ def build_teacher_model(recipe: Recipe, data: Dataset):
     raise ValueError(f"train-teacher runs objective.kind 'edm' or 'ddpm', the recipe says {o.kind!r}")
 
 
-def check_resume(recipe: Recipe, out: Path, extra: dict | None = None) -> None:
+def check_resume(recipe: Recipe, out: Path, extra: dict | None = None, write: bool = True) -> None:
     """Refuse to resume ``out`` with a recipe that would train differently. Keys that only extend or report on a
     run (RESUMABLE_CHANGES, the ``eval`` section) may change; a key the saved recipe does not have yet (added in a
     later cmkit) is taken to be at its default."""
@@ -82,10 +83,13 @@ def check_resume(recipe: Recipe, out: Path, extra: dict | None = None) -> None:
         diffs += [k for k, v in current.items() if not isinstance(v, dict) and k in saved
                   and _jsonish(saved[k]) != _jsonish(v)]
         if diffs:
+            hint = ("; to extend a ct/ict run set objective.total_steps to its first train.steps"
+                    if "curriculum_total_steps" in diffs else "")
             raise ValueError(f"{out} holds a run with a different recipe ({', '.join(diffs[:4])} differ); "
-                             "use another --out, or the same recipe to resume")
-    out.mkdir(parents=True, exist_ok=True)
-    saved_file.write_text(json.dumps(current, indent=2))
+                             f"use another --out, or the same recipe to resume{hint}")
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        saved_file.write_text(json.dumps(current, indent=2))
 
 
 def _jsonish(v):
@@ -105,8 +109,7 @@ def train_teacher(recipe: Recipe, out, progress: bool = True, *, data: Dataset |
     torch.manual_seed(recipe.seed)
     model, objective = build_teacher_model(recipe, data)
     acc = _accelerator(recipe)
-    if acc.is_main_process:
-        check_resume(recipe, out)
+    check_resume(recipe, out, write=acc.is_main_process)
     return train(model, objective, batches_for(recipe, data), recipe.train, out, seed=recipe.seed,
                  run_info={"job": "train-teacher"}, progress=progress, accelerator=acc)
 
@@ -140,8 +143,7 @@ def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool
     if conditional and data.train_labels is None:
         raise ValueError(f"the teacher is class-conditional but dataset {data.name!r} has no labels")
     acc = _accelerator(recipe)
-    if acc.is_main_process:
-        check_resume(recipe, out, {"teacher_path": str(path)})
+    check_resume(recipe, out, {"teacher_path": str(path)}, write=acc.is_main_process)
     teacher.requires_grad_(False).eval().to(acc.device)
     torch.manual_seed(recipe.seed)
     sigma_min = max(o.sigma_min, teacher.sigma_min)
@@ -149,14 +151,14 @@ def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool
     student = ConsistencyModel.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max,
                                             sigma_data=o.sigma_data)
     objective = ConsistencyDistillation(teacher, n_points=o.n_points, solver=o.solver,
-                                        distance=distance or o.distance,
-                                        weighting=o.weighting, target_mu=o.target_mu, sigma_min=sigma_min,
+                                        distance=distance or o.distance or "l2",
+                                        weighting=o.weighting or "uniform", target_mu=o.target_mu, sigma_min=sigma_min,
                                         sigma_max=sigma_max, huber_c=o.huber_c or None)
     batches = data.batches(conditional=conditional, hflip=recipe.data.hflip)
     summary = train(student, objective, batches, recipe.train, out, seed=recipe.seed,
                     run_info={"job": "distill", "teacher": str(path)}, progress=progress, accelerator=acc)
     if acc.is_main_process:
-        summary["schedule"] = tune_schedule(recipe, out / "model", data, progress)
+        summary["schedule"] = tune_schedule(recipe, out / "model", data, progress, acc.device)
     acc.wait_for_everyone()
     return summary
 
@@ -181,52 +183,37 @@ def train_consistency(recipe: Recipe, out, teacher_path: str | None = None, prog
     torch.manual_seed(recipe.seed)
     if o.kind == "ect":
         teacher = load_teacher(path) if teacher is None else teacher
+        if not isinstance(teacher, EDMDenoiser):
+            raise ValueError("ect starts from an EDM-parameterised teacher (cmkit train-teacher with objective.kind "
+                             f"'edm'); {type(teacher).__name__}'s UNet predicts in VP units, so a copy of it is not "
+                             "yet a consistency model. Distil it with `cmkit distill` instead")
         check_data_matches(data, teacher, "teacher")
         sigma_min, sigma_max = max(o.sigma_min, teacher.sigma_min), min(o.sigma_max, teacher.sigma_max)
         model = ConsistencyModel.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max,
                                               sigma_data=o.sigma_data)
         del teacher
-        objective = EasyConsistencyTuning(o.ect_q, o.ect_stage_steps, o.ct_p_mean, o.ct_p_std, o.distance,
-                                          sigma_min, sigma_max, o.huber_c or None)
+        objective = EasyConsistencyTuning(o.ect_q, o.ect_stage_steps, o.ct_p_mean, o.ct_p_std,
+                                          o.distance or "pseudo_huber", sigma_min, sigma_max, o.huber_c or None)
     else:
         model = ConsistencyModel(build_backbone(recipe, data), o.sigma_min, o.sigma_max, o.sigma_data)
-        objective = ConsistencyTraining(o.kind, recipe.train.steps, o.s0 or None, o.s1 or None, o.mu0,
-                                        o.mu_variant, o.ct_p_mean, o.ct_p_std, o.distance, o.weighting,
-                                        o.sigma_min, o.sigma_max, huber_c=o.huber_c or None)
+        total = o.total_steps or recipe.train.steps
+        objective = ConsistencyTraining(o.kind, total, o.s0 or None, o.s1 or None, o.mu0, o.mu_variant,
+                                        o.ct_p_mean, o.ct_p_std, o.distance or ("l2" if o.kind == "ct" else
+                                                                                "pseudo_huber"),
+                                        o.weighting or None, o.sigma_min, o.sigma_max, huber_c=o.huber_c or None)
     acc = _accelerator(recipe)
-    if acc.is_main_process:
-        check_resume(recipe, out, {"teacher_path": str(path)} if path else None)
+    # the curriculum's K is fixed when a run starts: extending train.steps later must not rescale N(k) and mu(k)
+    curriculum = {"curriculum_total_steps": objective.total} if o.kind in ("ct", "ict") else {}
+    check_resume(recipe, out, {**({"teacher_path": str(path)} if path else {}), **curriculum},
+                 write=acc.is_main_process)
     conditional = num_classes_of(model) is not None
     batches = data.batches(conditional=conditional, hflip=recipe.data.hflip)
     summary = train(model, objective, batches, recipe.train, out, seed=recipe.seed,
                     run_info={"job": f"train-{o.kind}"}, progress=progress, accelerator=acc)
     if acc.is_main_process:
-        summary["schedule"] = tune_schedule(recipe, out / "model", data, progress)
+        summary["schedule"] = tune_schedule(recipe, out / "model", data, progress, acc.device)
     acc.wait_for_everyone()
     return summary
-
-
-def num_classes_of(model) -> int | None:
-    """The number of classes a teacher or consistency model is conditioned on (None: unconditional)."""
-    net = getattr(model, "backbone", None)
-    net = getattr(model, "unet", None) if net is None else net
-    cfg = getattr(net, "config", {})
-    return cfg.get("num_class_embeds") or cfg.get("num_classes") or None
-
-
-def class_condition(model, num: int, label: int | None = None, seed: int = 0) -> dict:
-    """Conditioning for sampling ``num`` samples: ``class_labels`` for a class-conditional model (all ``label``, or
-    random classes from ``seed``), nothing otherwise."""
-    classes = num_classes_of(model)
-    if classes is None:
-        if label is not None:
-            raise ValueError("this model is not class-conditional; drop --class-label")
-        return {}
-    if label is not None:
-        if not 0 <= label < classes:
-            raise ValueError(f"class label {label} is outside 0..{classes - 1}")
-        return {"class_labels": torch.full((num,), label, dtype=torch.long)}
-    return {"class_labels": torch.randint(0, classes, (num,), generator=torch.Generator().manual_seed(seed))}
 
 
 def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=print) -> dict:
@@ -297,15 +284,15 @@ def _dry_train(recipe, job, teacher, data, teacher_path, distance, echo):
     return {**summary, "loss": loss}
 
 
-def tune_schedule(recipe: Recipe, model_dir: Path, data: Dataset, progress: bool = True) -> dict | None:
+def tune_schedule(recipe: Recipe, model_dir: Path, data: Dataset, progress: bool = True, device=None) -> dict | None:
     """Search the few-step sigmas of a freshly trained model against training samples and store them in its
     folder (``cmkit.json``); the search's scores go to ``schedule_search.json`` beside it."""
     ev = recipe.eval
     if ev.schedule_max_steps < 2:
         return None
-    cm = ConsistencyModel.from_pretrained(model_dir)
+    cm = ConsistencyModel.from_pretrained(model_dir).to(device or "cpu")
     found = search_schedule(cm, data.train, max_steps=ev.schedule_max_steps, candidates=ev.schedule_candidates,
                             num=ev.schedule_num_samples, progress=progress, **class_condition(cm, ev.schedule_num_samples))
-    cm.save_pretrained(model_dir)
+    cm.cpu().save_pretrained(model_dir)
     (model_dir.parent / "schedule_search.json").write_text(json.dumps(found, indent=2))
     return found

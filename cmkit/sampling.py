@@ -9,12 +9,17 @@ from __future__ import annotations
 import torch
 
 from . import sigmas as S
+from .nets import num_classes_of
 from .ode import ode_solve
 
 
 def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
     p = next(iter(model.parameters()), None)
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+def _to_device(cond: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in cond.items()}
 
 
 def per_sample_noise(num: int, draws: int, shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -24,6 +29,8 @@ def per_sample_noise(num: int, draws: int, shape, generator=None, device=None, d
     sample i different values at different batch sizes. Instead each sample gets its own seed, drawn in order
     from ``generator``, and its own small stream.
     """
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError("pass a CPU torch.Generator for sampling noise (the noise is moved to the model's device)")
     seeds = torch.randint(0, 2**62, (num,), generator=generator).tolist()
     per = [torch.randn((draws, *shape), generator=torch.Generator().manual_seed(s), dtype=dtype) for s in seeds]
     return torch.stack(per, 1).to(device)
@@ -58,6 +65,7 @@ def sample(cm, num: int, steps: int = 1, sigmas=None, generator: torch.Generator
         raise ValueError(f"num must be >= 1, got {num}")
     sig = resolve_sigmas(cm, steps, sigmas)
     device, dtype = _device_dtype(cm)
+    cond = _to_device(cond, device)
     z = per_sample_noise(num, len(sig), cm.sample_shape, generator, device, dtype)
     was_training = cm.training
     cm.eval()
@@ -90,6 +98,7 @@ def sample_teacher(den, num: int, sigmas, method: str = "heun", generator=None, 
                    rtol: float = 1e-5, atol: float = 1e-5, **cond):
     """Teacher samples: start at ``sigmas[0] z`` and solve the PF-ODE along ``sigmas`` (may end at 0)."""
     device, dtype = _device_dtype(den)
+    cond = _to_device(cond, device)
     x = per_sample_noise(num, 1, den.sample_shape, generator, device, dtype)[0] * float(sigmas[0])
     was_training = getattr(den, "training", False)
     if hasattr(den, "eval"):
@@ -99,3 +108,18 @@ def sample_teacher(den, num: int, sigmas, method: str = "heun", generator=None, 
     finally:
         if hasattr(den, "train"):
             den.train(was_training)
+
+
+def class_condition(model, num: int, label: int | None = None, seed: int = 0) -> dict:
+    """Conditioning for sampling ``num`` samples: ``class_labels`` for a class-conditional model (all ``label``, or
+    random classes from ``seed``), nothing otherwise."""
+    classes = num_classes_of(model)
+    if classes is None:
+        if label is not None:
+            raise ValueError("this model is not class-conditional; drop --class-label")
+        return {}
+    if label is not None:
+        if not 0 <= label < classes:
+            raise ValueError(f"class label {label} is outside 0..{classes - 1}")
+        return {"class_labels": torch.full((num,), label, dtype=torch.long)}
+    return {"class_labels": torch.randint(0, classes, (num,), generator=torch.Generator().manual_seed(seed))}

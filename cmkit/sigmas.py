@@ -14,9 +14,10 @@ SIGMA_MAX = 80.0
 RHO = 7.0
 SIGMA_DATA = 0.5
 
-# Every network in cmkit (teachers and consistency models alike) sees its noise level as c_noise = 250 log(sigma),
-# the value openai's code and diffusers' CMStochasticIterativeScheduler use. One convention means a student can be
-# initialised from a teacher's weights and its time embedding already means the right thing.
+# Every network cmkit builds (EDM teachers and consistency models alike) sees its noise level as
+# c_noise = 250 log(sigma), the value openai's code and diffusers' CMStochasticIterativeScheduler use. One convention
+# means a student initialised from an EDM teacher's weights starts with a time embedding that means the right thing
+# (a VP/DDPM teacher's UNet was trained on timestep indices instead: copying it still helps CD, but less).
 C_NOISE_SCALE = 250.0
 
 
@@ -178,6 +179,7 @@ def lognormal_index_probs(grid_ascending: torch.Tensor, p_mean: float = -1.1, p_
 
 def ect_r(t: torch.Tensor, stage: int, q: float = 2.0) -> torch.Tensor:
     """ECT's paired level r = max(t (1 - n(t) / q^(stage + 1)), 0) with n(t) = 1 + 8 sigmoid(-t): the gap shrinks
-    by a factor q every stage."""
-    n = 1 + 8 * torch.sigmoid(-t)
-    return (t * (1 - n / q ** (stage + 1))).clamp_min(0)
+    by a factor q every stage. Computed in float64 so that late stages' tiny gaps t - r do not round to zero."""
+    t64 = t.double()
+    n = 1 + 8 * torch.sigmoid(-t64)
+    return (t64 * (1 - n / q ** (stage + 1))).clamp_min(0)

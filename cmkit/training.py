@@ -90,7 +90,8 @@ def train(model: torch.nn.Module, objective, batches: Callable[[int, torch.devic
     local_bs = settings.batch_size // world
 
     model.train()
-    emas = {f"ema-{r:g}": _frozen_copy(model) for r in settings.ema_rates}
+    rates = {f"ema-{r!r}": float(r) for r in settings.ema_rates}  # repr keeps every digit: 0.9999999 != 1
+    emas = {key: _frozen_copy(model) for key in rates}
     target = _frozen_copy(model) if objective.target_ema(0) > 0 else None
     optimizer = make_optimizer(model.parameters(), settings)
 
@@ -98,13 +99,17 @@ def train(model: torch.nn.Module, objective, batches: Callable[[int, torch.devic
     ckpt_root = out / "checkpoints"
     start = 0
     last = latest_checkpoint(ckpt_root)
+    scaler_state = None
     if last is not None:
-        start = load_checkpoint(last, nets, optimizer)["step"]
+        state = load_checkpoint(last, nets, optimizer)
+        start, scaler_state = state["step"], state.get("scaler")
     device = acc.device
     for m in list(emas.values()) + ([target] if target is not None else []):
         m.to(device)
     wrapped, optimizer = acc.prepare(model, optimizer)
     online = acc.unwrap_model(wrapped)
+    if scaler_state and acc.scaler is not None:  # fp16 loss scale, so a resumed run scales as an unbroken one
+        acc.scaler.load_state_dict(scaler_state)
 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -120,14 +125,15 @@ def train(model: torch.nn.Module, objective, batches: Callable[[int, torch.devic
     def checkpoint():
         acc.wait_for_everyone()
         if acc.is_main_process:
-            save_checkpoint(ckpt_root, step, nets, optimizer, {"seed": seed, **(run_info or {})})
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            save_checkpoint(ckpt_root, step, nets, optimizer, {"seed": seed, "scaler": scaler, **(run_info or {})})
         acc.wait_for_everyone()
 
     bar = tqdm(total=settings.steps, initial=start, disable=not (progress and acc.is_main_process),
                desc="train", dynamic_ncols=True)
-    previous_term = _term_as_interrupt()
+    stop = StopRequest(acc)
     try:
-        while step < settings.steps:
+        while step < settings.steps and not stop.requested(step, settings.log_every):
             torch.manual_seed(step_seed(seed, step, rank))
             x0, cond = batches(local_bs, device)
             lr = settings.lr * min(1.0, (step + 1) / settings.warmup) if settings.warmup else settings.lr
@@ -145,7 +151,7 @@ def train(model: torch.nn.Module, objective, batches: Callable[[int, torch.devic
             if target is not None:
                 ema_update(target, online, mu)
             for key, ema in emas.items():
-                ema_update(ema, online, float(key.split("-", 1)[1]))
+                ema_update(ema, online, rates[key])
             loss_sum += loss.detach()
             bar.update(1)
             if step % settings.log_every == 0 or step == settings.steps:
@@ -163,15 +169,18 @@ def train(model: torch.nn.Module, objective, batches: Callable[[int, torch.devic
                 log_t0, log_step0 = now, step
             if step % settings.checkpoint_every == 0 and step < settings.steps:
                 checkpoint()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C, or one raised by code: no checkpoint mid-step
         bar.close()
+        raise TrainingInterrupted(f"stopped at once during step {step + 1}; the run resumes from the last "
+                                  f"checkpoint in {ckpt_root}") from None
+    finally:
+        stop.restore()
+    bar.close()
+    if stop.requested() and step < settings.steps:
         if step > start:
             checkpoint()
         raise TrainingInterrupted(f"interrupted at step {step}; checkpoint saved in {ckpt_root}, "
-                                  "run the same command again to resume") from None
-    finally:
-        _restore_term(previous_term)
-    bar.close()
+                                  "run the same command again to resume")
     if step > start or latest_checkpoint(ckpt_root) is None:
         checkpoint()
     final = next(iter(emas.values()), online)
@@ -185,25 +194,38 @@ def train(model: torch.nn.Module, objective, batches: Callable[[int, torch.devic
     return summary
 
 
-def _term_as_interrupt():
-    """Treat SIGTERM (what schedulers and `kill` send) like Ctrl-C, so the run saves a checkpoint before it ends."""
-    import signal
-    import threading
+class StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM (what schedulers and `kill` send) ask the loop to stop after the step in
+    progress, so the checkpoint holds one complete step; a second signal stops at once. With several processes the
+    request is shared (summed over ranks) every log_every steps, so every rank stops at the same step."""
 
-    if threading.current_thread() is not threading.main_thread():
-        return None
+    def __init__(self, acc: Accelerator):
+        import signal
+        import threading
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+        self.acc, self.flag, self.previous = acc, False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
 
-    return signal.signal(signal.SIGTERM, handler)
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
 
+    def requested(self, step: int | None = None, every: int = 1) -> bool:
+        if self.acc.num_processes == 1:
+            return self.flag
+        if step is not None and step % every:  # share the request only every `every` steps: no sync per step
+            return False
+        flag = torch.tensor([float(self.flag)], device=self.acc.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0)
 
-def _restore_term(previous) -> None:
-    import signal
+    def restore(self) -> None:
+        import signal
 
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def _truncate_log(path: Path, step: int) -> None:

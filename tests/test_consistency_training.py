@@ -115,3 +115,24 @@ def test_ct_target_mu_follows_schedule():
     assert obj.num_points(1000) == 151
     with pytest.raises(ValueError, match="mu variant"):
         ConsistencyTraining("ct", mu_variant="other")
+
+
+def test_ect_late_stages_stay_finite():
+    """Stages are capped where the gap t - r reaches 1e-3 t, so the 1/(t - r) weight never divides by zero."""
+    cm = dropout_cm()
+    ect = EasyConsistencyTuning(q=2.0, stage_steps=1, distance="l2")
+    assert ect.stage(10**6) == ect.max_stage == 9
+    loss = ect(cm, torch.randn(256, 3), target=cm, step=10**6)
+    assert torch.isfinite(loss)
+
+
+def test_ect_refuses_a_vp_teacher(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from cmkit.recipes import load_recipe
+    from cmkit.runs import train_consistency
+
+    den = cmkit.DiffusersDenoiser(cmkit.nets.small_unet(8, 1, 8, 1, 1, False), DDPMScheduler())
+    recipe = load_recipe("s_curve-ect", ["data.name=\\"digits\\""])
+    with pytest.raises(ValueError, match="EDM-parameterised teacher"):
+        train_consistency(recipe, tmp_path, teacher=den)

@@ -119,3 +119,30 @@ def test_image_folder_with_classes_and_flips(tmp_path):
     assert cond["class_labels"].shape == (64,)
     flipped = sum(any(torch.equal(xi, t.flip(-1)) and not torch.equal(xi, t) for t in d.train) for xi in x)
     assert 10 < flipped < 54
+
+
+def test_edit_cli_inpaint_superres_and_errors(digits_runs, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    model = str(digits_runs / "cd" / "model")
+    x = load_dataset("digits").test[:4].numpy()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "low.npy", torch.nn.functional.avg_pool2d(torch.from_numpy(x), 2).numpy())
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "cmkit", "edit", *map(str, args)], capture_output=True,
+                              text=True, env=env, timeout=300)
+
+    p = run("inpaint", model, "--input", tmp_path / "x.npy", "--mask-kind", "left-half", "--out", tmp_path / "o.npy",
+            "--figure", tmp_path / "fig.png", "--reference", tmp_path / "x.npy")
+    assert p.returncode == 0, p.stderr
+    out = np.load(tmp_path / "o.npy")
+    assert np.array_equal(out[..., :4], x[..., :4]) and (tmp_path / "fig.png").is_file()
+    p = run("superres", model, "--input", tmp_path / "low.npy", "--factor", "2", "--out", tmp_path / "s.npy")
+    assert p.returncode == 0, p.stderr
+    up = torch.from_numpy(np.load(tmp_path / "s.npy"))
+    torch.testing.assert_close(torch.nn.functional.avg_pool2d(up, 2), torch.from_numpy(np.load(tmp_path / "low.npy")),
+                               rtol=0, atol=1e-5)
+    p = run("colorize", model, "--input", tmp_path / "x.npy")
+    assert p.returncode != 0 and "RGB model" in p.stderr and "Traceback" not in p.stderr
+    p = run("inpaint", model)
+    assert p.returncode != 0 and "needs --input" in p.stderr

@@ -67,26 +67,29 @@ def test_resume_with_other_recipe_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_matches(tmp_path, monkeypatch):
+def test_ctrl_c_finishes_the_step_saves_and_resume_matches(tmp_path, monkeypatch):
+    import os
+    import signal
+
     import cmkit.data
 
     real = cmkit.data.Dataset.batches
     calls = {"n": 0}
 
-    def interrupting(self, conditional=False):
-        draw = real(self, conditional)
+    def interrupting(self, conditional=False, hflip=False):
+        draw = real(self, conditional, hflip)
 
         def wrapped(n, device):
             calls["n"] += 1
-            if calls["n"] == 38:  # during step 38 (0-based 37): 37 steps are complete
-                raise KeyboardInterrupt
+            if calls["n"] == 38:  # Ctrl-C arrives while step 38 is being computed
+                os.kill(os.getpid(), signal.SIGINT)
             return draw(n, device)
         return wrapped
 
     monkeypatch.setattr(cmkit.data.Dataset, "batches", interrupting)
-    with pytest.raises(TrainingInterrupted, match="step 37"):
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 38; checkpoint saved"):
         train_teacher(teacher_recipe(60), tmp_path / "a", progress=False)
-    assert (tmp_path / "a" / "checkpoints" / "latest").read_text() == "step-00000037"
+    assert (tmp_path / "a" / "checkpoints" / "latest").read_text() == "step-00000038"
     monkeypatch.setattr(cmkit.data.Dataset, "batches", real)
     train_teacher(teacher_recipe(60), tmp_path / "a", progress=False)
     train_teacher(teacher_recipe(60), tmp_path / "b", progress=False)
