@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
 # Reproduce the README's benchmark tables and plots on this machine (results under benchmarks/results/).
-#   bash benchmarks/run.sh            # S-curve (trains its models, ~3 min) and digits (uses runs/digits-cd if present)
-# Models that take longer to train are trained once by their recipes and then loaded:
-#   cmkit distill recipes/digits-cd.toml --out runs/digits-cd          (~15 min on a 2-core CPU)
+#   bash benchmarks/run.sh
+# S-curve models train here in a few minutes each. Digits models that take longer are trained once by their recipes
+# (runs/digits-cd: ~15 min, runs/digits-ict) and loaded when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CMKIT=${CMKIT:-cmkit}
+PY=${PY:-python}
+R=benchmarks/results
 
-# S-curve: teacher, CD, and the table (the quickstart's pipeline)
-$CMKIT quickstart --out benchmarks/results/s_curve
+# --- S-curve: teacher + CD (the quickstart), then CT, iCT and ECT, then one table with all of them ---
+$CMKIT quickstart --out $R/s_curve --no-progress
+T=$R/s_curve/teacher/model
+$CMKIT train s_curve-ct --out runs/s_curve-ct --no-progress
+$CMKIT train s_curve-ict --out runs/s_curve-ict --no-progress
+$CMKIT train s_curve-ect --teacher $T --out runs/s_curve-ect --no-progress
+$CMKIT bench quality-vs-steps quickstart-cd --teacher $T --no-progress --out $R/s_curve-all \
+  --model CD=$R/s_curve/cd/model --model CT=runs/s_curve-ct/model --model iCT=runs/s_curve-ict/model \
+  --model ECT=runs/s_curve-ect/model
 
-# digits: the shipped DDPM teacher against its distilled consistency model
-if [ ! -f runs/digits-cd/model/cmkit.json ]; then
-  $CMKIT distill recipes/digits-cd.toml --out runs/digits-cd
-fi
-$CMKIT bench quality-vs-steps recipes/digits-cd.toml --model CD=runs/digits-cd/model \
-  --out benchmarks/results/digits-cd
+# --- digits: the shipped DDPM teacher against its distilled (and, if trained, iCT) consistency models ---
+[ -f runs/digits-cd/model/cmkit.json ] || $CMKIT distill recipes/digits-cd.toml --out runs/digits-cd --no-progress
+models=(--model CD=runs/digits-cd/model)
+[ -f runs/digits-ict/model/cmkit.json ] && models+=(--model iCT=runs/digits-ict/model)
+$CMKIT bench quality-vs-steps recipes/digits-cd.toml "${models[@]}" --out $R/digits-cd --no-progress
+$PY benchmarks/editing_digits.py --model runs/digits-cd/model --out $R/editing-digits
+
+# --- cost of a CD iteration against the floor of its network passes ---
+$PY benchmarks/cost.py --recipe digits-cd --out $R/cost
+$PY benchmarks/cost.py --recipe quickstart-cd --teacher $T --out $R/cost

@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+# command -> (function in cmkit.runs, what it saves)
+TRAINING_JOBS = {"train-teacher": ("train_teacher", "teacher"), "distill": ("distill", "consistency model"),
+                 "train": ("train_consistency", "consistency model")}
 
 
 class CliError(Exception):
@@ -108,23 +111,16 @@ def run(args: argparse.Namespace) -> int:
         from .quickstart import run_quickstart
 
         run_quickstart(args.out, args.set, progress=progress)
-    elif args.command in ("train-teacher", "distill", "train") and args.dry_run:
+    elif args.command in TRAINING_JOBS:
         recipe = load_recipe(args.recipe, args.set)
-        runs.dry_run(recipe, args.command, getattr(args, "teacher", None))
-    elif args.command == "train":
-        recipe = load_recipe(args.recipe, args.set)
-        summary = runs.train_consistency(recipe, args.out or _default_out(args.recipe), teacher_path=args.teacher,
-                                         progress=progress)
-        print(f"consistency model saved to {summary['model_dir']}")
-    elif args.command == "train-teacher":
-        recipe = load_recipe(args.recipe, args.set)
-        summary = runs.train_teacher(recipe, args.out or _default_out(args.recipe), progress=progress)
-        print(f"teacher saved to {summary['model_dir']}")
-    elif args.command == "distill":
-        recipe = load_recipe(args.recipe, args.set)
-        summary = runs.distill(recipe, args.out or _default_out(args.recipe), teacher_path=args.teacher,
-                               progress=progress)
-        print(f"consistency model saved to {summary['model_dir']}")
+        teacher = getattr(args, "teacher", None)
+        if args.dry_run:
+            runs.dry_run(recipe, args.command, teacher)
+        else:
+            job, what = TRAINING_JOBS[args.command]
+            kwargs = {"teacher_path": teacher} if args.command != "train-teacher" else {}
+            summary = getattr(runs, job)(recipe, args.out or _default_out(args.recipe), progress=progress, **kwargs)
+            print(f"{what} saved to {summary['model_dir']}")
     elif args.command == "sample":
         import numpy as np
         import torch
