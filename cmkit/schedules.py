@@ -2,7 +2,8 @@
 sigmas by a search on a quality metric; this automates it).
 
 Layer 6. Greedy: the best intermediate sigma for 2 steps is found on a log grid; for k steps the first k-1 sigmas of
-the best (k-1)-step schedule are kept and the next one is searched below the last. The metric is computed against
+the best (k-1)-step schedule are kept and the next one is searched below the last; where the model's Karras default
+scores better, it is kept instead. The metric is computed against
 *training* samples, so the held-out split stays untouched for the benchmark.
 """
 
@@ -42,8 +43,11 @@ def search_schedule(cm, reference: torch.Tensor, max_steps: int = 4, candidates:
             scored.append((_score(cm, best + [s], reference, num, seed, **cond), s))
             bar.update(1)
         score, s = min(scored)
-        karras_score = _score(cm, cm.karras_schedule(steps), reference, num, seed, **cond)
+        karras = cm.karras_schedule(steps)
+        karras_score = _score(cm, karras, reference, num, seed, **cond)
         best = best + [s]
+        if karras_score < score:  # greedy extension is not always best: never store worse than the Karras default
+            best, score = list(karras), karras_score
         found[steps] = {"sigmas": list(best), "score": score, "karras_score": karras_score}
     bar.close()
     for steps, r in found.items():
