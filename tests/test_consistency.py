@@ -82,3 +82,21 @@ def test_sample_rejects_bad_sigmas():
         cmkit.sample(cm, 2, sigmas=[100.0, 1.0])
     with pytest.raises(ValueError, match="steps must be >= 1"):
         cmkit.sample(cm, 2, steps=0)
+
+
+def test_schedule_search_is_stored_and_used(tmp_path):
+    from cmkit.schedules import search_schedule
+
+    cm = make_cm()
+    ref = torch.randn(300, 3) * 0.5
+    found = search_schedule(cm, ref, max_steps=3, candidates=4, num=200, progress=False)
+    assert set(found) == {2, 3}
+    for steps, r in found.items():
+        assert len(r["sigmas"]) == steps and r["sigmas"][0] == cm.sigma_max
+        assert r["score"] <= r["karras_score"]
+    cm.save_pretrained(tmp_path / "m")
+    back = ConsistencyModel.from_pretrained(tmp_path / "m")
+    assert back.sigmas_for_steps(2) == found[2]["sigmas"]
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(cmkit.sample(back, 4, steps=2, generator=g),
+                               cmkit.sample(back, 4, sigmas=found[2]["sigmas"], generator=torch.Generator().manual_seed(0)))
