@@ -133,6 +133,6 @@ def test_ect_refuses_a_vp_teacher(tmp_path):
     from cmkit.runs import train_consistency
 
     den = cmkit.DiffusersDenoiser(cmkit.nets.small_unet(8, 1, 8, 1, 1, False), DDPMScheduler())
-    recipe = load_recipe("s_curve-ect", ["data.name=\\"digits\\""])
+    recipe = load_recipe("s_curve-ect", ['data.name="digits"'])
     with pytest.raises(ValueError, match="EDM-parameterised teacher"):
         train_consistency(recipe, tmp_path, teacher=den)

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmkit.data import dataset_names, load_dataset
+from cmkit.data import FASHION_DIR, TWO_D, load_dataset
 
 
-@pytest.mark.parametrize("name", dataset_names())
+@pytest.mark.parametrize("name", sorted(TWO_D))
 def test_named_2d_sets_are_scaled_and_split(name):
     d = load_dataset(name)
     assert d.train.shape == (20_000, 2) and d.test.shape == (5_000, 2)
@@ -35,3 +35,17 @@ def test_npy_loading_and_errors(tmp_path):
         load_dataset(path=str(tmp_path / "bad.npy"))
     with pytest.raises(ValueError, match="did you mean 's_curve'"):
         load_dataset("s_curv")
+
+
+def test_digits_images():
+    d = load_dataset("digits")
+    assert d.train.shape == (1500, 1, 8, 8) and d.test.shape == (297, 1, 8, 8) and d.num_classes == 10
+    assert d.train.min() == -1 and d.train.max() == 1
+    assert torch.equal(load_dataset("digits").test, d.test)
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_idx():
+    d = load_dataset("fashion_mnist")
+    assert d.train.shape == (60000, 1, 28, 28) and d.test.shape == (10000, 1, 28, 28)
+    assert d.train.min() >= -1 and d.train.max() <= 1 and int(d.train_labels.max()) == 9
