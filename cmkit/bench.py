@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .sampling import class_condition, sample, sample_teacher, teacher_grid
+from .sampling import TWO_EVAL_SOLVERS, class_condition, sample, sample_teacher, teacher_grid
 
 MMD_MAX = 2000  # MMD is quadratic in the set size; the first MMD_MAX samples of each set are enough to rank methods
 
@@ -84,7 +84,7 @@ def quality_vs_steps(teacher, models: dict, score, *, teacher_solvers=("euler", 
     jobs = []  # (method, nfe, model for conditioning, run(n, generator, cond) -> (samples, counted nfe))
     for solver in teacher_solvers:
         for nfe in teacher_nfe:
-            if solver == "heun" and nfe % 2 == 0:
+            if solver in TWO_EVAL_SOLVERS and nfe % 2 == 0:
                 continue
             grid = teacher_grid(nfe, solver, teacher.sigma_min, teacher.sigma_max)
             jobs.append((f"teacher {solver}", nfe, teacher, lambda n, g, c, grid=grid, solver=solver:

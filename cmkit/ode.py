@@ -6,12 +6,17 @@ adaptive ones through torchdiffeq.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchdiffeq import odeint
 
 from . import sigmas as S
 
-FIXED_STEP_SOLVERS = ("euler", "heun")
+# single-step solvers (ode_step) and the grid solvers ode_solve runs itself; "ddim" is Euler: deterministic DDIM is
+# exactly an Euler step of the PF-ODE in sigma space (Karras et al. 2022, section 3), named for users who look for it
+FIXED_STEP_SOLVERS = ("euler", "heun", "dpm2", "ddim")
+GRID_SOLVERS = FIXED_STEP_SOLVERS + ("dpmpp_2m",)
 
 
 def pf_ode_drift(den, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
@@ -33,11 +38,18 @@ def ode_step(den, x: torch.Tensor, sigma_from, sigma_to, solver: str = "heun", *
     h = S.append_dims(s1 - s0, x.ndim)
     d0 = pf_ode_drift(den, x, s0, **cond)
     x1 = x + h * d0
-    if solver == "euler":
+    if solver in ("euler", "ddim"):
         return x1
     nonzero = s1 > 0
     if not bool(nonzero.any()):
         return x1
+    if solver == "dpm2":
+        # DPM-Solver-2 (Lu et al. 2022) as k-diffusion writes it: Euler to the geometric midpoint, then the full
+        # step with the midpoint's drift
+        s_mid = torch.where(nonzero, (s0.log().lerp(s1.clamp_min(1e-30).log(), 0.5)).exp(), s0)
+        x_mid = x + S.append_dims(s_mid - s0, x.ndim) * d0
+        x2 = x + h * pf_ode_drift(den, x_mid, s_mid, **cond)
+        return torch.where(S.append_dims(nonzero, x.ndim), x2, x1)
     # Evaluate the second drift with a safe sigma where sigma_to == 0, then keep Euler's answer there.
     d1 = pf_ode_drift(den, x1, torch.where(nonzero, s1, s0), **cond)
     x2 = x + h * (d0 + d1) / 2
@@ -48,7 +60,8 @@ def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 
               return_nfe: bool = False, **cond):
     """Integrate the PF-ODE from ``sigmas[0]`` through ``sigmas[-1]`` (a descending grid; may end at 0).
 
-    ``method``: "euler" / "heun" step along the grid; anything else ("dopri5", "rk4", "bosh3", ...) is handed to
+    ``method``: "euler" / "heun" / "dpm2" / "ddim" (= euler) step along the grid, "dpmpp_2m" is the multistep
+    DPM-Solver++(2M) along it (one evaluation per step); anything else ("dopri5", "rk4", "bosh3", ...) is handed to
     ``torchdiffeq.odeint`` in the variable log(sigma), with the grid as output times and ``rtol``/``atol`` as
     tolerances (a final 0 is reached
     by one exact denoise, since the drift is singular there). Returns the end state, and with ``return_nfe`` also
@@ -69,6 +82,8 @@ def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 
     if method in FIXED_STEP_SOLVERS:
         for s0, s1 in zip(sig[:-1].tolist(), sig[1:].tolist()):
             x = ode_step(counted, x, s0, s1, solver=method)
+    elif method == "dpmpp_2m":
+        x = _dpmpp_2m(counted, x, sig.tolist())
     else:
         end_zero = float(sig[-1]) == 0.0
         grid = sig[:-1] if end_zero else sig
@@ -84,3 +99,25 @@ def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 
         if end_zero:
             x = counted(x, float(grid[-1]))
     return (x, nfe) if return_nfe else x
+
+
+def _dpmpp_2m(den, x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022) in k-diffusion's form, with t = -log sigma and h = t_next - t:
+
+        x <- (sigma_next / sigma) x - expm1(-h) D',   D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},  r = h_last / h
+
+    (first step and the step to sigma = 0 use D' = D_i)."""
+    old = None
+    for i, (s0, s1) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        d = den(x, s0)
+        if s1 == 0:
+            return d
+        h = math.log(s0) - math.log(s1)
+        if old is not None:
+            r = (math.log(sigmas[i - 1]) - math.log(s0)) / h
+            d_use = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * old
+        else:
+            d_use = d
+        x = (s1 / s0) * x - math.expm1(-h) * d_use
+        old = d
+    return x

@@ -75,21 +75,26 @@ def sample(cm, num: int, steps: int = 1, sigmas=None, generator: torch.Generator
         cm.train(was_training)
 
 
+ONE_EVAL_SOLVERS = ("euler", "ddim", "dpmpp_2m")
+TWO_EVAL_SOLVERS = ("heun", "dpm2")
+
+
 def teacher_grid(nfe: int, solver: str, sigma_min: float, sigma_max: float, rho: float = S.RHO) -> list[float]:
     """A Karras grid ending in 0 whose solve costs exactly ``nfe`` denoiser evaluations with ``solver``.
 
-    euler: nfe steps (nfe + 1 points); heun: 2 evaluations a step except the last (Euler to 0), so nfe must be odd.
+    euler / ddim / dpmpp_2m: one evaluation a step (nfe + 1 points); heun / dpm2: 2 evaluations a step except the
+    last (Euler to 0), so nfe must be odd.
     """
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
-    if solver == "euler":
+    if solver in ONE_EVAL_SOLVERS:
         n_points = nfe
-    elif solver == "heun":
+    elif solver in TWO_EVAL_SOLVERS:
         if nfe % 2 == 0:
-            raise ValueError(f"heun reaches only odd NFE (2n - 1), got {nfe}")
+            raise ValueError(f"{solver} reaches only odd NFE (2n - 1), got {nfe}")
         n_points = (nfe + 1) // 2
     else:
-        raise ValueError(f"teacher_grid knows euler and heun, not {solver!r}")
+        raise ValueError(f"teacher_grid knows {', '.join(ONE_EVAL_SOLVERS + TWO_EVAL_SOLVERS)}, not {solver!r}")
     return S.karras_sigmas(n_points, sigma_min, sigma_max, rho, dtype=torch.float64).tolist() + [0.0]
 
 

@@ -83,3 +83,41 @@ def test_bad_grid_and_solver(setup):
         cmkit.ode_solve(den, x, [1.0, 2.0])
     with pytest.raises(ValueError, match="unknown solver"):
         cmkit.ode_step(den, x, 1.0, 0.5, solver="rk9")
+
+
+@pytest.mark.parametrize("method", ["heun", "dpm2", "dpmpp_2m"])
+def test_second_order_solvers_converge_at_second_order(setup, method):
+    den, x, mu, s = setup
+    ref = closed_form(x, mu, s, 80.0, 0.002)
+    errs = [(cmkit.ode_solve(den, x, cmkit.karras_sigmas(n, dtype=torch.float64), method=method) - ref).abs().max()
+            for n in (40, 80)]
+    assert errs[1] < 5e-3 and errs[0] / errs[1] > 3, errs  # first order would only halve the error
+
+
+@pytest.mark.parametrize("solver,nfe", [("dpm2", 9), ("dpmpp_2m", 8), ("ddim", 5)])
+def test_more_teacher_grids_cost_exact_nfe(setup, solver, nfe):
+    den, x, mu, s = setup
+    _, counted = cmkit.ode_solve(den, x[:4], teacher_grid(nfe, solver, 0.002, 80.0), method=solver, return_nfe=True)
+    assert counted == nfe
+
+
+def test_ddim_step_is_diffusers_ddim():
+    """Our "ddim" (an Euler step in sigma space) equals diffusers' DDIMScheduler.step with eta = 0, mapped to sigma
+    space, for the same UNet."""
+    from diffusers import DDIMScheduler
+
+    from cmkit.nets import small_unet
+
+    torch.manual_seed(0)
+    net = small_unet(8, 1, 8, 1, 1, False).double().eval()
+    sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(10)  # steps of 100: 900, 800, ...
+    den = cmkit.DiffusersDenoiser(net, sched)
+    abar = sched.alphas_cumprod.double()
+    sig = ((1 - abar) / abar).sqrt()
+    x_t = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        eps = net(x_t, 500).sample
+        prev = sched.step(eps, 500, x_t, eta=0.0).prev_sample
+        ours = cmkit.ode_step(den, x_t * (1 + sig[500] ** 2).sqrt(), float(sig[500]), float(sig[400]), solver="ddim")
+    torch.testing.assert_close(ours, prev * (1 + sig[400] ** 2).sqrt(), rtol=1e-6, atol=1e-6)
