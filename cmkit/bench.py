@@ -25,7 +25,8 @@ MMD_MAX = 2000  # MMD is quadratic in the set size; the first MMD_MAX samples of
 
 # metric key -> (column title, lower is better)
 METRICS = {"sw": ("sliced W2", True), "mmd": ("MMD²", True), "fd": ("Fréchet dist. (classifier features)", True),
-           "confidence": ("classifier confidence", False), "recognised": ("recognised", False)}
+           "confidence": ("classifier confidence", False), "recognised": ("recognised", False),
+           "precision": ("precision", False), "recall": ("recall", False)}
 
 
 def vector_scorer(reference: torch.Tensor):
@@ -73,13 +74,17 @@ def _gen(seed: int) -> torch.Generator:
 
 def quality_vs_steps(teacher, models: dict, score, *, teacher_solvers=("euler", "heun"),
                      teacher_nfe=(1, 2, 4, 8, 16, 35, 79), cm_steps=(1, 2, 4), num_samples: int = 4000,
-                     seeds=(0, 1, 2), dopri5: bool = True, progress: bool = True) -> dict:
+                     seeds=(0, 1, 2), dopri5: bool = True, progress: bool = True, partial_dir=None) -> dict:
     """Score every (method, NFE) pair over ``seeds`` with ``score(samples) -> {metric: value}`` (see
     ``vector_scorer`` and ``image_scorer``; both compare against the held-out split).
 
     Solvers that cannot reach an NFE exactly (heun reaches only odd NFE) skip it. Returns a dict with ``rows``
     (one per method and NFE: means and standard deviations over seeds, samples per second) and ``samples``
     (seed 0's samples of the best setting of each method, for plots).
+
+    With ``partial_dir``, each (method, NFE) result is saved there as it finishes (row JSON + seed-0 samples), and
+    a later call with the same directory and settings loads those instead of measuring them again: an interrupted
+    benchmark loses nothing it had finished.
     """
     jobs = []  # (method, nfe, model for conditioning, run(n, generator, cond) -> (samples, counted nfe))
     for solver in teacher_solvers:
@@ -99,8 +104,17 @@ def quality_vs_steps(teacher, models: dict, score, *, teacher_solvers=("euler", 
                          (sample(cm, n, steps=steps, generator=g, **c), None)))
 
     rows, kept = [], {}
+    store = PartialResults(partial_dir, {"num_samples": num_samples, "seeds": list(seeds)}) if partial_dir else None
     bar = tqdm(total=len(jobs) * len(seeds), desc="bench", disable=not progress, dynamic_ncols=True)
     for method, nfe, model, run in jobs:
+        key = (method, nfe if nfe is not None else "adaptive")
+        fp = model_fingerprint(model) if store else None
+        done = store.load(key, fp) if store else None
+        if done is not None:
+            rows.append(done[0])
+            kept[key] = done[1]
+            bar.update(len(seeds))
+            continue
         scores, secs, nfes = [], [], []
         for seed in seeds:
             t0 = time.perf_counter()
@@ -109,13 +123,69 @@ def quality_vs_steps(teacher, models: dict, score, *, teacher_solvers=("euler", 
             nfes.append(counted if counted is not None else nfe)
             scores.append(score(x.float().cpu()))
             if seed == seeds[0]:
-                kept[(method, nfe if nfe is not None else "adaptive")] = x.float().cpu()
+                kept[key] = x.float().cpu()
             bar.update(1)
         row = {"method": method, "nfe": statistics.fmean(nfes), "adaptive": nfe is None,
                "samples_per_sec": num_samples / statistics.fmean(secs), **_summarise(scores)}
         rows.append(row)
+        if store:
+            store.save(key, fp, row, kept[key])
     bar.close()
     return {"rows": rows, "samples": kept, "num_samples": num_samples, "seeds": list(seeds)}
+
+
+_FINGERPRINTS: dict[int, str] = {}
+
+
+def model_fingerprint(model) -> str:
+    """A hash of a model's weights, so saved results are reused only for the very same model."""
+    import hashlib
+
+    if id(model) not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for name, t in model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        _FINGERPRINTS[id(model)] = h.hexdigest()[:16]
+    return _FINGERPRINTS[id(model)]
+
+
+class PartialResults:
+    """Finished (method, NFE) results of a benchmark, one JSON + one .npy each, written atomically; results made
+    with other settings (sample count, seeds) are ignored."""
+
+    def __init__(self, folder, settings: dict):
+        self.folder, self.settings = Path(folder), settings
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _stem(self, key) -> Path:
+        method, nfe = key
+        return self.folder / f"{method.replace(' ', '_')}-{nfe}"
+
+    def load(self, key, fingerprint: str):
+        stem = self._stem(key)
+        meta, arr = stem.with_suffix(".json"), stem.with_suffix(".npy")
+        if not (meta.is_file() and arr.is_file()):
+            return None
+        saved = json.loads(meta.read_text())
+        if saved.get("settings") != self.settings or saved.get("model") != fingerprint:
+            return None
+        import numpy as np
+
+        return saved["row"], torch.from_numpy(np.load(arr))
+
+    def save(self, key, fingerprint: str, row: dict, samples: torch.Tensor) -> None:
+        import os
+
+        import numpy as np
+
+        stem = self._stem(key)
+        tmp = stem.with_name(stem.name + ".tmp.npy")
+        np.save(tmp, samples.numpy())
+        os.replace(tmp, stem.with_suffix(".npy"))
+        tmp = stem.with_name(stem.name + ".tmp.json")
+        tmp.write_text(json.dumps({"settings": self.settings, "model": fingerprint, "row": row}))
+        os.replace(tmp, stem.with_suffix(".json"))
 
 
 def machine_info() -> dict:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .metrics import frechet_distance
+from .metrics import frechet_distance, precision_recall
 
 RECOGNISED = 0.5  # a sample counts as recognised when the classifier gives its top class at least this probability
 
@@ -93,11 +93,12 @@ def load_or_train_classifier(data, progress: bool = True) -> tuple[SmallCNN, dic
 @torch.no_grad()
 def classifier_scores(net: SmallCNN, samples: torch.Tensor, reference: torch.Tensor,
                       ref_features: torch.Tensor | None = None) -> dict:
-    """Frechet distance in the classifier's feature space, mean top-class probability and the share of samples
-    recognised (top probability >= RECOGNISED)."""
+    """Frechet distance in the classifier's feature space, mean top-class probability, the share of samples
+    recognised (top probability >= RECOGNISED), and k-NN precision / recall in feature space."""
     samples = samples.float().clamp(-1, 1)
     feats = net.features(samples)
     ref = net.features(reference.float()) if ref_features is None else ref_features
     probs = net.head(feats).softmax(1).max(1).values
+    precision, recall = precision_recall(ref, feats)
     return {"fd": frechet_distance(feats, ref), "confidence": probs.mean().item(),
-            "recognised": (probs >= RECOGNISED).float().mean().item()}
+            "recognised": (probs >= RECOGNISED).float().mean().item(), "precision": precision, "recall": recall}

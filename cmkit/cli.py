@@ -167,11 +167,12 @@ def run(args: argparse.Namespace) -> int:
         data = runs.dataset_for(recipe)
         runs.check_data_matches(data, teacher, "teacher")
         ev = recipe.eval
+        out = args.out or Path("benchmarks/results") / Path(args.recipe).stem
         score, score_info = scorer_for(data, progress)
         result = quality_vs_steps(teacher, models, score, teacher_solvers=ev.teacher_solvers,
                                   teacher_nfe=ev.teacher_nfe, cm_steps=ev.cm_steps, num_samples=ev.num_samples,
-                                  seeds=ev.seeds, dopri5=ev.dopri5, progress=progress)
-        out = args.out or Path("benchmarks/results") / Path(args.recipe).stem
+                                  seeds=ev.seeds, dopri5=ev.dopri5, progress=progress,
+                                  partial_dir=Path(out) / "partial")
         written = write_results(result, data.test, out, extra={"dataset": data.name, "teacher": str(teacher_path),
                                                                 "models": dict(m.split("=", 1) for m in args.model),
                                                                 **score_info})

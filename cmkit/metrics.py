@@ -99,3 +99,23 @@ def frechet_from_stats(mu_a, ca, mu_b, cb) -> float:
     ra = _sqrtm_psd(ca)
     cross = _sqrtm_psd(ra @ cb @ ra)
     return float((mu_a - mu_b).pow(2).sum() + torch.trace(ca) + torch.trace(cb) - 2 * torch.trace(cross))
+
+
+def precision_recall(real, fake, k: int = 3) -> tuple[float, float]:
+    """k-NN manifold precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union of balls
+    around its points reaching their k-th nearest neighbour; precision = share of fake points inside the real
+    manifold, recall = share of real points inside the fake manifold."""
+    real, fake = _flat(real), _flat(fake)
+    _check_pair(real, fake)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples in each set")
+
+    def radii(x):
+        d = torch.cdist(x, x)
+        return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+
+    r_real, r_fake = radii(real), radii(fake)
+    d = torch.cdist(fake, real)  # (n_fake, n_real)
+    precision = (d <= r_real[None, :]).any(1).double().mean()
+    recall = (d.T <= r_fake[None, :]).any(1).double().mean()
+    return float(precision), float(recall)

@@ -31,7 +31,8 @@ def run_quickstart(out="quickstart-out", overrides: list[str] | None = None, pro
     data = dataset_for(cd_recipe)
     result = quality_vs_steps(teacher, {"CD": cm}, vector_scorer(data.test), teacher_solvers=ev.teacher_solvers,
                               teacher_nfe=ev.teacher_nfe, cm_steps=ev.cm_steps, num_samples=ev.num_samples,
-                              seeds=ev.seeds, dopri5=ev.dopri5, progress=progress)
+                              seeds=ev.seeds, dopri5=ev.dopri5, progress=progress,
+                                  partial_dir=Path(out) / "partial")
     written = write_results(result, data.test, out, extra={"dataset": data.name, "teacher": str(teacher_dir),
                                                            "models": {"CD": str(out / "cd" / "model")}})
     echo("")

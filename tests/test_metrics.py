@@ -68,3 +68,22 @@ def test_frechet_distance_of_two_gaussians():
     want = 5.0 + (1 - 3) ** 2 + (2 - 1) ** 2
     assert abs(metrics.frechet_distance(a, b) - want) < 0.1
     assert metrics.frechet_distance(a[:5000], a[:5000]) < 1e-6
+
+
+def test_precision_recall_knn_manifolds():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 2, generator=g, dtype=torch.float64)
+    assert metrics.precision_recall(real, real.clone()) == (1.0, 1.0)
+    far = real + 100.0
+    assert metrics.precision_recall(real, far) == (0.0, 0.0)
+    # fakes on one half of the real cloud: precise, but they cover only part of it
+    half = real[real[:, 0] > 0]
+    p, r = metrics.precision_recall(real, half + 0.01)
+    assert p > 0.95 and r < 0.7
+    # a hand-checked case: real points 0, 1, 2, 3 on a line (k=1 radii 1), fake points 0.5, 10, 11, 12
+    real = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    fake = torch.tensor([[0.5], [10.0], [11.0], [12.0]])
+    p, r = metrics.precision_recall(real, fake, k=1)
+    # precision: only 0.5 lies in a real ball (radius 1); recall: the lone fake 0.5 has radius 9.5 (to 10), which
+    # covers every real point
+    assert p == 0.25 and r == 1.0
