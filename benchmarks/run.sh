@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the README's benchmark tables and plots on this machine (results under benchmarks/results/).
-#   bash benchmarks/run.sh
+#   source .venv/bin/activate && bash benchmarks/run.sh
 # S-curve models train here in a few minutes each. Digits models that take longer are trained once by their recipes
-# (runs/digits-cd: ~15 min, runs/digits-ict) and loaded when present.
+# (runs/digits-cd: ~15 min, runs/digits-ict: ~12 min on a 2-core CPU) and loaded when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CMKIT=${CMKIT:-cmkit}
@@ -21,9 +21,9 @@ $CMKIT bench quality-vs-steps quickstart-cd --teacher $T --no-progress --out $R/
 
 # --- digits: the shipped DDPM teacher against its distilled (and, if trained, iCT) consistency models ---
 [ -f runs/digits-cd/model/cmkit.json ] || $CMKIT distill recipes/digits-cd.toml --out runs/digits-cd --no-progress
-models=(--model CD=runs/digits-cd/model)
-[ -f runs/digits-ict/model/cmkit.json ] && models+=(--model iCT=runs/digits-ict/model)
-$CMKIT bench quality-vs-steps recipes/digits-cd.toml "${models[@]}" --out $R/digits-cd --no-progress
+[ -f runs/digits-ict/model/cmkit.json ] || $CMKIT train recipes/digits-ict.toml --out runs/digits-ict --no-progress
+$CMKIT bench quality-vs-steps recipes/digits-cd.toml --model CD=runs/digits-cd/model --model iCT=runs/digits-ict/model \
+  --out $R/digits-cd --no-progress
 $PY benchmarks/editing_digits.py --model runs/digits-cd/model --out $R/editing-digits
 
 # --- cost of a CD iteration against the floor of its network passes ---
