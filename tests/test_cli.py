@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cmkit.recipes import load_recipe
-from cmkit.runs import train_teacher
+from cmkit.runs import distill, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "model.hidden=16", "--set", "model.depth=1", "--set", "train.batch_size=32",
@@ -35,8 +35,10 @@ def assert_one_line_error(proc, *needles):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    r = load_recipe("quickstart-teacher", [s for s in SMALL if s != "--set"])
-    train_teacher(r, root / "teacher", progress=False)
+    small = [s for s in SMALL if s != "--set"]
+    train_teacher(load_recipe("quickstart-teacher", small), root / "teacher", progress=False)
+    distill(load_recipe("quickstart-cd", small + ["eval.schedule_max_steps=0"]), root / "cd",
+            teacher_path=str(root / "teacher" / "model"), progress=False)
     return root
 
 
@@ -78,15 +80,13 @@ def test_missing_teacher_folder(tmp_path):
 def test_steps_below_one(tmp_path, tiny):
     proc = cmkit("train-teacher", "quickstart-teacher", "--out", tmp_path / "o", "--set", "train.steps=0")
     assert_one_line_error(proc, "train.steps must be >= 1")
-    cd = cmkit("distill", "quickstart-cd", "--teacher", tiny / "teacher" / "model", "--out", tiny / "cd", *SMALL)
+    cd = cmkit("distill", "quickstart-cd", "--teacher", tiny / "teacher" / "model", "--out", tmp_path / "cd", *SMALL)
     assert cd.returncode == 0, cd.stderr
     proc = cmkit("sample", tiny / "cd" / "model", "--steps", "0", "--out", tmp_path / "s.npy")
     assert_one_line_error(proc, "steps must be >= 1")
 
 
 def test_bad_sigmas(tmp_path, tiny):
-    if not (tiny / "cd" / "model").is_dir():
-        pytest.skip("needs the distilled model from test_steps_below_one")
     model = tiny / "cd" / "model"
     assert_one_line_error(cmkit("sample", model, "--sigmas", "1,5", "--out", tmp_path / "s.npy"), "descending")
     assert_one_line_error(cmkit("sample", model, "--sigmas", "200,1", "--out", tmp_path / "s.npy"), "sigma_max")
