@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .sampling import multistep, per_sample_noise, resolve_sigmas
+from .sampling import eval_mode, multistep, per_sample_noise, resolve_sigmas
 
 LUMA = (0.2989, 0.5870, 0.1140)
 
@@ -103,17 +103,8 @@ def edit(cm, y: torch.Tensor, transform, known: torch.Tensor, sigmas=None, gener
         return transform.inverse(known * cy + (1 - known) * transform.forward(x))
 
     z = per_sample_noise(y.shape[0], len(sig), y.shape[1:], generator, p.device, p.dtype)
-    was_training = cm.training
-    cm.eval()
-    try:
-        x = replace(torch.zeros_like(y)) + sig[0] * z[0]
-        x = replace(cm(x, sig[0], **cond))
-        for k, s in enumerate(sig[1:], start=1):
-            x = x + (s**2 - cm.sigma_min**2) ** 0.5 * z[k]
-            x = replace(cm(x, s, **cond))
-    finally:
-        cm.train(was_training)
-    return x
+    with eval_mode(cm):
+        return multistep(cm, replace(torch.zeros_like(y)) + sig[0] * z[0], sig, noise=z[1:], project=replace, **cond)
 
 
 def inpaint(cm, images: torch.Tensor, mask: torch.Tensor, sigmas=None, generator=None, steps: int = 1, **cond):
@@ -166,22 +157,20 @@ def denoise(cm, noisy: torch.Tensor, sigma: float, **cond) -> torch.Tensor:
     """One-step denoising of images with Gaussian noise of known standard deviation ``sigma`` (EDM units)."""
     if not cm.sigma_min <= sigma <= cm.sigma_max:
         raise ValueError(f"sigma {sigma} is outside the model's range [{cm.sigma_min}, {cm.sigma_max}]")
-    return cm(noisy, sigma, **cond)
+    with eval_mode(cm):
+        return cm(noisy, sigma, **cond)
 
 
 @torch.no_grad()
 def interpolate(cm, z0: torch.Tensor, z1: torch.Tensor, alphas, **cond) -> torch.Tensor:
-    """Samples along the spherical interpolation (slerp) between two standard-normal noises, one step each.
-    Returns (len(alphas), *z0.shape)."""
+    """Samples along the spherical interpolation (slerp) between two standard-normal noises, one step each, in one
+    batch. Returns (len(alphas), *z0.shape)."""
     a, b = z0.flatten().double(), z1.flatten().double()
     theta = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
-    out = []
-    for t in alphas:
-        w0 = torch.sin((1 - t) * theta) / torch.sin(theta)
-        w1 = torch.sin(t * theta) / torch.sin(theta)
-        z = (w0 * z0.double() + w1 * z1.double()).to(z0.dtype)
-        out.append(cm(cm.sigma_max * z.unsqueeze(0), cm.sigma_max, **cond)[0])
-    return torch.stack(out)
+    t = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1, *([1] * z0.ndim))
+    z = (torch.sin((1 - t) * theta) * z0.double() + torch.sin(t * theta) * z1.double()) / torch.sin(theta)
+    with eval_mode(cm):
+        return cm(cm.sigma_max * z.to(z0.dtype), cm.sigma_max, **cond)
 
 
 @torch.no_grad()
@@ -194,4 +183,5 @@ def sdedit(cm, guide: torch.Tensor, sigma_start: float, sigmas=None, generator=N
     p = next(iter(cm.parameters()))
     guide = guide.to(device=p.device, dtype=p.dtype)
     z = per_sample_noise(guide.shape[0], len(sig), guide.shape[1:], generator, p.device, p.dtype)
-    return multistep(cm, guide + sig[0] * z[0], sig, noise=z[1:], **cond)
+    with eval_mode(cm):
+        return multistep(cm, guide + sig[0] * z[0], sig, noise=z[1:], **cond)

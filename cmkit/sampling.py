@@ -6,6 +6,8 @@ gets the same noise whatever ``num`` is, and results are reproducible from a gen
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from . import sigmas as S
@@ -46,15 +48,31 @@ def resolve_sigmas(cm, steps: int | None, sigmas) -> list[float]:
 
 
 @torch.no_grad()
-def multistep(cm, x: torch.Tensor, sigmas, noise: torch.Tensor | None = None, generator=None, **cond) -> torch.Tensor:
+def multistep(cm, x: torch.Tensor, sigmas, noise: torch.Tensor | None = None, generator=None, project=None,
+              **cond) -> torch.Tensor:
     """CM paper Algorithm 1 from a starting sample ``x`` at ``sigmas[0]``: denoise, then for each further sigma
-    re-noise with ``sqrt(sigma^2 - sigma_min^2) z`` and denoise again. ``noise[k]`` is the z of the k-th re-noise."""
-    x = cm(x, sigmas[0], **cond)
+    re-noise with ``sqrt(sigma^2 - sigma_min^2) z`` and denoise again. ``noise[k]`` is the z of the k-th re-noise.
+    ``project`` (Algorithm 4's replacement of known coefficients) is applied after every denoise."""
+    project = project or (lambda v: v)
+    x = project(cm(x, sigmas[0], **cond))
     for k, s in enumerate(sigmas[1:]):
         z = noise[k] if noise is not None else torch.randn(x.shape, generator=generator).to(x)
         x = x + (s**2 - cm.sigma_min**2) ** 0.5 * z
-        x = cm(x, s, **cond)
+        x = project(cm(x, s, **cond))
     return x
+
+
+@contextmanager
+def eval_mode(model):
+    """Run a model without dropout, restoring its training flag afterwards."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield model
+    finally:
+        if hasattr(model, "train"):
+            model.train(was_training)
 
 
 @torch.no_grad()
@@ -67,12 +85,8 @@ def sample(cm, num: int, steps: int = 1, sigmas=None, generator: torch.Generator
     device, dtype = _device_dtype(cm)
     cond = _to_device(cond, device)
     z = per_sample_noise(num, len(sig), cm.sample_shape, generator, device, dtype)
-    was_training = cm.training
-    cm.eval()
-    try:
+    with eval_mode(cm):
         return multistep(cm, sig[0] * z[0], sig, noise=z[1:], **cond)
-    finally:
-        cm.train(was_training)
 
 
 ONE_EVAL_SOLVERS = ("euler", "ddim", "dpmpp_2m")
@@ -105,14 +119,8 @@ def sample_teacher(den, num: int, sigmas, method: str = "heun", generator=None, 
     device, dtype = _device_dtype(den)
     cond = _to_device(cond, device)
     x = per_sample_noise(num, 1, den.sample_shape, generator, device, dtype)[0] * float(sigmas[0])
-    was_training = getattr(den, "training", False)
-    if hasattr(den, "eval"):
-        den.eval()
-    try:
+    with eval_mode(den):
         return ode_solve(den, x, sigmas, method=method, return_nfe=return_nfe, rtol=rtol, atol=atol, **cond)
-    finally:
-        if hasattr(den, "train"):
-            den.train(was_training)
 
 
 def class_condition(model, num: int, label: int | None = None, seed: int = 0) -> dict:
