@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from . import sigmas as S
-from .artefacts import read_model_folder, write_model_folder
+from .artefacts import read_meta, read_model_folder, write_model_folder
+from .denoisers import DiffusersDenoiser
 from .nets import backbone_forward, sample_shape
 
 
@@ -51,7 +52,7 @@ class ConsistencyModel(nn.Module):
         return S.karras_sigmas(steps + 1, self.sigma_min, self.sigma_max, dtype=torch.float64)[:-1].tolist()
 
     @classmethod
-    def from_teacher(cls, teacher, **kwargs) -> "ConsistencyModel":
+    def from_teacher(cls, teacher, **kwargs) -> ConsistencyModel:
         """A student whose backbone starts as a copy of the teacher's (same architecture, so the shapes agree)."""
         backbone = getattr(teacher, "backbone", None)
         if backbone is None:
@@ -70,17 +71,20 @@ class ConsistencyModel(nn.Module):
         return write_model_folder(folder, self.backbone, self.config_dict())
 
     @classmethod
-    def from_pretrained(cls, folder) -> "ConsistencyModel":
-        """A cmkit consistency-model folder, or a diffusers ``ConsistencyModelPipeline`` folder (``unet/`` +
-        ``scheduler/``, e.g. one written by ``to_diffusers`` or openai's released checkpoints)."""
+    def from_pretrained(cls, folder) -> ConsistencyModel:
+        """A cmkit consistency-model folder (either kind), or a diffusers ``ConsistencyModelPipeline`` folder
+        (``unet/`` + ``scheduler/``, e.g. one written by ``to_diffusers`` or openai's released checkpoints)."""
         folder = Path(folder)
         if (folder / "model_index.json").is_file() and not (folder / "cmkit.json").is_file():
             return cls._from_diffusers_pipeline(folder)
+        meta = read_meta(folder)
+        if cls is ConsistencyModel and meta is not None and meta.get("kind") == DenoiserConsistencyModel.kind:
+            return DenoiserConsistencyModel.from_pretrained(folder)
         backbone, meta = read_model_folder(folder, cls.kind)
         return cls(backbone, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta.get("default_sigmas"))
 
     @classmethod
-    def _from_diffusers_pipeline(cls, folder: Path) -> "ConsistencyModel":
+    def _from_diffusers_pipeline(cls, folder: Path) -> ConsistencyModel:
         import json
 
         from diffusers import CMStochasticIterativeScheduler, UNet2DModel
@@ -125,3 +129,80 @@ class ConsistencyModel(nn.Module):
             raise ValueError(f"{num_train_timesteps} grid points are too coarse for this {steps}-step schedule; "
                              "export with a larger num_train_timesteps")
         return index[::-1]
+
+
+class DenoiserConsistencyModel(ConsistencyModel):
+    """A consistency model around a trainable diffusion denoiser ``D`` kept in its own parameterisation (a diffusers
+    DDPM-family UNet: VP inputs, epsilon / v / x0 outputs), so that ECT can start from such a teacher as it is:
+
+        f(x, sigma) = c_skip(sigma) x + c_out(sigma) / c_out^EDM(sigma) (D(x, sigma) - c_skip^EDM(sigma) x)
+                    = c_skip(sigma) x + (1 - sigma_min / sigma) (D(x, sigma) - c_skip^EDM(sigma) x)
+
+    with the boundary scalings (c_skip, c_out) and EDM's (c_skip^EDM, c_out^EDM). For an EDM denoiser, where
+    ``D = c_skip^EDM x + c_out^EDM F``, this is exactly ``ConsistencyModel``'s f. For any denoiser,
+    ``f(x, sigma_min) = x`` exactly, and f = D + O(sigma_min / sigma) elsewhere, so at initialisation one step of f is
+    one step of the teacher: the premise ECT fine-tunes from. (Copying a VP UNet into the EDM parameterisation
+    instead gives a network that means nothing at first, since its inputs, time input and output units all change.)
+    """
+
+    kind = "denoiser_consistency_model"
+
+    def __init__(self, denoiser: DiffusersDenoiser, sigma_min: float | None = None, sigma_max: float | None = None,
+                 sigma_data: float = S.SIGMA_DATA, default_sigmas: dict | None = None):
+        if not isinstance(denoiser, DiffusersDenoiser):
+            raise ValueError(f"DenoiserConsistencyModel wraps a DiffusersDenoiser, got {type(denoiser).__name__}; "
+                             "for an EDM teacher use ConsistencyModel.from_teacher")
+        nn.Module.__init__(self)
+        self.denoiser = denoiser
+        self.sigma_min = float(max(sigma_min or 0.0, denoiser.sigma_min))
+        self.sigma_max = float(min(sigma_max or float("inf"), denoiser.sigma_max))
+        self.sigma_data = float(sigma_data)
+        self.default_sigmas = {int(k): [float(s) for s in v] for k, v in (default_sigmas or {}).items()}
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.denoiser.unet
+
+    def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+        sigma = S.as_batch_sigma(sigma, x)
+        c_skip = S.append_dims(S.boundary_scalings(sigma, self.sigma_min, self.sigma_data)[0], x.ndim)
+        c_skip_edm = S.append_dims(S.edm_scalings(sigma, self.sigma_data)[0], x.ndim)
+        ratio = S.append_dims(1 - self.sigma_min / sigma, x.ndim)  # c_out / c_out^EDM: exactly 0 at sigma_min
+        return c_skip * x + ratio * (self.denoiser(x, sigma, **cond) - c_skip_edm * x)
+
+    @classmethod
+    def from_teacher(cls, teacher, **kwargs) -> DenoiserConsistencyModel:
+        """A student that starts as a trainable copy of the whole teacher denoiser (UNet and noise schedule)."""
+        return cls(copy.deepcopy(teacher).requires_grad_(True), **kwargs)
+
+    def config_dict(self) -> dict:
+        sched = self.denoiser.scheduler
+        return {**super().config_dict(), "prediction_type": self.denoiser.prediction_type,
+                "clip_x0": self.denoiser.clip_x0,
+                "scheduler": {"class": type(sched).__name__, "config": _json_ready(dict(sched.config))}}
+
+    @classmethod
+    def from_pretrained(cls, folder) -> DenoiserConsistencyModel:
+        import diffusers
+
+        backbone, meta = read_model_folder(folder, cls.kind)
+        sched_cls = getattr(diffusers, meta["scheduler"]["class"], None)
+        if sched_cls is None:
+            raise ValueError(f"{str(folder)!r}: unknown diffusers scheduler {meta['scheduler']['class']!r}")
+        denoiser = DiffusersDenoiser(backbone, sched_cls.from_config(meta["scheduler"]["config"]),
+                                     meta["prediction_type"], meta.get("clip_x0"))
+        return cls(denoiser, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta.get("default_sigmas"))
+
+    def to_diffusers(self, folder, num_train_timesteps: int = 40) -> Path:
+        raise ValueError("diffusers' ConsistencyModelPipeline runs EDM-parameterised consistency models; this one "
+                         "keeps its teacher's VP parameterisation, so save it with save_pretrained instead")
+
+
+def _json_ready(config: dict) -> dict:
+    """A diffusers config as plain JSON values (tuples to lists, private keys dropped)."""
+    out = {}
+    for k, v in config.items():
+        if k.startswith("_"):
+            continue
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out

@@ -1,5 +1,5 @@
-"""Datasets: named offline 2-D sets, 8x8 digits, Fashion-MNIST, ``.npy`` arrays and image folders, each with a fixed
-held-out split.
+"""Datasets: named offline 2-D sets, 8x8 digits (grayscale and tinted RGB), Fashion-MNIST, ``.npy`` arrays and
+image folders, each with a fixed held-out split.
 
 Layer 6. Everything comes back as a ``Dataset`` of tensors already in the sigma_data convention (std about 0.5 for
 2-D sets); models never see files.
@@ -101,6 +101,34 @@ def load_digits() -> Dataset:
     return Dataset("digits", tr, te, ytr, yte, 10)
 
 
+TINT_COPIES = 3
+
+
+def tint(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Colour grayscale images in [-1, 1] of shape (n, 1, H, W): each image gets its own foreground colour (any hue,
+    saturation 0.6-1, value 0.8-1) over its own dark background (any hue, saturation 0.3-0.8, value 0.05-0.35),
+    mixed by the stroke intensity. Returns (n, 3, H, W) in [-1, 1]."""
+    from matplotlib.colors import hsv_to_rgb
+
+    n = len(gray)
+    fg = hsv_to_rgb(np.stack([rng.random(n), rng.uniform(0.6, 1, n), rng.uniform(0.8, 1, n)], 1))
+    bg = hsv_to_rgb(np.stack([rng.random(n), rng.uniform(0.3, 0.8, n), rng.uniform(0.05, 0.35, n)], 1))
+    a = (gray + 1) / 2  # stroke intensity in [0, 1]
+    rgb = bg[:, :, None, None] * (1 - a) + fg[:, :, None, None] * a
+    return (rgb * 2 - 1).astype(np.float32)
+
+
+def load_tinted_digits() -> Dataset:
+    """An RGB set that needs no download, for colorization: the 8x8 digits (same held-out split as ``digits``), each
+    training digit tinted in ``TINT_COPIES`` random colour pairs (4500 images) and each held-out digit in one (297);
+    see ``tint``. Labels are the digits'."""
+    d = load_digits()
+    train = tint(np.repeat(d.train.numpy(), TINT_COPIES, 0), np.random.default_rng(TRAIN_SEED))
+    test = tint(d.test.numpy(), np.random.default_rng(TEST_SEED))
+    return Dataset("tinted_digits", torch.from_numpy(train), torch.from_numpy(test),
+                   d.train_labels.repeat_interleave(TINT_COPIES), d.test_labels, 10)
+
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -163,7 +191,7 @@ def load_image_folder(path, size: int = 0, channels: int = 0, test_fraction: flo
     return Dataset(root.name, tr, te, ytr, yte, len(classes) if labelled else None)
 
 
-IMAGE_SETS = {"digits": load_digits, "fashion_mnist": load_fashion_mnist}
+IMAGE_SETS = {"digits": load_digits, "tinted_digits": load_tinted_digits, "fashion_mnist": load_fashion_mnist}
 
 TWO_D = {"s_curve": _s_curve, "swiss_roll": _swiss_roll, "moons": _moons, "eight_gaussians": _eight_gaussians,
          "checkerboard": _checkerboard}

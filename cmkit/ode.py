@@ -57,15 +57,21 @@ def ode_step(den, x: torch.Tensor, sigma_from, sigma_to, solver: str = "heun", *
 
 
 def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 1e-5, atol: float = 1e-5,
-              return_nfe: bool = False, **cond):
+              return_nfe: bool = False, churn: float = 0.0, churn_range: tuple[float, float] = (0.0, math.inf),
+              churn_noise: float = 1.0, noise: torch.Tensor | None = None, **cond):
     """Integrate the PF-ODE from ``sigmas[0]`` through ``sigmas[-1]`` (a descending grid; may end at 0).
 
     ``method``: "euler" / "heun" / "dpm2" / "ddim" (= euler) step along the grid, "dpmpp_2m" is the multistep
     DPM-Solver++(2M) along it (one evaluation per step); anything else ("dopri5", "rk4", "bosh3", ...) is handed to
     ``torchdiffeq.odeint`` in the variable log(sigma), with the grid as output times and ``rtol``/``atol`` as
-    tolerances (a final 0 is reached
-    by one exact denoise, since the drift is singular there). Returns the end state, and with ``return_nfe`` also
-    the number of denoiser evaluations.
+    tolerances (a final 0 is reached by one exact denoise, since the drift is singular there). Returns the end state,
+    and with ``return_nfe`` also the number of denoiser evaluations.
+
+    ``churn`` (S_churn) turns a fixed-step solve into Karras et al.'s stochastic sampler (Algorithm 2): before the
+    step from sigma_i, where sigma_i lies in ``churn_range`` (S_tmin, S_tmax), noise raises the level to
+    sigma_hat = sigma_i (1 + gamma), gamma = min(S_churn / N, sqrt 2 - 1), N the number of steps:
+    x <- x + sqrt(sigma_hat^2 - sigma_i^2) S_noise eps, and the step runs from sigma_hat. No extra evaluations.
+    ``noise`` (shape (N, *x.shape)) supplies each step's eps; by default they are drawn with torch.randn.
     """
     sig = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     if sig.numel() < 2:
@@ -79,8 +85,18 @@ def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 
         nfe += 1
         return den(xx, s, **cond)
 
+    if churn < 0:
+        raise ValueError(f"churn must be >= 0, got {churn}")
+    if churn and method not in FIXED_STEP_SOLVERS:
+        raise ValueError(f"churn runs with the fixed-step solvers ({', '.join(FIXED_STEP_SOLVERS)}), not {method!r}")
     if method in FIXED_STEP_SOLVERS:
-        for s0, s1 in zip(sig[:-1].tolist(), sig[1:].tolist()):
+        gamma = min(churn / (sig.numel() - 1), math.sqrt(2) - 1)
+        for i, (s0, s1) in enumerate(zip(sig[:-1].tolist(), sig[1:].tolist())):
+            if gamma > 0 and churn_range[0] <= s0 <= churn_range[1]:
+                s_hat = s0 * (1 + gamma)
+                eps = noise[i] if noise is not None else torch.randn_like(x)
+                x = x + math.sqrt(s_hat**2 - s0**2) * churn_noise * eps
+                s0 = s_hat
             x = ode_step(counted, x, s0, s1, solver=method)
     elif method == "dpmpp_2m":
         x = _dpmpp_2m(counted, x, sig.tolist())

@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from .consistency import ConsistencyModel
+from .consistency import ConsistencyModel, DenoiserConsistencyModel
 from .data import Dataset, load_dataset
 from .denoisers import DiffusersDenoiser, EDMDenoiser, load_teacher
 from .nets import TimeMLP, num_classes_of, small_unet
@@ -183,14 +183,12 @@ def train_consistency(recipe: Recipe, out, teacher_path: str | None = None, prog
     torch.manual_seed(recipe.seed)
     if o.kind == "ect":
         teacher = load_teacher(path) if teacher is None else teacher
-        if not isinstance(teacher, EDMDenoiser):
-            raise ValueError("ect starts from an EDM-parameterised teacher (cmkit train-teacher with objective.kind "
-                             f"'edm'); {type(teacher).__name__}'s UNet predicts in VP units, so a copy of it is not "
-                             "yet a consistency model. Distil it with `cmkit distill` instead")
         check_data_matches(data, teacher, "teacher")
         sigma_min, sigma_max = max(o.sigma_min, teacher.sigma_min), min(o.sigma_max, teacher.sigma_max)
-        model = ConsistencyModel.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max,
-                                              sigma_data=o.sigma_data)
+        # an EDM teacher's backbone is already in the consistency model's parameterisation; a VP (diffusers DDPM)
+        # teacher is wrapped whole, so that the student starts out as the teacher
+        student_cls = DenoiserConsistencyModel if isinstance(teacher, DiffusersDenoiser) else ConsistencyModel
+        model = student_cls.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=o.sigma_data)
         del teacher
         objective = EasyConsistencyTuning(o.ect_q, o.ect_stage_steps, o.ct_p_mean, o.ct_p_std,
                                           o.distance or "pseudo_huber", sigma_min, sigma_max, o.huber_c or None)

@@ -6,6 +6,7 @@ gets the same noise whatever ``num`` is, and results are reproducible from a gen
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import torch
@@ -114,13 +115,18 @@ def teacher_grid(nfe: int, solver: str, sigma_min: float, sigma_max: float, rho:
 
 @torch.no_grad()
 def sample_teacher(den, num: int, sigmas, method: str = "heun", generator=None, return_nfe: bool = False,
-                   rtol: float = 1e-5, atol: float = 1e-5, **cond):
-    """Teacher samples: start at ``sigmas[0] z`` and solve the PF-ODE along ``sigmas`` (may end at 0)."""
+                   rtol: float = 1e-5, atol: float = 1e-5, churn: float = 0.0,
+                   churn_range: tuple[float, float] = (0.0, math.inf), churn_noise: float = 1.0, **cond):
+    """Teacher samples: start at ``sigmas[0] z`` and solve the PF-ODE along ``sigmas`` (may end at 0). ``churn`` > 0
+    runs Karras et al.'s stochastic sampler (see ``ode_solve``), whose noise is per sample as well."""
     device, dtype = _device_dtype(den)
     cond = _to_device(cond, device)
-    x = per_sample_noise(num, 1, den.sample_shape, generator, device, dtype)[0] * float(sigmas[0])
+    draws = 1 + (len(sigmas) - 1 if churn else 0)
+    noise = per_sample_noise(num, draws, den.sample_shape, generator, device, dtype)
     with eval_mode(den):
-        return ode_solve(den, x, sigmas, method=method, return_nfe=return_nfe, rtol=rtol, atol=atol, **cond)
+        return ode_solve(den, noise[0] * float(sigmas[0]), sigmas, method=method, return_nfe=return_nfe, rtol=rtol,
+                         atol=atol, churn=churn, churn_range=churn_range, churn_noise=churn_noise,
+                         noise=noise[1:] if churn else None, **cond)
 
 
 def class_condition(model, num: int, label: int | None = None, seed: int = 0) -> dict:

@@ -126,13 +126,57 @@ def test_ect_late_stages_stay_finite():
     assert torch.isfinite(loss)
 
 
-def test_ect_refuses_a_vp_teacher(tmp_path):
+def vp_denoiser(prediction_type="epsilon"):
     from diffusers import DDPMScheduler
 
+    torch.manual_seed(0)
+    return cmkit.DiffusersDenoiser(cmkit.nets.small_unet(8, 1, 8, 1, 1, False),
+                                   DDPMScheduler(prediction_type=prediction_type))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_denoiser_consistency_model_formula_and_boundary(prediction_type):
+    """f = c_skip x + c_out / c_out^EDM (D - c_skip^EDM x), spelled out with the division; exact at sigma_min."""
+    den = vp_denoiser(prediction_type).double()
+    cm = cmkit.DenoiserConsistencyModel.from_teacher(den, sigma_min=0.002).double()
+    assert cm.sigma_min == pytest.approx(den.sigma_min)  # the teacher's table starts above 0.002
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    sigma = torch.tensor([cm.sigma_min, 0.3, 40.0], dtype=torch.float64)
+    c_skip, c_out, _ = cmkit.sigmas.boundary_scalings(sigma, cm.sigma_min, cm.sigma_data)
+    c_skip_e, c_out_e, _ = cmkit.sigmas.edm_scalings(sigma, cm.sigma_data)
+    with torch.no_grad():
+        d = den(x, sigma)
+        want = c_skip[:, None, None, None] * x + (c_out / c_out_e)[:, None, None, None] * (
+            d - c_skip_e[:, None, None, None] * x)
+        got = cm(x, sigma)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(cm(x, cm.sigma_min), x) and torch.equal(cm.float()(x.float(), cm.sigma_min), x.float())
+    # far from sigma_min the student is the teacher to O(sigma_min / sigma): ECT's starting point
+    torch.testing.assert_close(got[2], d[2], rtol=0, atol=2 * cm.sigma_min / 40 * d[2].abs().max().item())
+
+
+def test_denoiser_consistency_model_saves_loads_and_refuses_pipeline_export(tmp_path):
+    cm = cmkit.DenoiserConsistencyModel.from_teacher(vp_denoiser("v_prediction"), default_sigmas={2: [80.0, 0.5]})
+    cm.save_pretrained(tmp_path / "m")
+    back = cmkit.ConsistencyModel.from_pretrained(tmp_path / "m")
+    assert isinstance(back, cmkit.DenoiserConsistencyModel)
+    assert back.denoiser.prediction_type == "v_prediction" and back.sigmas_for_steps(2) == [80.0, 0.5]
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, 1.5), cm(x, 1.5))
+    with pytest.raises(ValueError, match="save_pretrained"):
+        cm.to_diffusers(tmp_path / "pipe")
+
+
+def test_ect_from_a_vp_teacher_trains_the_whole_denoiser(tmp_path):
     from cmkit.recipes import load_recipe
     from cmkit.runs import train_consistency
 
-    den = cmkit.DiffusersDenoiser(cmkit.nets.small_unet(8, 1, 8, 1, 1, False), DDPMScheduler())
-    recipe = load_recipe("s_curve-ect", ['data.name="digits"'])
-    with pytest.raises(ValueError, match="EDM-parameterised teacher"):
-        train_consistency(recipe, tmp_path, teacher=den)
+    den = vp_denoiser()
+    recipe = load_recipe("s_curve-ect", ['data.name="digits"', "train.steps=2", "train.batch_size=8",
+                                         "train.checkpoint_every=2", "eval.schedule_max_steps=0"])
+    train_consistency(recipe, tmp_path, teacher=den, progress=False)
+    cm = cmkit.ConsistencyModel.from_pretrained(tmp_path / "model")
+    assert isinstance(cm, cmkit.DenoiserConsistencyModel)
+    moved = [not torch.equal(a, b) for a, b in zip(cm.backbone.parameters(), den.unet.parameters())]
+    assert any(moved)

@@ -121,3 +121,33 @@ def test_ddim_step_is_diffusers_ddim():
         prev = sched.step(eps, 500, x_t, eta=0.0).prev_sample
         ours = cmkit.ode_step(den, x_t * (1 + sig[500] ** 2).sqrt(), float(sig[500]), float(sig[400]), solver="ddim")
     torch.testing.assert_close(ours, prev * (1 + sig[400] ** 2).sqrt(), rtol=1e-6, atol=1e-6)
+
+
+def test_churn_sampler_keeps_the_gaussian_marginal(setup):
+    """Karras Algorithm 2 with churn on N(mu, s^2) data ends at N(mu, s^2 + sigma_min^2) like the ODE does; noise of
+    the wrong size at sigma_hat (e.g. sigma_hat instead of sqrt(sigma_hat^2 - sigma_i^2)) would inflate the spread."""
+    den, _, mu, s = setup
+    torch.manual_seed(1)
+    sig = cmkit.karras_sigmas(161, dtype=torch.float64)
+    x = 80.0 * torch.randn(40_000, 1, dtype=torch.float64)
+    out = cmkit.ode_solve(den, x, sig, method="heun", churn=160.0)  # gamma = sqrt 2 - 1 at every step
+    assert abs(out.mean().item() - mu) < 0.01
+    assert abs(out.std().item() / math.sqrt(s**2 + 0.002**2) - 1) < 0.02
+    det = cmkit.ode_solve(den, x, sig, method="heun")
+    assert (out - det).abs().mean() > 0.1  # the churn did move the samples
+
+
+def test_churn_noise_is_per_sample_and_only_for_fixed_step_solvers(setup):
+    from cmkit.sampling import sample_teacher
+
+    den = setup[0]
+    den.sample_shape = (3,)
+    den.register_buffer("anchor", torch.zeros((), dtype=torch.float64))  # device/dtype for the sampler
+    sig = cmkit.karras_sigmas(9, dtype=torch.float64)
+    big = sample_teacher(den, 6, sig, "heun", generator=torch.Generator().manual_seed(0), churn=5.0)
+    small = sample_teacher(den, 2, sig, "heun", generator=torch.Generator().manual_seed(0), churn=5.0)
+    torch.testing.assert_close(big[:2], small)
+    plain = sample_teacher(den, 2, sig, "heun", generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(plain, small)
+    with pytest.raises(ValueError, match="fixed-step"):
+        cmkit.ode_solve(den, torch.zeros(2, 3, dtype=torch.float64), sig, method="dopri5", churn=1.0)
