@@ -9,12 +9,12 @@ bicubic upsampling, and the digits classifier's accuracy on each result. Writes 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from editing_common import editing_setup, summarise
 
 import cmkit
 from cmkit.bench import machine_info
@@ -39,16 +39,9 @@ def mse_on(a, b, where):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="runs/digits-cd/model")
-    ap.add_argument("--out", default="benchmarks/results/editing-digits")
-    ap.add_argument("--steps", type=int, default=18, help="editing steps along the Karras grid (default 18)")
-    ap.add_argument("--average", type=int, default=8, help="samples averaged for the posterior-mean row")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    args = ap.parse_args()
-
-    cm = cmkit.ConsistencyModel.from_pretrained(args.model)
-    sig = cmkit.karras_sigmas(args.steps + 1, cm.sigma_min, cm.sigma_max)[:-1].tolist()
+    args, cm, sig = editing_setup(__doc__, "runs/digits-cd/model", "benchmarks/results/editing-digits",
+                                  lambda ap: ap.add_argument("--average", type=int, default=8,
+                                                             help="samples averaged for the posterior-mean row"))
     data = load_dataset("digits")
     clf, clf_info = load_or_train_classifier(data)
     x, labels = data.test, data.test_labels
@@ -92,11 +85,7 @@ def main():
                       ("bicubic", sr["superres x2: bicubic"][:16])]
     with torch.no_grad():
         real_acc = float((clf(x).argmax(1) == labels).float().mean())
-    summary = {}
-    for name, vals in rows.items():
-        summary[name] = {k: (sum(v[k] for v in vals) / len(vals),
-                             (sum((v[k] - sum(w[k] for w in vals) / len(vals)) ** 2 for v in vals) / max(1, len(vals) - 1))
-                             ** 0.5) for k in vals[0]}
+    summary = summarise(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = {**machine_info(), "model": args.model, "steps": args.steps, "seeds": args.seeds,

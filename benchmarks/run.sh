@@ -2,7 +2,8 @@
 # Reproduce the README's benchmark tables and plots on this machine (results under benchmarks/results/).
 #   source .venv/bin/activate && bash benchmarks/run.sh
 # S-curve models train here in a few minutes each. Digits models that take longer are trained once by their recipes
-# (runs/digits-cd: ~15 min, runs/digits-ict: ~12 min on a 2-core CPU) and loaded when present.
+# and loaded when present (2-core CPU: runs/digits-cd ~15 min, runs/digits-ict and runs/digits-ct ~11 min each,
+# runs/digits-ect ~4 min, runs/tinted-digits-ict ~12 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CMKIT=${CMKIT:-cmkit}
@@ -19,13 +20,20 @@ $CMKIT bench quality-vs-steps quickstart-cd --teacher $T --no-progress --out $R/
   --model CD=$R/s_curve/cd/model --model CT=runs/s_curve-ct/model --model iCT=runs/s_curve-ict/model \
   --model ECT=runs/s_curve-ect/model
 
-# --- digits: the shipped DDPM teacher against its distilled (and, if trained, iCT) consistency models ---
+# --- digits: the shipped DDPM teacher against CD, and CT / iCT (no teacher) and ECT (from the teacher) ---
 [ -f runs/digits-cd/model/cmkit.json ] || $CMKIT distill recipes/digits-cd.toml --out runs/digits-cd --no-progress
-[ -f runs/digits-ict/model/cmkit.json ] || $CMKIT train recipes/digits-ict.toml --out runs/digits-ict --no-progress
-$CMKIT bench quality-vs-steps recipes/digits-cd.toml --model CD=runs/digits-cd/model --model iCT=runs/digits-ict/model \
-  --out $R/digits-cd --no-progress
+for job in ct ict ect; do
+  [ -f runs/digits-$job/model/cmkit.json ] || $CMKIT train recipes/digits-$job.toml --out runs/digits-$job --no-progress
+done
+$CMKIT bench quality-vs-steps recipes/digits-cd.toml --model CD=runs/digits-cd/model --model CT=runs/digits-ct/model \
+  --model iCT=runs/digits-ict/model --model ECT=runs/digits-ect/model --out $R/digits-cd --no-progress
 $PY benchmarks/editing_digits.py --model runs/digits-cd/model --out $R/editing-digits
 
-# --- cost of a CD iteration against the floor of its network passes ---
-$PY benchmarks/cost.py --recipe digits-cd --out $R/cost
+# --- colour: a consistency model trained on tinted digits colours held-out luminance images ---
+[ -f runs/tinted-digits-ict/model/cmkit.json ] || \
+  $CMKIT train recipes/tinted-digits-ict.toml --out runs/tinted-digits-ict --no-progress
+$PY benchmarks/colorize_tinted.py --model runs/tinted-digits-ict/model --out $R/colorize-tinted
+
+# --- cost of a training iteration against the floor of its network passes (CD, CT, iCT, ECT) ---
+for r in digits-cd digits-ct digits-ict digits-ect; do $PY benchmarks/cost.py --recipe $r --out $R/cost; done
 $PY benchmarks/cost.py --recipe quickstart-cd --teacher $T --out $R/cost

@@ -26,7 +26,8 @@ MMD_MAX = 2000  # MMD is quadratic in the set size; the first MMD_MAX samples of
 # metric key -> (column title, lower is better)
 METRICS = {"sw": ("sliced W2", True), "mmd": ("MMD²", True), "fd": ("Fréchet dist. (classifier features)", True),
            "confidence": ("classifier confidence", False), "recognised": ("recognised", False),
-           "precision": ("precision", False), "recall": ("recall", False)}
+           "precision": ("precision", False), "recall": ("recall", False),
+           "fid": ("FID (Inception)", True), "kid": ("KID (Inception)", True)}
 
 
 def vector_scorer(reference: torch.Tensor):
@@ -46,14 +47,23 @@ def image_scorer(classifier, reference: torch.Tensor):
     return lambda samples: classifier_scores(classifier, samples, reference, ref_features)
 
 
-def scorer_for(data, progress: bool = True) -> tuple:
+def scorer_for(data, progress: bool = True, fid: bool = False, inception_weights=None) -> tuple:
     """The scorer a dataset is measured with, and what to record about it: vector data -> sliced W2 and MMD²;
-    labelled images -> the cached classifier's metrics (its held-out accuracy recorded)."""
+    labelled images -> the cached classifier's metrics (its held-out accuracy recorded), plus with ``fid`` FID and
+    KID in Inception features (``cmkit.fidelity``; needs torch-fidelity and its weights file)."""
+    if fid and data.train.ndim != 4:
+        raise ValueError("FID/KID are image metrics; drop --fid for vector data")
     if data.train.ndim == 4 and data.train_labels is not None:
         from .classifier import load_or_train_classifier
 
         clf, info = load_or_train_classifier(data, progress=progress)
-        return image_scorer(clf, data.test), {"classifier": info}
+        score = image_scorer(clf, data.test)
+        if fid:
+            from .fidelity import InceptionMetrics
+
+            inception = InceptionMetrics(data.test, inception_weights)
+            return (lambda x: {**score(x), **inception(x)}), {"classifier": info, "fid_reference": "held-out split"}
+        return score, {"classifier": info}
     if data.train.ndim == 2:
         return vector_scorer(data.test), {}
     raise ValueError(f"no quality metric for dataset {data.name!r}: images need class labels for the classifier")
@@ -74,7 +84,8 @@ def _gen(seed: int) -> torch.Generator:
 
 def quality_vs_steps(teacher, models: dict, score, *, teacher_solvers=("euler", "heun"),
                      teacher_nfe=(1, 2, 4, 8, 16, 35, 79), cm_steps=(1, 2, 4), num_samples: int = 4000,
-                     seeds=(0, 1, 2), dopri5: bool = True, progress: bool = True, partial_dir=None) -> dict:
+                     seeds=(0, 1, 2), dopri5: bool = True, progress: bool = True, partial_dir=None,
+                     score_tag: str = "") -> dict:
     """Score every (method, NFE) pair over ``seeds`` with ``score(samples) -> {metric: value}`` (see
     ``vector_scorer`` and ``image_scorer``; both compare against the held-out split).
 
@@ -84,7 +95,8 @@ def quality_vs_steps(teacher, models: dict, score, *, teacher_solvers=("euler", 
 
     With ``partial_dir``, each (method, NFE) result is saved there as it finishes (row JSON + seed-0 samples), and
     a later call with the same directory and settings loads those instead of measuring them again: an interrupted
-    benchmark loses nothing it had finished.
+    benchmark loses nothing it had finished. ``score_tag`` names a scorer other than the default (e.g. "fid"), so
+    that results scored without it are not reused.
     """
     jobs = []  # (method, nfe, model for conditioning, run(n, generator, cond) -> (samples, counted nfe))
     for solver in teacher_solvers:
@@ -104,7 +116,8 @@ def quality_vs_steps(teacher, models: dict, score, *, teacher_solvers=("euler", 
                          (sample(cm, n, steps=steps, generator=g, **c), None)))
 
     rows, kept = [], {}
-    store = PartialResults(partial_dir, {"num_samples": num_samples, "seeds": list(seeds)}) if partial_dir else None
+    settings = {"num_samples": num_samples, "seeds": list(seeds), **({"score": score_tag} if score_tag else {})}
+    store = PartialResults(partial_dir, settings) if partial_dir else None
     bar = tqdm(total=len(jobs) * len(seeds), desc="bench", disable=not progress, dynamic_ncols=True)
     for method, nfe, model, run in jobs:
         key = (method, nfe if nfe is not None else "adaptive")

@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER",
                     help="a consistency model to score (repeatable), e.g. --model CD=runs/quickstart-cd/model")
     bq.add_argument("--teacher", help="teacher folder (default: teacher.path of the recipe)")
+    bq.add_argument("--fid", action="store_true",
+                    help="also FID and KID in Inception features (images; needs pip install 'cmkit[fid]' and the "
+                         "Inception weights file, see --inception-weights)")
+    bq.add_argument("--inception-weights", metavar="PATH",
+                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch's hub cache)")
     return parser
 
 
@@ -168,11 +173,14 @@ def run(args: argparse.Namespace) -> int:
         runs.check_data_matches(data, teacher, "teacher")
         ev = recipe.eval
         out = args.out or Path("benchmarks/results") / Path(args.recipe).stem
-        score, score_info = scorer_for(data, progress)
+        try:
+            score, score_info = scorer_for(data, progress, fid=args.fid, inception_weights=args.inception_weights)
+        except ImportError as e:
+            raise CliError(str(e)) from None
         result = quality_vs_steps(teacher, models, score, teacher_solvers=ev.teacher_solvers,
                                   teacher_nfe=ev.teacher_nfe, cm_steps=ev.cm_steps, num_samples=ev.num_samples,
                                   seeds=ev.seeds, dopri5=ev.dopri5, progress=progress,
-                                  partial_dir=Path(out) / "partial")
+                                  partial_dir=Path(out) / "partial", score_tag="fid" if args.fid else "")
         written = write_results(result, data.test, out, extra={"dataset": data.name, "teacher": str(teacher_path),
                                                                 "models": dict(m.split("=", 1) for m in args.model),
                                                                 **score_info})

@@ -124,6 +124,35 @@ def check_data_matches(data: Dataset, model, what: str) -> None:
                          "use the data the teacher was trained on")
 
 
+def build_consistency(recipe: Recipe, data: Dataset, teacher=None, distance=None):
+    """The consistency model a cd / ct / ict / ect recipe trains, and the objective that trains it. ``teacher`` (a
+    loaded denoiser) is what cd distils and ect starts from; ``distance`` (a callable) replaces the recipe's."""
+    o = recipe.objective
+    if o.kind in ("cd", "ect"):
+        sigma_min, sigma_max = max(o.sigma_min, teacher.sigma_min), min(o.sigma_max, teacher.sigma_max)
+        # ECT needs a student that starts out as the teacher: an EDM teacher's backbone already is one in the
+        # consistency parameterisation, a VP (diffusers DDPM) teacher is wrapped whole. CD's student only needs the
+        # teacher's architecture and features, so it keeps the exportable EDM parameterisation.
+        vp_ect = o.kind == "ect" and isinstance(teacher, DiffusersDenoiser)
+        student_cls = DenoiserConsistencyModel if vp_ect else ConsistencyModel
+        model = student_cls.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=o.sigma_data)
+        if o.kind == "ect":
+            return model, EasyConsistencyTuning(o.ect_q, o.ect_stage_steps, o.ct_p_mean, o.ct_p_std,
+                                                distance or o.distance or "pseudo_huber", sigma_min, sigma_max,
+                                                o.huber_c or None)
+        return model, ConsistencyDistillation(teacher, n_points=o.n_points, solver=o.solver,
+                                              distance=distance or o.distance or "l2",
+                                              weighting=o.weighting or "uniform", target_mu=o.target_mu,
+                                              sigma_min=sigma_min, sigma_max=sigma_max, huber_c=o.huber_c or None)
+    if o.kind not in ("ct", "ict"):
+        raise ValueError(f"objective.kind {o.kind!r} is not a consistency objective (cd, ct, ict or ect)")
+    model = ConsistencyModel(build_backbone(recipe, data), o.sigma_min, o.sigma_max, o.sigma_data)
+    return model, ConsistencyTraining(o.kind, o.total_steps or recipe.train.steps, o.s0 or None, o.s1 or None, o.mu0,
+                                      o.mu_variant, o.ct_p_mean, o.ct_p_std,
+                                      distance or o.distance or ("l2" if o.kind == "ct" else "pseudo_huber"),
+                                      o.weighting or None, o.sigma_min, o.sigma_max, huber_c=o.huber_c or None)
+
+
 def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool = True, *, teacher=None,
             data: Dataset | None = None, distance=None) -> dict:
     """Consistency distillation of a teacher; ``out/model`` is a ConsistencyModel folder.
@@ -146,14 +175,7 @@ def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool
     check_resume(recipe, out, {"teacher_path": str(path)}, write=acc.is_main_process)
     teacher.requires_grad_(False).eval().to(acc.device)
     torch.manual_seed(recipe.seed)
-    sigma_min = max(o.sigma_min, teacher.sigma_min)
-    sigma_max = min(o.sigma_max, teacher.sigma_max)
-    student = ConsistencyModel.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max,
-                                            sigma_data=o.sigma_data)
-    objective = ConsistencyDistillation(teacher, n_points=o.n_points, solver=o.solver,
-                                        distance=distance or o.distance or "l2",
-                                        weighting=o.weighting or "uniform", target_mu=o.target_mu, sigma_min=sigma_min,
-                                        sigma_max=sigma_max, huber_c=o.huber_c or None)
+    student, objective = build_consistency(recipe, data, teacher, distance)
     batches = data.batches(conditional=conditional, hflip=recipe.data.hflip)
     summary = train(student, objective, batches, recipe.train, out, seed=recipe.seed,
                     run_info={"job": "distill", "teacher": str(path)}, progress=progress, accelerator=acc)
@@ -184,21 +206,8 @@ def train_consistency(recipe: Recipe, out, teacher_path: str | None = None, prog
     if o.kind == "ect":
         teacher = load_teacher(path) if teacher is None else teacher
         check_data_matches(data, teacher, "teacher")
-        sigma_min, sigma_max = max(o.sigma_min, teacher.sigma_min), min(o.sigma_max, teacher.sigma_max)
-        # an EDM teacher's backbone is already in the consistency model's parameterisation; a VP (diffusers DDPM)
-        # teacher is wrapped whole, so that the student starts out as the teacher
-        student_cls = DenoiserConsistencyModel if isinstance(teacher, DiffusersDenoiser) else ConsistencyModel
-        model = student_cls.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=o.sigma_data)
-        del teacher
-        objective = EasyConsistencyTuning(o.ect_q, o.ect_stage_steps, o.ct_p_mean, o.ct_p_std,
-                                          o.distance or "pseudo_huber", sigma_min, sigma_max, o.huber_c or None)
-    else:
-        model = ConsistencyModel(build_backbone(recipe, data), o.sigma_min, o.sigma_max, o.sigma_data)
-        total = o.total_steps or recipe.train.steps
-        objective = ConsistencyTraining(o.kind, total, o.s0 or None, o.s1 or None, o.mu0, o.mu_variant,
-                                        o.ct_p_mean, o.ct_p_std, o.distance or ("l2" if o.kind == "ct" else
-                                                                                "pseudo_huber"),
-                                        o.weighting or None, o.sigma_min, o.sigma_max, huber_c=o.huber_c or None)
+    model, objective = build_consistency(recipe, data, teacher)
+    del teacher  # ECT copied what it needs; the teacher is not used in training
     acc = _accelerator(recipe)
     # the curriculum's K is fixed when a run starts: extending train.steps later must not rescale N(k) and mu(k)
     curriculum = {"curriculum_total_steps": objective.total} if o.kind in ("ct", "ict") else {}

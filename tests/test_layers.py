@@ -9,8 +9,8 @@ LAYERS = {
     "ode": 3, "consistency": 3,
     "losses": 4, "objectives": 4,
     "training": 5, "checkpoints": 5, "sampling": 5, "editing": 5,
-    "data": 6, "metrics": 6, "classifier": 6, "schedules": 6, "bench": 6, "imageio": 6, "recipes": 6, "runs": 6,
-    "quickstart": 6, "cli": 6, "__main__": 7, "__init__": 7,
+    "data": 6, "metrics": 6, "fidelity": 6, "classifier": 6, "schedules": 6, "bench": 6, "imageio": 6, "recipes": 6,
+    "runs": 6, "quickstart": 6, "cli": 6, "__main__": 7, "__init__": 7,
 }
 PKG = Path(__file__).resolve().parents[1] / "cmkit"
 

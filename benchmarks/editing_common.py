@@ -1,0 +1,31 @@
+"""What the editing benchmarks share: their command line, the model and its editing grid, and mean ± std tables."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import cmkit
+
+
+def editing_setup(doc: str, model: str, out: str, configure=None):
+    """Parse ``--model --out --steps --seeds`` (plus what ``configure(parser)`` adds); load the consistency model and
+    its editing grid (``steps`` points of the Karras grid, sigma_min dropped). Returns ``(args, cm, sigmas)``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--model", default=model)
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--steps", type=int, default=18, help="editing steps along the Karras grid (default 18)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    if configure:
+        configure(ap)
+    args = ap.parse_args()
+    cm = cmkit.ConsistencyModel.from_pretrained(args.model)
+    sigmas = cmkit.karras_sigmas(args.steps + 1, cm.sigma_min, cm.sigma_max)[:-1].tolist()
+    return args, cm, sigmas
+
+
+def summarise(rows: dict) -> dict:
+    """``{method: [{metric: value} per seed]}`` -> ``{method: {metric: (mean, std over seeds)}}``."""
+    return {name: {k: (statistics.fmean(v[k] for v in vals),
+                       statistics.stdev(v[k] for v in vals) if len(vals) > 1 else 0.0) for k in vals[0]}
+            for name, vals in rows.items()}
