@@ -131,10 +131,12 @@ def build_consistency(recipe: Recipe, data: Dataset, teacher=None, distance=None
     if o.kind in ("cd", "ect"):
         sigma_min, sigma_max = max(o.sigma_min, teacher.sigma_min), min(o.sigma_max, teacher.sigma_max)
         # ECT needs a student that starts out as the teacher: an EDM teacher's backbone already is one in the
-        # consistency parameterisation, a VP (diffusers DDPM) teacher is wrapped whole. CD's student only needs the
-        # teacher's architecture and features, so it keeps the exportable EDM parameterisation.
-        vp_ect = o.kind == "ect" and isinstance(teacher, DiffusersDenoiser)
-        student_cls = DenoiserConsistencyModel if vp_ect else ConsistencyModel
+        # consistency parameterisation, a VP (diffusers DDPM) teacher is wrapped whole. CD's student starts from the
+        # teacher's weights either way; model.student chooses whether it keeps the teacher's VP parameterisation.
+        if recipe.model.student not in ("edm", "teacher"):
+            raise ValueError(f"model.student must be 'edm' or 'teacher', got {recipe.model.student!r}")
+        wrap = isinstance(teacher, DiffusersDenoiser) and (o.kind == "ect" or recipe.model.student == "teacher")
+        student_cls = DenoiserConsistencyModel if wrap else ConsistencyModel
         model = student_cls.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=o.sigma_data)
         if o.kind == "ect":
             return model, EasyConsistencyTuning(o.ect_q, o.ect_stage_steps, o.ct_p_mean, o.ct_p_std,

@@ -180,3 +180,23 @@ def test_ect_from_a_vp_teacher_trains_the_whole_denoiser(tmp_path):
     assert isinstance(cm, cmkit.DenoiserConsistencyModel)
     moved = [not torch.equal(a, b) for a, b in zip(cm.backbone.parameters(), den.unet.parameters())]
     assert any(moved)
+
+
+def test_cd_student_can_keep_a_vp_teachers_parameterisation(tmp_path):
+    """model.student = "teacher": the CD student starts as the teacher denoiser itself (identical outputs at large
+    sigma before training); "edm" keeps the exportable copied-UNet student; anything else is a clear error."""
+    from cmkit.recipes import load_recipe
+    from cmkit.runs import build_consistency, dataset_for
+
+    den = vp_denoiser()
+    recipe = load_recipe("digits-cd", ['model.student="teacher"'])
+    data = dataset_for(recipe)
+    student, objective = build_consistency(recipe, data, den)
+    assert isinstance(student, cmkit.DenoiserConsistencyModel) and objective.teacher is den
+    x = 40 * torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, 40.0), den(x, 40.0), rtol=0, atol=1e-3 * den(x, 40.0).abs().max())
+    edm, _ = build_consistency(load_recipe("digits-cd"), data, den)
+    assert type(edm) is cmkit.ConsistencyModel
+    with pytest.raises(ValueError, match="model.student"):
+        build_consistency(load_recipe("digits-cd", ['model.student="vp"']), data, den)

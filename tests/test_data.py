@@ -49,3 +49,23 @@ def test_fashion_mnist_idx():
     d = load_dataset("fashion_mnist")
     assert d.train.shape == (60000, 1, 28, 28) and d.test.shape == (10000, 1, 28, 28)
     assert d.train.min() >= -1 and d.train.max() <= 1 and int(d.train_labels.max()) == 9
+
+
+def test_tinted_digits_are_colourings_of_the_digits():
+    """Each tinted image is bg + a (fg - bg) per channel, a the digit's stroke intensity: so every channel is an exact
+    affine function of the grayscale digit, the held-out digits and labels are the digits' own, and all is fixed."""
+    from cmkit.data import TINT_COPIES
+
+    gray, tinted = load_dataset("digits"), load_dataset("tinted_digits")
+    assert tinted.train.shape == (TINT_COPIES * len(gray.train), 3, 8, 8) and tinted.test.shape == (297, 3, 8, 8)
+    assert tinted.train.min() >= -1 and tinted.train.max() <= 1
+    assert torch.equal(tinted.test_labels, gray.test_labels)
+    assert torch.equal(tinted.train_labels[::TINT_COPIES], gray.train_labels)
+    a = ((gray.test + 1) / 2).reshape(297, 1, 64).expand(-1, 3, -1)
+    rgb = (tinted.test + 1) / 2
+    vals = rgb.reshape(297, 3, 64).double()  # fit rgb = bg + a (fg - bg) by least squares per image and channel
+    design = torch.stack([torch.ones_like(a), a], -1).double()
+    coef = torch.linalg.lstsq(design, vals.unsqueeze(-1)).solution
+    assert ((design @ coef).squeeze(-1) - vals).abs().max() < 1e-5
+    assert (coef[..., 0, 0] <= 0.35 + 1e-6).all()  # dark backgrounds (HSV value <= 0.35)
+    assert torch.equal(load_dataset("tinted_digits").test, tinted.test)
