@@ -5,9 +5,9 @@
 Each held-out RGB digit is reduced to its luminance (0.2989 R + 0.5870 G + 0.1140 B) and coloured again by
 ``cmkit.colorize``. The colours of the original are random (``cmkit.data.tint``), so no method can recover them; what is
 measured is whether the output keeps the luminance (max error) and has the data's colour statistics: sliced W2 between
-the output's and the held-out images' per-pixel chroma (the two colour coordinates orthogonal to luminance), between
-their per-image mean chroma, and their mean saturation (chroma magnitude). Baselines: the gray image itself (chroma
-0) and the training set's mean chroma added to it. Writes JSON + markdown + a figure.
+the output's and the held-out images' per-pixel chroma (rgb minus the gray of equal luminance), between their
+per-image mean chroma, and their mean saturation (chroma magnitude). Baselines: the gray image (R = G = B = the
+luminance) and the training set's mean chroma added to it. Writes JSON + markdown + a figure.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from editing_common import editing_setup, summarise
 import cmkit
 from cmkit.bench import machine_info
 from cmkit.data import load_dataset
-from cmkit.editing import LUMA, ColorBasis
+from cmkit.editing import LUMA
 from cmkit.imageio import side_by_side
 from cmkit.metrics import sliced_wasserstein
 
@@ -31,13 +31,14 @@ def luminance(rgb):
 
 
 def chroma(rgb):
-    """(B, 2, H, W): the colour coordinates orthogonal to luminance."""
-    return ColorBasis().forward(rgb)[:, 1:]
+    """(B, 3, H, W): what is left of each pixel after its gray of equal luminance, rgb - Y (1, 1, 1); zero for a
+    gray pixel (the luma weights sum to 1 to 1e-4)."""
+    return rgb - luminance(rgb)
 
 
 def colour_stats(out, real) -> dict:
     c_out, c_real = chroma(out), chroma(real)
-    pix = lambda c: c.permute(0, 2, 3, 1).reshape(-1, 2)  # noqa: E731
+    pix = lambda c: c.permute(0, 2, 3, 1).reshape(-1, 3)  # noqa: E731
     return {"sw_pixel_chroma": sliced_wasserstein(pix(c_out), pix(c_real), seed=0),
             "sw_image_chroma": sliced_wasserstein(c_out.mean((2, 3)), c_real.mean((2, 3)), seed=0),
             "saturation": float(c_out.norm(dim=1).mean())}
@@ -48,11 +49,9 @@ def main():
     data = load_dataset("tinted_digits")
     x = data.test
     gray = luminance(x)
-    basis = ColorBasis()
-    mean_chroma = chroma(data.train).mean((0, 2, 3))
-    with_chroma = lambda c: basis.inverse(torch.cat([gray / basis.norm, c.expand(len(x), 2, 8, 8)], 1))  # noqa: E731
-    baselines = {"gray (no colour)": with_chroma(torch.zeros(1, 2, 1, 1)),
-                 "gray + training mean chroma": with_chroma(mean_chroma.reshape(1, 2, 1, 1))}
+    mean_chroma = chroma(data.train).mean((0, 2, 3)).reshape(1, 3, 1, 1)
+    baselines = {"gray (R = G = B = luminance)": gray.expand(-1, 3, -1, -1),
+                 "gray + training mean chroma": gray + mean_chroma}
     rows = {name: [colour_stats(out, x) | {"max_luminance_error": float((luminance(out) - gray).abs().max())}]
             for name, out in baselines.items()}
     cm_name = f"consistency model ({args.steps} steps)"
