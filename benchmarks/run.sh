@@ -3,7 +3,7 @@
 #   source .venv/bin/activate && bash benchmarks/run.sh
 # S-curve models train here in a few minutes each. Digits models that take longer are trained once by their recipes
 # and loaded when present (2-core CPU: runs/digits-cd ~15 min, runs/digits-ict and runs/digits-ct ~11 min each,
-# runs/digits-ect ~4 min, runs/tinted-digits-ict ~12 min).
+# runs/digits-ect ~4 min, runs/tinted-digits-ict ~12 min). The teachers ship in cmkit/assets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CMKIT=${CMKIT:-cmkit}
@@ -27,6 +27,9 @@ for job in ct ict ect; do
 done
 $CMKIT bench quality-vs-steps recipes/digits-cd.toml --model CD=runs/digits-cd/model --model CT=runs/digits-ct/model \
   --model iCT=runs/digits-ict/model --model ECT=runs/digits-ect/model --out $R/digits-cd --no-progress
+# ECT beside its own teacher, the shipped EDM digits teacher (no dopri5 reference: the DDPM table has it)
+$CMKIT bench quality-vs-steps recipes/digits-ect.toml --model ECT=runs/digits-ect/model --out $R/digits-edm \
+  --set 'eval.teacher_nfe=[1,2,4,35,79]' --set eval.dopri5=false --no-progress
 $PY benchmarks/editing_digits.py --model runs/digits-cd/model --out $R/editing-digits
 
 # --- colour: a consistency model trained on tinted digits colours held-out luminance images ---
