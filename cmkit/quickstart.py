@@ -24,15 +24,16 @@ def run_quickstart(out="quickstart-out", overrides: list[str] | None = None, pro
     teacher_dir = out / "teacher" / "model"
     echo(f"[2/3] distilling it into a consistency model -> {out / 'cd'}")
     distill(cd_recipe, out / "cd", teacher_path=str(teacher_dir), progress=progress)
-    echo("[3/3] sampling the teacher at each NFE and the consistency model at 1, 2 and 4 steps")
+    ev = cd_recipe.eval
+    echo(f"[3/3] sampling the teacher at each NFE and the consistency model at "
+         f"{', '.join(map(str, ev.cm_steps))} steps")
     teacher = load_teacher(teacher_dir)
     cm = ConsistencyModel.from_pretrained(out / "cd" / "model")
-    ev = cd_recipe.eval
     data = dataset_for(cd_recipe)
     result = quality_vs_steps(teacher, {"CD": cm}, vector_scorer(data.test), teacher_solvers=ev.teacher_solvers,
                               teacher_nfe=ev.teacher_nfe, cm_steps=ev.cm_steps, num_samples=ev.num_samples,
                               seeds=ev.seeds, dopri5=ev.dopri5, progress=progress,
-                                  partial_dir=Path(out) / "partial")
+                              partial_dir=Path(out) / "partial")
     written = write_results(result, data.test, out, extra={"dataset": data.name, "teacher": str(teacher_dir),
                                                            "models": {"CD": str(out / "cd" / "model")}})
     echo("")
