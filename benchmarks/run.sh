@@ -39,4 +39,4 @@ $PY benchmarks/colorize_tinted.py --model runs/tinted-digits-ict/model --out $R/
 
 # --- cost of a training iteration against the floor of its network passes (CD, CT, iCT, ECT) ---
 for r in digits-cd digits-ct digits-ict digits-ect; do $PY benchmarks/cost.py --recipe $r --out $R/cost; done
-$PY benchmarks/cost.py --recipe quickstart-cd --teacher $T --out $R/cost
+for r in quickstart-cd s_curve-ct s_curve-ict s_curve-ect; do $PY benchmarks/cost.py --recipe $r --teacher $T --out $R/cost; done
