@@ -6,6 +6,7 @@ Layer 3. The boundary scalings make ``f(x, sigma_min) = x`` exactly (c_skip = 1,
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -24,6 +25,9 @@ class ConsistencyModel(nn.Module):
                  sigma_data: float = S.SIGMA_DATA, default_sigmas: dict | None = None):
         super().__init__()
         self.backbone = backbone
+        self._set_levels(sigma_min, sigma_max, sigma_data, default_sigmas)
+
+    def _set_levels(self, sigma_min, sigma_max, sigma_data, default_sigmas) -> None:
         self.sigma_min, self.sigma_max, self.sigma_data = float(sigma_min), float(sigma_max), float(sigma_data)
         # steps -> the sigma list `sample(steps=n)` uses; filled by schedule searches, else a Karras default.
         self.default_sigmas = {int(k): [float(s) for s in v] for k, v in (default_sigmas or {}).items()}
@@ -152,12 +156,10 @@ class DenoiserConsistencyModel(ConsistencyModel):
         if not isinstance(denoiser, DiffusersDenoiser):
             raise ValueError(f"DenoiserConsistencyModel wraps a DiffusersDenoiser, got {type(denoiser).__name__}; "
                              "for an EDM teacher use ConsistencyModel.from_teacher")
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # no `backbone` submodule: it is the denoiser's UNet (the property below)
         self.denoiser = denoiser
-        self.sigma_min = float(max(sigma_min or 0.0, denoiser.sigma_min))
-        self.sigma_max = float(min(sigma_max or float("inf"), denoiser.sigma_max))
-        self.sigma_data = float(sigma_data)
-        self.default_sigmas = {int(k): [float(s) for s in v] for k, v in (default_sigmas or {}).items()}
+        self._set_levels(max(sigma_min or 0.0, denoiser.sigma_min), min(sigma_max or float("inf"), denoiser.sigma_max),
+                         sigma_data, default_sigmas)
 
     @property
     def backbone(self) -> nn.Module:
@@ -177,19 +179,20 @@ class DenoiserConsistencyModel(ConsistencyModel):
 
     def config_dict(self) -> dict:
         sched = self.denoiser.scheduler
+        # diffusers' own serialisation of the scheduler config (with its _class_name), as scheduler_config.json holds
         return {**super().config_dict(), "prediction_type": self.denoiser.prediction_type,
-                "clip_x0": self.denoiser.clip_x0,
-                "scheduler": {"class": type(sched).__name__, "config": _json_ready(dict(sched.config))}}
+                "clip_x0": self.denoiser.clip_x0, "scheduler": json.loads(sched.to_json_string())}
 
     @classmethod
     def from_pretrained(cls, folder) -> DenoiserConsistencyModel:
         import diffusers
 
         backbone, meta = read_model_folder(folder, cls.kind)
-        sched_cls = getattr(diffusers, meta["scheduler"]["class"], None)
+        name = meta["scheduler"].get("_class_name")
+        sched_cls = getattr(diffusers, str(name), None)
         if sched_cls is None:
-            raise ValueError(f"{str(folder)!r}: unknown diffusers scheduler {meta['scheduler']['class']!r}")
-        denoiser = DiffusersDenoiser(backbone, sched_cls.from_config(meta["scheduler"]["config"]),
+            raise ValueError(f"{str(folder)!r}: unknown diffusers scheduler {name!r}")
+        denoiser = DiffusersDenoiser(backbone, sched_cls.from_config(meta["scheduler"]),
                                      meta["prediction_type"], meta.get("clip_x0"))
         return cls(denoiser, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta.get("default_sigmas"))
 
@@ -197,12 +200,3 @@ class DenoiserConsistencyModel(ConsistencyModel):
         raise ValueError("diffusers' ConsistencyModelPipeline runs EDM-parameterised consistency models; this one "
                          "keeps its teacher's VP parameterisation, so save it with save_pretrained instead")
 
-
-def _json_ready(config: dict) -> dict:
-    """A diffusers config as plain JSON values (tuples to lists, private keys dropped)."""
-    out = {}
-    for k, v in config.items():
-        if k.startswith("_"):
-            continue
-        out[k] = list(v) if isinstance(v, tuple) else v
-    return out

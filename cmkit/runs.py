@@ -178,9 +178,16 @@ def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool
     teacher.requires_grad_(False).eval().to(acc.device)
     torch.manual_seed(recipe.seed)
     student, objective = build_consistency(recipe, data, teacher, distance)
+    return _train_then_tune(recipe, student, objective, data, out, acc, conditional,
+                            {"job": "distill", "teacher": str(path)}, progress)
+
+
+def _train_then_tune(recipe: Recipe, model, objective, data: Dataset, out: Path, acc, conditional: bool,
+                     run_info: dict, progress: bool) -> dict:
+    """What every consistency job ends with: train, then (on the main process) search the few-step schedule."""
     batches = data.batches(conditional=conditional, hflip=recipe.data.hflip)
-    summary = train(student, objective, batches, recipe.train, out, seed=recipe.seed,
-                    run_info={"job": "distill", "teacher": str(path)}, progress=progress, accelerator=acc)
+    summary = train(model, objective, batches, recipe.train, out, seed=recipe.seed, run_info=run_info,
+                    progress=progress, accelerator=acc)
     if acc.is_main_process:
         summary["schedule"] = tune_schedule(recipe, out / "model", data, progress, acc.device)
     acc.wait_for_everyone()
@@ -215,14 +222,8 @@ def train_consistency(recipe: Recipe, out, teacher_path: str | None = None, prog
     curriculum = {"curriculum_total_steps": objective.total} if o.kind in ("ct", "ict") else {}
     check_resume(recipe, out, {**({"teacher_path": str(path)} if path else {}), **curriculum},
                  write=acc.is_main_process)
-    conditional = num_classes_of(model) is not None
-    batches = data.batches(conditional=conditional, hflip=recipe.data.hflip)
-    summary = train(model, objective, batches, recipe.train, out, seed=recipe.seed,
-                    run_info={"job": f"train-{o.kind}"}, progress=progress, accelerator=acc)
-    if acc.is_main_process:
-        summary["schedule"] = tune_schedule(recipe, out / "model", data, progress, acc.device)
-    acc.wait_for_everyone()
-    return summary
+    return _train_then_tune(recipe, model, objective, data, out, acc, num_classes_of(model) is not None,
+                            {"job": f"train-{o.kind}"}, progress)
 
 
 def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=print) -> dict:
