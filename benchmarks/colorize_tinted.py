@@ -19,11 +19,11 @@ import torch
 from editing_common import editing_setup, summarise
 
 import cmkit
-from cmkit.bench import machine_info
+from cmkit.eval.report import machine_info
 from cmkit.data import load_dataset
-from cmkit.editing import LUMA
-from cmkit.imageio import side_by_side
-from cmkit.metrics import sliced_wasserstein
+from cmkit.sampling.editing import LUMA
+from cmkit.data.imagefiles import side_by_side
+from cmkit.eval.metrics import sliced_wasserstein
 
 
 def luminance(rgb):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from cmkit.bench import machine_info
-from cmkit.denoisers import load_teacher
-from cmkit.recipes import load_recipe
-from cmkit.runs import build_consistency, dataset_for
+from cmkit.eval.report import machine_info
+from cmkit.models import load_teacher
+from cmkit.cli.recipes import load_recipe
+from cmkit.cli.jobs import build_run, dataset_for
 from cmkit.training import ema_update, make_optimizer
 
 
@@ -65,7 +65,7 @@ def main():
         teacher = load_teacher(args.teacher or recipe.teacher.path).requires_grad_(False).eval().to(device)
     data = dataset_for(recipe)
     torch.manual_seed(0)
-    model, obj = build_consistency(recipe, data, teacher)
+    model, obj = build_run(recipe, data, teacher)
     model = model.to(device).train()
     mu = obj.target_ema(0)
     # with mu = 0 (iCT, ECT) the trainer keeps no target copy: the target pass is the online net under no_grad

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from editing_common import editing_setup, summarise
 
 import cmkit
-from cmkit.bench import machine_info
-from cmkit.classifier import load_or_train_classifier
+from cmkit.eval.report import machine_info
+from cmkit.eval.classifier import load_or_train_classifier
 from cmkit.data import load_dataset
-from cmkit.imageio import side_by_side
+from cmkit.data.imagefiles import side_by_side
 
 
 def blur_fill(images, mask):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import cmkit
-import cmkit.bench as bench
-from cmkit.bench import quality_vs_steps, vector_scorer, write_results
+import cmkit.eval.bench as bench
+from cmkit.eval.bench import quality_vs_steps, vector_scorer, write_results
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmkit.recipes import load_recipe
-from cmkit.runs import distill, train_teacher
+from cmkit.cli.recipes import load_recipe
+from cmkit.cli.jobs import distill, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "model.hidden=16", "--set", "model.depth=1", "--set", "train.batch_size=32",

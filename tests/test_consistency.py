@@ -2,7 +2,7 @@ import torch
 
 import cmkit
 from cmkit import EDMDenoiser, TimeMLP
-from cmkit.consistency import ConsistencyModel
+from cmkit.models import ConsistencyModel
 
 
 def make_cm(**kw):
@@ -85,7 +85,7 @@ def test_sample_rejects_bad_sigmas():
 
 
 def test_schedule_search_is_stored_and_used(tmp_path):
-    from cmkit.schedules import search_schedule
+    from cmkit.sampling import search_schedule
 
     cm = make_cm()
     ref = torch.randn(300, 3) * 0.5

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import cmkit
-from cmkit import sigmas as S
-from cmkit.consistency import ConsistencyModel
+from cmkit import core as S
+from cmkit.objectives import ct as C
+from cmkit.objectives.ect import ect_r
+from cmkit.models import ConsistencyModel
 from cmkit.objectives import ConsistencyTraining, EasyConsistencyTuning
 
 
@@ -16,10 +18,10 @@ from cmkit.objectives import ConsistencyTraining, EasyConsistencyTuning
 def test_ct_schedule_formulas(k, total):
     s0, s1, mu0 = 2, 150, 0.9
     n = math.ceil(math.sqrt(k / total * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
-    assert S.ct_num_points(k, total, s0, s1) == n
-    assert math.isclose(S.ct_target_mu(k, total, s0, s1, mu0, "paper"), math.exp(s0 * math.log(mu0) / n))
-    assert math.isclose(S.ct_target_mu(k, total, s0, s1, mu0, "openai"), math.exp(s0 * math.log(mu0) / (n - 1)))
-    assert S.ct_num_points(0, total) == 2 and S.ct_num_points(total, total) == 151
+    assert C.ct_num_points(k, total, s0, s1) == n
+    assert math.isclose(C.ct_target_mu(k, total, s0, s1, mu0, "paper"), math.exp(s0 * math.log(mu0) / n))
+    assert math.isclose(C.ct_target_mu(k, total, s0, s1, mu0, "openai"), math.exp(s0 * math.log(mu0) / (n - 1)))
+    assert C.ct_num_points(0, total) == 2 and C.ct_num_points(total, total) == 151
 
 
 def test_ict_curriculum_and_stage_boundaries():
@@ -27,11 +29,11 @@ def test_ict_curriculum_and_stage_boundaries():
     k_prime = math.floor(total / (math.log2(math.floor(1280 / 10)) + 1))
     assert k_prime == 1000
     for k in (0, 999):
-        assert S.ict_num_points(k, total) == 11
-    assert S.ict_num_points(1000, total) == 21
-    assert S.ict_num_points(2999, total) == 41 and S.ict_num_points(3000, total) == 81
-    assert S.ict_num_points(7000, total) == 1281 and S.ict_num_points(7999, total) == 1281
-    assert S.ict_num_points(10**6, total) == 1281  # capped at s1 + 1
+        assert C.ict_num_points(k, total) == 11
+    assert C.ict_num_points(1000, total) == 21
+    assert C.ict_num_points(2999, total) == 41 and C.ict_num_points(3000, total) == 81
+    assert C.ict_num_points(7000, total) == 1281 and C.ict_num_points(7999, total) == 1281
+    assert C.ict_num_points(10**6, total) == 1281  # capped at s1 + 1
 
 
 def test_ect_pairs_and_stages():
@@ -39,15 +41,15 @@ def test_ect_pairs_and_stages():
     for stage in (0, 1, 3):
         n = 1 + 8 * torch.sigmoid(-t)
         want = (t * (1 - n / 2.0 ** (stage + 1))).clamp_min(0)
-        torch.testing.assert_close(S.ect_r(t, stage, 2.0), want)
-    assert S.ect_r(torch.tensor([0.01]), 0).item() == 0.0  # small t pairs with the data itself
+        torch.testing.assert_close(ect_r(t, stage, 2.0), want)
+    assert ect_r(torch.tensor([0.01]), 0).item() == 0.0  # small t pairs with the data itself
     ect = EasyConsistencyTuning(stage_steps=250)
     assert [ect.stage(k) for k in (0, 249, 250, 999, 1000)] == [0, 0, 1, 3, 4]
 
 
 def test_discretised_lognormal_chi_square():
     grid = S.karras_sigmas(41).flip(0)
-    p = S.lognormal_index_probs(grid, -1.1, 2.0)
+    p = C.lognormal_index_probs(grid, -1.1, 2.0)
     e = torch.erf((grid.double().log() + 1.1) / (math.sqrt(2) * 2.0))
     want = (e[1:] - e[:-1]) / (e[-1] - e[0])
     torch.testing.assert_close(p.double(), want, rtol=1e-5, atol=1e-7)
@@ -96,7 +98,7 @@ def test_stop_gradient_target_gives_no_gradient_through_target():
     # the same loss with the target's output frozen by hand: gradients must be identical
     torch.manual_seed(1)
     grid = obj.grid(0)
-    probs = S.lognormal_index_probs(grid)
+    probs = C.lognormal_index_probs(grid)
     n = torch.multinomial(probs, 32, replacement=True)
     z = torch.randn_like(x0)
     s_n, s_np1 = grid[n], grid[n + 1]
@@ -130,7 +132,7 @@ def vp_denoiser(prediction_type="epsilon"):
     from diffusers import DDPMScheduler
 
     torch.manual_seed(0)
-    return cmkit.DiffusersDenoiser(cmkit.nets.small_unet(8, 1, 8, 1, 1, False),
+    return cmkit.DiffusersDenoiser(cmkit.models.small_unet(8, 1, 8, 1, 1, False),
                                    DDPMScheduler(prediction_type=prediction_type))
 
 
@@ -142,8 +144,8 @@ def test_denoiser_consistency_model_formula_and_boundary(prediction_type):
     assert cm.sigma_min == pytest.approx(den.sigma_min)  # the teacher's table starts above 0.002
     x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     sigma = torch.tensor([cm.sigma_min, 0.3, 40.0], dtype=torch.float64)
-    c_skip, c_out, _ = cmkit.sigmas.boundary_scalings(sigma, cm.sigma_min, cm.sigma_data)
-    c_skip_e, c_out_e, _ = cmkit.sigmas.edm_scalings(sigma, cm.sigma_data)
+    c_skip, c_out, _ = cmkit.core.boundary_scalings(sigma, cm.sigma_min, cm.sigma_data)
+    c_skip_e, c_out_e, _ = cmkit.core.edm_scalings(sigma, cm.sigma_data)
     with torch.no_grad():
         d = den(x, sigma)
         want = c_skip[:, None, None, None] * x + (c_out / c_out_e)[:, None, None, None] * (
@@ -169,8 +171,8 @@ def test_denoiser_consistency_model_saves_loads_and_refuses_pipeline_export(tmp_
 
 
 def test_ect_from_a_vp_teacher_trains_the_whole_denoiser(tmp_path):
-    from cmkit.recipes import load_recipe
-    from cmkit.runs import train_consistency
+    from cmkit.cli.recipes import load_recipe
+    from cmkit.cli.jobs import train_consistency
 
     den = vp_denoiser()
     recipe = load_recipe("s_curve-ect", ['data.name="digits"', "train.steps=2", "train.batch_size=8",
@@ -185,18 +187,18 @@ def test_ect_from_a_vp_teacher_trains_the_whole_denoiser(tmp_path):
 def test_cd_student_can_keep_a_vp_teachers_parameterisation(tmp_path):
     """model.student = "teacher": the CD student starts as the teacher denoiser itself (identical outputs at large
     sigma before training); "edm" keeps the exportable copied-UNet student; anything else is a clear error."""
-    from cmkit.recipes import load_recipe
-    from cmkit.runs import build_consistency, dataset_for
+    from cmkit.cli.recipes import load_recipe
+    from cmkit.cli.jobs import build_run, dataset_for
 
     den = vp_denoiser()
     recipe = load_recipe("digits-cd", ['model.student="teacher"'])
     data = dataset_for(recipe)
-    student, objective = build_consistency(recipe, data, den)
+    student, objective = build_run(recipe, data, den)
     assert isinstance(student, cmkit.DenoiserConsistencyModel) and objective.teacher is den
     x = 40 * torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(student(x, 40.0), den(x, 40.0), rtol=0, atol=1e-3 * den(x, 40.0).abs().max())
-    edm, _ = build_consistency(load_recipe("digits-cd"), data, den)
+    edm, _ = build_run(load_recipe("digits-cd"), data, den)
     assert type(edm) is cmkit.ConsistencyModel
     with pytest.raises(ValueError, match="model.student"):
-        build_consistency(load_recipe("digits-cd", ['model.student="vp"']), data, den)
+        build_run(load_recipe("digits-cd", ['model.student="vp"']), data, den)

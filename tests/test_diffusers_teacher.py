@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 import cmkit
-from cmkit.nets import small_unet
+from cmkit.models import small_unet
 
 
 def unet(num_classes=None, out_mult=1):

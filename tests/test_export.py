@@ -6,7 +6,7 @@ import torch
 from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
 
 import cmkit
-from cmkit.nets import small_unet
+from cmkit.models import small_unet
 from cmkit.sampling import multistep
 
 

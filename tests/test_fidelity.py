@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("torch_fidelity")
 
-from cmkit import fidelity  # noqa: E402
+from cmkit.eval import fidelity  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_fid_kid_zero_for_the_reference_and_match_their_formulas(random_inceptio
     same = metric.score_features(b)
     a = metric.features(-ref.abs())  # darker images: a different distribution
     other = metric.score_features(a)
-    from cmkit.metrics import frechet_distance
+    from cmkit.eval.metrics import frechet_distance
 
     assert other["fid"] == pytest.approx(frechet_distance(a, b), rel=1e-3) and other["fid"] > 0
     assert abs(same["fid"]) < 1e-3 * other["fid"]

@@ -13,12 +13,12 @@ import torch
 from diffusers import DDPMScheduler
 
 import cmkit
-from cmkit.bench import image_scorer
-from cmkit.classifier import train_classifier
+from cmkit.eval.bench import image_scorer
+from cmkit.eval.classifier import train_classifier
 from cmkit.data import load_dataset
 from cmkit.objectives import DDPMLoss
-from cmkit.recipes import load_recipe
-from cmkit.runs import distill, train_teacher
+from cmkit.cli.recipes import load_recipe
+from cmkit.cli.jobs import distill, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.base=8", "model.levels=1", "model.attention=false", "model.dropout=0.0", "train.batch_size=16",
@@ -28,7 +28,7 @@ TINY = ["model.base=8", "model.levels=1", "model.attention=false", "model.dropou
 def test_ddpm_loss_is_epsilon_mse():
     """The x0-space DDPM loss equals the textbook ||eps_hat - eps||^2 for an epsilon network."""
     torch.manual_seed(0)
-    net = cmkit.nets.small_unet(8, 1, 8, 1, 1, False)
+    net = cmkit.models.small_unet(8, 1, 8, 1, 1, False)
     sched = DDPMScheduler(num_train_timesteps=1000)
     den = cmkit.DiffusersDenoiser(net, sched)
     x0 = torch.randn(4, 1, 8, 8)

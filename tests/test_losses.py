@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from cmkit import losses
-from cmkit.losses import LPIPSDistance, distance, make_distance
+from cmkit.objectives import distances as losses
+from cmkit.objectives.distances import LPIPSDistance, distance, make_distance
 
 
 def test_pseudo_huber_default_c_and_limits():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cmkit
-from cmkit.sampling import teacher_grid
+from cmkit.solvers import teacher_grid
 
 
 def closed_form(x, mu, s, sigma_from, sigma_to):
@@ -106,7 +106,7 @@ def test_ddim_step_is_diffusers_ddim():
     space, for the same UNet."""
     from diffusers import DDIMScheduler
 
-    from cmkit.nets import small_unet
+    from cmkit.models import small_unet
 
     torch.manual_seed(0)
     net = small_unet(8, 1, 8, 1, 1, False).double().eval()

@@ -5,7 +5,8 @@ import torch
 from diffusers import CMStochasticIterativeScheduler
 
 import cmkit
-from cmkit import sigmas as S
+from cmkit import core as S
+from cmkit.core import noise as N
 
 
 def test_karras_grid_shape_and_ends():
@@ -49,7 +50,7 @@ def test_edm_scalings_closed_form():
 
 def test_index_pairs_cover_range_uniformly():
     g = torch.Generator().manual_seed(0)
-    n = S.uniform_index_pairs(18, 170_000, generator=g)
+    n = N.uniform_index_pairs(18, 170_000, generator=g)
     assert n.min() == 0 and n.max() == 16
     counts = torch.bincount(n, minlength=17).double()
     assert (counts / counts.mean() - 1).abs().max() < 0.05
@@ -57,7 +58,7 @@ def test_index_pairs_cover_range_uniformly():
 
 def test_lognormal_sigmas_moments():
     g = torch.Generator().manual_seed(0)
-    s = S.lognormal_sigmas(200_000, -1.2, 1.2, generator=g)
+    s = N.lognormal_sigmas(200_000, -1.2, 1.2, generator=g)
     assert abs(s.log().mean().item() + 1.2) < 0.01
     assert abs(s.log().std().item() - 1.2) < 0.01
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmkit.recipes import load_recipe
-from cmkit.runs import distill, train_teacher
+from cmkit.cli.recipes import load_recipe
+from cmkit.cli.jobs import distill, train_teacher
 from cmkit.training import TrainingInterrupted
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -1,0 +1,278 @@
+"""The ``cmkit`` command. It only parses arguments and calls the library; every failure a user can cause ends in
+one line on stderr and a non-zero exit code, never a traceback (set CMKIT_DEBUG=1 to see one)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+TRAINING_JOBS = ("train-teacher", "distill", "train")
+
+
+class CliError(Exception):
+    pass
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, out_help: str = "output folder (default runs/<recipe name>)"):
+    p.add_argument("recipe", help="a TOML recipe file, or the name of a shipped recipe (e.g. quickstart-cd)")
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _default_out(recipe: str) -> Path:
+    return Path("runs") / Path(recipe).stem
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmkit", description="Consistency models: distil, train, sample, measure.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quickstart", help="teacher -> distil -> sample -> quality-vs-steps table + plot (S-curve)")
+    q.add_argument("--out", default="quickstart-out", help="output folder (default quickstart-out)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key in both quickstart recipes, e.g. --set train.steps=500")
+    q.add_argument("--no-progress", action="store_true")
+
+    t = sub.add_parser("train-teacher", help=f"train a teacher from a recipe ({_kinds('train-teacher')})")
+    _add_recipe_args(t)
+    t.add_argument("--dry-run", action="store_true", help="build everything and run one step on a batch of 2")
+
+    d = sub.add_parser("distill", help=f"distil a teacher ({_kinds('distill')})")
+    _add_recipe_args(d)
+    d.add_argument("--dry-run", action="store_true", help="build everything and run one step on a batch of 2")
+    d.add_argument("--teacher", help="teacher folder or hub id (default: teacher.path of the recipe)")
+
+    tr = sub.add_parser("train", help=f"consistency training, or tuning from a teacher ({_kinds('train')})")
+    _add_recipe_args(tr)
+    tr.add_argument("--teacher", help="kinds that start from a teacher (ect): its folder, hub id or cmkit:NAME")
+    tr.add_argument("--dry-run", action="store_true", help="build everything and run one step on a batch of 2")
+
+    s = sub.add_parser("sample", help="draw samples from a consistency model folder")
+    s.add_argument("model", help="a consistency model folder (e.g. runs/quickstart-cd/model)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=1, help="number of network evaluations (default 1)")
+    g.add_argument("--sigmas", help="comma-separated descending noise levels, e.g. 80,0.8")
+    s.add_argument("--num", type=int, default=1000, help="number of samples (default 1000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--class-label", type=int, help="class for a class-conditional model (default: random classes)")
+    s.add_argument("--out", default="samples.npy",
+                   help="output file: .npy (any model) or .png (an image grid, image models; default samples.npy)")
+
+    _add_edit(sub)
+    _add_bench(sub)
+    return parser
+
+
+def _add_edit(sub) -> None:
+    e = sub.add_parser("edit", help="zero-shot editing with a consistency model (images in [-1, 1])")
+    e.add_argument("task", choices=["inpaint", "colorize", "superres", "denoise", "interpolate", "sdedit"])
+    e.add_argument("model", help="a consistency model folder")
+    e.add_argument("--input", help="input .npy batch (B, C, H, W) in [-1, 1] or a PNG/JPEG image")
+    e.add_argument("--mask", help="inpaint: mask file (.npy or image; 1 / white = known pixel)")
+    e.add_argument("--mask-kind", default="random-half", help="inpaint without --mask: random-half, left-half, center")
+    e.add_argument("--factor", type=int, default=2, help="superres: the upsampling factor (default 2)")
+    e.add_argument("--sigma", type=float, default=1.0, help="denoise: the noise level; sdedit: the start level")
+    g2 = e.add_mutually_exclusive_group()
+    g2.add_argument("--steps", type=int, default=1, help="network evaluations (default 1)")
+    g2.add_argument("--sigmas", help="comma-separated descending noise levels")
+    e.add_argument("--num", type=int, default=8, help="interpolate: points along the path (default 8)")
+    e.add_argument("--reference", help="a reference batch shown beside the result in the figure")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default="edited.png", help="output .png grid or .npy batch (default edited.png)")
+    e.add_argument("--figure", help="also write input / output / reference side by side to this PNG")
+
+
+
+def _add_bench(sub) -> None:
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    bq = bsub.add_parser("quality-vs-steps", help="teacher solvers vs consistency models at every NFE")
+    _add_recipe_args(bq, "output folder (default benchmarks/results/<recipe name>)")
+    bq.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER",
+                    help="a consistency model to score (repeatable), e.g. --model CD=runs/quickstart-cd/model")
+    bq.add_argument("--teacher", help="teacher folder (default: teacher.path of the recipe)")
+    bq.add_argument("--fid", action="store_true",
+                    help="also FID and KID in Inception features (images; needs pip install 'cmkit[fid]' and the "
+                         "Inception weights file, see --inception-weights)")
+    bq.add_argument("--inception-weights", metavar="PATH",
+                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch's hub cache)")
+
+
+def _kinds(job: str) -> str:
+    from ..objectives import kinds_for
+
+    return ", ".join(kinds_for(job))
+
+
+def _parse_sigmas(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CliError(f"--sigmas wants comma-separated numbers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    handlers = {"quickstart": run_quickstart, "sample": run_sample, "edit": run_edit, "bench": run_bench,
+                **{job: run_training for job in TRAINING_JOBS}}
+    handlers[args.command](args)
+    return 0
+
+
+def _progress(args) -> bool:
+    return not getattr(args, "no_progress", False)
+
+
+def run_quickstart(args: argparse.Namespace) -> None:
+    from .quickstart import run_quickstart as quickstart
+
+    quickstart(args.out, args.set, progress=_progress(args))
+
+
+def run_training(args: argparse.Namespace) -> None:
+    from .dryrun import dry_run
+    from .jobs import SAVES, run_job
+    from .recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    teacher = getattr(args, "teacher", None)
+    if args.dry_run:
+        dry_run(recipe, args.command, teacher)
+        return
+    summary = run_job(args.command, recipe, args.out or _default_out(args.recipe), teacher, _progress(args))
+    print(f"{SAVES[args.command]} saved to {summary['model_dir']}")
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..data.imagefiles import save_images
+    from ..models import ConsistencyModel
+    from ..sampling import class_condition, sample
+
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".png"):
+        raise CliError(f"--out must end in .npy or .png, got {out.name!r}")
+    cm = ConsistencyModel.from_pretrained(args.model)
+    if out.suffix == ".png" and len(cm.sample_shape) != 3:
+        raise CliError("a .png grid needs an image model; write .npy for vector data")
+    cond = class_condition(cm, args.num, args.class_label, seed=args.seed)
+    sigmas = _parse_sigmas(args.sigmas) if args.sigmas else None
+    x = sample(cm, args.num, steps=args.steps, sigmas=sigmas, generator=torch.Generator().manual_seed(args.seed),
+               **cond)
+    save_images(x, out)
+    print(f"wrote {args.num} samples of shape {tuple(x.shape[1:])} to {out}")
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from ..eval.bench import run_benchmark
+    from ..models import ConsistencyModel, load_teacher
+    from .jobs import check_data_matches, dataset_for
+    from .recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    teacher_path = args.teacher or recipe.teacher.path
+    if not teacher_path:
+        raise CliError("no teacher: pass --teacher PATH or set teacher.path in the recipe")
+    folders = {}
+    for item in args.model:
+        if "=" not in item:
+            raise CliError(f"--model wants NAME=FOLDER, got {item!r}")
+        name, folder = item.split("=", 1)
+        folders[name] = folder
+    models = {name: ConsistencyModel.from_pretrained(folder) for name, folder in folders.items()}
+    teacher = load_teacher(teacher_path)
+    data = dataset_for(recipe)
+    check_data_matches(data, teacher, "teacher")
+    out = args.out or Path("benchmarks/results") / Path(args.recipe).stem
+    try:
+        written = run_benchmark(teacher, models, data, recipe.eval, out, fid=args.fid,
+                                inception_weights=args.inception_weights, progress=_progress(args),
+                                extra={"teacher": str(teacher_path), "models": folders})
+    except ImportError as e:
+        raise CliError(str(e)) from None
+    print(written["header"] + written["table"])
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..data.imagefiles import load_images, named_mask, save_images, side_by_side
+    from ..models import ConsistencyModel
+    from ..sampling import editing
+
+    cm = ConsistencyModel.from_pretrained(args.model)
+    gen = torch.Generator().manual_seed(args.seed)
+    sigmas = _parse_sigmas(args.sigmas) if args.sigmas else None
+    channels = cm.sample_shape[0] if len(cm.sample_shape) == 3 else None
+    if args.task != "interpolate" and not args.input:
+        raise CliError(f"edit {args.task} needs --input FILE")
+    x = load_images(args.input, 1 if args.task == "colorize" else channels) if args.input else None
+    panels = []
+    if args.task == "inpaint":
+        mask = (load_images(args.mask, 1) > 0).float() if args.mask else named_mask(args.mask_kind, x.shape, args.seed)
+        out = editing.inpaint(cm, x, mask, sigmas=sigmas, steps=args.steps, generator=gen)
+        panels.append(("input (masked)", x * mask + (mask - 1)))
+    elif args.task == "colorize":
+        out = editing.colorize(cm, x, sigmas=sigmas, steps=args.steps, generator=gen)
+        panels.append(("input (luminance)", x))
+    elif args.task == "superres":
+        out = editing.superres(cm, x, args.factor, sigmas=sigmas, steps=args.steps, generator=gen)
+        panels.append((f"input (1/{args.factor})", x.repeat_interleave(args.factor, 2).repeat_interleave(args.factor, 3)))
+    elif args.task == "denoise":
+        out = editing.denoise(cm, x, args.sigma)
+        panels.append((f"input (sigma {args.sigma:g})", x))
+    elif args.task == "sdedit":
+        out = editing.sdedit(cm, x, args.sigma, sigmas=sigmas, generator=gen)
+        panels.append(("guide", x))
+    else:
+        shape = cm.sample_shape
+        z = torch.randn((2, *shape), generator=gen)
+        out = editing.interpolate(cm, z[0], z[1], torch.linspace(0, 1, args.num).tolist())
+    panels.append(("output", out))
+    if args.reference:
+        panels.append(("reference", load_images(args.reference, channels)))
+    print(f"wrote {save_images(out, args.out)}")
+    if args.figure:
+        print(f"wrote {side_by_side(panels, args.figure)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..training import TrainingInterrupted
+
+    try:
+        return run(args)
+    except TrainingInterrupted as e:
+        print(f"cmkit: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("cmkit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CliError, ValueError, FileNotFoundError, FloatingPointError) as e:
+        if os.environ.get("CMKIT_DEBUG"):
+            raise
+        print(f"cmkit: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - the last line of defence keeps the promise of one line, no traceback
+        if os.environ.get("CMKIT_DEBUG"):
+            raise
+        print(f"cmkit: internal error: {type(e).__name__}: {_one_line(e)} (set CMKIT_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, KeyError) or not text:
+        text = text or type(e).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""``--dry-run``: build everything a recipe names and run one optimiser step on a batch of 2, in a temporary folder,
+with stand-ins (said so) for what cannot be had offline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+from ..data import Dataset
+from ..models import DiffusersDenoiser, EDMDenoiser, TimeMLP, load_teacher, small_unet
+from ..objectives import OBJECTIVES, LPIPSDistance
+from .jobs import check_job, dataset_for, run_job
+from .recipes import Recipe
+
+
+def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=print) -> dict:
+    """Stand-ins: data that is not on this machine (random ``data.channels``-channel images of at most 16x16), a
+    teacher that cannot be loaded (a randomly initialised network of the data's shape: a UNet with a DDPM schedule
+    for images), LPIPS backbone weights (a random backbone, inputs upsampled to 64 instead of 224)."""
+    check_job(recipe, job)
+    small = dataclasses.replace(recipe.train, steps=1, batch_size=2, checkpoint_every=1, log_every=1, cpu=True,
+                                mixed_precision="no")
+    recipe = dataclasses.replace(recipe, train=small, eval=dataclasses.replace(recipe.eval, schedule_max_steps=0))
+    data = _data(recipe, echo)
+    teacher = _teacher(recipe, data, teacher_path, echo) if OBJECTIVES[recipe.objective.kind].teacher != "none" \
+        else None
+    distance = _distance(recipe, echo)
+    with tempfile.TemporaryDirectory(prefix="cmkit-dry-run-") as tmp:
+        t0 = time.perf_counter()
+        summary = run_job(job, recipe, tmp, teacher_path, progress=False, teacher=teacher, data=data,
+                          distance=distance)
+        loss = json.loads((Path(tmp) / "log.jsonl").read_text().splitlines()[-1])["loss"]
+    echo(f"dry run OK: one step of {job} ({recipe.objective.kind}) on data {tuple(data.sample_shape)}, loss "
+         f"{loss:.4g}, {time.perf_counter() - t0:.1f} s including set-up")
+    return {**summary, "loss": loss}
+
+
+def _data(recipe: Recipe, echo) -> Dataset:
+    try:
+        return dataset_for(recipe)
+    except FileNotFoundError as e:
+        # tiny shapes: the point is to build and step every part, not to pay for full-size images on a CPU
+        c, size = recipe.data.channels or 3, min(recipe.data.image_size or 32, 16)
+        echo(f"dry run: data not available ({e}); using random {c}x{size}x{size} images")
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(8, c, size, size, generator=g) * 2 - 1
+        labels = torch.randint(0, 10, (8,), generator=g)
+        return Dataset("stand-in", x[:6], x[6:], labels[:6], labels[6:], 10)
+
+
+def _teacher(recipe: Recipe, data: Dataset, teacher_path: str | None, echo):
+    try:
+        return load_teacher(teacher_path or recipe.teacher.path)
+    except (FileNotFoundError, ValueError) as e:
+        echo(f"dry run: teacher not available ({e}); using a randomly initialised stand-in")
+    shape = data.sample_shape
+    classes = data.num_classes if recipe.model.class_conditional else None
+    if len(shape) == 1:
+        return EDMDenoiser(TimeMLP(dim=shape[0], num_classes=classes))
+    return DiffusersDenoiser(small_unet(shape[1], shape[0], 32, 2, 1, True, classes),
+                             DDPMScheduler(num_train_timesteps=1000))
+
+
+def _distance(recipe: Recipe, echo):
+    name = getattr(recipe.objective, "distance", "")
+    if not name.startswith("lpips"):
+        return None
+    net = name.split("-", 1)[1] if "-" in name else "vgg"
+    try:
+        return LPIPSDistance(net)
+    except FileNotFoundError as e:
+        echo(f"dry run: {e}; using a random LPIPS backbone at 64x64")
+        return LPIPSDistance(net, random_backbone=True, upsample_to=64)

@@ -1,0 +1,186 @@
+"""Recipe -> data + teacher -> objective -> trainer -> saved model: the jobs behind ``cmkit train-teacher``,
+``cmkit distill`` and ``cmkit train``. One path for every objective kind: the kind's registration says which job
+runs it and whether it needs a teacher; its build function makes the model and the objective."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ..core.files import atomic_write_text
+from ..data import Dataset, load_dataset
+from ..eval.metrics import sliced_wasserstein
+from ..models import BACKBONES, ConsistencyModel, load_teacher, num_classes_of
+from ..objectives import OBJECTIVES, BuildContext, kinds_for
+from ..sampling import class_condition, search_schedule
+from ..training import train
+from .recipes import Recipe
+
+RECIPE_FILE = "recipe.json"
+# Keys that may change between a run and its resumption (extending a run is the point of resuming).
+RESUMABLE_CHANGES = {("train", "steps"), ("train", "checkpoint_every"), ("train", "log_every")}
+# what each command says it saved
+SAVES = {"train-teacher": "teacher", "distill": "consistency model", "train": "consistency model"}
+
+
+def dataset_for(recipe: Recipe) -> Dataset:
+    d = recipe.data
+    return load_dataset(d.name, d.path or None, d.image_size, d.channels)
+
+
+def build_backbone(recipe: Recipe, data: Dataset) -> torch.nn.Module:
+    m = recipe.model
+    if m.class_conditional and not data.num_classes:
+        raise ValueError(f"model.class_conditional needs a labelled dataset; {data.name!r} has no labels")
+    return BACKBONES[m.backbone](data.sample_shape, data.num_classes if m.class_conditional else None, m)
+
+
+def build_run(recipe: Recipe, data: Dataset, teacher=None, distance=None, resumed: dict | None = None):
+    """The model a recipe trains and the objective that trains it, from the objective kind's registration.
+    ``teacher``: a loaded denoiser; ``distance`` (a callable) replaces the recipe's; ``resumed``: the run constants
+    of the run being resumed."""
+    ctx = BuildContext(sample_shape=tuple(data.sample_shape), make_backbone=lambda: build_backbone(recipe, data),
+                       train_steps=recipe.train.steps, teacher=teacher, student=recipe.model.student,
+                       distance=distance, resumed=resumed or {})
+    return OBJECTIVES[recipe.objective.kind].build(recipe.objective, ctx)
+
+
+def saved_recipe(out: Path) -> dict | None:
+    f = out / RECIPE_FILE
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{f} is not valid JSON; it records the run's recipe: restore it or use another --out") \
+            from None
+
+
+def run_constants(out: Path) -> dict:
+    """Values the run in ``out`` fixed when it started (a curriculum's length), for its resumption."""
+    saved = saved_recipe(out) or {}
+    if "curriculum_total_steps" in saved:  # how cmkit 0.1's first runs recorded it
+        return {"total_steps": saved["curriculum_total_steps"]}
+    return saved.get("run_constants", {})
+
+
+def check_resume(recipe: Recipe, out: Path, extra: dict | None = None, constants: dict | None = None,
+                 write: bool = True) -> None:
+    """Refuse to resume ``out`` with a recipe that would train differently. Keys that only extend or report on a
+    run (RESUMABLE_CHANGES, the ``eval`` section) may change; a key the saved recipe does not have yet (added in a
+    later cmkit) is taken to be at its default."""
+    current = {**recipe.to_dict(), **(extra or {})}
+    current.pop("eval", None)
+    saved = saved_recipe(out)
+    if saved is not None:
+        diffs = [f"{sec}.{k}" for sec, body in current.items() if isinstance(body, dict)
+                 for k, v in body.items() if (sec, k) not in RESUMABLE_CHANGES and k in saved.get(sec, {})
+                 and _jsonish(saved[sec][k]) != _jsonish(v)]
+        diffs += [k for k, v in current.items() if not isinstance(v, dict) and k in saved
+                  and _jsonish(saved[k]) != _jsonish(v)]
+        if diffs:
+            raise ValueError(f"{out} holds a run with a different recipe ({', '.join(diffs[:4])} differ); "
+                             "use another --out, or the same recipe to resume")
+    if write:
+        atomic_write_text(out / RECIPE_FILE, json.dumps({**current, "run_constants": constants or {}}, indent=2))
+
+
+def _jsonish(v):
+    return json.loads(json.dumps(v))
+
+
+def check_data_matches(data: Dataset, model, what: str) -> None:
+    if tuple(model.sample_shape) != tuple(data.sample_shape):
+        raise ValueError(f"data samples have shape {data.sample_shape} but the {what} takes {tuple(model.sample_shape)}; "
+                         "use the data the teacher was trained on")
+
+
+def _teacher_for(recipe: Recipe, job: str, teacher_path: str | None, teacher):
+    """The loaded teacher a kind needs (None for kinds without one) and the path recorded for it."""
+    spec = OBJECTIVES[recipe.objective.kind]
+    path = teacher_path or recipe.teacher.path
+    if spec.teacher == "none":
+        if job == "train" and path:
+            raise ValueError(f"objective.kind {spec.kind!r} trains without a teacher, but one is given ({path}); "
+                             "remove teacher.path / --teacher, or use kind 'ect' to start from it")
+        return None, None
+    if teacher is None:
+        if not path:
+            raise ValueError(f"objective.kind {spec.kind!r} needs a teacher: pass --teacher PATH or set teacher.path")
+        teacher = load_teacher(path, clip_x0=recipe.teacher.clip_x0)
+    return teacher, str(path)
+
+
+def check_job(recipe: Recipe, job: str) -> None:
+    spec = OBJECTIVES[recipe.objective.kind]
+    if spec.job != job:
+        raise ValueError(f"`cmkit {job}` runs objective.kind {' / '.join(kinds_for(job))}; the recipe's kind "
+                         f"{spec.kind!r} runs with `cmkit {spec.job}`")
+
+
+def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, progress: bool = True, *,
+            teacher=None, data: Dataset | None = None, distance=None) -> dict:
+    """Run a recipe as ``job`` ("train-teacher", "distill" or "train") into ``out``; ``out/model`` is the result.
+    ``teacher``, ``data`` and ``distance`` replace what the recipe names (dry runs use them)."""
+    check_job(recipe, job)
+    recipe.train.check()
+    recipe.eval.check()
+    out = Path(out)
+    data = data if data is not None else dataset_for(recipe)
+    teacher, path = _teacher_for(recipe, job, teacher_path, teacher)
+    acc = Accelerator(cpu=recipe.train.cpu, mixed_precision=recipe.train.mixed_precision)
+    if teacher is not None:
+        check_data_matches(data, teacher, "teacher")
+        teacher.requires_grad_(False).eval().to(acc.device)
+    torch.manual_seed(recipe.seed)
+    resumed = run_constants(out)
+    model, objective = build_run(recipe, data, teacher, distance, resumed)
+    del teacher  # what the objective needs it holds itself; a tuned student copied what it needs
+    extra = {"teacher_path": path} if path else {}
+    check_resume(recipe, out, extra, getattr(objective, "run_constants", {}), write=acc.is_main_process)
+    batches = data.batches(conditional=num_classes_of(model) is not None, hflip=recipe.data.hflip)
+    summary = train(model, objective, batches, recipe.train, out, seed=recipe.seed,
+                    run_info={"job": job if job != "train" else f"train-{recipe.objective.kind}", **extra},
+                    progress=progress, accelerator=acc)
+    if job != "train-teacher" and acc.is_main_process:
+        summary["schedule"] = tune_schedule(recipe, out / "model", data, progress, acc.device)
+    acc.wait_for_everyone()
+    return summary
+
+
+def train_teacher(recipe: Recipe, out, progress: bool = True, **kw) -> dict:
+    """EDM / DDPM teacher training; ``out/model`` is a teacher folder for ``cmkit.load_teacher``."""
+    return run_job("train-teacher", recipe, out, None, progress, **kw)
+
+
+def distill(recipe: Recipe, out, teacher_path: str | None = None, progress: bool = True, **kw) -> dict:
+    """Distillation of a teacher (cd); ``out/model`` is a ConsistencyModel folder."""
+    return run_job("distill", recipe, out, teacher_path, progress, **kw)
+
+
+def train_consistency(recipe: Recipe, out, teacher_path: str | None = None, progress: bool = True, **kw) -> dict:
+    """Consistency training (ct, ict: no teacher) or tuning from a teacher (ect); ``out/model`` is a
+    ConsistencyModel folder."""
+    return run_job("train", recipe, out, teacher_path, progress, **kw)
+
+
+def _sliced_w2(samples, reference, seed: int) -> float:
+    return sliced_wasserstein(samples, reference, n_projections=128, seed=seed)
+
+
+def tune_schedule(recipe: Recipe, model_dir: Path, data: Dataset, progress: bool = True, device=None) -> dict | None:
+    """Search the few-step sigmas of a freshly trained model against training samples and store them in its
+    folder (``cmkit.json``); the search's scores go to ``schedule_search.json`` beside it."""
+    ev = recipe.eval
+    if ev.schedule_max_steps < 2:
+        return None
+    cm = ConsistencyModel.from_pretrained(model_dir).to(device or "cpu")
+    found = search_schedule(cm, data.train, _sliced_w2, max_steps=ev.schedule_max_steps,
+                            candidates=ev.schedule_candidates, num=ev.schedule_num_samples, progress=progress,
+                            **class_condition(cm, ev.schedule_num_samples))
+    cm.cpu().save_pretrained(model_dir)
+    atomic_write_text(model_dir.parent / "schedule_search.json", json.dumps(found, indent=2))
+    return found

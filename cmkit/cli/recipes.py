@@ -1,0 +1,194 @@
+"""TOML recipes into dataclasses, with ``--set key=value`` overrides and one-line errors for unknown keys.
+
+A recipe file holds any subset of the keys below; everything else takes its default. The ``[objective]`` section is
+the config dataclass of its ``kind`` (``cmkit.objectives.OBJECTIVES``): a key that kind does not have is an error
+naming the keys it has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ..eval import EvalSettings
+from ..objectives import OBJECTIVES, ObjectiveConfig
+from ..training import TrainSettings
+
+
+@dataclass
+class DataSection:
+    name: str = "s_curve"
+    path: str = ""                      # a .npy file or a folder of images instead of a named set
+    image_size: int = 0                 # image folders: resize to this size (0 = keep)
+    channels: int = 0                   # image folders: 1 or 3 (0 = as the first image)
+    hflip: bool = False                 # random horizontal flips of training images
+
+
+@dataclass
+class ModelSection:
+    backbone: str = "mlp"               # mlp (vector data) | unet (images, a diffusers UNet2DModel)
+    hidden: int = 256                   # mlp width
+    depth: int = 4                      # mlp residual blocks
+    time_embed_dim: int = 64            # mlp time embedding
+    base: int = 32                      # unet channels at full resolution
+    levels: int = 2                     # unet resolutions (channels base * 2^i)
+    layers_per_block: int = 1
+    attention: bool = True              # unet self-attention at the lowest resolution
+    class_conditional: bool = False     # condition on the dataset's class labels
+    dropout: float = 0.0
+    # cd from a VP (diffusers DDPM) teacher: "edm" copies its UNet into the EDM consistency parameterisation
+    # (exportable to diffusers' ConsistencyModelPipeline); "teacher" wraps the whole teacher denoiser, so the student
+    # starts out as the teacher (cmkit.DenoiserConsistencyModel). ect from a VP teacher always wraps.
+    student: str = "edm"
+
+
+@dataclass
+class TeacherSection:
+    path: str = ""                      # teacher folder, hub id or cmkit:NAME (distillation, tuning)
+    clip_x0: float | None = None        # clip the teacher's x0 estimate to [-c, c] (default: no clipping)
+
+
+@dataclass
+class Recipe:
+    seed: int = 0
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    objective: ObjectiveConfig = field(default_factory=lambda: OBJECTIVES["edm"].config())
+    train: TrainSettings = field(default_factory=TrainSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        keys += _keys(t, f"{prefix}{f.name}.") if dataclasses.is_dataclass(t) else [prefix + f.name]
+    return keys
+
+
+def all_keys(kind: str | None = None) -> list[str]:
+    """Every recipe key; the objective's are those of ``kind`` (default: every kind's)."""
+    keys = [k for k in _keys(Recipe) if not k.startswith("objective.")]
+    kinds = [kind] if kind else OBJECTIVES.names()
+    return keys + sorted({f"objective.{k}" for kd in kinds for k in _keys(OBJECTIVES[kd].config)})
+
+
+def _unknown(key: str, kind: str | None = None) -> ValueError:
+    if key.startswith("objective.") and kind:
+        own = [k.split(".", 1)[1] for k in all_keys(kind) if k.startswith("objective.")]
+        return ValueError(f"objective.kind {kind!r} has no key {key.split('.', 1)[1]!r}; its keys: {', '.join(own)}")
+    hint = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    return ValueError(f"unknown recipe key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+
+
+def _coerce(key: str, value, t):
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):  # `X | None`: TOML has no null, so a value is always an X
+        (t,) = [a for a in typing.get_args(t) if a is not type(None)]
+        origin = typing.get_origin(t)
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if t in (int, float, str, bool):
+        if type(value) is not t:
+            raise ValueError(f"recipe key {key!r} wants a {t.__name__}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"recipe key {key!r} wants a list, got {value!r}")
+        (inner,) = set(typing.get_args(t)) or {object}
+        items = [_coerce(key, v, inner) if inner in (int, float, str, bool) else v for v in value]
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+def _build(cls, data: dict, prefix: str = "", kind: str | None = None):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = prefix + k
+        if k not in names:
+            raise _unknown(key, kind)
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            if not isinstance(v, dict):
+                raise ValueError(f"recipe key {key!r} is a section; write [{key}] with keys under it")
+            kwargs[k] = _build_objective(v) if k == "objective" and cls is Recipe else _build(t, v, key + ".")
+        else:
+            if isinstance(v, dict):
+                raise _unknown(key + "." + next(iter(v), ""), kind)
+            kwargs[k] = _coerce(key, v, t)
+    return cls(**kwargs)
+
+
+def _build_objective(data: dict) -> ObjectiveConfig:
+    kind = data.get("kind", "edm")
+    if not isinstance(kind, str) or kind not in OBJECTIVES:
+        raise ValueError(f"unknown objective.kind {kind!r}; choose one of {', '.join(OBJECTIVES.names())}")
+    return _build(OBJECTIVES[kind].config, data, "objective.", kind)
+
+
+def parse_value(text: str):
+    """A ``--set`` value: TOML syntax when it parses (numbers, booleans, lists, quoted strings), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set each ``key=value`` in the raw recipe; keys are checked when the recipe is built (the objective's keys
+    depend on its kind, which an override may change)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set wants key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in all_keys():
+            raise _unknown(key)
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"recipe key {p!r} is not a section")
+        node[last] = parse_value(text.strip())
+    return data
+
+
+def resolve_recipe_path(name_or_path) -> Path:
+    """A recipe path, or the bare name of a recipe shipped with cmkit (e.g. ``s_curve-ict``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = resources.files("cmkit.shipped_recipes")
+    for cand in (p.name, p.name + ".toml"):
+        f = shipped / cand
+        if f.is_file():
+            return Path(str(f))
+    known = sorted(x.name for x in shipped.iterdir() if x.name.endswith(".toml"))
+    raise FileNotFoundError(f"recipe {str(name_or_path)!r} not found (shipped recipes: {', '.join(known)})")
+
+
+def load_recipe(path=None, overrides: list[str] | None = None) -> Recipe:
+    data: dict = {}
+    if path is not None:
+        p = resolve_recipe_path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{p}: not valid TOML ({e})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{p}: not a text file; a recipe is TOML") from None
+    return _build(Recipe, apply_overrides(data, overrides or []))

@@ -1,0 +1,92 @@
+"""Reading and writing image batches for the command line: ``.npy`` arrays (B, C, H, W) in [-1, 1] and PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def load_images(path, channels: int | None = None) -> torch.Tensor:
+    """A ``.npy`` batch (B, C, H, W) or (C, H, W) in [-1, 1], or one PNG/JPEG image scaled to [-1, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {str(path)!r} does not exist")
+    if path.suffix == ".npy":
+        arr = np.load(path, allow_pickle=False).astype(np.float32)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4:
+            raise ValueError(f"{path}: expected an array of shape (B, C, H, W), got {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{path} has NaN or inf values")
+        return torch.from_numpy(arr)
+    from PIL import Image
+
+    try:
+        im = Image.open(path)
+    except OSError as e:
+        raise ValueError(f"{path} is not an image PIL can read ({e})") from None
+    mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in ("L", "1", "I;16", "LA") else "RGB")
+    arr = np.asarray(im.convert(mode), dtype=np.float32) / 127.5 - 1
+    arr = arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def save_images(x: torch.Tensor, path) -> Path:
+    """``.npy`` keeps the raw values; ``.png`` writes a grid scaled from [-1, 1]."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        np.save(path, x.detach().cpu().numpy())
+    elif path.suffix == ".png":
+        from torchvision.utils import save_image
+
+        if x.ndim != 4:
+            raise ValueError(f"a .png grid needs images (B, C, H, W), got shape {tuple(x.shape)}; write .npy instead")
+        save_image((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=max(1, int(len(x) ** 0.5)),
+                   padding=1, pad_value=1)
+    else:
+        raise ValueError(f"output must end in .npy or .png, got {path.name!r}")
+    return path
+
+
+def side_by_side(panels: list[tuple[str, torch.Tensor]], path) -> Path:
+    """A figure with one column per (title, batch): input / output / reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.3))
+    for ax, (title, x) in zip(np.atleast_1d(axes), panels):
+        g = make_grid((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=max(1, int(len(x) ** 0.5)), padding=1,
+                      pad_value=1)
+        ax.imshow(g[0] if x.shape[1] == 1 else g.permute(1, 2, 0), cmap="gray" if x.shape[1] == 1 else None,
+                  vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def named_mask(kind: str, shape, seed: int = 0) -> torch.Tensor:
+    """Masks (1 = known) for quick experiments: random-half (pixels), left-half, center (a hole in the middle)."""
+    b, _, h, w = shape
+    if kind == "random-half":
+        g = torch.Generator().manual_seed(seed)
+        return (torch.rand(b, 1, h, w, generator=g) < 0.5).float()
+    m = torch.ones(b, 1, h, w)
+    if kind == "left-half":
+        m[..., w // 2:] = 0
+    elif kind == "center":
+        m[..., h // 4: h - h // 4, w // 4: w - w // 4] = 0
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}; choose random-half, left-half or center, or give --mask FILE")
+    return m

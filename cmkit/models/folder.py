@@ -1,0 +1,51 @@
+"""The on-disk folder format shared by cmkit teachers and consistency models.
+
+A folder holds the backbone exactly as diffusers writes it (``config.json`` + ``diffusion_pytorch_model.safetensors``,
+so diffusers tools open it) and one ``cmkit.json`` with what the wrapper needs (kind, scalings, defaults).
+Folders are written next to their destination and renamed into place, so a crash never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..core import Registry
+from ..core.files import atomic_dir
+from .backbones import backbone_class
+
+META_FILE = "cmkit.json"
+
+# cmkit.json's "kind" -> the class that reads such a folder (each model class registers itself)
+MODEL_KINDS: Registry = Registry("model kind")
+
+
+def write_model_folder(folder, backbone, meta: dict) -> Path:
+    """Write ``backbone`` and ``meta`` to ``folder`` atomically (replacing an older folder there)."""
+    with atomic_dir(folder) as tmp:
+        backbone.save_pretrained(tmp, safe_serialization=True)
+        meta = {**meta, "backbone": type(backbone).__name__}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return Path(folder)
+
+
+def read_meta(folder) -> dict | None:
+    """``cmkit.json`` of a folder, or None when the folder is not a cmkit model folder."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def read_model_folder(folder, expected_kind: str):
+    """Load ``(backbone, meta)`` from a cmkit folder of the given kind; one-line errors otherwise."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"model folder {str(folder)!r} does not exist")
+    meta = read_meta(folder)
+    if meta is None:
+        raise ValueError(f"{str(folder)!r} is not a cmkit model folder (no {META_FILE})")
+    if meta.get("kind") != expected_kind:
+        raise ValueError(f"{str(folder)!r} holds a {meta.get('kind')!r}, not a {expected_kind!r}")
+    backbone = backbone_class(meta["backbone"]).from_pretrained(folder)
+    return backbone, meta

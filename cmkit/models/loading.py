@@ -1,0 +1,90 @@
+"""Opening models by name: teachers (cmkit folders, diffusers pipeline folders, hub ids, shipped ``cmkit:NAME``
+assets) and any model folder cmkit writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .folder import MODEL_KINDS, read_meta
+
+ASSET_PREFIX = "cmkit:"
+
+
+def asset_path(name: str) -> Path:
+    """A model folder shipped inside the cmkit package (``cmkit/assets/NAME``)."""
+    root = Path(__file__).resolve().parents[1] / "assets"
+    path = root / name
+    if not path.is_dir():
+        known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise FileNotFoundError(f"no shipped model {name!r} (shipped: {', '.join(known) or 'none'})")
+    return path
+
+
+def resolve(path_or_name) -> str:
+    path = str(path_or_name)
+    return str(asset_path(path[len(ASSET_PREFIX):])) if path.startswith(ASSET_PREFIX) else path
+
+
+def _load_diffusers(path: str, clip_x0: float | None = None):
+    import diffusers
+
+    from .denoisers import DiffusersDenoiser
+
+    def load(sub: str):
+        cfg_name = "config.json" if sub == "unet" else "scheduler_config.json"
+        local = Path(path) / sub / cfg_name
+        if local.is_file():
+            name = json.loads(local.read_text())["_class_name"]
+        else:  # hub id: ask the hub for the config through diffusers
+            cls = diffusers.UNet2DModel if sub == "unet" else diffusers.DDPMScheduler
+            name = cls.load_config(path, subfolder=sub)["_class_name"]
+        cls = getattr(diffusers, name, None)
+        if cls is None:
+            raise ValueError(f"{path}: unknown diffusers class {name!r} in {sub}/")
+        return cls.from_pretrained(path, subfolder=sub)
+
+    return DiffusersDenoiser(load("unet"), load("scheduler"), clip_x0=clip_x0)
+
+
+def load_teacher(path_or_hub_id, clip_x0: float | None = None):
+    """A teacher denoiser from a cmkit teacher folder, a diffusers pipeline folder (``unet/`` + ``scheduler/``), a
+    shipped teacher (``"cmkit:digits-ddpm"``) or a hub id (the real ``from_pretrained`` call; needs network access)."""
+    from .denoisers import EDMDenoiser
+
+    if not str(path_or_hub_id):
+        raise ValueError("no teacher given: pass --teacher PATH or set teacher.path in the recipe")
+    path = resolve(path_or_hub_id)
+    p = Path(path)
+    if p.is_dir():
+        meta = read_meta(p)
+        if meta is not None:
+            if meta.get("kind") != EDMDenoiser.kind:
+                raise ValueError(f"{path!r} holds a {meta.get('kind')!r}, not a teacher; give a teacher folder")
+            return EDMDenoiser.from_pretrained(p)
+        if (p / "unet").is_dir() and (p / "scheduler").is_dir():
+            return _load_diffusers(path, clip_x0)
+        raise ValueError(f"{path!r} is neither a cmkit teacher folder (cmkit.json) nor a diffusers pipeline folder "
+                         "(unet/ + scheduler/)")
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not p.suffix
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"teacher folder {path!r} does not exist; train one with `cmkit train-teacher RECIPE` "
+                                "or give a diffusers folder or hub id")
+    try:
+        return _load_diffusers(path, clip_x0)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"could not load teacher {path!r}: no such folder here, and as a hub id ({first}); "
+                                "download it where there is network access and pass the local folder") from e
+
+
+def load_model(folder):
+    """Any model folder cmkit writes, as the class its ``cmkit.json`` names (or a diffusers
+    ``ConsistencyModelPipeline`` folder, as a ``ConsistencyModel``)."""
+    from .consistency import ConsistencyModel
+
+    folder = Path(resolve(folder))
+    meta = read_meta(folder)
+    if meta is None:
+        return ConsistencyModel.from_pretrained(folder)
+    return MODEL_KINDS[meta.get("kind")].from_pretrained(folder)

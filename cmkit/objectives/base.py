@@ -1,0 +1,107 @@
+"""What every objective shares: its registration, the context it is built from, its config's base, and the paired
+online/target passes of the consistency objectives.
+
+An objective is an object with ``__call__(model, x0, target=None, step=0, **cond) -> scalar loss`` (``model`` the
+network being trained, ``target`` the target network or None for the stop-gradient online network, ``step`` the
+optimiser step for curricula) and ``target_ema(step) -> mu`` (0: no separate target network is kept). Randomness
+comes from torch's global generator, which the trainer seeds once per step, so a resumed run draws exactly what an
+uninterrupted one would. An objective may expose ``run_constants`` (a dict of values fixed when a run starts, such
+as a curriculum's length), which a resumed run gets back through ``BuildContext.resumed``.
+
+A kind registers itself with ``@register_objective(kind, ConfigClass, job=..., teacher=...)`` on its build function
+``build(cfg, ctx) -> (model, objective)``; recipes, ``cmkit distill`` / ``train`` / ``train-teacher`` and
+``--dry-run`` find it from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from ..core import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, Registry
+
+Job = Literal["train-teacher", "distill", "train"]
+
+
+@dataclass
+class ObjectiveConfig:
+    """The base of every kind's ``[objective]`` section: each kind adds its own keys (and only those are accepted)."""
+    kind: str = "edm"
+
+
+@dataclass
+class LevelsConfig(ObjectiveConfig):
+    """Keys of every kind that trains in sigma space."""
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
+    sigma_data: float = SIGMA_DATA
+
+
+@dataclass
+class BuildContext:
+    """What a kind's build function may use; the job layer fills it from the recipe, the data and the teacher."""
+    sample_shape: tuple[int, ...]
+    make_backbone: Callable[[], nn.Module]   # a fresh backbone from the recipe's model section, for the data
+    train_steps: int                         # train.steps of this run
+    teacher: nn.Module | None = None         # a loaded denoiser (distillation, tuning)
+    student: str = "edm"                     # model.student: "edm" or "teacher" (see ModelSection)
+    distance: Callable | None = None         # replaces the config's distance (dry runs' stand-in LPIPS)
+    resumed: dict = field(default_factory=dict)  # run_constants saved by the run being resumed
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    kind: str
+    config: type
+    build: Callable
+    job: Job
+    teacher: Literal["none", "required"] = "none"
+    summary: str = ""
+
+
+OBJECTIVES: Registry[ObjectiveSpec] = Registry("objective.kind")
+
+
+def register_objective(kind: str, config: type, job: Job, teacher: Literal["none", "required"] = "none"):
+    """Decorator for ``build(cfg, ctx) -> (model, objective)``; the build function's first docstring line is the
+    kind's summary in ``--help`` and errors."""
+    def add(build):
+        summary = (build.__doc__ or "").strip().splitlines()[0] if build.__doc__ else ""
+        OBJECTIVES.register(kind, ObjectiveSpec(kind, config, build, job, teacher, summary))
+        return build
+    return add
+
+
+def kinds_for(job: Job) -> list[str]:
+    return [k for k, spec in OBJECTIVES.items() if spec.job == job]
+
+
+def paired_passes(model, target, x_hi, s_hi, x_lo, s_lo, **cond):
+    """``(f_online(x_hi, s_hi), f_target(x_lo, s_lo))``, the target pass under no_grad, both passes drawing the
+    same dropout masks (iCT): the target pass runs on a forked RNG state and the online pass starts from the same
+    state. A network without active dropout draws nothing, so the fork (a copy of the generator state per step) is
+    skipped there: the same numbers either way."""
+    tgt = model if target is None else target
+    if not _draws_randomness(tgt):
+        with torch.no_grad():
+            f_target = tgt(x_lo, s_lo, **cond)
+        return model(x_hi, s_hi, **cond), f_target
+    devices = [x_hi.device] if x_hi.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        f_target = tgt(x_lo, s_lo, **cond)
+    return model(x_hi, s_hi, **cond), f_target
+
+
+def _draws_randomness(net: nn.Module) -> bool:
+    """Whether a forward pass of ``net`` draws random numbers (a dropout layer with p > 0 in training mode); the
+    module walk is done once and kept on the network."""
+    if not net.training:
+        return False
+    flag = net.__dict__.get("_cmkit_has_dropout")
+    if flag is None:
+        flag = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
+        net.__dict__["_cmkit_has_dropout"] = flag
+    return flag

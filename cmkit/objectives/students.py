@@ -1,0 +1,24 @@
+"""The consistency model a teacher-started objective trains (CD, ECT), built from the teacher."""
+
+from __future__ import annotations
+
+from ..models import ConsistencyModel, DenoiserConsistencyModel, DiffusersDenoiser
+from .base import BuildContext, LevelsConfig
+
+
+def levels_within_teacher(cfg: LevelsConfig, teacher) -> tuple[float, float]:
+    """The config's sigma range, cut to what the teacher covers."""
+    return max(cfg.sigma_min, teacher.sigma_min), min(cfg.sigma_max, teacher.sigma_max)
+
+
+def student_from_teacher(cfg: LevelsConfig, ctx: BuildContext, wrap_vp: bool) -> ConsistencyModel:
+    """A student that starts from the teacher's weights. An EDM teacher's backbone is copied into the boundary
+    parameterisation; a VP (diffusers DDPM) teacher is wrapped whole (``DenoiserConsistencyModel``, so the student
+    starts out as the teacher) where ``wrap_vp`` or ``model.student = "teacher"``, else its UNet is copied."""
+    if ctx.student not in ("edm", "teacher"):
+        raise ValueError(f"model.student must be 'edm' or 'teacher', got {ctx.student!r}")
+    teacher = ctx.teacher
+    sigma_min, sigma_max = levels_within_teacher(cfg, teacher)
+    wrap = isinstance(teacher, DiffusersDenoiser) and (wrap_vp or ctx.student == "teacher")
+    cls = DenoiserConsistencyModel if wrap else ConsistencyModel
+    return cls.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=cfg.sigma_data)

@@ -1,0 +1,10 @@
+"""Layer 5: samplers (consistency-model one-step and multistep, teacher ODE baselines), zero-shot editing and the
+few-step schedule search."""
+
+from .editing import colorize, denoise, edit, inpaint, interpolate, sdedit, superres
+from .samplers import (class_condition, eval_mode, multistep, per_sample_noise, resolve_sigmas, sample,
+                       sample_teacher)
+from .schedules import search_schedule
+
+__all__ = ["class_condition", "colorize", "denoise", "edit", "eval_mode", "inpaint", "interpolate", "multistep",
+           "per_sample_noise", "resolve_sigmas", "sample", "sample_teacher", "sdedit", "search_schedule", "superres"]

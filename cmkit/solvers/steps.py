@@ -1,0 +1,60 @@
+"""Single-step PF-ODE solvers (one function each, one signature): Euler, DDIM, Heun and DPM-Solver-2."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import append_dims, as_batch_sigma
+from .registry import pf_ode_drift, step_solver
+
+
+def _to_zero(sigma_to) -> bool:
+    """A step to sigma = 0 given as a number: Euler's answer is final there. (Per-sample tensors are not checked,
+    which would cost a host-device sync every training step; ``torch.where`` keeps Euler's answer where they are 0.)"""
+    return not torch.is_tensor(sigma_to) and float(sigma_to) == 0.0
+
+
+def _euler(den, x, s0, s1, **cond):
+    d0 = pf_ode_drift(den, x, s0, **cond)
+    return x + append_dims(s1 - s0, x.ndim) * d0, d0
+
+
+@step_solver("euler", evals_per_step=1)
+def euler(den, x: torch.Tensor, sigma_from, sigma_to, **cond) -> torch.Tensor:
+    """``x + (sigma_to - sigma_from) d(x, sigma_from)``."""
+    return _euler(den, x, as_batch_sigma(sigma_from, x), as_batch_sigma(sigma_to, x), **cond)[0]
+
+
+# Deterministic DDIM is exactly an Euler step of the PF-ODE in sigma space (Karras et al. 2022, section 3); named
+# for users who look for it (a test checks it against diffusers' DDIMScheduler).
+step_solver("ddim", evals_per_step=1)(euler)
+
+
+@step_solver("heun", evals_per_step=2)
+def heun(den, x: torch.Tensor, sigma_from, sigma_to, **cond) -> torch.Tensor:
+    """The trapezoidal correction with d at the Euler endpoint (Karras Algorithm 1); Euler where ``sigma_to == 0``
+    (the drift is undefined there)."""
+    s0, s1 = as_batch_sigma(sigma_from, x), as_batch_sigma(sigma_to, x)
+    x1, d0 = _euler(den, x, s0, s1, **cond)
+    if _to_zero(sigma_to):
+        return x1
+    nonzero = s1 > 0
+    # evaluate the second drift with a safe sigma where sigma_to == 0, then keep Euler's answer there
+    d1 = pf_ode_drift(den, x1, torch.where(nonzero, s1, s0), **cond)
+    x2 = x + append_dims(s1 - s0, x.ndim) * (d0 + d1) / 2
+    return torch.where(append_dims(nonzero, x.ndim), x2, x1)
+
+
+@step_solver("dpm2", evals_per_step=2)
+def dpm2(den, x: torch.Tensor, sigma_from, sigma_to, **cond) -> torch.Tensor:
+    """DPM-Solver-2 (Lu et al. 2022) as k-diffusion writes it: Euler to the geometric midpoint, then the full step
+    with the midpoint's drift; Euler where ``sigma_to == 0``."""
+    s0, s1 = as_batch_sigma(sigma_from, x), as_batch_sigma(sigma_to, x)
+    x1, d0 = _euler(den, x, s0, s1, **cond)
+    if _to_zero(sigma_to):
+        return x1
+    nonzero = s1 > 0
+    s_mid = torch.where(nonzero, (s0.log().lerp(s1.clamp_min(1e-30).log(), 0.5)).exp(), s0)
+    x_mid = x + append_dims(s_mid - s0, x.ndim) * d0
+    x2 = x + append_dims(s1 - s0, x.ndim) * pf_ode_drift(den, x_mid, s_mid, **cond)
+    return torch.where(append_dims(nonzero, x.ndim), x2, x1)

@@ -1,0 +1,35 @@
+"""The ``[train]`` section: what every training run is told, whatever its objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adam"          # adam | radam | adamw
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup: int = 0                  # linear lr warm-up steps; the schedule never depends on `steps`, so runs extend
+    grad_clip: float = 0.0           # 0 = off
+    ema_rates: list[float] = field(default_factory=lambda: [0.999])
+    checkpoint_every: int = 500
+    log_every: int = 50
+    mixed_precision: str = "no"      # no | fp16 | bf16
+    cpu: bool = False                # force CPU even where a GPU is present
+
+    def check(self) -> None:
+        """One-line errors for values no run can use."""
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        bad = [r for r in self.ema_rates if not 0 <= r < 1]
+        if bad:
+            raise ValueError(f"train.ema_rates must lie in [0, 1), got {bad[0]}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"train.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
