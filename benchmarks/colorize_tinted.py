@@ -19,11 +19,11 @@ import torch
 from editing_common import editing_setup, summarise
 
 import cmkit
-from cmkit.eval.report import machine_info
 from cmkit.data import load_dataset
-from cmkit.sampling.editing import LUMA
 from cmkit.data.imagefiles import side_by_side
 from cmkit.eval.metrics import sliced_wasserstein
+from cmkit.eval.report import machine_info
+from cmkit.sampling.editing import LUMA
 
 
 def luminance(rgb):
@@ -77,7 +77,7 @@ def main():
              "| method | max luminance error | SW2 pixel chroma ↓ | SW2 image-mean chroma ↓ | mean saturation |",
              "|---|---:|---:|---:|---:|"]
     for name, m in summary.items():
-        cell = lambda k: f"{m[k][0]:.4f} ± {m[k][1]:.4f}"  # noqa: E731
+        cell = lambda k, m=m: f"{m[k][0]:.4f} ± {m[k][1]:.4f}"  # noqa: E731
         lines.append(f"| {name} | {m['max_luminance_error'][0]:.1e} | {cell('sw_pixel_chroma')} | "
                      f"{cell('sw_image_chroma')} | {cell('saturation')} |")
     (out_dir / "colorize.md").write_text("\n".join(lines) + "\n")

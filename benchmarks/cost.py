@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from cmkit.cli.jobs import build_run, dataset_for
+from cmkit.cli.recipes import load_recipe
 from cmkit.eval.report import machine_info
 from cmkit.models import load_teacher
-from cmkit.cli.recipes import load_recipe
-from cmkit.cli.jobs import build_run, dataset_for
 from cmkit.training import ema_update, make_optimizer
 
 

@@ -20,7 +20,7 @@ def editing_setup(doc: str, model: str, out: str, configure=None):
         configure(ap)
     args = ap.parse_args()
     cm = cmkit.ConsistencyModel.from_pretrained(args.model)
-    sigmas = cmkit.karras_sigmas(args.steps + 1, cm.sigma_min, cm.sigma_max)[:-1].tolist()
+    sigmas = cmkit.core.karras_steps(args.steps, cm.sigma_min, cm.sigma_max)
     return args, cm, sigmas
 
 

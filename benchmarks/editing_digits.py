@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from editing_common import editing_setup, summarise
 
 import cmkit
-from cmkit.eval.report import machine_info
-from cmkit.eval.classifier import load_or_train_classifier
 from cmkit.data import load_dataset
 from cmkit.data.imagefiles import side_by_side
+from cmkit.eval.classifier import load_or_train_classifier
+from cmkit.eval.report import machine_info
 
 
 def blur_fill(images, mask):

@@ -7,8 +7,16 @@ subpackages are layers, lowest first: core, models, solvers, objectives, trainin
 
 from .core import boundary_scalings, edm_scalings, karras_sigmas
 from .eval import metrics
-from .models import (ConsistencyModel, Denoiser, DenoiserConsistencyModel, DiffusersDenoiser, EDMDenoiser, TimeMLP,
-                     load_model, load_teacher)
+from .models import (
+                     ConsistencyModel,
+                     Denoiser,
+                     DenoiserConsistencyModel,
+                     DiffusersDenoiser,
+                     EDMDenoiser,
+                     TimeMLP,
+                     load_model,
+                     load_teacher,
+)
 from .sampling import colorize, denoise, inpaint, interpolate, sample, sample_teacher, sdedit, superres
 from .solvers import ode_solve, ode_step, pf_ode_drift, teacher_grid
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmkit.cli.recipes import load_recipe
 from cmkit.cli.jobs import distill, train_teacher
+from cmkit.cli.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "model.hidden=16", "--set", "model.depth=1", "--set", "train.batch_size=32",
@@ -61,7 +61,8 @@ def test_non_finite_data(tmp_path):
     arr = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
     arr[3, 0] = np.inf
     np.save(tmp_path / "x.npy", arr)
-    proc = cmkit("train-teacher", "quickstart-teacher", "--out", tmp_path / "o", "--set", f"data.path='{tmp_path / 'x.npy'}'")
+    path = f"data.path='{tmp_path / 'x.npy'}'"
+    proc = cmkit("train-teacher", "quickstart-teacher", "--out", tmp_path / "o", "--set", path)
     assert_one_line_error(proc, "NaN or inf")
 
 

@@ -8,10 +8,10 @@ import torch
 
 import cmkit
 from cmkit import core as S
-from cmkit.objectives import ct as C
-from cmkit.objectives.ect import ect_r
 from cmkit.models import ConsistencyModel
 from cmkit.objectives import ConsistencyTraining, EasyConsistencyTuning
+from cmkit.objectives import ct as C
+from cmkit.objectives.ect import ect_r
 
 
 @pytest.mark.parametrize("k,total", [(0, 1000), (1, 1000), (250, 1000), (999, 1000), (1000, 1000), (12345, 800000)])
@@ -82,7 +82,7 @@ def test_online_and_target_share_dropout_masks(make):
         h.remove()
     half = len(masks) // 2
     assert half > 0
-    for a, b in zip(masks[:half], masks[half:]):  # target pass first, then online
+    for a, b in zip(masks[:half], masks[half:], strict=True):  # target pass first, then online
         assert torch.equal(a, b)
         assert 0.3 < a.float().mean() < 0.7
 
@@ -106,7 +106,7 @@ def test_stop_gradient_target_gives_no_gradient_through_target():
         tgt = cm(x0 + s_n[:, None] * z, s_n)
     loss = (1 / (s_np1 - s_n) * (cm(x0 + s_np1[:, None] * z, s_np1) - tgt).pow(2).mean(1)).mean()
     loss.backward()
-    for g, p in zip(grads, cm.parameters()):
+    for g, p in zip(grads, cm.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad)
     assert obj.target_ema(5) == 0.0
 
@@ -171,8 +171,8 @@ def test_denoiser_consistency_model_saves_loads_and_refuses_pipeline_export(tmp_
 
 
 def test_ect_from_a_vp_teacher_trains_the_whole_denoiser(tmp_path):
-    from cmkit.cli.recipes import load_recipe
     from cmkit.cli.jobs import train_consistency
+    from cmkit.cli.recipes import load_recipe
 
     den = vp_denoiser()
     recipe = load_recipe("s_curve-ect", ['data.name="digits"', "train.steps=2", "train.batch_size=8",
@@ -180,15 +180,19 @@ def test_ect_from_a_vp_teacher_trains_the_whole_denoiser(tmp_path):
     train_consistency(recipe, tmp_path, teacher=den, progress=False)
     cm = cmkit.ConsistencyModel.from_pretrained(tmp_path / "model")
     assert isinstance(cm, cmkit.DenoiserConsistencyModel)
-    moved = [not torch.equal(a, b) for a, b in zip(cm.backbone.parameters(), den.unet.parameters())]
-    assert any(moved)
+    assert isinstance(cm.denoiser.unet, type(den.unet))
+    moved = {n: not torch.equal(a, b) for (n, a), (_, b) in
+             zip(cm.denoiser.unet.named_parameters(), den.unet.named_parameters(), strict=True)}
+    # the whole UNet trains, first and last layers included (not just a head, not a frozen copy)
+    assert moved["conv_in.weight"] and moved["conv_out.weight"] and moved["time_embedding.linear_1.weight"]
+    assert sum(moved.values()) >= 0.9 * len(moved), [n for n, m in moved.items() if not m]
 
 
 def test_cd_student_can_keep_a_vp_teachers_parameterisation(tmp_path):
     """model.student = "teacher": the CD student starts as the teacher denoiser itself (identical outputs at large
     sigma before training); "edm" keeps the exportable copied-UNet student; anything else is a clear error."""
-    from cmkit.cli.recipes import load_recipe
     from cmkit.cli.jobs import build_run, dataset_for
+    from cmkit.cli.recipes import load_recipe
 
     den = vp_denoiser()
     recipe = load_recipe("digits-cd", ['model.student="teacher"'])

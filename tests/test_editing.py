@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import cmkit
-from cmkit.sampling.editing import LUMA, ColorBasis, PatchBasis, orthonormal_basis
 from cmkit.models import small_unet
+from cmkit.sampling.editing import LUMA, ColorBasis, PatchBasis, orthonormal_basis
 
 
 def cm_rgb(channels=3, size=8):

@@ -13,12 +13,12 @@ import torch
 from diffusers import DDPMScheduler
 
 import cmkit
+from cmkit.cli.jobs import distill, train_teacher
+from cmkit.cli.recipes import load_recipe
+from cmkit.data import load_dataset
 from cmkit.eval.bench import image_scorer
 from cmkit.eval.classifier import train_classifier
-from cmkit.data import load_dataset
 from cmkit.objectives import DDPMLoss
-from cmkit.cli.recipes import load_recipe
-from cmkit.cli.jobs import distill, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.base=8", "model.levels=1", "model.attention=false", "model.dropout=0.0", "train.batch_size=16",
@@ -93,7 +93,12 @@ def test_classifier_and_image_metrics():
     noise = score(torch.rand(297, 1, 8, 8) * 2 - 1)
     assert real["fd"] < noise["fd"] / 5
     assert real["recognised"] > noise["recognised"]
-    assert 0 <= noise["confidence"] <= 1
+    x = torch.rand(297, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        top = clf.head(clf.features(x)).softmax(1).max(1).values
+    got = score(x)
+    assert got["confidence"] == pytest.approx(top.mean().item(), rel=1e-6)
+    assert got["recognised"] == pytest.approx((top >= 0.5).double().mean().item())
 
 
 def test_fashion_mnist_missing_names_apt(tmp_path):

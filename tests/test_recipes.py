@@ -4,8 +4,8 @@ from importlib import resources
 
 import pytest
 
-from cmkit.cli.recipes import all_keys, load_recipe
 from cmkit.cli.dryrun import dry_run
+from cmkit.cli.recipes import all_keys, load_recipe
 
 RECIPES = sorted(p.name[:-5] for p in resources.files("cmkit.shipped_recipes").iterdir() if p.name.endswith(".toml"))
 

@@ -39,13 +39,18 @@ def test_boundary_condition_is_exact_in_float32():
     assert c_skip.item() == 1.0 and c_out.item() == 0.0
 
 
-def test_edm_scalings_closed_form():
-    sig = torch.tensor([0.01, 0.5, 3.0, 80.0], dtype=torch.float64)
+def test_edm_scalings_match_diffusers_edm_scheduler():
+    """cmkit's EDM preconditioning equals diffusers' EDMEulerScheduler's (an independent implementation):
+    c_in from precondition_inputs, c_skip and c_out from precondition_outputs on unit inputs."""
+    from diffusers import EDMEulerScheduler
+
+    sched = EDMEulerScheduler(sigma_data=0.5)
+    sig = torch.tensor([0.002, 0.01, 0.5, 3.0, 80.0], dtype=torch.float64)
     c_skip, c_out, c_in = cmkit.edm_scalings(sig)
-    # EDM: c_skip + c_out^2 / sigma^2 * ... ; check the identity c_skip^2 sigma_d^2... via the defining relations
-    torch.testing.assert_close(c_skip, 0.25 / (sig**2 + 0.25))
-    torch.testing.assert_close(c_out**2, sig**2 * 0.25 / (sig**2 + 0.25))
-    torch.testing.assert_close(c_in**2 * (sig**2 + 0.25), torch.ones_like(sig))
+    one, zero = torch.ones_like(sig), torch.zeros_like(sig)
+    torch.testing.assert_close(c_in, sched.precondition_inputs(one, sig), rtol=1e-14, atol=0)
+    torch.testing.assert_close(c_skip, sched.precondition_outputs(one, zero, sig), rtol=1e-14, atol=0)
+    torch.testing.assert_close(c_out, sched.precondition_outputs(zero, one, sig), rtol=1e-14, atol=0)
 
 
 def test_index_pairs_cover_range_uniformly():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmkit.cli.recipes import load_recipe
 from cmkit.cli.jobs import distill, train_teacher
+from cmkit.cli.recipes import load_recipe
 from cmkit.training import TrainingInterrupted
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -97,15 +97,56 @@ def test_ctrl_c_finishes_the_step_saves_and_resume_matches(tmp_path, monkeypatch
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _emulate_two_ranks(recipe, teacher_dir, steps):
+    """The same run computed in one process: each step draws rank 0's and rank 1's batches (their own seeds), sums
+    their gradients and halves them, as DDP's all-reduce does; returns the first output EMA's weights."""
+    from cmkit.cli.jobs import build_run, dataset_for
+    from cmkit.models import load_teacher
+    from cmkit.training import ema_update, frozen_copy, make_optimizer, step_seed
+
+    data = dataset_for(recipe)
+    teacher = load_teacher(teacher_dir).requires_grad_(False).eval()
+    torch.manual_seed(recipe.seed)
+    model, objective = build_run(recipe, data, teacher)
+    model.train()
+    target, ema = frozen_copy(model), frozen_copy(model)
+    opt = make_optimizer(model.parameters(), recipe.train)
+    batches = data.batches()
+    for step in range(steps):
+        for rank in (0, 1):
+            torch.manual_seed(step_seed(recipe.seed, step, rank))
+            x0, cond = batches(recipe.train.batch_size // 2, torch.device("cpu"))
+            objective(model, x0, target=target, step=step).backward()
+        for p in model.parameters():
+            p.grad /= 2
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema_update(target, model, objective.target_ema(step + 1))
+        ema_update(ema, model, recipe.train.ema_rates[0])
+    return {k: v.detach() for k, v in ema.backbone.state_dict().items()}
+
+
 def test_two_process_cpu_run(tmp_path, small_teacher):
+    """Two CPU processes train one model: their gradients are all-reduced (the result is the one-process emulation
+    of two ranks, and not what rank 0 alone would have trained)."""
+    steps = 6
+    overrides = [*SMALL, f"train.steps={steps}", "train.cpu=true", "train.checkpoint_every=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "cmkit", "distill", "quickstart-cd", "--teacher", str(small_teacher), "--out", str(tmp_path / "dd"),
-           "--no-progress", *[f"--set={s}" for s in SMALL], "--set", "train.steps=30", "--set", "train.cpu=true"]
+           "--no-progress", *[f"--set={s}" for s in overrides], "--set", "eval.schedule_max_steps=0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ckpts = [p.name for p in (tmp_path / "dd" / "checkpoints").iterdir() if p.name.startswith("step-")]
-    assert ckpts == ["step-00000030"]
-    state = json.loads((tmp_path / "dd" / "checkpoints" / "step-00000030" / "state.json").read_text())
-    assert state["step"] == 30
-    assert (tmp_path / "dd" / "model" / "cmkit.json").is_file()
+    ckpts = sorted(p.name for p in (tmp_path / "dd" / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert ckpts == ["step-00000003", "step-00000006"]
+    state = json.loads((tmp_path / "dd" / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert state["step"] == steps
+    got = weights(tmp_path / "dd" / "model")
+    want = _emulate_two_ranks(load_recipe("quickstart-cd", overrides), small_teacher, steps)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # rank 0 alone (its own half-batches, no all-reduce) trains different weights
+    alone = tmp_path / "alone"
+    distill(load_recipe("quickstart-cd", [*overrides, "train.batch_size=32", "eval.schedule_max_steps=0"]), alone,
+            teacher_path=str(small_teacher), progress=False)
+    assert max((weights(alone / "model")[k] - got[k]).abs().max().item() for k in got) > 1e-4

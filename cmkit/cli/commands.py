@@ -222,7 +222,8 @@ def run_edit(args: argparse.Namespace) -> None:
         panels.append(("input (luminance)", x))
     elif args.task == "superres":
         out = editing.superres(cm, x, args.factor, sigmas=sigmas, steps=args.steps, generator=gen)
-        panels.append((f"input (1/{args.factor})", x.repeat_interleave(args.factor, 2).repeat_interleave(args.factor, 3)))
+        up = x.repeat_interleave(args.factor, 2).repeat_interleave(args.factor, 3)
+        panels.append((f"input (1/{args.factor})", up))
     elif args.task == "denoise":
         out = editing.denoise(cm, x, args.sigma)
         panels.append((f"input (sigma {args.sigma:g})", x))

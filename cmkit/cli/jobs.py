@@ -94,8 +94,8 @@ def _jsonish(v):
 
 def check_data_matches(data: Dataset, model, what: str) -> None:
     if tuple(model.sample_shape) != tuple(data.sample_shape):
-        raise ValueError(f"data samples have shape {data.sample_shape} but the {what} takes {tuple(model.sample_shape)}; "
-                         "use the data the teacher was trained on")
+        raise ValueError(f"data samples have shape {data.sample_shape} but the {what} takes "
+                         f"{tuple(model.sample_shape)}; use the data the teacher was trained on")
 
 
 def _teacher_for(recipe: Recipe, job: str, teacher_path: str | None, teacher):

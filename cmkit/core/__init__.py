@@ -1,11 +1,28 @@
 """Layer 1: noise levels in EDM units (``x_sigma = x_0 + sigma * z``): sigma grids, every set of scalings, noise-level
 samplers, and the two small utilities every layer shares (registries, atomic file writes). Depends on torch only."""
 
-from .grids import (RHO, SIGMA_MAX, SIGMA_MIN, check_sigmas, karras_ascending, karras_index, karras_sigmas,
-                    karras_steps, log_spaced)
+from .grids import (
+                    RHO,
+                    SIGMA_MAX,
+                    SIGMA_MIN,
+                    check_sigmas,
+                    karras_ascending,
+                    karras_index,
+                    karras_sigmas,
+                    karras_steps,
+                    log_spaced,
+)
 from .registry import Registry
-from .scalings import (C_NOISE_SCALE, SIGMA_DATA, append_dims, as_batch_sigma, boundary_scalings, c_noise,
-                       edm_loss_weight, edm_scalings)
+from .scalings import (
+                    C_NOISE_SCALE,
+                    SIGMA_DATA,
+                    append_dims,
+                    as_batch_sigma,
+                    boundary_scalings,
+                    c_noise,
+                    edm_loss_weight,
+                    edm_scalings,
+)
 
 __all__ = [
     "RHO", "SIGMA_MAX", "SIGMA_MIN", "SIGMA_DATA", "C_NOISE_SCALE", "Registry", "append_dims", "as_batch_sigma",

@@ -4,7 +4,8 @@ backbones are found by name, so a new one is a new file plus one ``@REGISTRY.reg
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -4,9 +4,9 @@ dataset registry (``data.name``) and ``load_dataset``, which also reads ``.npy``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from ..core import Registry
 TRAIN_SEED, TEST_SEED = 0, 1
 
 # data.name -> a loader () -> Dataset; each source module registers its sets
-DATASETS: Registry[Callable[[], "Dataset"]] = Registry("dataset")
+DATASETS: Registry[Callable[[], Dataset]] = Registry("dataset")
 
 
 @dataclass

@@ -61,7 +61,7 @@ def side_by_side(panels: list[tuple[str, torch.Tensor]], path) -> Path:
     from torchvision.utils import make_grid
 
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.3))
-    for ax, (title, x) in zip(np.atleast_1d(axes), panels):
+    for ax, (title, x) in zip(np.atleast_1d(axes), panels, strict=True):
         g = make_grid((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, nrow=max(1, int(len(x) ** 0.5)), padding=1,
                       pad_value=1)
         ax.imshow(g[0] if x.shape[1] == 1 else g.permute(1, 2, 0), cmap="gray" if x.shape[1] == 1 else None,

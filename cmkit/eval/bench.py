@@ -21,6 +21,7 @@ from ..sampling import class_condition, sample, sample_teacher
 from ..solvers import SOLVERS, teacher_grid
 from . import metrics
 
+
 @dataclass
 class EvalSettings:
     """The ``[eval]`` section: what a benchmark measures, and the schedule search after training."""

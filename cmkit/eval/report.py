@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ def machine_info() -> dict:
         commit = None
     import os
 
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": platform.platform(),
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": platform.platform(),
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

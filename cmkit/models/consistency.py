@@ -12,8 +12,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import (RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, boundary_scalings, c_noise, edm_scalings, karras_index,
-                    karras_steps)
+from ..core import (
+    RHO,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    boundary_scalings,
+    c_noise,
+    edm_scalings,
+    karras_index,
+    karras_steps,
+)
 from .backbones import network_of
 from .denoisers import DiffusersDenoiser
 from .folder import MODEL_KINDS, read_meta, read_model_folder, write_model_folder

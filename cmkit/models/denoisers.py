@@ -46,7 +46,7 @@ class EDMDenoiser(Preconditioned):
                                                           "sigma_min": self.sigma_min, "sigma_max": self.sigma_max})
 
     @classmethod
-    def from_pretrained(cls, folder) -> "EDMDenoiser":
+    def from_pretrained(cls, folder) -> EDMDenoiser:
         backbone, meta = read_model_folder(folder, cls.kind)
         return cls(backbone, meta["sigma_data"], meta["sigma_min"], meta["sigma_max"])
 

@@ -15,8 +15,9 @@ A kind registers itself with ``@register_objective(kind, ConfigClass, job=..., t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import nn

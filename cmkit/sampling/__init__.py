@@ -2,8 +2,7 @@
 few-step schedule search."""
 
 from .editing import colorize, denoise, edit, inpaint, interpolate, sdedit, superres
-from .samplers import (class_condition, eval_mode, multistep, per_sample_noise, resolve_sigmas, sample,
-                       sample_teacher)
+from .samplers import class_condition, eval_mode, multistep, per_sample_noise, resolve_sigmas, sample, sample_teacher
 from .schedules import search_schedule
 
 __all__ = ["class_condition", "colorize", "denoise", "edit", "eval_mode", "inpaint", "interpolate", "multistep",

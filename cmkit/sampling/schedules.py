@@ -10,7 +10,7 @@ benchmark.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -25,27 +25,26 @@ def search_schedule(cm, reference: torch.Tensor, score: Callable, max_steps: int
     ``{steps: {"sigmas": [...], "score": float, "karras_score": float}}`` (``score(samples, reference, seed)``)."""
     reference = reference[: max(num, 2)].float()
 
-    def _score(cm, sigmas, reference, num, seed, **cond) -> float:
+    def score_of(sigmas) -> float:
         x = sample(cm, num, sigmas=sigmas, generator=torch.Generator().manual_seed(seed), **cond)
         return score(x.float().cpu(), reference, seed)
 
     found: dict[int, dict] = {}
     best = [cm.sigma_max]
-    total = sum(candidates for _ in range(2, max_steps + 1))
-    bar = tqdm(total=total, desc="schedule search", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=candidates * max(0, max_steps - 1), desc="schedule search", disable=not progress,
+               dynamic_ncols=True)
     for steps in range(2, max_steps + 1):
-        lo_limit = cm.sigma_min * 1.5
         scored = []
-        for s in log_spaced(best[-1], lo_limit, candidates):
-            scored.append((_score(cm, best + [s], reference, num, seed, **cond), s))
+        for s in log_spaced(best[-1], cm.sigma_min * 1.5, candidates):
+            scored.append((score_of(best + [s]), s))
             bar.update(1)
-        score, s = min(scored)
+        value, s = min(scored)
         karras = cm.karras_schedule(steps)
-        karras_score = _score(cm, karras, reference, num, seed, **cond)
+        karras_value = score_of(karras)
         best = best + [s]
-        if karras_score < score:  # greedy extension is not always best: never store worse than the Karras default
-            best, score = list(karras), karras_score
-        found[steps] = {"sigmas": list(best), "score": score, "karras_score": karras_score}
+        if karras_value < value:  # greedy extension is not always best: never store worse than the Karras default
+            best, value = list(karras), karras_value
+        found[steps] = {"sigmas": list(best), "score": value, "karras_score": karras_value}
     bar.close()
     for steps, r in found.items():
         cm.default_sigmas[steps] = r["sigmas"]

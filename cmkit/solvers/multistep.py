@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 
@@ -17,7 +18,7 @@ def dpmpp_2m(den, x: torch.Tensor, sigmas: list[float], **cond) -> torch.Tensor:
 
     (first step and the step to sigma = 0 use D' = D_i)."""
     old = None
-    for i, (s0, s1) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+    for i, (s0, s1) in enumerate(pairwise(sigmas)):
         d = den(x, s0, **cond)
         if s1 == 0:
             return d

@@ -9,8 +9,8 @@ Any other method name is handed to torchdiffeq (``solve.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

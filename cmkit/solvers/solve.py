@@ -4,6 +4,7 @@ steps by name, and teacher grids of an exact number of evaluations."""
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 from torchdiffeq import odeint
@@ -66,7 +67,7 @@ def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 
 
 def _step_along(step, den, x, sigmas: list[float], churn, churn_range, churn_noise, noise, cond):
     gamma = min(churn / (len(sigmas) - 1), math.sqrt(2) - 1)
-    for i, (s0, s1) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+    for i, (s0, s1) in enumerate(pairwise(sigmas)):
         if gamma > 0 and churn_range[0] <= s0 <= churn_range[1]:
             s_hat = s0 * (1 + gamma)
             eps = noise[i] if noise is not None else torch.randn_like(x)

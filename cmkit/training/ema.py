@@ -28,7 +28,7 @@ class EMA:
         self.module = ema
         self._e = list(ema.parameters())
         self._o = [p.detach() for p in online.parameters()]
-        self._buffers = [(eb, ob) for eb, ob in zip(ema.buffers(), online.buffers())]
+        self._buffers = [(eb, ob) for eb, ob in zip(ema.buffers(), online.buffers(), strict=True)]
 
     @torch.no_grad()
     def update(self, rate: float) -> None:

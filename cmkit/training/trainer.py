@@ -13,8 +13,8 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import Accelerator
