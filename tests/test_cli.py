@@ -138,6 +138,6 @@ def test_ct_with_a_teacher_and_ect_without_one_are_errors(tmp_path, tiny):
     proc = cmkit("train", "s_curve-ict", "--teacher", tiny / "teacher" / "model", "--out", tmp_path / "a")
     assert_one_line_error(proc, "trains without a teacher", "remove teacher.path")
     proc = cmkit("train", "s_curve-ect", "--out", tmp_path / "b")
-    assert_one_line_error(proc, "'ect' starts from a teacher")
+    assert_one_line_error(proc, "'ect' needs a teacher", "--teacher")
     proc = cmkit("train", "quickstart-cd", "--out", tmp_path / "c")
-    assert_one_line_error(proc, "use `cmkit distill` for cd")
+    assert_one_line_error(proc, "runs with `cmkit distill`")

@@ -9,7 +9,7 @@ import torch
 import cmkit
 from cmkit import core as S
 from cmkit.models import ConsistencyModel
-from cmkit.objectives import ConsistencyTraining, EasyConsistencyTuning
+from cmkit.objectives import ConsistencyTraining, EasyConsistencyTuning, ImprovedConsistencyTraining
 from cmkit.objectives import ct as C
 from cmkit.objectives.ect import ect_r
 
@@ -70,7 +70,7 @@ def dropout_cm():
     return ConsistencyModel(cmkit.TimeMLP(dim=3, hidden=32, depth=2, dropout=0.5)).train()
 
 
-@pytest.mark.parametrize("make", [lambda: ConsistencyTraining("ict", total_steps=100, distance="l2"),
+@pytest.mark.parametrize("make", [lambda: ImprovedConsistencyTraining(total_steps=100, distance="l2"),
                                   lambda: EasyConsistencyTuning(distance="l2")])
 def test_online_and_target_share_dropout_masks(make):
     cm = dropout_cm()
@@ -89,7 +89,7 @@ def test_online_and_target_share_dropout_masks(make):
 
 def test_stop_gradient_target_gives_no_gradient_through_target():
     cm = dropout_cm().eval()
-    obj = ConsistencyTraining("ict", total_steps=100, distance="l2")
+    obj = ImprovedConsistencyTraining(total_steps=100, distance="l2")
     x0 = torch.randn(32, 3)
     torch.manual_seed(1)
     obj(cm, x0, target=cm, step=0).backward()
@@ -112,11 +112,11 @@ def test_stop_gradient_target_gives_no_gradient_through_target():
 
 
 def test_ct_target_mu_follows_schedule():
-    obj = ConsistencyTraining("ct", total_steps=1000, distance="l2")
+    obj = ConsistencyTraining(total_steps=1000, distance="l2")
     assert obj.target_ema(0) == pytest.approx(math.exp(2 * math.log(0.9) / 1))
     assert obj.num_points(1000) == 151
-    with pytest.raises(ValueError, match="mu variant"):
-        ConsistencyTraining("ct", mu_variant="other")
+    with pytest.raises(ValueError, match="mu_variant 'other'"):
+        ConsistencyTraining(total_steps=1000, mu_variant="other")
 
 
 def test_ect_late_stages_stay_finite():

@@ -51,6 +51,6 @@ def test_lpips_missing_weights_error_names_file_and_folder(tmp_path, monkeypatch
 
 
 def test_unknown_distance():
-    with pytest.raises(ValueError, match="unknown distance 'l3'"):
+    with pytest.raises(ValueError, match="unknown objective.distance 'l3'; did you mean"):
         make_distance("l3")
     assert set(losses.WEIGHTINGS) == {"uniform", "inverse_gap"}

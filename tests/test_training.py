@@ -99,7 +99,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resume_matches(tmp_path, monkeypatch
 
 def _emulate_two_ranks(recipe, teacher_dir, steps):
     """The same run computed in one process: each step draws rank 0's and rank 1's batches (their own seeds), sums
-    their gradients and halves them, as DDP's all-reduce does; returns the first output EMA's weights."""
+    their gradients and halves them, as DDP's all-reduce does; returns the online weights."""
     from cmkit.cli.jobs import build_run, dataset_for
     from cmkit.models import load_teacher
     from cmkit.training import ema_update, frozen_copy, make_optimizer, step_seed
@@ -123,7 +123,7 @@ def _emulate_two_ranks(recipe, teacher_dir, steps):
         opt.zero_grad(set_to_none=True)
         ema_update(target, model, objective.target_ema(step + 1))
         ema_update(ema, model, recipe.train.ema_rates[0])
-    return {k: v.detach() for k, v in ema.backbone.state_dict().items()}
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def test_two_process_cpu_run(tmp_path, small_teacher):
@@ -141,7 +141,8 @@ def test_two_process_cpu_run(tmp_path, small_teacher):
     assert ckpts == ["step-00000003", "step-00000006"]
     state = json.loads((tmp_path / "dd" / "checkpoints" / "step-00000006" / "state.json").read_text())
     assert state["step"] == steps
-    got = weights(tmp_path / "dd" / "model")
+    online = "checkpoints/step-00000006/model.safetensors"
+    got = load_file(tmp_path / "dd" / online)
     want = _emulate_two_ranks(load_recipe("quickstart-cd", overrides), small_teacher, steps)
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
@@ -149,4 +150,20 @@ def test_two_process_cpu_run(tmp_path, small_teacher):
     alone = tmp_path / "alone"
     distill(load_recipe("quickstart-cd", [*overrides, "train.batch_size=32", "eval.schedule_max_steps=0"]), alone,
             teacher_path=str(small_teacher), progress=False)
-    assert max((weights(alone / "model")[k] - got[k]).abs().max().item() for k in got) > 1e-4
+    assert max((load_file(alone / online)[k] - got[k]).abs().max().item() for k in got) > 1e-3
+
+
+def test_a_finished_ict_run_extends_with_the_same_curriculum(tmp_path):
+    """--set train.steps=... extends a finished iCT run; the curriculum's K stays the first run's train.steps."""
+    base = ["model.hidden=16", "model.depth=1", "train.batch_size=16", "train.checkpoint_every=5",
+            "train.log_every=5", "eval.schedule_max_steps=0"]
+    from cmkit.cli.jobs import train_consistency
+
+    train_consistency(load_recipe("s_curve-ict", [*base, "train.steps=10"]), tmp_path, progress=False)
+    summary = train_consistency(load_recipe("s_curve-ict", [*base, "train.steps=15"]), tmp_path, progress=False)
+    assert (summary["start_step"], summary["end_step"]) == (10, 15)
+    saved = json.loads((tmp_path / "recipe.json").read_text())
+    assert saved["run_constants"] == {"total_steps": 10}
+    with pytest.raises(ValueError, match="different recipe"):
+        train_consistency(load_recipe("s_curve-ict", [*base, "train.steps=20", "train.lr=0.1"]), tmp_path,
+                          progress=False)
