@@ -18,6 +18,8 @@ def student_from_teacher(cfg: LevelsConfig, ctx: BuildContext, wrap_vp: bool) ->
     if ctx.student not in ("edm", "teacher"):
         raise ValueError(f"model.student must be 'edm' or 'teacher', got {ctx.student!r}")
     teacher = ctx.teacher
+    if teacher is None:
+        raise ValueError(f"objective.kind {cfg.kind!r} starts from a teacher: pass --teacher PATH or set teacher.path")
     sigma_min, sigma_max = levels_within_teacher(cfg, teacher)
     wrap = isinstance(teacher, DiffusersDenoiser) and (wrap_vp or ctx.student == "teacher")
     cls = DenoiserConsistencyModel if wrap else ConsistencyModel
