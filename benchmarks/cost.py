@@ -5,8 +5,10 @@
 The iteration is the trainer's own step, ``cmkit.training.Trainer.step`` (seeding, batch draw, objective, backward,
 optimiser, target and output EMA updates). The floor is the sum of the network passes one iteration needs, each
 timed alone on the same batch: the online forward + backward and the target forward, plus for CD the teacher's
-forwards (two for Heun, one for Euler); CT, iCT and ECT use no teacher. Ratio = iteration / floor. Each is the median
-of ``--repeats`` timings of ``--iters`` calls.
+forwards (two for Heun, one for Euler); CT, iCT and ECT use no teacher. Ratio = iteration / floor. The parts are
+timed in interleaved rounds (iteration, online, target, teacher, then again), ``--iters`` calls each, and each part's
+median over ``--repeats`` rounds is kept: on a shared machine the speed drifts by several percent between minutes,
+and interleaving puts the same drift into the iteration and its floor.
 """
 
 from __future__ import annotations
@@ -28,19 +30,21 @@ from cmkit.models import load_teacher
 from cmkit.training import Trainer
 
 
-def timed(fn, iters: int, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_rounds(parts: dict, iters: int, repeats: int) -> dict:
+    """``{name: median seconds per call}`` over ``repeats`` interleaved rounds of ``iters`` calls of each part."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for fn in parts.values():
+        fn()  # warm-up
+    times = {name: [] for name in parts}
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
+        for name, fn in parts.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) / iters)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def write_table(out: Path) -> None:
@@ -68,26 +72,27 @@ def measure(recipe_name: str, teacher_path: str | None, batch: int | None, iters
     data = dataset_for(recipe)
     torch.manual_seed(0)
     model, obj = build_run(recipe, data, teacher)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, obj, data.batches(), recipe.train, tmp, progress=False)
-        t_iter = timed(trainer.step, iters, repeats)
-        online, target = trainer.online, trainer.target if trainer.target is not None else trainer.online
     x0 = data.train[torch.randint(0, len(data.train), (bs,))].to(device)
     sigma = torch.full((bs,), 1.0, device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model, obj, data.batches(), recipe.train, tmp, progress=False)
+        online, target = trainer.online, trainer.target if trainer.target is not None else trainer.online
 
-    def online_pass():
-        online(x0, sigma).square().mean().backward()
-        online.zero_grad(set_to_none=True)
+        def online_pass():
+            online(x0, sigma).square().mean().backward()
+            online.zero_grad(set_to_none=True)
 
-    def no_grad(net):
-        def run():
-            with torch.no_grad():
-                net(x0, sigma)
-        return run
+        def no_grad(net):
+            def run():
+                with torch.no_grad():
+                    net(x0, sigma)
+            return run
 
-    t_online, t_target = timed(online_pass, iters, repeats), timed(no_grad(target), iters, repeats)
-    teacher_passes = (2 if o.solver in ("heun", "dpm2") else 1) if o.kind == "cd" else 0
-    t_teacher = timed(no_grad(teacher), iters, repeats) if teacher_passes else 0.0
+        teacher_passes = (2 if o.solver in ("heun", "dpm2") else 1) if o.kind == "cd" else 0
+        parts = {"iteration": trainer.step, "online": online_pass, "target": no_grad(target),
+                 **({"teacher": no_grad(teacher)} if teacher_passes else {})}
+        t = timed_rounds(parts, iters, repeats)
+    t_iter, t_online, t_target, t_teacher = t["iteration"], t["online"], t["target"], t.get("teacher", 0.0)
     floor = t_online + t_target + teacher_passes * t_teacher
     return {"recipe": recipe_name, "kind": o.kind, "batch_size": bs, "device": device, "iteration_s": t_iter,
             "floor_s": floor, "ratio": t_iter / floor, "online_fwd_bwd_s": t_online, "target_fwd_s": t_target,
@@ -99,8 +104,8 @@ def main():
     ap.add_argument("--recipe", default="digits-cd")
     ap.add_argument("--teacher", help="teacher folder (default: the recipe's teacher.path)")
     ap.add_argument("--batch", type=int, help="batch size (default: the recipe's)")
-    ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default="benchmarks/results/cost")
     args = ap.parse_args()
     r = measure(args.recipe, args.teacher, args.batch, args.iters, args.repeats)

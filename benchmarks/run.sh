@@ -38,5 +38,8 @@ $PY benchmarks/editing_digits.py --model runs/digits-cd/model --out $R/editing-d
 $PY benchmarks/colorize_tinted.py --model runs/tinted-digits-ict/model --out $R/colorize-tinted
 
 # --- cost of a training iteration against the floor of its network passes (CD, CT, iCT, ECT) ---
-for r in digits-cd digits-ct digits-ict digits-ect; do $PY benchmarks/cost.py --recipe $r --out $R/cost; done
+rm -f $R/cost/*.json
+for r in digits-cd digits-ct digits-ict digits-ect; do
+  for b in 128 64; do $PY benchmarks/cost.py --recipe $r --batch $b --out $R/cost; done
+done
 for r in quickstart-cd s_curve-ct s_curve-ict s_curve-ect; do $PY benchmarks/cost.py --recipe $r --teacher $T --out $R/cost; done

@@ -37,9 +37,11 @@ def make_optimizer(params, s: TrainSettings):
     kinds = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam, "adamw": torch.optim.AdamW}
     if s.optimizer not in kinds:
         raise ValueError(f"unknown train.optimizer {s.optimizer!r}; choose one of {', '.join(kinds)}")
-    # foreach: one fused kernel per operation over all tensors instead of a Python loop over them (torch picks it
-    # only on GPUs by default); bit-identical to the loop
-    return kinds[s.optimizer](params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay, foreach=True)
+    # Adam and AdamW run fused (one kernel for the whole update, CPU and GPU alike: 3x faster than the per-tensor
+    # loop torch picks on a CPU by default, the same maths rounded differently); RAdam has no fused kernel and runs
+    # foreach (one kernel per operation over all tensors), which is bit-identical to the loop
+    impl = {"fused": True} if s.optimizer in ("adam", "adamw") else {"foreach": True}
+    return kinds[s.optimizer](params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay, **impl)
 
 
 def seed_step(seed: int, device: torch.device) -> None:
@@ -79,8 +81,10 @@ class Trainer:
         self.wrapped, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.online = self.acc.unwrap_model(self.wrapped)
         # without a loss scaler, accelerate's optimizer wrapper adds only per-step checks (package look-ups) to the
-        # plain step; gradients are already all-reduced by the wrapped model's backward
-        self._optimizer_step = self.optimizer.step if self.acc.scaler is not None else self.optimizer.optimizer.step
+        # plain step and zero_grad; gradients are already all-reduced by the wrapped model's backward
+        plain = self.acc.scaler is None
+        self._optimizer_step = self.optimizer.optimizer.step if plain else self.optimizer.step
+        self._zero_grad = self.optimizer.optimizer.zero_grad if plain else self.optimizer.zero_grad
         if self._scaler_state and self.acc.scaler is not None:  # fp16 loss scale, as an unbroken run has it
             self.acc.scaler.load_state_dict(self._scaler_state)
         # bound after prepare(), which may move the online weights to another device
@@ -115,7 +119,7 @@ class Trainer:
         if self.s.grad_clip > 0:
             self.acc.clip_grad_norm_(self.wrapped.parameters(), self.s.grad_clip)
         self._optimizer_step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad(set_to_none=True)
         self.step_no = step = step + 1
         if self._target_update is not None:
             self._target_update.update(self.objective.target_ema(step))
