@@ -42,7 +42,7 @@ def build_run(recipe: Recipe, data: Dataset, teacher=None, distance=None, resume
     """The model a recipe trains and the objective that trains it, from the objective kind's registration.
     ``teacher``: a loaded denoiser; ``distance`` (a callable) replaces the recipe's; ``resumed``: the run constants
     of the run being resumed."""
-    ctx = BuildContext(sample_shape=tuple(data.sample_shape), make_backbone=lambda: build_backbone(recipe, data),
+    ctx = BuildContext(make_backbone=lambda: build_backbone(recipe, data),
                        train_steps=recipe.train.steps, teacher=teacher, student=recipe.model.student,
                        distance=distance, resumed=resumed or {})
     return OBJECTIVES[recipe.objective.kind].build(recipe.objective, ctx)
@@ -59,22 +59,21 @@ def saved_recipe(out: Path) -> dict | None:
             from None
 
 
-def run_constants(out: Path) -> dict:
-    """Values the run in ``out`` fixed when it started (a curriculum's length), for its resumption."""
-    saved = saved_recipe(out) or {}
+def run_constants(saved: dict | None) -> dict:
+    """Values a saved run fixed when it started (a curriculum's length), for its resumption."""
+    saved = saved or {}
     if "curriculum_total_steps" in saved:  # how cmkit 0.1's first runs recorded it
         return {"total_steps": saved["curriculum_total_steps"]}
     return saved.get("run_constants", {})
 
 
-def check_resume(recipe: Recipe, out: Path, extra: dict | None = None, constants: dict | None = None,
-                 write: bool = True) -> None:
-    """Refuse to resume ``out`` with a recipe that would train differently. Keys that only extend or report on a
-    run (RESUMABLE_CHANGES, the ``eval`` section) may change; a key the saved recipe does not have yet (added in a
-    later cmkit) is taken to be at its default."""
+def check_resume(recipe: Recipe, out: Path, saved: dict | None, extra: dict | None = None,
+                 constants: dict | None = None, write: bool = True) -> None:
+    """Refuse to resume ``out`` (whose recipe is ``saved``, None for a new run) with a recipe that would train
+    differently. Keys that only extend or report on a run (RESUMABLE_CHANGES, the ``eval`` section) may change; a key
+    the saved recipe does not have yet (added in a later cmkit) is taken to be at its default."""
     current = {**recipe.to_dict(), **(extra or {})}
     current.pop("eval", None)
-    saved = saved_recipe(out)
     if saved is not None:
         diffs = [f"{sec}.{k}" for sec, body in current.items() if isinstance(body, dict)
                  for k, v in body.items() if (sec, k) not in RESUMABLE_CHANGES and k in saved.get(sec, {})
@@ -136,11 +135,11 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
         check_data_matches(data, teacher, "teacher")
         teacher.requires_grad_(False).eval().to(acc.device)
     torch.manual_seed(recipe.seed)
-    resumed = run_constants(out)
-    model, objective = build_run(recipe, data, teacher, distance, resumed)
+    saved = saved_recipe(out)
+    model, objective = build_run(recipe, data, teacher, distance, run_constants(saved))
     del teacher  # what the objective needs it holds itself; a tuned student copied what it needs
     extra = {"teacher_path": path} if path else {}
-    check_resume(recipe, out, extra, getattr(objective, "run_constants", {}), write=acc.is_main_process)
+    check_resume(recipe, out, saved, extra, getattr(objective, "run_constants", {}), write=acc.is_main_process)
     batches = data.batches(conditional=num_classes_of(model) is not None, hflip=recipe.data.hflip)
     summary = train(model, objective, batches, recipe.train, out, seed=recipe.seed,
                     run_info={"job": job if job != "train" else f"train-{recipe.objective.kind}", **extra},

@@ -15,6 +15,7 @@ A kind registers itself with ``@register_objective(kind, ConfigClass, job=..., t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -44,7 +45,6 @@ class LevelsConfig(ObjectiveConfig):
 @dataclass
 class BuildContext:
     """What a kind's build function may use; the job layer fills it from the recipe, the data and the teacher."""
-    sample_shape: tuple[int, ...]
     make_backbone: Callable[[], nn.Module]   # a fresh backbone from the recipe's model section, for the data
     train_steps: int                         # train.steps of this run
     teacher: nn.Module | None = None         # a loaded denoiser (distillation, tuning)
@@ -60,18 +60,15 @@ class ObjectiveSpec:
     build: Callable
     job: Job
     teacher: Literal["none", "required"] = "none"
-    summary: str = ""
 
 
 OBJECTIVES: Registry[ObjectiveSpec] = Registry("objective.kind")
 
 
 def register_objective(kind: str, config: type, job: Job, teacher: Literal["none", "required"] = "none"):
-    """Decorator for ``build(cfg, ctx) -> (model, objective)``; the build function's first docstring line is the
-    kind's summary in ``--help`` and errors."""
+    """Decorator for ``build(cfg, ctx) -> (model, objective)``."""
     def add(build):
-        summary = (build.__doc__ or "").strip().splitlines()[0] if build.__doc__ else ""
-        OBJECTIVES.register(kind, ObjectiveSpec(kind, config, build, job, teacher, summary))
+        OBJECTIVES.register(kind, ObjectiveSpec(kind, config, build, job, teacher))
         return build
     return add
 
@@ -86,12 +83,9 @@ def paired_passes(model, target, x_hi, s_hi, x_lo, s_lo, **cond):
     state. A network without active dropout draws nothing, so the fork (a copy of the generator state per step) is
     skipped there: the same numbers either way."""
     tgt = model if target is None else target
-    if not _draws_randomness(tgt):
-        with torch.no_grad():
-            f_target = tgt(x_lo, s_lo, **cond)
-        return model(x_hi, s_hi, **cond), f_target
     devices = [x_hi.device] if x_hi.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    rng = torch.random.fork_rng(devices=devices) if _draws_randomness(tgt) else contextlib.nullcontext()
+    with rng, torch.no_grad():
         f_target = tgt(x_lo, s_lo, **cond)
     return model(x_hi, s_hi, **cond), f_target
 

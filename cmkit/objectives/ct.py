@@ -96,7 +96,8 @@ class _GrowingGridTraining:
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
         self.weighting = WEIGHTINGS[weighting]
         self.distance = make_distance(distance, huber_c) if isinstance(distance, str) else distance
-        self._grids: dict[tuple, torch.Tensor] = {}  # N -> grid (and pair probabilities): N changes rarely
+        # (N, device, dtype) -> (grid, pair probabilities): only the current N is kept, N changes rarely
+        self._grids: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @property
     def run_constants(self) -> dict:
