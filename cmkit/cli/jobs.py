@@ -44,7 +44,7 @@ def build_run(recipe: Recipe, data: Dataset, teacher=None, distance=None, resume
     of the run being resumed."""
     ctx = BuildContext(make_backbone=lambda: build_backbone(recipe, data),
                        train_steps=recipe.train.steps, teacher=teacher, student=recipe.model.student,
-                       distance=distance, resumed=resumed or {})
+                       distance=distance, resumed=resumed or {}, data=data, seed=recipe.seed)
     return OBJECTIVES[recipe.objective.kind].build(recipe.objective, ctx)
 
 
@@ -140,7 +140,8 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
     del teacher  # what the objective needs it holds itself; a tuned student copied what it needs
     extra = {"teacher_path": path} if path else {}
     check_resume(recipe, out, saved, extra, getattr(objective, "run_constants", {}), write=acc.is_main_process)
-    batches = data.batches(conditional=num_classes_of(model) is not None, hflip=recipe.data.hflip)
+    batches = getattr(objective, "batches", None) or data.batches(conditional=num_classes_of(model) is not None,
+                                                                  hflip=recipe.data.hflip)
     summary = train(model, objective, batches, recipe.train, out, seed=recipe.seed,
                     run_info={"job": job if job != "train" else f"train-{recipe.objective.kind}", **extra},
                     progress=progress, accelerator=acc)

@@ -1,7 +1,7 @@
 """Layer 6: datasets (a registry by ``data.name``: 2-D sets, digits, tinted digits, Fashion-MNIST; ``.npy`` files and
 image folders by ``data.path``) and image files for the command line. Importing this package registers every set."""
 
-from . import images, toy2d  # noqa: F401  (each registers its sets)
+from . import fashion_colours, images, toy2d  # noqa: F401  (each registers its sets)
 from .dataset import DATASETS, TEST_SEED, TRAIN_SEED, Dataset, dataset_names, load_dataset, load_npy
 from .images import FASHION_DIR, TINT_COPIES, load_digits, load_fashion_mnist, load_image_folder, tint
 from .toy2d import TWO_D

@@ -27,6 +27,8 @@ class Dataset:
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
     num_classes: int | None = None
+    train_captions: list[str] | None = None    # text-to-image sets: one caption per image
+    test_captions: list[str] | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -90,13 +90,26 @@ class DiffusersDenoiser(nn.Module):
         frac = (log_s - ls[lo]) / (ls[hi] - ls[lo])
         return lo + frac
 
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``sigma_to_t``: ``exp`` of ``log sigma`` interpolated at (fractional) timesteps."""
+        ls = self.log_sigmas
+        t = torch.as_tensor(t, dtype=torch.float64, device=ls.device).clamp(0, len(ls) - 1)
+        lo = t.floor().long().clamp(max=len(ls) - 2)
+        frac = t - lo
+        return ((1 - frac) * ls[lo] + frac * ls[lo + 1]).exp()
+
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         sigma = as_batch_sigma(sigma, x)
         s = append_dims(sigma, x.ndim)
         scale = 1 / (1 + s**2).sqrt()  # sqrt(abar)
         out = backbone_forward(self.unet, x * scale, self.sigma_to_t(sigma).to(x.dtype), **cond)
+        return self.to_x0(x, s, out)
+
+    def to_x0(self, x: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The network's output (epsilon, v or x_0 of the VP sample ``x / sqrt(1 + s^2)``) as x_0."""
         if out.shape[1] == 2 * x.shape[1]:  # learned-variance UNets: the mean part comes first
             out = out[:, : x.shape[1]]
+        scale = 1 / (1 + s**2).sqrt()
         if self.prediction_type == "epsilon":
             x0 = x - s * out
         elif self.prediction_type == "v_prediction":

@@ -26,10 +26,32 @@ def resolve(path_or_name) -> str:
     return str(asset_path(path[len(ASSET_PREFIX):])) if path.startswith(ASSET_PREFIX) else path
 
 
-def _load_diffusers(path: str, clip_x0: float | None = None):
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (``HF_HUB_OFFLINE=1``: no); checked once so an offline
+    machine fails in seconds instead of after the hub client's retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_diffusers(path: str, clip_x0: float | None = None, **load_kw):
     import diffusers
 
     from .denoisers import DiffusersDenoiser
+    from .latent import TextToImageModel, is_text_to_image, read_model_index
+
+    index = _model_index(path, lambda p: read_model_index(p, **load_kw))
+    if index is not None and is_text_to_image(index):
+        return TextToImageModel.from_pretrained(path, clip_x0=clip_x0, **load_kw)
 
     def load(sub: str):
         cfg_name = "config.json" if sub == "unet" else "scheduler_config.json"
@@ -38,18 +60,30 @@ def _load_diffusers(path: str, clip_x0: float | None = None):
             name = json.loads(local.read_text())["_class_name"]
         else:  # hub id: ask the hub for the config through diffusers
             cls = diffusers.UNet2DModel if sub == "unet" else diffusers.DDPMScheduler
-            name = cls.load_config(path, subfolder=sub)["_class_name"]
+            name = cls.load_config(path, subfolder=sub, **load_kw)["_class_name"]
         cls = getattr(diffusers, name, None)
         if cls is None:
             raise ValueError(f"{path}: unknown diffusers class {name!r} in {sub}/")
-        return cls.from_pretrained(path, subfolder=sub)
+        return cls.from_pretrained(path, subfolder=sub, **load_kw)
 
     return DiffusersDenoiser(load("unet"), load("scheduler"), clip_x0=clip_x0)
 
 
+def _model_index(path: str, read) -> dict | None:
+    """A pipeline folder's ``model_index.json`` (None where there is none, as in cmkit 0.1's unet + scheduler
+    folders)."""
+    if Path(path).is_dir():
+        return read(path) if (Path(path) / "model_index.json").is_file() else None
+    try:
+        return read(path)
+    except OSError:
+        return None
+
+
 def load_teacher(path_or_hub_id, clip_x0: float | None = None):
-    """A teacher denoiser from a cmkit teacher folder, a diffusers pipeline folder (``unet/`` + ``scheduler/``), a
-    shipped teacher (``"cmkit:digits-ddpm"``) or a hub id (the real ``from_pretrained`` call; needs network access)."""
+    """A teacher denoiser from a cmkit teacher folder, a diffusers pipeline folder (``unet/`` + ``scheduler/``: a
+    pixel UNet as a ``DiffusersDenoiser``; with a text encoder and a VAE, SD 1.x/2.x or SDXL layout, a
+    ``TextToImageModel``), a shipped teacher (``"cmkit:digits-ddpm"``) or a hub id (the real ``from_pretrained`` call; needs network access)."""
     from .denoisers import EDMDenoiser
 
     if not str(path_or_hub_id):
@@ -64,14 +98,19 @@ def load_teacher(path_or_hub_id, clip_x0: float | None = None):
             return EDMDenoiser.from_pretrained(p)
         if (p / "unet").is_dir() and (p / "scheduler").is_dir():
             return _load_diffusers(path, clip_x0)
+        if (p / "model_index.json").is_file():
+            raise ValueError(f"{path!r} is a diffusers pipeline folder without unet/ or scheduler/; a teacher needs "
+                             "both (and vae/ + text_encoder/ + tokenizer/ for text-to-image)")
         raise ValueError(f"{path!r} is neither a cmkit teacher folder (cmkit.json) nor a diffusers pipeline folder "
                          "(unet/ + scheduler/)")
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not p.suffix
     if not looks_like_hub_id:
         raise FileNotFoundError(f"teacher folder {path!r} does not exist; train one with `cmkit train-teacher RECIPE` "
                                 "or give a diffusers folder or hub id")
+    # offline, only the local hub cache can answer, and it answers at once
+    load_kw = {} if hub_reachable() else {"local_files_only": True}
     try:
-        return _load_diffusers(path, clip_x0)
+        return _load_diffusers(path, clip_x0, **load_kw)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(f"could not load teacher {path!r}: no such folder here, and as a hub id ({first}); "

@@ -6,7 +6,9 @@ network being trained, ``target`` the target network or None for the stop-gradie
 optimiser step for curricula) and ``target_ema(step) -> mu`` (0: no separate target network is kept). Randomness
 comes from torch's global generator, which the trainer seeds once per step, so a resumed run draws exactly what an
 uninterrupted one would. An objective may expose ``run_constants`` (a dict of values fixed when a run starts, such
-as a curriculum's length), which a resumed run gets back through ``BuildContext.resumed``.
+as a curriculum's length), which a resumed run gets back through ``BuildContext.resumed``, and ``batches(n, device)
+-> (x0, cond)`` where it trains on something other than the dataset's samples as they are (latents of the images,
+prompt embeddings of the captions).
 
 A kind registers itself with ``@register_objective(kind, ConfigClass, job=..., teacher=...)`` on its build function
 ``build(cfg, ctx) -> (model, objective)``; recipes, ``cmkit distill`` / ``train`` / ``train-teacher`` and
@@ -18,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -51,6 +53,8 @@ class BuildContext:
     student: str = "edm"                     # model.student: "edm" or "teacher" (see ModelSection)
     distance: Callable | None = None         # replaces the config's distance (dry runs' stand-in LPIPS)
     resumed: dict = field(default_factory=dict)  # run_constants saved by the run being resumed
+    data: Any = None                         # the run's Dataset (kinds that build from the data itself)
+    seed: int = 0                            # the recipe's seed (kinds that initialise parts deterministically)
 
 
 @dataclass(frozen=True)

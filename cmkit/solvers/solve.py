@@ -31,7 +31,7 @@ def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 
     ("dpmpp_2m") runs it; anything else ("dopri5", "rk4", "bosh3", ...) is handed to ``torchdiffeq.odeint`` in the
     variable log(sigma), with the grid as output times and ``rtol``/``atol`` as tolerances (a final 0 is reached by
     one exact denoise, since the drift is singular there). Returns the end state, and with ``return_nfe`` also the
-    number of denoiser evaluations.
+    number of network passes (denoiser evaluations, a guided one counting two).
 
     ``churn`` (S_churn) turns a step-solver solve into Karras et al.'s stochastic sampler (Algorithm 2): before the
     step from sigma_i, where sigma_i lies in ``churn_range`` (S_tmin, S_tmax), noise raises the level to
@@ -48,9 +48,11 @@ def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 
         raise ValueError(f"churn must be >= 0, got {churn}")
     nfe = 0
 
+    passes = getattr(den, "passes", None)  # guided denoisers cost two network passes a call
+
     def counted(xx, s, **c):
         nonlocal nfe
-        nfe += 1
+        nfe += passes(**c) if passes is not None else 1
         return den(xx, s, **c)
 
     solver = SOLVERS[method] if method in SOLVERS else None

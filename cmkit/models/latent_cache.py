@@ -1,0 +1,91 @@
+"""A dataset encoded once: VAE posteriors of every image and the prompt embedding of every distinct caption, cached
+on disk as safetensors under a key made of the VAE's weights, the text encoders' weights and the data itself, so a
+second run (or a resumed one, or a distillation of the same teacher on the same data) reads instead of encodes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..core.files import atomic_write
+from .text_encoders import PromptEncoder
+
+
+@dataclass
+class EncodedSet:
+    mean: torch.Tensor        # (n, C, h, w) VAE posterior means, unscaled
+    std: torch.Tensor         # (n, C, h, w) posterior standard deviations
+    caption_index: torch.Tensor  # (n,) row of each image's caption in ``embeds``
+    captions: list[str]       # the distinct captions, in ``embeds`` order
+    embeds: dict              # the prompt encoder's output for every distinct caption (negatives: "")
+
+    def cond(self, rows: torch.Tensor) -> dict:
+        """Positive conditioning for images ``rows``: embeddings (and SDXL's pooled embeddings and time ids)."""
+        idx = self.caption_index[rows]
+        keys = ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
+        return {k: self.embeds[k][idx] for k in keys if k in self.embeds}
+
+    def unconditional(self, n: int) -> dict:
+        """The negative ("" or zeros) conditioning for ``n`` samples, under the positive keys."""
+        keys = {"negative_prompt_embeds": "prompt_embeds", "negative_pooled_prompt_embeds": "pooled_prompt_embeds"}
+        out = {pos: self.embeds[neg][:1].expand(n, *self.embeds[neg].shape[1:]) for neg, pos in keys.items()
+               if neg in self.embeds}
+        if "add_time_ids" in self.embeds:
+            out["add_time_ids"] = self.embeds["add_time_ids"][:1].expand(n, -1)
+        return out
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CMKIT_CACHE", Path.home() / ".cache" / "cmkit")) / "latents"
+
+
+def _weights_hash(h, module: torch.nn.Module) -> None:
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def cache_key(vae, prompt_encoder: PromptEncoder, images: torch.Tensor, captions: list[str]) -> str:
+    h = hashlib.sha256()
+    _weights_hash(h, vae)
+    _weights_hash(h, prompt_encoder)
+    h.update(repr(sorted(vae.config.items())).encode())
+    h.update(images.numpy().tobytes())
+    h.update("\n".join(captions).encode())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def encode_set(vae, prompt_encoder: PromptEncoder, images: torch.Tensor, captions: list[str],
+               batch_size: int = 256, progress: bool = True, cache: bool = True) -> EncodedSet:
+    """Encode ``images`` (in [-1, 1]) and ``captions`` (one per image), or read them from the cache."""
+    if len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions for {len(images)} images; every image needs one caption")
+    images = images.contiguous()
+    path = cache_root() / f"{cache_key(vae, prompt_encoder, images, captions)}.safetensors"
+    distinct = sorted(set(captions))
+    if cache and path.is_file():
+        t = load_file(path)
+        embeds = {k[len("embeds."):]: v for k, v in t.items() if k.startswith("embeds.")}
+        return EncodedSet(t["mean"], t["std"], t["caption_index"], distinct, embeds)
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="encode images", disable=not progress,
+                  dynamic_ncols=True):
+        dist = vae.encode(images[i: i + batch_size].to(vae.device, torch.float32)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    row = {c: i for i, c in enumerate(distinct)}
+    index = torch.tensor([row[c] for c in captions], dtype=torch.long)
+    embeds = {k: v.cpu() for k, v in prompt_encoder(distinct).items()}
+    out = EncodedSet(torch.cat(means), torch.cat(stds), index, distinct, embeds)
+    if cache:
+        tensors = {"mean": out.mean, "std": out.std, "caption_index": index,
+                   **{f"embeds.{k}": v.contiguous() for k, v in embeds.items()}}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+    return out
