@@ -43,3 +43,8 @@ for r in digits-cd digits-ct digits-ict digits-ect; do
   for b in 128 64; do $PY benchmarks/cost.py --recipe $r --batch $b --out $R/cost; done
 done
 for r in quickstart-cd s_curve-ct s_curve-ict s_curve-ect; do $PY benchmarks/cost.py --recipe $r --teacher $T --out $R/cost; done
+
+# --- text-to-image: the shipped tiny teacher (cmkit:tiny-t2i, recipes tiny-t2i-vae + tiny-t2i-unet, ~40 min to
+# retrain) through diffusers' own pipeline and cmkit's solvers at 1-50 steps, guidance 4 (needs Debian's
+# dataset-fashion-mnist for the scorer's classifier and held-out images)
+$CMKIT bench text-to-image --teacher cmkit:tiny-t2i --out $R/text-to-image --no-progress

@@ -13,11 +13,23 @@ from .models import (
                      DenoiserConsistencyModel,
                      DiffusersDenoiser,
                      EDMDenoiser,
+                     LatentDenoiser,
+                     TextToImageModel,
                      TimeMLP,
                      load_model,
                      load_teacher,
 )
-from .sampling import colorize, denoise, inpaint, interpolate, sample, sample_teacher, sdedit, superres
+from .sampling import (
+                       colorize,
+                       denoise,
+                       inpaint,
+                       interpolate,
+                       sample,
+                       sample_teacher,
+                       sdedit,
+                       superres,
+                       text_to_image,
+)
 from .solvers import ode_solve, ode_step, pf_ode_drift, teacher_grid
 
 __version__ = "0.2.0"
@@ -26,5 +38,5 @@ __all__ = [
     "ConsistencyModel", "DenoiserConsistencyModel", "Denoiser", "DiffusersDenoiser", "EDMDenoiser", "TimeMLP",
     "boundary_scalings", "edm_scalings", "karras_sigmas", "load_model", "load_teacher", "metrics", "ode_solve",
     "ode_step", "pf_ode_drift", "sample", "sample_teacher", "teacher_grid", "inpaint", "colorize", "superres",
-    "denoise", "interpolate", "sdedit",
+    "denoise", "interpolate", "sdedit", "LatentDenoiser", "TextToImageModel", "text_to_image",
 ]

@@ -60,11 +60,11 @@ def test_x0_matches_scheduler_step_at_every_timestep(prediction_type):
     t = torch.arange(n)
     g = torch.Generator().manual_seed(1)
     sample = torch.randn(n, *model.sample_shape, generator=g, dtype=torch.float64)  # a VP sample at each t
-    cond = {k: v.expand(n, *v.shape[1:]) for k, v in model.encode_prompt(["a blue dress"]).items() if torch.is_tensor(v)}
+    embeds = model.encode_prompt(["a blue dress"])["prompt_embeds"].expand(n, -1, -1)
     with torch.no_grad():
-        out = den.unet(sample, t, encoder_hidden_states=cond["prompt_embeds"]).sample
+        out = den.unet(sample, t, encoder_hidden_states=embeds).sample
         sigma = den.t_to_sigma(t)
-        x0 = den(sample * (1 + sigma**2).sqrt().view(-1, 1, 1, 1), sigma, prompt_embeds=cond["prompt_embeds"])
+        x0 = den(sample * (1 + sigma**2).sqrt().view(-1, 1, 1, 1), sigma, prompt_embeds=embeds)
     ref = torch.stack([sched.step(out[i: i + 1], int(i), sample[i: i + 1]).pred_original_sample[0] for i in range(n)])
     assert (x0 - ref).abs().max() < 1e-5
 

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .text2image import add_bench_t2i, add_generate, run_bench_t2i, run_generate
+
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 TRAINING_JOBS = ("train-teacher", "distill", "train")
 
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_edit(sub)
     _add_bench(sub)
+    add_generate(sub)
     return parser
 
 
@@ -101,6 +104,7 @@ def _add_bench(sub) -> None:
                          "Inception weights file, see --inception-weights)")
     bq.add_argument("--inception-weights", metavar="PATH",
                     help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch's hub cache)")
+    add_bench_t2i(bsub)
 
 
 def _kinds(job: str) -> str:
@@ -118,6 +122,7 @@ def _parse_sigmas(text: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     handlers = {"quickstart": run_quickstart, "sample": run_sample, "edit": run_edit, "bench": run_bench,
+                "generate": run_generate,
                 **{job: run_training for job in TRAINING_JOBS}}
     handlers[args.command](args)
     return 0
@@ -169,6 +174,8 @@ def run_sample(args: argparse.Namespace) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    if args.bench == "text-to-image":
+        return run_bench_t2i(args)
     from ..eval.bench import run_benchmark
     from ..models import ConsistencyModel, load_teacher
     from .jobs import check_data_matches, dataset_for

@@ -51,7 +51,8 @@ def _data(recipe: Recipe, echo) -> Dataset:
         g = torch.Generator().manual_seed(0)
         x = torch.rand(8, c, size, size, generator=g) * 2 - 1
         labels = torch.randint(0, 10, (8,), generator=g)
-        return Dataset("stand-in", x[:6], x[6:], labels[:6], labels[6:], 10)
+        captions = [f"a stand-in image of class {int(v)}" for v in labels]  # for text-to-image kinds
+        return Dataset("stand-in", x[:6], x[6:], labels[:6], labels[6:], 10, captions[:6], captions[6:])
 
 
 def _teacher(recipe: Recipe, data: Dataset, teacher_path: str | None, echo):

@@ -15,6 +15,12 @@ from .images import IMAGE_SUFFIXES
 METADATA = "metadata.jsonl"
 
 
+def has_captions(path) -> bool:
+    """Whether an image folder is captioned (a ``metadata.jsonl``, or ``.txt`` files beside the images)."""
+    root = Path(path)
+    return (root / METADATA).is_file() or any(root.rglob("*.txt"))
+
+
 def _captions_from_metadata(root: Path) -> dict[Path, str]:
     meta = root / METADATA
     out = {}

@@ -97,7 +97,11 @@ def load_dataset(name: str | None = None, path: str | None = None, image_size: i
     """A named dataset, a ``.npy`` file or a folder of images. One-line errors name the known choices."""
     if path:
         if Path(path).is_dir():
+            from .captions import has_captions, load_caption_folder
             from .images import load_image_folder
+
+            if has_captions(path):
+                return load_caption_folder(path, image_size)
 
             return load_image_folder(path, image_size, channels)
         return load_npy(path)

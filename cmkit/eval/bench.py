@@ -47,7 +47,8 @@ MMD_MAX = 2000  # MMD is quadratic in the set size; the first MMD_MAX samples of
 METRICS = {"sw": ("sliced W2", True), "mmd": ("MMD²", True), "fd": ("Fréchet dist. (classifier features)", True),
            "confidence": ("classifier confidence", False), "recognised": ("recognised", False),
            "precision": ("precision", False), "recall": ("recall", False),
-           "fid": ("FID (Inception)", True), "kid": ("KID (Inception)", True)}
+           "fid": ("FID (Inception)", True), "kid": ("KID (Inception)", True),
+           "item_acc": ("item accuracy", False), "colour_acc": ("colour accuracy", False)}
 
 
 def vector_scorer(reference: torch.Tensor):
@@ -140,7 +141,14 @@ def quality_vs_steps(teacher, models: dict, score, ev: EvalSettings | None = Non
     """
     ev = ev or EvalSettings()
     ev.check()
-    jobs = teacher_jobs(teacher, ev) + model_jobs(models, ev)
+    return measure_jobs(teacher_jobs(teacher, ev) + model_jobs(models, ev), score, ev, progress=progress,
+                        partial_dir=partial_dir, score_tag=score_tag)
+
+
+def measure_jobs(jobs: list[tuple], score, ev: EvalSettings, *, progress: bool = True, partial_dir=None,
+                 score_tag: str = "") -> dict:
+    """Score ``jobs`` (``(method, nfe, model, run(n, generator, cond) -> (samples, counted nfe or None))``) over
+    ``ev.seeds``: the loop behind ``quality_vs_steps`` and the text-to-image benchmark."""
     settings = {"num_samples": ev.num_samples, "seeds": list(ev.seeds), **({"score": score_tag} if score_tag else {})}
     store = PartialResults(partial_dir, settings) if partial_dir else None
     fingerprints: dict[int, str] = {}  # the models of this call (all alive during it), each hashed once

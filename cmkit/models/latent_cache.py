@@ -31,6 +31,18 @@ class EncodedSet:
         keys = ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
         return {k: self.embeds[k][idx] for k in keys if k in self.embeds}
 
+    def batch(self, n: int, device, scale: float, prompt_dropout: float = 0.0) -> tuple[torch.Tensor, dict]:
+        """``n`` training examples drawn with torch's global generator: latents sampled from their posteriors and
+        scaled by ``scale``, and their prompts' conditioning, a ``prompt_dropout`` share of it unconditional."""
+        rows = torch.randint(0, len(self.mean), (n,))
+        z = self.mean[rows] + self.std[rows] * torch.randn(self.mean[rows].shape)
+        cond = self.cond(rows)
+        if prompt_dropout > 0:
+            drop = torch.rand(n) < prompt_dropout
+            for key, uncond in self.unconditional(n).items():
+                cond[key] = torch.where(drop.view(-1, *[1] * (uncond.ndim - 1)), uncond, cond[key])
+        return (z * scale).to(device), {k: v.to(device) for k, v in cond.items()}
+
     def unconditional(self, n: int) -> dict:
         """The negative ("" or zeros) conditioning for ``n`` samples, under the positive keys."""
         keys = {"negative_prompt_embeds": "prompt_embeds", "negative_pooled_prompt_embeds": "pooled_prompt_embeds"}
@@ -85,7 +97,7 @@ def encode_set(vae, prompt_encoder: PromptEncoder, images: torch.Tensor, caption
     embeds = {k: v.cpu() for k, v in prompt_encoder(distinct).items()}
     out = EncodedSet(torch.cat(means), torch.cat(stds), index, distinct, embeds)
     if cache:
-        tensors = {"mean": out.mean, "std": out.std, "caption_index": index,
+        tensors = {"mean": out.mean.contiguous(), "std": out.std.contiguous(), "caption_index": index,
                    **{f"embeds.{k}": v.contiguous() for k, v in embeds.items()}}
         atomic_write(path, lambda tmp: save_file(tensors, tmp))
     return out

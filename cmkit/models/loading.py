@@ -83,7 +83,8 @@ def _model_index(path: str, read) -> dict | None:
 def load_teacher(path_or_hub_id, clip_x0: float | None = None):
     """A teacher denoiser from a cmkit teacher folder, a diffusers pipeline folder (``unet/`` + ``scheduler/``: a
     pixel UNet as a ``DiffusersDenoiser``; with a text encoder and a VAE, SD 1.x/2.x or SDXL layout, a
-    ``TextToImageModel``), a shipped teacher (``"cmkit:digits-ddpm"``) or a hub id (the real ``from_pretrained`` call; needs network access)."""
+    ``TextToImageModel``), a shipped teacher (``"cmkit:digits-ddpm"``, ``"cmkit:tiny-t2i"``) or a hub id (the
+    real ``from_pretrained`` call; needs network access, and fails in seconds without it)."""
     from .denoisers import EDMDenoiser
 
     if not str(path_or_hub_id):

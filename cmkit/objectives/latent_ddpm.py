@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
 
 from ..models.latent import LatentDenoiser
 from ..models.latent_cache import encode_set
@@ -33,7 +32,7 @@ class LatentDDPMConfig(ObjectiveConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
     prediction_type: str = "epsilon"    # epsilon | v_prediction
-    unet_base: int = 64                 # UNet channels at the latent resolution (doubling per level)
+    unet_base: int = 48                 # UNet channels at the latent resolution (doubling per level)
     unet_levels: int = 2
     unet_layers_per_block: int = 1
     unet_heads: int = 4
@@ -51,14 +50,7 @@ class LatentDDPMLoss(DDPMLoss):
         self.encoded, self.scale, self.p_drop = encoded, scale, prompt_dropout
 
     def batches(self, n: int, device):
-        rows = torch.randint(0, len(self.encoded.mean), (n,))
-        z = self.encoded.mean[rows] + self.encoded.std[rows] * torch.randn(self.encoded.mean[rows].shape)
-        cond = self.encoded.cond(rows)
-        drop = torch.rand(n) < self.p_drop
-        for key, uncond in self.encoded.unconditional(n).items():
-            keep = drop.view(-1, *[1] * (uncond.ndim - 1))
-            cond[key] = torch.where(keep, uncond, cond[key])
-        return (z * self.scale).to(device), {k: v.to(device) for k, v in cond.items()}
+        return self.encoded.batch(n, device, self.scale, self.p_drop)
 
 
 def text_side(cfg: LatentDDPMConfig, captions: list[str], seed: int) -> PromptEncoder:
@@ -80,6 +72,9 @@ def build(cfg: LatentDDPMConfig, ctx: BuildContext):
                          "and give its model folder")
     if not 0 <= cfg.prompt_dropout < 1:
         raise ValueError(f"objective.prompt_dropout must be in [0, 1), got {cfg.prompt_dropout}")
+    if not (Path(cfg.vae) / "config.json").is_file():
+        raise FileNotFoundError(f"objective.vae {cfg.vae!r} is not an AutoencoderKL folder (no config.json); train "
+                                "one with `cmkit train-teacher recipes/tiny-t2i-vae.toml` first")
     vae = AutoencoderKL.from_pretrained(cfg.vae).eval().requires_grad_(False)
     prompts = text_side(cfg, data.train_captions, ctx.seed)
     encoded = encode_set(vae, prompts, data.train, data.train_captions)
@@ -92,7 +87,7 @@ def build(cfg: LatentDDPMConfig, ctx: BuildContext):
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     latent = encoded.mean.shape[1:]
     unet = small_cond_unet(latent[-1], latent[0], cfg.unet_base, cfg.unet_levels, cfg.unet_layers_per_block,
-                           cfg.text_hidden, cfg.unet_heads, norm_num_groups=min(32, cfg.unet_base), seed=ctx.seed)
+                           cfg.text_hidden, cfg.unet_heads, norm_num_groups=math.gcd(cfg.unet_base, 32), seed=ctx.seed)
     den = LatentDenoiser(unet, scheduler)
     den.pipeline_parts = (vae, prompts, {})
     loss = LatentDDPMLoss(den, encoded, scale, cfg.prompt_dropout, cfg.prediction_type)

@@ -1,9 +1,11 @@
 """Layer 5: samplers (consistency-model one-step and multistep, teacher ODE baselines), zero-shot editing and the
-few-step schedule search."""
+few-step schedule search, text-to-image sampling of latent teachers."""
 
 from .editing import colorize, denoise, edit, inpaint, interpolate, sdedit, superres
 from .samplers import class_condition, eval_mode, multistep, per_sample_noise, resolve_sigmas, sample, sample_teacher
 from .schedules import search_schedule
+from .text2image import text_to_image, timestep_sigmas
 
 __all__ = ["class_condition", "colorize", "denoise", "edit", "eval_mode", "inpaint", "interpolate", "multistep",
-           "per_sample_noise", "resolve_sigmas", "sample", "sample_teacher", "sdedit", "search_schedule", "superres"]
+           "per_sample_noise", "resolve_sigmas", "sample", "sample_teacher", "sdedit", "search_schedule", "superres",
+           "text_to_image", "timestep_sigmas"]

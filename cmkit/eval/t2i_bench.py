@@ -1,0 +1,85 @@
+"""Quality against steps for a text-to-image teacher on the coloured Fashion-MNIST prompts: cmkit's solvers over
+the teacher's trailing timestep grid with guidance, and diffusers' own ``StableDiffusionPipeline`` (DDIM, the
+folder's scheduler spacing) as the reference a user would run. Scored by ``PromptScorer`` (item and colour accuracy,
+Frechet distance in the item classifier's features); network passes counted (a guided step costs two)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.fashion_colours import all_prompts
+from ..sampling.text2image import text_to_image
+from ..solvers import SOLVERS
+from .bench import EvalSettings, measure_jobs
+
+T2I_SOLVERS = ("ddim", "dpmpp_2m", "euler")
+T2I_STEPS = (1, 2, 4, 8, 16, 25, 50)
+
+
+def prompt_list(n: int) -> list[str]:
+    """``n`` prompts cycling through every prompt of the set, so any n >= 40 covers all of them evenly."""
+    every = all_prompts()
+    return [every[i % len(every)] for i in range(n)]
+
+
+def _batched(run, n: int, batch: int = 500):
+    """Run ``run(start, stop)`` over chunks of ``n`` samples (bounded memory), concatenating the images."""
+    outs, nfe = [], None
+    for i in range(0, n, batch):
+        x, nfe = run(i, min(n, i + batch))
+        outs.append(x)
+    return torch.cat(outs), nfe
+
+
+def teacher_t2i_jobs(teacher, solvers=T2I_SOLVERS, steps=T2I_STEPS, guidance_scale: float = 4.0) -> list[tuple]:
+    def job(solver, k):
+        def run(n, g, c):
+            prompts = prompt_list(n)
+            noise = torch.randn(n, *teacher.sample_shape, generator=g)
+            return _batched(lambda a, b: text_to_image(teacher, prompts[a:b], steps=k, solver=solver,
+                                                       guidance_scale=guidance_scale, latents=noise[a:b],
+                                                       return_nfe=True), n)
+        passes = 2 if guidance_scale != 1 else 1
+        return (f"teacher {solver}", passes * k * SOLVERS[solver].evals_per_step, teacher, run)
+
+    return [job(solver, k) for solver in solvers for k in steps]
+
+
+def pipeline_job(teacher, folder, steps: int = 25, guidance_scale: float = 4.0) -> tuple:
+    """diffusers' ``StableDiffusionPipeline`` (its own DDIM scheduler and spacing) read from ``folder``."""
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(n, g, c):
+        prompts = prompt_list(n)
+        noise = torch.randn(n, *teacher.sample_shape, generator=g)
+        return _batched(lambda a, b: (pipe(prompts[a:b], latents=noise[a:b], num_inference_steps=steps,
+                                           guidance_scale=guidance_scale, output_type="pt").images * 2 - 1,
+                                      2 * steps), n)
+    return ("diffusers pipeline ddim", 2 * steps, teacher, run)
+
+
+def text_to_image_benchmark(teacher, folder, ev: EvalSettings, out, *, solvers=T2I_SOLVERS, steps=T2I_STEPS,
+                            guidance_scale: float = 4.0, models: dict | None = None, progress: bool = True) -> dict:
+    """Measure and write ``out/quality_vs_steps.{md,json,png}``; ``models``: extra ``name -> [(nfe, run)]`` rows
+    (distilled models). Resumable under ``out/partial``."""
+    from .prompt_scores import PromptScorer
+    from .report import write_results
+
+    ev.check()
+    scorer = PromptScorer(progress=progress)
+    prompts = prompt_list(ev.num_samples)
+    jobs = [pipeline_job(teacher, folder, 25, guidance_scale)]
+    jobs += teacher_t2i_jobs(teacher, solvers, steps, guidance_scale)
+    for name, rows in (models or {}).items():
+        jobs += [(name, nfe, model, run) for nfe, model, run in rows]
+    result = measure_jobs(jobs, lambda x: scorer(x, prompts), ev, progress=progress,
+                          partial_dir=Path(out) / "partial", score_tag=f"t2i-w{guidance_scale:g}")
+    reference = scorer.reference(prompts[:64])
+    return write_results(result, reference, out, extra={"dataset": "fashion_colours", "guidance_scale": guidance_scale,
+                                                         "prompts": len(set(prompts)),
+                                                         "classifier": scorer.info})
