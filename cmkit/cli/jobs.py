@@ -92,9 +92,10 @@ def _jsonish(v):
 
 
 def check_data_matches(data: Dataset, model, what: str) -> None:
-    if tuple(model.sample_shape) != tuple(data.sample_shape):
-        raise ValueError(f"data samples have shape {data.sample_shape} but the {what} takes "
-                         f"{tuple(model.sample_shape)}; use the data the teacher was trained on")
+    shape = tuple(getattr(model, "image_shape", None) or model.sample_shape)  # latent models: their images
+    if shape != tuple(data.sample_shape):
+        raise ValueError(f"data samples have shape {data.sample_shape} but the {what} takes {shape}; use the data "
+                         "the teacher was trained on")
 
 
 def _teacher_for(recipe: Recipe, job: str, teacher_path: str | None, teacher):
@@ -145,7 +146,7 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
     summary = train(model, objective, batches, recipe.train, out, seed=recipe.seed,
                     run_info={"job": job if job != "train" else f"train-{recipe.objective.kind}", **extra},
                     progress=progress, accelerator=acc)
-    if job != "train-teacher" and acc.is_main_process:
+    if job != "train-teacher" and acc.is_main_process and hasattr(model, "sigmas_for_steps"):
         summary["schedule"] = tune_schedule(recipe, out / "model", data, progress, acc.device)
     acc.wait_for_everyone()
     return summary

@@ -18,7 +18,9 @@ METADATA = "metadata.jsonl"
 def has_captions(path) -> bool:
     """Whether an image folder is captioned (a ``metadata.jsonl``, or ``.txt`` files beside the images)."""
     root = Path(path)
-    return (root / METADATA).is_file() or any(root.rglob("*.txt"))
+    if (root / METADATA).is_file():
+        return True
+    return any(p.with_suffix(".txt").is_file() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _captions_from_metadata(root: Path) -> dict[Path, str]:
@@ -29,7 +31,9 @@ def _captions_from_metadata(root: Path) -> dict[Path, str]:
             continue
         try:
             row = json.loads(line)
-            out[root / row["file_name"]] = str(row["text"])
+            if not isinstance(row["text"], str):
+                raise TypeError
+            out[root / row["file_name"]] = row["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f"{meta} line {i}: expected a JSON object with 'file_name' and 'text'") from None
     missing = [p.name for p in out if not p.is_file()]
@@ -47,7 +51,10 @@ def _captions_from_txt(root: Path) -> dict[Path, str]:
         raise FileNotFoundError(f"{len(missing)} of {len(files)} images under {root} have no caption (first: "
                                 f"{missing[0].name} needs {missing[0].with_suffix('.txt').name}); add them or write "
                                 f"a {METADATA}")
-    return {p: p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in files}
+    try:
+        return {p: p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in files}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"a caption under {root} is not UTF-8 text ({e.reason}); save the captions as UTF-8") from None
 
 
 def load_caption_folder(path, size: int = 0, test_fraction: float = 0.1) -> Dataset:
@@ -63,7 +70,10 @@ def load_caption_folder(path, size: int = 0, test_fraction: float = 0.1) -> Data
         raise ValueError(f"{root} holds {len(captions)} captioned image; need at least 2 (one is held out)")
     arrays = []
     for p in captions:
-        im = Image.open(p).convert("RGB")
+        try:
+            im = Image.open(p).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{p} is not a readable image ({type(e).__name__}); remove or replace it") from None
         arrays.append(np.asarray(im.resize((size, size), Image.BICUBIC) if size else im, dtype=np.float32))
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:

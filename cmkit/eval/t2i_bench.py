@@ -41,32 +41,34 @@ def teacher_t2i_jobs(teacher, solvers=T2I_SOLVERS, steps=T2I_STEPS, guidance_sca
             return _batched(lambda a, b: text_to_image(teacher, prompts[a:b], steps=k, solver=solver,
                                                        guidance_scale=guidance_scale, latents=noise[a:b],
                                                        return_nfe=True), n)
-        passes = 2 if guidance_scale != 1 else 1
+        passes = 2 if guidance_scale > 1 else 1
         return (f"teacher {solver}", passes * k * SOLVERS[solver].evals_per_step, teacher, run)
 
     return [job(solver, k) for solver in solvers for k in steps]
 
 
 def pipeline_job(teacher, folder, steps: int = 25, guidance_scale: float = 4.0) -> tuple:
-    """diffusers' ``StableDiffusionPipeline`` (its own DDIM scheduler and spacing) read from ``folder``."""
+    """diffusers' own pipeline for ``folder`` (``StableDiffusionPipeline`` or the SDXL one, with the folder's
+    scheduler and spacing), on the teacher's device."""
     import diffusers
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder)
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder).to(next(teacher.parameters()).device)
     pipe.set_progress_bar_config(disable=True)
+    passes = 2 if guidance_scale > 1 else 1
 
     def run(n, g, c):
         prompts = prompt_list(n)
         noise = torch.randn(n, *teacher.sample_shape, generator=g)
         return _batched(lambda a, b: (pipe(prompts[a:b], latents=noise[a:b], num_inference_steps=steps,
                                            guidance_scale=guidance_scale, output_type="pt").images * 2 - 1,
-                                      2 * steps), n)
-    return ("diffusers pipeline ddim", 2 * steps, teacher, run)
+                                      passes * steps), n)
+    return (f"diffusers pipeline ({type(pipe.scheduler).__name__})", passes * steps, teacher, run)
 
 
 def text_to_image_benchmark(teacher, folder, ev: EvalSettings, out, *, solvers=T2I_SOLVERS, steps=T2I_STEPS,
                             guidance_scale: float = 4.0, models: dict | None = None, progress: bool = True) -> dict:
-    """Measure and write ``out/quality_vs_steps.{md,json,png}``; ``models``: extra ``name -> [(nfe, run)]`` rows
-    (distilled models). Resumable under ``out/partial``."""
+    """Measure and write ``out/quality_vs_steps.{md,json,png}``; ``models``: extra rows, ``name -> [(nfe, model,
+    run)]`` (distilled models; ``run`` as in ``bench.measure_jobs``). Resumable under ``out/partial``."""
     from .prompt_scores import PromptScorer
     from .report import write_results
 

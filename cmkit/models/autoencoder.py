@@ -1,6 +1,7 @@
 """Latent autoencoders: the VAE side of a latent text-to-image model. Encoding and decoding with a folder's
-``scaling_factor`` / ``shift_factor`` (``z = (E(x) - shift) * scale``, as diffusers' pipelines do), always in float32
-(half-precision SD VAEs overflow), and a small ``AutoencoderKL`` with its training wrapper for the shipped teacher."""
+normalisation (``z = (E(x) - shift) * scale``, or SDXL's per-channel ``latents_mean`` / ``latents_std``, as
+diffusers' pipelines do), always in float32 (half-precision SD VAEs overflow), and a small ``AutoencoderKL`` with its
+training wrapper for the shipped teacher."""
 
 from __future__ import annotations
 
@@ -11,23 +12,45 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 
-def _factors(vae) -> tuple[float, float]:
+def latent_normalisation(vae) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """``(offset, scale)`` with ``z_model = (z_vae - offset) * scale``: per-channel ``latents_mean`` /
+    ``latents_std`` where the folder has them (SDXL's convention: ``scale = scaling_factor / latents_std``), else
+    ``shift_factor`` (0 if absent) and ``scaling_factor``."""
     cfg = vae.config
-    return float(cfg.scaling_factor), float(cfg.get("shift_factor") or 0.0)
+    mean, std = cfg.get("latents_mean"), cfg.get("latents_std")
+    if mean is not None and std is not None:
+        view = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
+        return view(mean), float(cfg.scaling_factor) / view(std)
+    return float(cfg.get("shift_factor") or 0.0), float(cfg.scaling_factor)
+
+
+def _float32(vae):
+    """The VAE runs in float32 whatever the rest of the model runs in (half-precision SD VAEs overflow)."""
+    if vae.dtype != torch.float32:
+        vae.to(torch.float32)
+    return vae
+
+
+def _on(v, like: torch.Tensor):
+    return v.to(like.device) if torch.is_tensor(v) else v
 
 
 def vae_encode(vae, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
-    """Images in [-1, 1] -> model latents ``(mean - shift) * scale`` (or a posterior sample with ``sample``)."""
-    scale, shift = _factors(vae)
+    """Images in [-1, 1] -> model latents (the posterior mean, or a sample with ``sample``), in float32."""
+    vae = _float32(vae)
+    offset, scale = latent_normalisation(vae)
     dist = vae.encode(images.to(device=vae.device, dtype=torch.float32)).latent_dist
     z = dist.sample(generator) if sample else dist.mean
-    return (z - shift) * scale
+    return (z - _on(offset, z)) * _on(scale, z)
 
 
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Model latents -> images in [-1, 1] (not clamped: diffusers' pipelines clamp when they post-process)."""
-    scale, shift = _factors(vae)
-    return vae.decode(latents.to(device=vae.device, dtype=torch.float32) / scale + shift).sample
+    """Model latents -> images in [-1, 1], float32 (not clamped: diffusers' pipelines clamp when they
+    post-process)."""
+    vae = _float32(vae)
+    z = latents.to(device=vae.device, dtype=torch.float32)
+    offset, scale = latent_normalisation(vae)
+    return vae.decode(z / _on(scale, z) + _on(offset, z)).sample
 
 
 def small_vae(sample_size: int = 32, channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4,

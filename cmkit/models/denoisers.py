@@ -71,7 +71,9 @@ class DiffusersDenoiser(nn.Module):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}; "
                              "expected epsilon, v_prediction or sample")
         self.clip_x0 = clip_x0
-        abar = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
+        # a zero-terminal-SNR table (rescale_betas_zero_snr) ends at abar = 0, sigma = inf; clamp as diffusers'
+        # Euler and DPM-Solver schedulers do
+        abar = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).clamp_min(2.0**-24)
         table = ((1 - abar) / abar).sqrt()
         self.register_buffer("log_sigmas", table.log(), persistent=False)
         self.sigma_min, self.sigma_max = float(table[0]), float(table[-1])
@@ -102,10 +104,10 @@ class DiffusersDenoiser(nn.Module):
         sigma = as_batch_sigma(sigma, x)
         s = append_dims(sigma, x.ndim)
         scale = 1 / (1 + s**2).sqrt()  # sqrt(abar)
-        out = backbone_forward(self.unet, x * scale, self.sigma_to_t(sigma).to(x.dtype), **cond)
+        out = backbone_forward(self.unet, x * scale, self.sigma_to_t(sigma).float(), **cond)
         return self.to_x0(x, s, out)
 
-    def to_x0(self, x: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def to_x0(self, x: torch.Tensor, s: torch.Tensor, out: torch.Tensor, clip: bool = True) -> torch.Tensor:
         """The network's output (epsilon, v or x_0 of the VP sample ``x / sqrt(1 + s^2)``) as x_0."""
         if out.shape[1] == 2 * x.shape[1]:  # learned-variance UNets: the mean part comes first
             out = out[:, : x.shape[1]]
@@ -117,7 +119,7 @@ class DiffusersDenoiser(nn.Module):
             x0 = scale * (x * scale) - (s * scale) * out
         else:
             x0 = out
-        return x0.clamp(-self.clip_x0, self.clip_x0) if self.clip_x0 else x0
+        return x0.clamp(-self.clip_x0, self.clip_x0) if self.clip_x0 and clip else x0
 
     def save_pretrained(self, folder) -> Path:
         from diffusers import DDPMPipeline

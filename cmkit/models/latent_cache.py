@@ -23,7 +23,7 @@ class EncodedSet:
     std: torch.Tensor         # (n, C, h, w) posterior standard deviations
     caption_index: torch.Tensor  # (n,) row of each image's caption in ``embeds``
     captions: list[str]       # the distinct captions, in ``embeds`` order
-    embeds: dict              # the prompt encoder's output for every distinct caption (negatives: "")
+    embeds: dict              # the prompt encoder's output for every distinct caption (negatives: one row)
 
     def cond(self, rows: torch.Tensor) -> dict:
         """Positive conditioning for images ``rows``: embeddings (and SDXL's pooled embeddings and time ids)."""
@@ -31,9 +31,11 @@ class EncodedSet:
         keys = ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
         return {k: self.embeds[k][idx] for k in keys if k in self.embeds}
 
-    def batch(self, n: int, device, scale: float, prompt_dropout: float = 0.0) -> tuple[torch.Tensor, dict]:
+    def batch(self, n: int, device, normalisation, prompt_dropout: float = 0.0) -> tuple[torch.Tensor, dict]:
         """``n`` training examples drawn with torch's global generator: latents sampled from their posteriors and
-        scaled by ``scale``, and their prompts' conditioning, a ``prompt_dropout`` share of it unconditional."""
+        normalised as the model sees them (``normalisation``: ``(offset, scale)`` of
+        ``autoencoder.latent_normalisation``), and their prompts' conditioning, a ``prompt_dropout`` share of it
+        unconditional."""
         rows = torch.randint(0, len(self.mean), (n,))
         z = self.mean[rows] + self.std[rows] * torch.randn(self.mean[rows].shape)
         cond = self.cond(rows)
@@ -41,7 +43,13 @@ class EncodedSet:
             drop = torch.rand(n) < prompt_dropout
             for key, uncond in self.unconditional(n).items():
                 cond[key] = torch.where(drop.view(-1, *[1] * (uncond.ndim - 1)), uncond, cond[key])
-        return (z * scale).to(device), {k: v.to(device) for k, v in cond.items()}
+        offset, scale = normalisation
+        return ((z - offset) * scale).to(device), {k: v.to(device) for k, v in cond.items()}
+
+    def negatives(self, n: int) -> dict:
+        """The negative conditioning for ``n`` samples, under the negative keys (for a guided teacher)."""
+        return {k: self.embeds[k][:1].expand(n, *self.embeds[k].shape[1:]) for k in
+                ("negative_prompt_embeds", "negative_pooled_prompt_embeds") if k in self.embeds}
 
     def unconditional(self, n: int) -> dict:
         """The negative ("" or zeros) conditioning for ``n`` samples, under the positive keys."""
@@ -53,6 +61,13 @@ class EncodedSet:
         return out
 
 
+def _embed_captions(prompt_encoder: PromptEncoder, captions: list[str], batch_size: int) -> dict:
+    """Every distinct caption's embedding, in batches; the negatives ("" or zeros, the same for all) once."""
+    parts = [prompt_encoder(captions[i: i + batch_size]) for i in range(0, len(captions), batch_size)]
+    return {k: (torch.cat([p[k] for p in parts]) if not k.startswith("negative") else parts[0][k][:1]).cpu()
+            for k in parts[0]}
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("CMKIT_CACHE", Path.home() / ".cache" / "cmkit")) / "latents"
 
@@ -60,7 +75,7 @@ def cache_root() -> Path:
 def _weights_hash(h, module: torch.nn.Module) -> None:
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def cache_key(vae, prompt_encoder: PromptEncoder, images: torch.Tensor, captions: list[str]) -> str:
@@ -68,7 +83,10 @@ def cache_key(vae, prompt_encoder: PromptEncoder, images: torch.Tensor, captions
     _weights_hash(h, vae)
     _weights_hash(h, prompt_encoder)
     h.update(repr(sorted(vae.config.items())).encode())
-    h.update(images.numpy().tobytes())
+    for tok in prompt_encoder.tokenizers:
+        h.update(repr((sorted(tok.get_vocab().items()), tok.model_max_length)).encode())
+    h.update(repr((prompt_encoder.force_zeros, prompt_encoder.image_size)).encode())
+    h.update(images.cpu().numpy().tobytes())
     h.update("\n".join(captions).encode())
     return h.hexdigest()[:24]
 
@@ -94,7 +112,7 @@ def encode_set(vae, prompt_encoder: PromptEncoder, images: torch.Tensor, caption
         stds.append(dist.std.cpu())
     row = {c: i for i, c in enumerate(distinct)}
     index = torch.tensor([row[c] for c in captions], dtype=torch.long)
-    embeds = {k: v.cpu() for k, v in prompt_encoder(distinct).items()}
+    embeds = _embed_captions(prompt_encoder, distinct, batch_size)
     out = EncodedSet(torch.cat(means), torch.cat(stds), index, distinct, embeds)
     if cache:
         tensors = {"mean": out.mean.contiguous(), "std": out.std.contiguous(), "caption_index": index,

@@ -79,12 +79,15 @@ class PromptEncoder(nn.Module):
     def _embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.encoders, strict=True):
-            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
+            tokens = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                         return_tensors="pt")
+            ids = tokens.input_ids.to(self.device)
             if not self.xl:
-                return enc(ids)[0], None
+                # SD 2.x-style encoders that ask for it get the padding mask, as diffusers gives it
+                mask = tokens.attention_mask.to(self.device) if enc.config.get("use_attention_mask") else None
+                return enc(ids, attention_mask=mask)[0], None
             out = enc(ids, output_hidden_states=True)
-            if out[0].ndim == 2:  # the projected, pooled embedding (SDXL's second encoder)
+            if out[0].ndim == 2 and pooled is None:  # the projected, pooled embedding (SDXL's second encoder)
                 pooled = out[0]
             embeds.append(out.hidden_states[-2])
         return torch.cat(embeds, -1), pooled
@@ -98,6 +101,8 @@ class PromptEncoder(nn.Module):
             raise ValueError("prompts must be a non-empty list of strings")
         cond = {}
         cond["prompt_embeds"], pooled = self._embed(prompts)
+        if self.xl and (pooled is None or self.image_size is None):
+            raise ValueError("an SDXL prompt encoder needs a second encoder with a projection and image_size")
         if negative_prompts is None and self.xl and self.force_zeros:
             neg, neg_pooled = torch.zeros_like(cond["prompt_embeds"]), torch.zeros_like(pooled)
         else:

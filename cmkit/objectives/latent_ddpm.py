@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..models.autoencoder import latent_normalisation
 from ..models.latent import LatentDenoiser
 from ..models.latent_cache import encode_set
 from ..models.t2i_builders import small_cond_unet
@@ -45,12 +46,12 @@ class LatentDDPMConfig(ObjectiveConfig):
 class LatentDDPMLoss(DDPMLoss):
     """DDPMLoss on latents drawn from the cached posteriors, with prompt dropout."""
 
-    def __init__(self, den: LatentDenoiser, encoded, scale: float, prompt_dropout: float, prediction_type: str):
+    def __init__(self, den: LatentDenoiser, encoded, normalisation, prompt_dropout: float, prediction_type: str):
         super().__init__(den.log_sigmas, prediction_type)
-        self.encoded, self.scale, self.p_drop = encoded, scale, prompt_dropout
+        self.encoded, self.normalisation, self.p_drop = encoded, normalisation, prompt_dropout
 
     def batches(self, n: int, device):
-        return self.encoded.batch(n, device, self.scale, self.p_drop)
+        return self.encoded.batch(n, device, self.normalisation, self.p_drop)
 
 
 def text_side(cfg: LatentDDPMConfig, captions: list[str], seed: int) -> PromptEncoder:
@@ -90,6 +91,6 @@ def build(cfg: LatentDDPMConfig, ctx: BuildContext):
                            cfg.text_hidden, cfg.unet_heads, norm_num_groups=math.gcd(cfg.unet_base, 32), seed=ctx.seed)
     den = LatentDenoiser(unet, scheduler)
     den.pipeline_parts = (vae, prompts, {})
-    loss = LatentDDPMLoss(den, encoded, scale, cfg.prompt_dropout, cfg.prediction_type)
+    loss = LatentDDPMLoss(den, encoded, latent_normalisation(vae), cfg.prompt_dropout, cfg.prediction_type)
     loss.run_constants = {"scaling_factor": scale}
     return den, loss

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..solvers import ode_solve
-from .samplers import _device_dtype, eval_mode, per_sample_noise
+from .samplers import _device_dtype, _to_device, eval_mode, per_sample_noise
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -16,21 +16,27 @@ SPACINGS = ("leading", "trailing", "linspace")
 def timestep_sigmas(model, steps: int, spacing: str | None = "trailing") -> list[float]:
     """The descending sigma grid of a ``steps``-step solve at the model's discrete timesteps, spaced as diffusers'
     ``timestep_spacing`` does ("trailing": the first step starts at the last training timestep, the right choice
-    for few steps); ``None`` follows the model's own scheduler config, ending where its DDIM would (sigma 0 with
-    ``set_alpha_to_one``, else the first table entry). Other spacings end at 0."""
+    for few steps), ending at 0.
+
+    ``None`` follows the model's own scheduler config as ``StableDiffusionPipeline`` runs it with ``DDIMScheduler``
+    (which sets ``steps_offset=1``), ending where that DDIM ends (sigma 0 with ``set_alpha_to_one``, else the first
+    table entry). That is step for step diffusers' DDIM whenever each step lands on the next listed timestep, as with
+    "leading" spacing (SD's and SDXL's); diffusers' DDIM steps from t to ``t - T // steps`` whatever the spacing, so
+    for "trailing" or "linspace" with ``T % steps != 0`` it is not a grid at all.
+    """
     from diffusers import DDIMScheduler
 
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)} or None (the folder's)")
-    config = model.scheduler.config
-    over = {} if spacing is None else {"timestep_spacing": spacing}
-    sched = DDIMScheduler.from_config(config, **over)
+    over = {"timestep_spacing": spacing} if spacing is not None else {"steps_offset": 1}
+    sched = DDIMScheduler.from_config(model.scheduler.config, **over)
     sched.set_timesteps(int(steps))
     sig = model.denoiser.t_to_sigma(sched.timesteps.to(torch.float64)).tolist()
-    final = model.sigma_min if spacing is None and not config.get("set_alpha_to_one", True) else 0.0
-    return sig + [final]
+    final = model.sigma_min if spacing is None and not sched.config.set_alpha_to_one else 0.0
+    # a last timestep of 0 then ends where it starts: diffusers' final step there is the identity
+    return sig + [final] if final < sig[-1] else sig
 
 
 @torch.no_grad()
@@ -46,7 +52,7 @@ def text_to_image(model, prompts, steps: int = 25, solver: str = "ddim", guidanc
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     device, dtype = _device_dtype(model.denoiser)
-    cond = model.encode_prompt(prompts, negative_prompts, guidance_scale)
+    cond = _to_device(model.encode_prompt(prompts, negative_prompts, guidance_scale), device)
     if latents is None:
         latents = per_sample_noise(len(prompts), 1, model.sample_shape, generator, device, dtype)[0]
     if tuple(latents.shape) != (len(prompts), *model.sample_shape):
@@ -59,3 +65,43 @@ def text_to_image(model, prompts, steps: int = 25, solver: str = "ddim", guidanc
     z = x / (1 + sig[-1] ** 2) ** 0.5  # back to the VP sample diffusers decodes (identity when ending at 0)
     out = model.decode(z) if output == "image" else z
     return (out, nfe) if return_nfe else out
+
+
+@torch.no_grad()
+def lcm_sample(model, prompts, steps: int | None = 4, guidance_scale: float = 1.0, timesteps=None,
+               negative_prompts=None, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               output: str = "image", return_nfe: bool = False):
+    """Images (or latents) from a latent consistency model in ``steps`` evaluations, or at explicit descending
+    ``timesteps``, exactly as diffusers' ``LCMScheduler`` samples: evaluate ``f`` at each timestep, then re-noise to
+    the next one, ``z <- f + sigma_next eps`` (in the VP sample, ``sqrt(abar') f + sqrt(1 - abar') eps``), with
+    ``eps`` drawn from ``generator`` in the scheduler's order. ``guidance_scale`` goes to the guidance embedding
+    (LCM) or to classifier-free guidance when above 1 (LCM-LoRA)."""
+    if output not in ("image", "latent"):
+        raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    sched = model.lcm_scheduler()
+    if timesteps is not None:
+        sched.set_timesteps(timesteps=[int(t) for t in timesteps])
+    elif steps is None or int(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    else:
+        sched.set_timesteps(int(steps))
+    device, dtype = _device_dtype(model.fn)
+    cond = _to_device(model.encode_prompt(prompts, negative_prompts, guidance_scale), device)
+    if latents is None:
+        latents = per_sample_noise(len(prompts), 1, model.sample_shape, generator, device, dtype)[0]
+    if tuple(latents.shape) != (len(prompts), *model.sample_shape):
+        raise ValueError(f"latents of shape {tuple(latents.shape)} for {len(prompts)} prompts; expected "
+                         f"{(len(prompts), *model.sample_shape)}")
+    sig = model.denoiser.t_to_sigma(sched.timesteps.to(torch.float64)).tolist()
+    x = latents.to(device, dtype) * (1 + sig[0] ** 2) ** 0.5
+    passes = 0
+    with eval_mode(model):
+        for i, s in enumerate(sig):
+            x = model(x, s, **cond)
+            passes += model.passes(**cond)
+            if i + 1 < len(sig):
+                eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+                x = x + sig[i + 1] * eps.to(device)
+    out = model.decode(x) if output == "image" else x
+    return (out, passes) if return_nfe else out

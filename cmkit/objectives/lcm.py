@@ -1,0 +1,161 @@
+"""Latent consistency distillation (LCM, Luo et al. 2023) of a text-to-image teacher, and LCM-LoRA (Luo et al.
+2023b), which trains only a LoRA adapter on the teacher's own UNet.
+
+Per sample: a skipping-step pair of the teacher's discrete timesteps, ``t_n = (n + 1) k - 1`` and
+``t_{n-1} = max(t_n - k, 0)`` with ``k = num_train_timesteps / num_ddim_timesteps``; a guidance ``w ~ U[w_min,
+w_max]`` (LCM's convention: the guidance scale is ``1 + w``); ``z_n = z_0 + sigma_n eps``; one guided teacher DDIM
+step in sigma space,
+
+    x0_w = D_uncond + (1 + w) (D_cond - D_uncond),    z_{n-1} = x0_w + (sigma_{n-1} / sigma_n) (z_n - x0_w),
+
+and the loss ``d(f_theta(z_n, t_n, w), f_target(z_{n-1}, t_{n-1}, w))`` with ``f`` as ``LCMFunction`` (the scalings
+``LCMScheduler`` samples with). The target network is an EMA of the student (LCM: 0.95) or, at ``target_ema = 0``, the
+student itself under stop-gradient (LCM-LoRA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core import append_dims
+from ..models.autoencoder import latent_normalisation
+from ..models.latent import LatentDenoiser, TextToImageModel
+from ..models.latent_cache import encode_set
+from ..models.lcm import LatentConsistencyModel, LCMFunction, student_unet
+from .base import BuildContext, ObjectiveConfig, register_objective
+from .distances import make_distance
+
+
+@dataclass
+class LCMConfig(ObjectiveConfig):
+    kind: str = "lcm"
+    num_ddim_timesteps: int = 50        # the skipping-step solver's grid (k = num_train_timesteps / this)
+    w_min: float = 3.0                  # guidance w ~ U[w_min, w_max], guidance scale 1 + w (LCM's convention)
+    w_max: float = 15.0
+    w_embedding_dim: int = 256          # the student UNet's guidance embedding (time_cond_proj_dim)
+    timestep_scaling: float = 10.0      # LCMScheduler's boundary-condition timestep scaling
+    distance: str = "l2"                # l2 | huber (elementwise pseudo-Huber, as LCM's script)
+    huber_c: float = 0.001
+    target_ema: float = 0.95            # 0: the student itself under stop-gradient
+
+
+@dataclass
+class LCMLoRAConfig(LCMConfig):
+    kind: str = "lcm_lora"
+    w_embedding_dim: int = 0            # LCM-LoRA keeps the teacher's UNet as it is: no guidance embedding
+    target_ema: float = 0.0
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    lora_targets: list[str] = field(default_factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+        "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"])
+
+
+def elementwise_huber(x, y, c: float):
+    """LCM's pseudo-Huber, per element then averaged: ``mean(sqrt((x - y)^2 + c^2) - c)`` per sample."""
+    return ((x - y).float().pow(2) + c * c).sqrt().sub(c).flatten(1).mean(1)
+
+
+class LatentConsistencyDistillation:
+    def __init__(self, teacher: LatentDenoiser, encoded, normalisation, cfg: LCMConfig, lora: bool = False):
+        if not 0 <= cfg.w_min <= cfg.w_max:
+            raise ValueError(f"objective.w_min ({cfg.w_min}) must be >= 0 and <= objective.w_max ({cfg.w_max})")
+        table = teacher.log_sigmas.exp().float()
+        num_train = len(table)
+        if not 1 <= cfg.num_ddim_timesteps <= num_train or num_train % cfg.num_ddim_timesteps:
+            raise ValueError(f"objective.num_ddim_timesteps must divide the teacher's {num_train} timesteps, got "
+                             f"{cfg.num_ddim_timesteps}")
+        self.k = num_train // cfg.num_ddim_timesteps
+        self.t_n = torch.arange(1, cfg.num_ddim_timesteps + 1) * self.k - 1
+        self.sigmas, self.teacher, self.cfg, self.lora = table, teacher, cfg, lora
+        self.encoded, self.normalisation = encoded, normalisation
+        self.distance = (lambda x, y: elementwise_huber(x, y, cfg.huber_c)) if cfg.distance == "huber" \
+            else make_distance(cfg.distance)
+        self.run_constants = {}
+
+    def target_ema(self, step: int) -> float:
+        return self.cfg.target_ema
+
+    def batches(self, n: int, device):
+        z, cond = self.encoded.batch(n, device, self.normalisation)
+        return z, {**cond, **{k: v.to(device) for k, v in self.encoded.negatives(n).items()}}
+
+    def __call__(self, model, z0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
+        n, dev = z0.shape[0], z0.device
+        idx = torch.randint(0, len(self.t_n), (n,))
+        t = self.t_n[idx]
+        sig = self.sigmas.to(dev)
+        s_hi, s_lo = sig[t].to(z0.dtype), sig[(t - self.k).clamp_min(0)].to(z0.dtype)
+        z_hi = z0 + append_dims(s_hi, z0.ndim) * torch.randn_like(z0)
+        w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand(n, device=dev)
+        student = {k: v for k, v in cond.items() if not k.startswith("negative")}
+        student["guidance_scale"] = 1 + w
+        online = model(z_hi, s_hi, **student)
+        with torch.no_grad():
+            with self._teacher_weights(model):
+                x0 = self.teacher(z_hi, s_hi, **cond, guidance_scale=1 + w)
+            r = append_dims(s_lo / s_hi, z0.ndim)
+            z_lo = x0 + r * (z_hi - x0)
+            tgt = (model if target is None else target)(z_lo, s_lo, **student)
+        return self.distance(online.float(), tgt.float()).mean()
+
+    def _teacher_weights(self, model):
+        """LCM-LoRA: the teacher is the student's own UNet with its adapters switched off for the pass."""
+        import contextlib
+
+        if not self.lora:
+            return contextlib.nullcontext()
+        unet = self.teacher.unet
+
+        @contextlib.contextmanager
+        def off():
+            unet.disable_adapters()
+            try:
+                yield
+            finally:
+                unet.enable_adapters()
+        return off()
+
+
+def _prepare(cfg: LCMConfig, ctx: BuildContext):
+    teacher = ctx.teacher
+    if not isinstance(teacher, TextToImageModel):
+        raise ValueError(f"objective.kind {cfg.kind!r} distils a text-to-image teacher (a diffusers SD / SDXL folder "
+                         "or cmkit:tiny-t2i); the teacher given is not one")
+    data = ctx.data
+    if data is None or data.train_captions is None:
+        raise ValueError(f"objective.kind {cfg.kind!r} trains on captioned images: set data.name = "
+                         "'fashion_colours' or data.path to a caption folder")
+    encoded = encode_set(teacher.vae, teacher.prompt_encoder, data.train, data.train_captions)
+    return teacher, encoded, latent_normalisation(teacher.vae)
+
+
+@register_objective("lcm", LCMConfig, job="distill", teacher="required")
+def build(cfg: LCMConfig, ctx: BuildContext):
+    """LCM: a student UNet (the teacher's, plus a guidance embedding) trained in full."""
+    teacher, encoded, norm = _prepare(cfg, ctx)
+    if cfg.w_embedding_dim < 0:
+        raise ValueError(f"objective.w_embedding_dim must be >= 0, got {cfg.w_embedding_dim}")
+    den = LatentDenoiser(student_unet(teacher.unet, cfg.w_embedding_dim or None), teacher.scheduler)
+    model = LatentConsistencyModel(LCMFunction(den, cfg.timestep_scaling), teacher, cfg.num_ddim_timesteps)
+    return model, LatentConsistencyDistillation(teacher.denoiser, encoded, norm, cfg)
+
+
+@register_objective("lcm_lora", LCMLoRAConfig, job="distill", teacher="required")
+def build_lora(cfg: LCMLoRAConfig, ctx: BuildContext):
+    """LCM-LoRA: a LoRA adapter on the teacher's UNet; the base with adapters off is the teacher."""
+    from ..models.lcm import add_lora
+
+    teacher, encoded, norm = _prepare(cfg, ctx)
+    if cfg.target_ema != 0:
+        raise ValueError("objective.target_ema must be 0 for lcm_lora: the adapter's target is itself under "
+                         "stop-gradient (a copy would need a second UNet)")
+    if cfg.w_embedding_dim:
+        raise ValueError("objective.w_embedding_dim must be 0 for lcm_lora: the adapter leaves the UNet's inputs "
+                         "as they are")
+    add_lora(teacher.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    model = LatentConsistencyModel(LCMFunction(teacher.denoiser, cfg.timestep_scaling), teacher,
+                                   cfg.num_ddim_timesteps, lora=True)
+    return model, LatentConsistencyDistillation(teacher.denoiser, encoded, norm, cfg, lora=True)
