@@ -61,6 +61,11 @@ def _teacher(recipe: Recipe, data: Dataset, teacher_path: str | None, echo):
     except (FileNotFoundError, ValueError) as e:
         echo(f"dry run: teacher not available ({e}); using a randomly initialised stand-in")
     shape = data.sample_shape
+    layout = getattr(recipe.objective, "teacher_layout", None)
+    if layout is not None:  # a text-to-image kind: a tiny random pipeline of the recipe's layout
+        from ..models.t2i_builders import tiny_pipeline
+
+        return tiny_pipeline("sdxl" if layout == "sdxl" else "sd", texts=data.train_captions, image_size=shape[-1])
     classes = data.num_classes if recipe.model.class_conditional else None
     if len(shape) == 1:
         return EDMDenoiser(TimeMLP(dim=shape[0], num_classes=classes))

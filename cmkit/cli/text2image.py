@@ -8,12 +8,12 @@ from pathlib import Path
 
 def add_generate(sub) -> None:
     g = sub.add_parser("generate", help="images from prompts with a text-to-image teacher (a diffusers SD/SDXL "
-                                        "folder, hub id or cmkit:tiny-t2i)")
-    g.add_argument("model", help="a text-to-image pipeline folder, hub id or cmkit:NAME")
+                                        "folder, hub id or cmkit:tiny-t2i) or an LCM / LCM-LoRA cmkit wrote")
+    g.add_argument("model", help="a text-to-image pipeline folder, hub id, cmkit:NAME, or an LCM / LCM-LoRA folder")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     g.add_argument("--negative-prompt", default=None, help="one negative prompt for every prompt (default \"\")")
     g.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default 4)")
-    g.add_argument("--steps", type=int, default=25, help="solver steps (default 25)")
+    g.add_argument("--steps", type=int, default=None, help="solver steps (default 25; 4 for an LCM)")
     g.add_argument("--solver", default="ddim", help="ddim, dpmpp_2m, euler, heun, ... (default ddim)")
     g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
     g.add_argument("--seed", type=int, default=0)
@@ -29,6 +29,9 @@ def add_bench_t2i(bsub) -> None:
     b.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     b.add_argument("--steps", default="1,2,4,8,16,25,50", help="comma-separated step counts")
     b.add_argument("--solvers", default="ddim,dpmpp_2m,euler", help="comma-separated solvers")
+    b.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER",
+                   help="a distilled LCM or LCM-LoRA folder to score at --model-steps (repeatable)")
+    b.add_argument("--model-steps", default="1,2,4,8", help="comma-separated steps for --model rows")
     b.add_argument("--out", default="benchmarks/results/text-to-image", help="output folder")
     b.add_argument("--no-progress", action="store_true")
 
@@ -43,10 +46,19 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
+def _is_lcm(path: str) -> bool:
+    from ..models.folder import read_meta
+    from ..models.loading import resolve
+
+    return Path(resolve(path)).is_dir() and (read_meta(resolve(path)) or {}).get("kind") == "lcm"
+
+
 def _t2i_teacher(path: str):
-    from ..models import load_teacher
+    from ..models import load_model, load_teacher
     from ..models.latent import TextToImageModel
 
+    if _is_lcm(path):
+        return load_model(path)
     teacher = load_teacher(path)
     if not isinstance(teacher, TextToImageModel):
         raise ValueError(f"{path} is not a text-to-image teacher (no text encoder); use `cmkit sample` or "
@@ -58,30 +70,45 @@ def run_generate(args: argparse.Namespace) -> None:
     import torch
 
     from ..data.imagefiles import save_images
-    from ..sampling.text2image import text_to_image
+    from ..sampling.text2image import lcm_sample, text_to_image
 
+    lcm = _is_lcm(args.model)
+    args.steps = args.steps if args.steps is not None else (4 if lcm else 25)
     if args.num_per_prompt < 1 or args.steps < 1:
         raise ValueError("--num-per-prompt and --steps must be >= 1")
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
         raise ValueError(f"--out must end in .npy or .png, got {out.name!r}")
-    teacher = _t2i_teacher(args.model)
+    model = _t2i_teacher(args.model)
     prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
-    x = text_to_image(teacher, prompts, steps=args.steps, solver=args.solver, guidance_scale=args.guidance,
-                      negative_prompts=args.negative_prompt, generator=torch.Generator().manual_seed(args.seed))
+    gen = torch.Generator().manual_seed(args.seed)
+    if lcm:
+        x = lcm_sample(model, prompts, args.steps, guidance_scale=args.guidance, negative_prompts=args.negative_prompt,
+                       generator=gen)
+    else:
+        x = text_to_image(model, prompts, steps=args.steps, solver=args.solver, guidance_scale=args.guidance,
+                          negative_prompts=args.negative_prompt, generator=gen)
     save_images(x.clamp(-1, 1), out)
     print(f"wrote {len(prompts)} images ({args.num_per_prompt} per prompt) to {out}")
 
 
 def run_bench_t2i(args: argparse.Namespace) -> None:
     from ..eval.bench import EvalSettings
-    from ..eval.t2i_bench import text_to_image_benchmark
+    from ..eval.t2i_bench import lcm_rows, text_to_image_benchmark
     from ..models.loading import resolve
 
     teacher = _t2i_teacher(args.teacher)
     ev = EvalSettings(num_samples=args.num, seeds=_ints(args.seeds, "--seeds"))
+    models = {}
+    for item in args.model:
+        if "=" not in item:
+            raise ValueError(f"--model wants NAME=FOLDER, got {item!r}")
+        name, folder = item.split("=", 1)
+        if not _is_lcm(folder):
+            raise ValueError(f"--model {folder}: not an LCM or LCM-LoRA folder cmkit wrote (no cmkit.json of kind lcm)")
+        models[name] = lcm_rows(_t2i_teacher(folder), _ints(args.model_steps, "--model-steps"), args.guidance)
     written = text_to_image_benchmark(teacher, resolve(args.teacher), ev, args.out,
                                       solvers=[s for s in args.solvers.split(",") if s],
                                       steps=_ints(args.steps, "--steps"), guidance_scale=args.guidance,
-                                      progress=not args.no_progress)
+                                      models=models, progress=not args.no_progress)
     print(written["header"] + written["table"])

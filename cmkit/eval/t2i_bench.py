@@ -47,6 +47,23 @@ def teacher_t2i_jobs(teacher, solvers=T2I_SOLVERS, steps=T2I_STEPS, guidance_sca
     return [job(solver, k) for solver in solvers for k in steps]
 
 
+def lcm_rows(model, steps=(1, 2, 4, 8), guidance_scale: float = 4.0) -> list[tuple]:
+    """``(nfe, model, run)`` rows of a latent consistency model at each step count: a full LCM takes the guidance
+    scale through its embedding (one pass a step); an LCM-LoRA, which folds guidance in, samples unguided."""
+    from ..sampling.text2image import lcm_sample
+
+    w = guidance_scale if model.fn.denoiser.embeds_guidance else 1.0
+
+    def row(k):
+        def run(n, g, c):
+            prompts = prompt_list(n)
+            noise = torch.randn(n, *model.sample_shape, generator=g)
+            return _batched(lambda a, b: lcm_sample(model, prompts[a:b], k, guidance_scale=w, latents=noise[a:b],
+                                                    generator=g, return_nfe=True), n)
+        return (k, model, run)
+    return [row(k) for k in steps]
+
+
 def pipeline_job(teacher, folder, steps: int = 25, guidance_scale: float = 4.0) -> tuple:
     """diffusers' own pipeline for ``folder`` (``StableDiffusionPipeline`` or the SDXL one, with the folder's
     scheduler and spacing), on the teacher's device."""

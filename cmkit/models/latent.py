@@ -225,12 +225,12 @@ class TextToImageModel(nn.Module):
         part = lambda name: _load_component(path, name, index[name], load_kw)  # noqa: E731
         xl = _present(index, "text_encoder_2")
         names = [("text_encoder", "tokenizer")] + ([("text_encoder_2", "tokenizer_2")] if xl else [])
-        unet, vae = part("unet").to(dtype), part("vae").to(torch.float32)
+        unet, vae = _in_dtype(part("unet"), dtype), _in_dtype(part("vae"), torch.float32)
         check_layout(path, unet, vae, xl)
         den = LatentDenoiser(unet, part("scheduler"), clip_x0=clip_x0)
         size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         force_zeros = bool(index.get("force_zeros_for_empty_prompt", xl))
-        prompts = PromptEncoder([part(e).to(dtype) for e, _ in names], [part(t) for _, t in names], force_zeros,
+        prompts = PromptEncoder([_in_dtype(part(e), dtype) for e, _ in names], [part(t) for _, t in names], force_zeros,
                                 (size, size) if xl else None)
         config = {"pipeline": index.get("_class_name"), "force_zeros_for_empty_prompt": force_zeros}
         return cls(den, vae.eval(), prompts.eval(), config)
@@ -244,6 +244,10 @@ UNSUPPORTED = {
     "StableDiffusionUpscalePipeline": "its UNet takes a low-resolution image and a noise level",
     "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner",
 }
+
+
+def _in_dtype(module, dtype):
+    return module if module.dtype == dtype else module.to(dtype)
 
 
 def check_layout(path, unet, vae, xl: bool) -> None:

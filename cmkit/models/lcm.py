@@ -89,11 +89,12 @@ def add_lora(unet, rank: int, alpha: float, targets: list[str]) -> None:
 
 
 def lora_state_dict(unet) -> dict:
-    """The adapter's weights in diffusers' LoRA file layout (what ``pipe.load_lora_weights`` reads)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The adapter's weights in peft's key layout (``...to_q.lora_A.weight``), which ``pipe.load_lora_weights``
+    reads whole. (diffusers' older ``lora.down`` / ``lora.up`` layout loses the attention projections in
+    diffusers 0.42: a test found 16 of 48 adapter matrices loaded.)"""
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
 
 
 @MODEL_KINDS.register("lcm")
@@ -237,9 +238,10 @@ class LatentConsistencyModel(nn.Module):
 
         state = load_file(Path(folder) / LORA_FILE)
         state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-        peft_state = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v
-                      for k, v in state.items()}
-        result = set_peft_model_state_dict(self.unet, peft_state)
+        try:
+            result = set_peft_model_state_dict(self.unet, state)
+        except RuntimeError:  # tensors of other shapes
+            result = type("Mismatch", (), {"unexpected_keys": list(state)})()
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected or not state:
             raise ValueError(f"{folder}/{LORA_FILE} does not fit this base UNet ({len(unexpected)} of its "

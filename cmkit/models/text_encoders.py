@@ -6,11 +6,14 @@ prompt encoding exactly as diffusers' Stable Diffusion pipelines do it, for both
   embedding of the second, and six "time ids" ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``; with no
   negative prompt and ``force_zeros_for_empty_prompt`` the unconditional embeddings are zeros.
 
-Tokenizers for tiny models are built offline with the ``tokenizers`` library over a prompt vocabulary.
+Tokenizers for tiny models are learnt offline over a prompt vocabulary (a small deterministic BPE learner) and read
+through ``transformers.CLIPTokenizer``.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -20,22 +23,64 @@ from torch import nn
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def build_tokenizer(texts: list[str], max_length: int = 16, vocab_size: int = 1000):
-    """A CLIP BPE tokenizer learnt offline from ``texts`` (lower-cased words, ``</w>`` word ends, ids 0 and 1 for
-    start/end of text, end of text as padding), saved and read back as ``transformers.CLIPTokenizer``."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+def _words(text: str) -> list[str]:
+    """Words as CLIP's tokenizer splits lower-cased ASCII text: letter runs, single digits, runs of other marks."""
+    return re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", " ".join(text.lower().split()))
+
+
+def learn_bpe(texts: list[str], vocab_size: int = 1000) -> dict:
+    """A CLIP-style BPE vocabulary learnt from ``texts``: ids 0 and 1 for start / end of text, the characters (and
+    word-final characters, ``x</w>``), then one token per merge, most frequent pair first and ties broken by the
+    pair's spelling, so the same texts always give the same vocabulary (the ``tokenizers`` library's learner breaks
+    ties in no fixed order, and a run must rebuild its tokenizer exactly). Returns
+    ``{"vocab": {token: id}, "merges": ["a b", ...]}``."""
+    from collections import Counter
+
+    counts = Counter(w for t in texts for w in _words(t))
+    if not counts:
+        raise ValueError("building a tokenizer needs at least one text with a word in it")
+    seqs = {w: (*w[:-1], w[-1] + "</w>") for w in counts}
+    vocab = [BOS, EOS] + sorted({c for seq in seqs.values() for c in seq})
+    merges = []
+    while len(vocab) < vocab_size:
+        pairs: Counter = Counter()
+        for w, seq in seqs.items():
+            for pair in zip(seq, seq[1:], strict=False):
+                pairs[pair] += counts[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(f"{best[0]} {best[1]}")
+        vocab.append(best[0] + best[1])
+        seqs = {w: _merge(seq, best) for w, seq in seqs.items()}
+    return {"vocab": {t: i for i, t in enumerate(vocab)}, "merges": merges}
+
+
+def _merge(seq: tuple, pair: tuple) -> tuple:
+    out, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+            out.append(seq[i] + seq[i + 1])
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return tuple(out)
+
+
+def clip_tokenizer(bpe: dict, max_length: int = 16):
+    """``transformers.CLIPTokenizer`` over a vocabulary from ``learn_bpe``."""
     from transformers import CLIPTokenizer
 
-    if not texts:
-        raise ValueError("building a tokenizer needs at least one text")
-    tok = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS],
-                                                       end_of_word_suffix="</w>", show_progress=False))
     with tempfile.TemporaryDirectory() as d:
-        tok.model.save(d)
+        (Path(d) / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(bpe["merges"]) + "\n")
         return CLIPTokenizer(str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"), model_max_length=max_length)
+
+
+def build_tokenizer(texts: list[str], max_length: int = 16, vocab_size: int = 1000):
+    """A CLIP tokenizer learnt offline from ``texts`` (``learn_bpe`` then ``clip_tokenizer``)."""
+    return clip_tokenizer(learn_bpe(texts, vocab_size), max_length)
 
 
 def small_text_encoder(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, max_length: int = 16,
@@ -84,7 +129,8 @@ class PromptEncoder(nn.Module):
             ids = tokens.input_ids.to(self.device)
             if not self.xl:
                 # SD 2.x-style encoders that ask for it get the padding mask, as diffusers gives it
-                mask = tokens.attention_mask.to(self.device) if enc.config.get("use_attention_mask") else None
+                wants = getattr(enc.config, "use_attention_mask", False)
+                mask = tokens.attention_mask.to(self.device) if wants else None
                 return enc(ids, attention_mask=mask)[0], None
             out = enc(ids, output_hidden_states=True)
             if out[0].ndim == 2 and pooled is None:  # the projected, pooled embedding (SDXL's second encoder)

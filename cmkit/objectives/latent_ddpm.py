@@ -17,7 +17,7 @@ from ..models.autoencoder import latent_normalisation
 from ..models.latent import LatentDenoiser
 from ..models.latent_cache import encode_set
 from ..models.t2i_builders import small_cond_unet
-from ..models.text_encoders import PromptEncoder, build_tokenizer, small_text_encoder
+from ..models.text_encoders import PromptEncoder, clip_tokenizer, learn_bpe, small_text_encoder
 from .base import BuildContext, ObjectiveConfig, register_objective
 from .ddpm import DDPMLoss
 
@@ -54,8 +54,8 @@ class LatentDDPMLoss(DDPMLoss):
         return self.encoded.batch(n, device, self.normalisation, self.p_drop)
 
 
-def text_side(cfg: LatentDDPMConfig, captions: list[str], seed: int) -> PromptEncoder:
-    tok = build_tokenizer(sorted(set(captions)), max_length=cfg.max_length)
+def text_side(cfg: LatentDDPMConfig, bpe: dict, seed: int) -> PromptEncoder:
+    tok = clip_tokenizer(bpe, max_length=cfg.max_length)
     enc = small_text_encoder(len(tok), cfg.text_hidden, cfg.text_layers, cfg.text_heads, cfg.max_length, seed=seed)
     return PromptEncoder([enc.requires_grad_(False)], [tok]).eval()
 
@@ -77,7 +77,8 @@ def build(cfg: LatentDDPMConfig, ctx: BuildContext):
         raise FileNotFoundError(f"objective.vae {cfg.vae!r} is not an AutoencoderKL folder (no config.json); train "
                                 "one with `cmkit train-teacher recipes/tiny-t2i-vae.toml` first")
     vae = AutoencoderKL.from_pretrained(cfg.vae).eval().requires_grad_(False)
-    prompts = text_side(cfg, data.train_captions, ctx.seed)
+    bpe = ctx.resumed.get("tokenizer") or learn_bpe(sorted(set(data.train_captions)))
+    prompts = text_side(cfg, bpe, ctx.seed)
     encoded = encode_set(vae, prompts, data.train, data.train_captions)
     scale = ctx.resumed.get("scaling_factor") or cfg.scaling_factor or 1 / encoded.mean.std().item()
     if not math.isfinite(scale) or scale <= 0:
@@ -92,5 +93,5 @@ def build(cfg: LatentDDPMConfig, ctx: BuildContext):
     den = LatentDenoiser(unet, scheduler)
     den.pipeline_parts = (vae, prompts, {})
     loss = LatentDDPMLoss(den, encoded, latent_normalisation(vae), cfg.prompt_dropout, cfg.prediction_type)
-    loss.run_constants = {"scaling_factor": scale}
+    loss.run_constants = {"scaling_factor": scale, "tokenizer": bpe}
     return den, loss

@@ -39,6 +39,7 @@ class LCMConfig(ObjectiveConfig):
     distance: str = "l2"                # l2 | huber (elementwise pseudo-Huber, as LCM's script)
     huber_c: float = 0.001
     target_ema: float = 0.95            # 0: the student itself under stop-gradient
+    teacher_layout: str = "any"         # "sd" | "sdxl" | "any": what the recipe was written for (checked)
 
 
 @dataclass
@@ -124,6 +125,12 @@ def _prepare(cfg: LCMConfig, ctx: BuildContext):
     if not isinstance(teacher, TextToImageModel):
         raise ValueError(f"objective.kind {cfg.kind!r} distils a text-to-image teacher (a diffusers SD / SDXL folder "
                          "or cmkit:tiny-t2i); the teacher given is not one")
+    layout = "sdxl" if teacher.prompt_encoder.xl else "sd"
+    if cfg.teacher_layout not in ("any", "sd", "sdxl"):
+        raise ValueError(f"objective.teacher_layout must be 'sd', 'sdxl' or 'any', got {cfg.teacher_layout!r}")
+    if cfg.teacher_layout not in ("any", layout):
+        raise ValueError(f"this recipe is for an {cfg.teacher_layout.upper()} teacher but the teacher given has the "
+                         f"{layout.upper()} layout; use the recipe written for it")
     data = ctx.data
     if data is None or data.train_captions is None:
         raise ValueError(f"objective.kind {cfg.kind!r} trains on captioned images: set data.name = "
