@@ -16,8 +16,13 @@ from cmkit.sampling.text2image import text_to_image, timestep_sigmas
 PROMPTS = ["a red sneaker", "a green bag"]
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
+@pytest.fixture(scope="module", params=["sd", "sdxl", "shipped"])
 def folder(request, tmp_path_factory):
+    """A tiny random pipeline of each layout, saved; and the shipped teacher (an SD layout) as it ships."""
+    if request.param == "shipped":
+        from cmkit.models import asset_path
+
+        return "sd", asset_path("tiny-t2i")
     path = tmp_path_factory.mktemp(request.param)
     tiny_pipeline(request.param, seed=3).save_pretrained(path)
     return request.param, path
@@ -140,8 +145,10 @@ def test_vae_round_trip_uses_scaling_and_shift():
         assert model.encode(x.half()).dtype == torch.float32
 
 
-def test_bad_inputs_get_one_line_errors(tmp_path, folder):
-    layout, path = folder
+@pytest.mark.parametrize("layout", ["sd", "sdxl"])
+def test_bad_inputs_get_one_line_errors(tmp_path, layout):
+    path = tmp_path / "teacher"
+    tiny_pipeline(layout).save_pretrained(path)
     teacher = load_teacher(str(path))
     with pytest.raises(ValueError, match="3 prompt embeddings for a batch of 2 latents"):
         cond = teacher.encode_prompt(PROMPTS + ["a blue dress"])

@@ -108,8 +108,10 @@ def encode_set(vae, prompt_encoder: PromptEncoder, images: torch.Tensor, caption
     for i in tqdm(range(0, len(images), batch_size), desc="encode images", disable=not progress,
                   dynamic_ncols=True):
         dist = vae.encode(images[i: i + batch_size].to(vae.device, torch.float32)).latent_dist
-        means.append(dist.mean.cpu())
-        stds.append(dist.std.cpu())
+        # the VAE's convolutions may hand back channels-last memory; a fresh encode and a cache read must give the
+        # UNet the same layout, or its convolutions round differently and a resumed run drifts from an unbroken one
+        means.append(dist.mean.cpu().contiguous())
+        stds.append(dist.std.cpu().contiguous())
     row = {c: i for i, c in enumerate(distinct)}
     index = torch.tensor([row[c] for c in captions], dtype=torch.long)
     embeds = _embed_captions(prompt_encoder, distinct, batch_size)
