@@ -76,14 +76,14 @@ def test_two_cpu_processes_run_lcm(setup, tmp_path):
     assert (tmp_path / "dd" / "model" / "model_index.json").is_file()
 
 
-def test_v_prediction_teacher_distils_to_beat_it_at_two_steps(setup, tmp_path, monkeypatch):
-    """On the teacher's own terms: from the same noise, the 2-step LCM lands closer to the teacher's 50-step DDIM
-    solution than the teacher's 2-step DDIM does."""
+def test_v_prediction_teacher_distils_to_beat_it_at_two_passes(setup, tmp_path, monkeypatch):
+    """On the teacher's own terms: from the same noise, the LCM's one step (one pass) lands closer to the teacher's
+    50-step DDIM solution than the teacher's own one guided step (two passes) does. (Per-sample distances need the
+    deterministic one-step map: a multistep LCM re-noises, so its samples leave the starting noise's trajectory.)"""
     from cmkit import load_model, load_teacher
     from cmkit.sampling.text2image import lcm_sample, text_to_image
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(0)
     run_job("distill", _recipe(setup, "lcm", 150, "v_prediction",
                                ["train.batch_size=16", "train.checkpoint_every=150", "train.log_every=50"]),
             tmp_path / "v", progress=False)
@@ -91,11 +91,12 @@ def test_v_prediction_teacher_distils_to_beat_it_at_two_steps(setup, tmp_path, m
     prompts = CAPTIONS * 8
     z = torch.randn(len(prompts), *teacher.sample_shape, generator=torch.Generator().manual_seed(9))
     ref = text_to_image(teacher, prompts, 50, guidance_scale=2.0, latents=z, output="latent")
-    two = text_to_image(teacher, prompts, 2, guidance_scale=2.0, latents=z, output="latent")
-    ours = lcm_sample(lcm, prompts, 2, guidance_scale=2.0, latents=z, output="latent",
-                      generator=torch.Generator().manual_seed(3))
-    err_teacher, err_lcm = (two - ref).square().mean().item(), (ours - ref).square().mean().item()
-    assert err_lcm < err_teacher, (err_lcm, err_teacher)
+    one, passes = text_to_image(teacher, prompts, 1, guidance_scale=2.0, latents=z, output="latent",
+                                return_nfe=True)
+    ours, our_passes = lcm_sample(lcm, prompts, 1, guidance_scale=2.0, latents=z, output="latent", return_nfe=True)
+    assert (passes, our_passes) == (2, 1)
+    err_teacher, err_lcm = (one - ref).square().mean().item(), (ours - ref).square().mean().item()
+    assert err_lcm < 0.9 * err_teacher, (err_lcm, err_teacher)
 
 
 def test_bad_recipes_get_one_line_errors(setup, tmp_path):
