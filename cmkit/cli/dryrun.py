@@ -27,11 +27,12 @@ def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=prin
     small = dataclasses.replace(recipe.train, steps=1, batch_size=2, checkpoint_every=1, log_every=1, cpu=True,
                                 mixed_precision="no")
     recipe = dataclasses.replace(recipe, train=small, eval=dataclasses.replace(recipe.eval, schedule_max_steps=0))
-    data = _data(recipe, echo)
+    data = _subset(_data(recipe, echo))
     teacher = _teacher(recipe, data, teacher_path, echo) if OBJECTIVES[recipe.objective.kind].teacher != "none" \
         else None
     distance = _distance(recipe, echo)
     with tempfile.TemporaryDirectory(prefix="cmkit-dry-run-") as tmp:
+        recipe = _stand_in_vae(recipe, data, Path(tmp), echo)
         t0 = time.perf_counter()
         summary = run_job(job, recipe, tmp, teacher_path, progress=False, teacher=teacher, data=data,
                           distance=distance)
@@ -39,6 +40,29 @@ def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=prin
     echo(f"dry run OK: one step of {job} ({recipe.objective.kind}) on data {tuple(data.sample_shape)}, loss "
          f"{loss:.4g}, {time.perf_counter() - t0:.1f} s including set-up")
     return {**summary, "loss": loss}
+
+
+DRY_RUN_IMAGES = 64  # a dry run steps once: a slice of the data is enough, and encodes in a moment
+
+
+def _subset(data: Dataset) -> Dataset:
+    n = DRY_RUN_IMAGES
+    caps = data.train_captions[:n] if data.train_captions is not None else None
+    labels = data.train_labels[:n] if data.train_labels is not None else None
+    return dataclasses.replace(data, train=data.train[:n], train_labels=labels, train_captions=caps)
+
+
+def _stand_in_vae(recipe: Recipe, data: Dataset, tmp: Path, echo) -> Recipe:
+    """A text-to-image teacher's UNet stage names the VAE folder its first stage writes; without it, a random
+    small VAE of the data's size stands in."""
+    vae = getattr(recipe.objective, "vae", None)
+    if vae is None or (Path(vae) / "config.json").is_file():
+        return recipe
+    from ..models.autoencoder import small_vae
+
+    echo(f"dry run: objective.vae {vae!r} not trained yet; using a random stand-in VAE")
+    small_vae(data.sample_shape[-1], (16, 16, 16), norm_num_groups=8).save_pretrained(tmp / "vae")
+    return dataclasses.replace(recipe, objective=dataclasses.replace(recipe.objective, vae=str(tmp / "vae")))
 
 
 def _data(recipe: Recipe, echo) -> Dataset:
