@@ -106,7 +106,8 @@ def load_teacher(path_or_hub_id, clip_x0: float | None = None):
                              "both (and vae/ + text_encoder/ + tokenizer/ for text-to-image)")
         raise ValueError(f"{path!r} is neither a cmkit teacher folder (cmkit.json) nor a diffusers pipeline folder "
                          "(unet/ + scheduler/)")
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and p.suffix.lower() not in FILE_SUFFIXES
+    looks_like_hub_id = (path.count("/") == 1 and not path.startswith((".", "/", "~"))
+                         and p.suffix.lower() not in FILE_SUFFIXES)
     if not looks_like_hub_id:
         raise FileNotFoundError(f"teacher folder {path!r} does not exist; train one with `cmkit train-teacher RECIPE` "
                                 "or give a diffusers folder or hub id")
