@@ -99,6 +99,33 @@ def text_to_image_benchmark(teacher, folder, ev: EvalSettings, out, *, solvers=T
     result = measure_jobs(jobs, lambda x: scorer(x, prompts), ev, progress=progress,
                           partial_dir=Path(out) / "partial", score_tag=f"t2i-w{guidance_scale:g}")
     reference = scorer.reference(prompts[:64])
-    return write_results(result, reference, out, extra={"dataset": "fashion_colours", "guidance_scale": guidance_scale,
-                                                         "prompts": len(set(prompts)),
-                                                         "classifier": scorer.info})
+    written = write_results(result, reference, out, extra={"dataset": "fashion_colours",
+                                                            "guidance_scale": guidance_scale,
+                                                            "prompts": len(set(prompts)), "classifier": scorer.info})
+    grid = prompt_grid(result["samples"], prompts, reference, Path(out) / "prompts_by_method.png")
+    written["paths"].append(str(grid))
+    return written
+
+
+def prompt_grid(samples: dict, prompts: list[str], reference: torch.Tensor, path: Path) -> Path:
+    """One row per (method, NFE), one column per prompt (each item in a different colour), seed 0's samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .report import image_grid
+
+    cols = [i * 5 + i % 5 for i in range(8) if i * 5 + i % 5 < len(prompts)]
+    rows = [("held out", reference)] + [(f"{m}, NFE {n}", x) for (m, n), x in samples.items()]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.9 * len(cols) + 3.2, 0.95 * len(rows) + 0.6), squeeze=False)
+    for ax, (title, x) in zip(axes[:, 0], rows, strict=True):
+        ax.imshow(image_grid(x[cols], len(cols)))
+        ax.set_ylabel(title, rotation=0, ha="right", va="center", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title("   ".join(prompts[i].removeprefix("a ") for i in cols), fontsize=6)
+    fig.subplots_adjust(left=0.3, right=0.98, top=0.95, bottom=0.01, hspace=0.08)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
