@@ -106,3 +106,21 @@ def test_student_starts_as_the_teacher():
         a = teacher(z, 3.0, prompt_embeds=cond["prompt_embeds"])
         b = student(z, 3.0, prompt_embeds=cond["prompt_embeds"], guidance_scale=7.0)
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_generate_command_with_a_teacher_and_an_lcm(tmp_path, capsys):
+    from cmkit.cli import main
+
+    teacher = tiny_pipeline("sd", seed=4)
+    teacher.save_pretrained(tmp_path / "teacher")
+    LatentConsistencyModel(LCMFunction(LatentDenoiser(student_unet(teacher.unet, 8), teacher.scheduler)),
+                           teacher).save_pretrained(tmp_path / "lcm")
+    for model, steps in (("teacher", "3"), ("lcm", "2")):
+        out = tmp_path / f"{model}.png"
+        assert main(["generate", str(tmp_path / model), "--prompt", "a red sneaker", "--prompt", "a green bag",
+                     "--num-per-prompt", "2", "--steps", steps, "--out", str(out)]) == 0
+        assert out.is_file()
+    assert main(["generate", str(tmp_path / "lcm"), "--prompt", "x", "--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert main(["generate", "cmkit:digits-ddpm", "--prompt", "x"]) == 2
+    assert "not a text-to-image teacher" in capsys.readouterr().err

@@ -56,6 +56,10 @@ def test_lora_resume_gives_identical_adapter_weights(setup, tmp_path, monkeypatc
     a = load_file(tmp_path / "whole" / "model" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "split" / "model" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and len(a) > 0 and all(torch.equal(a[k], b[k]) for k in a)
+    # the exported adapter opens on the base it records
+    from cmkit import load_model
+
+    assert load_model(tmp_path / "whole" / "model").lora
     # the checkpoint holds the adapter alone, not the base UNet
     ckpt = load_file(tmp_path / "whole" / "checkpoints" / "step-00000004" / "model.safetensors")
     assert ckpt and all("lora_" in k for k in ckpt)

@@ -38,13 +38,15 @@ def build_backbone(recipe: Recipe, data: Dataset) -> torch.nn.Module:
     return BACKBONES[m.backbone](data.sample_shape, data.num_classes if m.class_conditional else None, m)
 
 
-def build_run(recipe: Recipe, data: Dataset, teacher=None, distance=None, resumed: dict | None = None):
+def build_run(recipe: Recipe, data: Dataset, teacher=None, distance=None, resumed: dict | None = None,
+              teacher_path: str | None = None):
     """The model a recipe trains and the objective that trains it, from the objective kind's registration.
     ``teacher``: a loaded denoiser; ``distance`` (a callable) replaces the recipe's; ``resumed``: the run constants
     of the run being resumed."""
     ctx = BuildContext(make_backbone=lambda: build_backbone(recipe, data),
                        train_steps=recipe.train.steps, teacher=teacher, student=recipe.model.student,
-                       distance=distance, resumed=resumed or {}, data=data, seed=recipe.seed)
+                       distance=distance, resumed=resumed or {}, data=data, seed=recipe.seed,
+                       teacher_path=teacher_path)
     return OBJECTIVES[recipe.objective.kind].build(recipe.objective, ctx)
 
 
@@ -137,7 +139,7 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
         teacher.requires_grad_(False).eval().to(acc.device)
     torch.manual_seed(recipe.seed)
     saved = saved_recipe(out)
-    model, objective = build_run(recipe, data, teacher, distance, run_constants(saved))
+    model, objective = build_run(recipe, data, teacher, distance, run_constants(saved), path)
     del teacher  # what the objective needs it holds itself; a tuned student copied what it needs
     extra = {"teacher_path": path} if path else {}
     check_resume(recipe, out, saved, extra, getattr(objective, "run_constants", {}), write=acc.is_main_process)

@@ -55,6 +55,7 @@ class BuildContext:
     resumed: dict = field(default_factory=dict)  # run_constants saved by the run being resumed
     data: Any = None                         # the run's Dataset (kinds that build from the data itself)
     seed: int = 0                            # the recipe's seed (kinds that initialise parts deterministically)
+    teacher_path: str | None = None          # where the teacher came from (recorded by models that need it later)
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,8 @@ def build(cfg: LCMConfig, ctx: BuildContext):
     if cfg.w_embedding_dim < 0:
         raise ValueError(f"objective.w_embedding_dim must be >= 0, got {cfg.w_embedding_dim}")
     den = LatentDenoiser(student_unet(teacher.unet, cfg.w_embedding_dim or None), teacher.scheduler)
-    model = LatentConsistencyModel(LCMFunction(den, cfg.timestep_scaling), teacher, cfg.num_ddim_timesteps)
+    model = LatentConsistencyModel(LCMFunction(den, cfg.timestep_scaling), teacher, cfg.num_ddim_timesteps,
+                                   base=ctx.teacher_path)
     return model, LatentConsistencyDistillation(teacher.denoiser, encoded, norm, cfg)
 
 
@@ -163,6 +164,9 @@ def build_lora(cfg: LCMLoRAConfig, ctx: BuildContext):
         raise ValueError("objective.w_embedding_dim must be 0 for lcm_lora: the adapter leaves the UNet's inputs "
                          "as they are")
     add_lora(teacher.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    if not ctx.teacher_path:
+        raise ValueError("lcm_lora records its base teacher for loading the adapter later; give it by path "
+                         "(teacher.path or --teacher)")
     model = LatentConsistencyModel(LCMFunction(teacher.denoiser, cfg.timestep_scaling), teacher,
-                                   cfg.num_ddim_timesteps, lora=True)
+                                   cfg.num_ddim_timesteps, lora=True, base=ctx.teacher_path)
     return model, LatentConsistencyDistillation(teacher.denoiser, encoded, norm, cfg, lora=True)
