@@ -44,7 +44,12 @@ for r in digits-cd digits-ct digits-ict digits-ect; do
 done
 for r in quickstart-cd s_curve-ct s_curve-ict s_curve-ect; do $PY benchmarks/cost.py --recipe $r --teacher $T --out $R/cost; done
 
-# --- text-to-image: the shipped tiny teacher (cmkit:tiny-t2i, recipes tiny-t2i-vae + tiny-t2i-unet, ~40 min to
-# retrain) through diffusers' own pipeline and cmkit's solvers at 1-50 steps, guidance 4 (needs Debian's
-# dataset-fashion-mnist for the scorer's classifier and held-out images)
-$CMKIT bench text-to-image --teacher cmkit:tiny-t2i --out $R/text-to-image --no-progress
+# --- text-to-image: the shipped tiny teacher (cmkit:tiny-t2i; recipes tiny-t2i-vae + tiny-t2i-unet retrain it in ~40
+# min) through diffusers' own pipeline and cmkit's solvers at 1-50 steps with guidance 4, beside its LCM and LCM-LoRA
+# at 1-8 steps (trained once when missing). Needs Debian's dataset-fashion-mnist for the data and the scorer.
+for job in lcm lcm-lora; do
+  [ -f runs/tiny-t2i-$job/model/cmkit.json ] || \
+    $CMKIT distill recipes/tiny-t2i-$job.toml --out runs/tiny-t2i-$job --no-progress
+done
+$CMKIT bench text-to-image --teacher cmkit:tiny-t2i --model LCM=runs/tiny-t2i-lcm/model \
+  --model LCM-LoRA=runs/tiny-t2i-lcm-lora/model --out $R/text-to-image --no-progress
