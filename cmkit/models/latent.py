@@ -115,25 +115,9 @@ class LatentDenoiser(DiffusersDenoiser):
         return TextToImageModel(self, vae, prompts, config).save_pretrained(folder)
 
 
-class TextToImageModel(nn.Module):
-    """A latent text-to-image model: ``denoiser`` (a ``LatentDenoiser``), ``vae`` and ``prompt_encoder``. Called as
-    a denoiser of latents; ``encode_prompt`` / ``encode`` / ``decode`` are the rest of a pipeline.
-    ``config``: ``{"pipeline": class name, "force_zeros_for_empty_prompt": ...}`` from ``model_index.json``."""
-
-    def __init__(self, denoiser: LatentDenoiser, vae: nn.Module, prompt_encoder: PromptEncoder,
-                 config: dict | None = None):
-        super().__init__()
-        self.denoiser, self.vae, self.prompt_encoder = denoiser, vae, prompt_encoder
-        self.config = dict(config or {})
-        self.config.setdefault("pipeline", "StableDiffusionXLPipeline" if prompt_encoder.xl
-                               else "StableDiffusionPipeline")
-
-    # --- the denoiser, as everything above sees it
-    def forward(self, z, sigma, **cond):
-        return self.denoiser(z, sigma, **cond)
-
-    def passes(self, **cond) -> int:
-        return self.denoiser.passes(**cond)
+class LatentDenoiserView:
+    """What a model built around a ``LatentDenoiser`` (``self.denoiser``) shows of it: the UNet, the scheduler, the
+    noise range and the latent shape, so samplers and solvers treat the wrapper as the denoiser."""
 
     @property
     def unet(self) -> nn.Module:
@@ -162,6 +146,27 @@ class TextToImageModel(nn.Module):
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return self.denoiser.sample_shape
+
+
+class TextToImageModel(LatentDenoiserView, nn.Module):
+    """A latent text-to-image model: ``denoiser`` (a ``LatentDenoiser``), ``vae`` and ``prompt_encoder``. Called as
+    a denoiser of latents; ``encode_prompt`` / ``encode`` / ``decode`` are the rest of a pipeline.
+    ``config``: ``{"pipeline": class name, "force_zeros_for_empty_prompt": ...}`` from ``model_index.json``."""
+
+    def __init__(self, denoiser: LatentDenoiser, vae: nn.Module, prompt_encoder: PromptEncoder,
+                 config: dict | None = None):
+        super().__init__()
+        self.denoiser, self.vae, self.prompt_encoder = denoiser, vae, prompt_encoder
+        self.config = dict(config or {})
+        self.config.setdefault("pipeline", "StableDiffusionXLPipeline" if prompt_encoder.xl
+                               else "StableDiffusionPipeline")
+
+    # --- the denoiser, as everything above sees it
+    def forward(self, z, sigma, **cond):
+        return self.denoiser(z, sigma, **cond)
+
+    def passes(self, **cond) -> int:
+        return self.denoiser.passes(**cond)
 
     @property
     def vae_scale_factor(self) -> int:

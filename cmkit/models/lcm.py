@@ -21,7 +21,7 @@ from torch import nn
 from ..core import append_dims, as_batch_sigma
 from ..core.files import atomic_dir
 from .folder import META_FILE, MODEL_KINDS, read_meta
-from .latent import LatentDenoiser, TextToImageModel, guidance_embedding  # noqa: F401  (re-exported)
+from .latent import LatentDenoiser, LatentDenoiserView, TextToImageModel, guidance_embedding  # noqa: F401
 
 LCM_SIGMA_DATA = 0.5
 
@@ -98,7 +98,7 @@ def lora_state_dict(unet) -> dict:
 
 
 @MODEL_KINDS.register("lcm")
-class LatentConsistencyModel(nn.Module):
+class LatentConsistencyModel(LatentDenoiserView, nn.Module):
     """A distilled latent consistency model with the pipeline it samples in: ``fn`` (an ``LCMFunction``, the only
     part that trains) and the teacher's VAE and prompt encoder (``parts``, a ``TextToImageModel``, shared and never
     copied or checkpointed). ``lora``: ``fn``'s UNet is the teacher's with a LoRA adapter, and only the adapter is
@@ -137,22 +137,6 @@ class LatentConsistencyModel(nn.Module):
     @property
     def denoiser(self) -> LatentDenoiser:
         return self.fn.denoiser
-
-    @property
-    def unet(self):
-        return self.fn.denoiser.unet
-
-    @property
-    def sigma_min(self) -> float:
-        return self.denoiser.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.denoiser.sigma_max
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.denoiser.sample_shape
 
     def lcm_scheduler(self):
         """The ``LCMScheduler`` this model samples with: the teacher's table, this model's boundary scalings and

@@ -15,6 +15,7 @@ student itself under stop-gradient (LCM-LoRA).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -74,7 +75,6 @@ class LatentConsistencyDistillation:
         self.encoded, self.normalisation = encoded, normalisation
         self.distance = (lambda x, y: elementwise_huber(x, y, cfg.huber_c)) if cfg.distance == "huber" \
             else make_distance(cfg.distance)
-        self.run_constants = {}
 
     def target_ema(self, step: int) -> float:
         return self.cfg.target_ema
@@ -85,27 +85,25 @@ class LatentConsistencyDistillation:
 
     def __call__(self, model, z0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
         n, dev = z0.shape[0], z0.device
-        idx = torch.randint(0, len(self.t_n), (n,))
-        t = self.t_n[idx]
-        sig = self.sigmas.to(dev)
-        s_hi, s_lo = sig[t].to(z0.dtype), sig[(t - self.k).clamp_min(0)].to(z0.dtype)
+        if self.sigmas.device != dev:  # moved once, not every step
+            self.sigmas, self.t_n = self.sigmas.to(dev), self.t_n.to(dev)
+        t = self.t_n[torch.randint(0, len(self.t_n), (n,)).to(dev)]
+        s_hi, s_lo = self.sigmas[t].to(z0.dtype), self.sigmas[(t - self.k).clamp_min(0)].to(z0.dtype)
         z_hi = z0 + append_dims(s_hi, z0.ndim) * torch.randn_like(z0)
         w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand(n, device=dev)
         student = {k: v for k, v in cond.items() if not k.startswith("negative")}
         student["guidance_scale"] = 1 + w
         online = model(z_hi, s_hi, **student)
         with torch.no_grad():
-            with self._teacher_weights(model):
+            with self._teacher_weights():
                 x0 = self.teacher(z_hi, s_hi, **cond, guidance_scale=1 + w)
             r = append_dims(s_lo / s_hi, z0.ndim)
             z_lo = x0 + r * (z_hi - x0)
             tgt = (model if target is None else target)(z_lo, s_lo, **student)
         return self.distance(online.float(), tgt.float()).mean()
 
-    def _teacher_weights(self, model):
+    def _teacher_weights(self):
         """LCM-LoRA: the teacher is the student's own UNet with its adapters switched off for the pass."""
-        import contextlib
-
         if not self.lora:
             return contextlib.nullcontext()
         unet = self.teacher.unet

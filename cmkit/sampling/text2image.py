@@ -39,15 +39,9 @@ def timestep_sigmas(model, steps: int, spacing: str | None = "trailing") -> list
     return sig + [final] if final < sig[-1] else sig
 
 
-@torch.no_grad()
-def text_to_image(model, prompts, steps: int = 25, solver: str = "ddim", guidance_scale: float = 5.0,
-                  negative_prompts=None, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  spacing: str | None = "trailing", sigmas=None, output: str = "image", return_nfe: bool = False):
-    """Images in [-1, 1] (``output="latent"``: latents) for ``prompts`` from a text-to-image teacher, solving the
-    guided PF-ODE with ``solver`` (any cmkit solver or torchdiffeq method) over ``timestep_sigmas(steps, spacing)``
-    or explicit ``sigmas``. ``latents``: unit-variance starting noise, one per prompt (as diffusers pipelines take
-    it); by default drawn per sample from ``generator``. With ``return_nfe`` also the network passes (a guided
-    evaluation counts two)."""
+def _prepare(model, prompts, negative_prompts, guidance_scale, latents, generator, output):
+    """What every text-to-image sampler starts from: the prompts' conditioning and unit-variance starting latents
+    (given, or drawn per sample from ``generator``), on the denoiser's device and in its dtype."""
     if output not in ("image", "latent"):
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -58,8 +52,21 @@ def text_to_image(model, prompts, steps: int = 25, solver: str = "ddim", guidanc
     if tuple(latents.shape) != (len(prompts), *model.sample_shape):
         raise ValueError(f"latents of shape {tuple(latents.shape)} for {len(prompts)} prompts; expected "
                          f"{(len(prompts), *model.sample_shape)}")
+    return cond, latents.to(device, dtype)
+
+
+@torch.no_grad()
+def text_to_image(model, prompts, steps: int = 25, solver: str = "ddim", guidance_scale: float = 5.0,
+                  negative_prompts=None, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  spacing: str | None = "trailing", sigmas=None, output: str = "image", return_nfe: bool = False):
+    """Images in [-1, 1] (``output="latent"``: latents) for ``prompts`` from a text-to-image teacher, solving the
+    guided PF-ODE with ``solver`` (any cmkit solver or torchdiffeq method) over ``timestep_sigmas(steps, spacing)``
+    or explicit ``sigmas``. ``latents``: unit-variance starting noise, one per prompt (as diffusers pipelines take
+    it); by default drawn per sample from ``generator``. With ``return_nfe`` also the network passes (a guided
+    evaluation counts two)."""
+    cond, latents = _prepare(model, prompts, negative_prompts, guidance_scale, latents, generator, output)
     sig = timestep_sigmas(model, steps, spacing) if sigmas is None else [float(s) for s in sigmas]
-    x = latents.to(device, dtype) * (1 + sig[0] ** 2) ** 0.5  # the VP start sqrt(abar) x = noise, in sigma space
+    x = latents * (1 + sig[0] ** 2) ** 0.5  # the VP start sqrt(abar) x = noise, in sigma space
     with eval_mode(model):
         x, nfe = ode_solve(model, x, sig, method=solver, return_nfe=True, **cond)
     z = x / (1 + sig[-1] ** 2) ** 0.5  # back to the VP sample diffusers decodes (identity when ending at 0)
@@ -76,9 +83,6 @@ def lcm_sample(model, prompts, steps: int | None = 4, guidance_scale: float = 1.
     the next one, ``z <- f + sigma_next eps`` (in the VP sample, ``sqrt(abar') f + sqrt(1 - abar') eps``), with
     ``eps`` drawn from ``generator`` in the scheduler's order. ``guidance_scale`` goes to the guidance embedding
     (LCM) or to classifier-free guidance when above 1 (LCM-LoRA)."""
-    if output not in ("image", "latent"):
-        raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     sched = model.lcm_scheduler()
     if timesteps is not None:
         sched.set_timesteps(timesteps=[int(t) for t in timesteps])
@@ -86,15 +90,10 @@ def lcm_sample(model, prompts, steps: int | None = 4, guidance_scale: float = 1.
         raise ValueError(f"steps must be >= 1, got {steps}")
     else:
         sched.set_timesteps(int(steps))
-    device, dtype = _device_dtype(model.fn)
-    cond = _to_device(model.encode_prompt(prompts, negative_prompts, guidance_scale), device)
-    if latents is None:
-        latents = per_sample_noise(len(prompts), 1, model.sample_shape, generator, device, dtype)[0]
-    if tuple(latents.shape) != (len(prompts), *model.sample_shape):
-        raise ValueError(f"latents of shape {tuple(latents.shape)} for {len(prompts)} prompts; expected "
-                         f"{(len(prompts), *model.sample_shape)}")
+    cond, latents = _prepare(model, prompts, negative_prompts, guidance_scale, latents, generator, output)
+    device = latents.device
     sig = model.denoiser.t_to_sigma(sched.timesteps.to(torch.float64)).tolist()
-    x = latents.to(device, dtype) * (1 + sig[0] ** 2) ** 0.5
+    x = latents * (1 + sig[0] ** 2) ** 0.5
     passes = 0
     with eval_mode(model):
         for i, s in enumerate(sig):
