@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.files import atomic_write_text
@@ -72,12 +73,18 @@ class Trainer:
         self.rates = {f"ema-{r!r}": float(r) for r in settings.ema_rates}  # repr keeps every digit: 0.9999999 != 1
         self.emas = {key: frozen_copy(model) for key in self.rates}
         self.target = frozen_copy(model) if objective.target_ema(0) > 0 else None
-        self.optimizer = make_optimizer(model.parameters(), settings)
-        self.nets = {"model": model, **self.emas, **({"target": self.target} if self.target is not None else {})}
+        # an objective may own trainable parameters (sCM's learnt loss weighting): optimised and checkpointed with
+        # the model, not exported with it
+        self.extra = [p for p in objective.parameters() if p.requires_grad] if isinstance(objective, nn.Module) else []
+        self.optimizer = make_optimizer([*model.parameters(), *self.extra], settings)
+        self.nets = {"model": model, **self.emas, **({"target": self.target} if self.target is not None else {}),
+                     **({"objective": objective} if self.extra else {})}
         self.ckpt_root = self.out / "checkpoints"
         self.step_no = self.resume()
         for m in list(self.emas.values()) + ([self.target] if self.target is not None else []):
             m.to(self.acc.device)
+        if isinstance(objective, nn.Module):
+            objective.to(self.acc.device)
         self.wrapped, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.online = self.acc.unwrap_model(self.wrapped)
         # without a loss scaler, accelerate's optimizer wrapper adds only per-step checks (package look-ups) to the
@@ -116,8 +123,10 @@ class Trainer:
             target = self.target if self.target is not None else self.online
             loss = self.objective(self.wrapped, x0, target=target, step=step, **cond)
         self.acc.backward(loss)
+        if self.extra and self.acc.num_processes > 1:
+            self._sync_extra_grads()
         if self.s.grad_clip > 0:
-            self.acc.clip_grad_norm_(self.wrapped.parameters(), self.s.grad_clip)
+            self.acc.clip_grad_norm_([*self.wrapped.parameters(), *self.extra], self.s.grad_clip)
         self._optimizer_step()
         self._zero_grad(set_to_none=True)
         self.step_no = step = step + 1
@@ -126,6 +135,15 @@ class Trainer:
         for ema, rate in self._ema_updates:
             ema.update(rate)
         return loss.detach()
+
+    def _sync_extra_grads(self) -> None:
+        """The objective's own parameters sit outside the DDP wrapper: average their gradients over processes here,
+        as DDP does for the model's."""
+        for p in self.extra:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= self.acc.num_processes
 
     def log(self, loss_sum: torch.Tensor, since_step: int, since_time: float, started: float) -> float:
         """Append one row to ``log.jsonl`` (mean loss since the last row); refuse to go on from a non-finite loss."""
