@@ -102,7 +102,7 @@ def test_bad_input_leaves_checkpoint_untouched(tmp_path, tiny):
     first = cmkit("train-teacher", "quickstart-teacher", "--out", out, *SMALL, "--no-progress")
     assert first.returncode == 0, first.stderr
     snapshot = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
-    proc = cmkit("train-teacher", "quickstart-teacher", "--out", out, *SMALL, "--set", "train.lr=5.0")
+    proc = cmkit("train-teacher", "quickstart-teacher", "--out", out, *SMALL, "--set", "train.weight_decay=0.5")
     assert_one_line_error(proc, "different recipe")
     proc = cmkit("train-teacher", "quickstart-teacher", "--out", out, *SMALL, "--set", "train.lr=oops")
     assert_one_line_error(proc, "train.lr")

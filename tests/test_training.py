@@ -63,7 +63,7 @@ def test_resume_with_other_recipe_is_refused(tmp_path):
     train_teacher(teacher_recipe(20), tmp_path, progress=False)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     with pytest.raises(ValueError, match="different recipe"):
-        train_teacher(teacher_recipe(40, "train.lr=0.1"), tmp_path, progress=False)
+        train_teacher(teacher_recipe(40, "train.batch_size=32"), tmp_path, progress=False)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
 
 
@@ -165,5 +165,12 @@ def test_a_finished_ict_run_extends_with_the_same_curriculum(tmp_path):
     saved = json.loads((tmp_path / "recipe.json").read_text())
     assert saved["run_constants"] == {"total_steps": 10}
     with pytest.raises(ValueError, match="different recipe"):
-        train_consistency(load_recipe("s_curve-ict", [*base, "train.steps=20", "train.lr=0.1"]), tmp_path,
+        train_consistency(load_recipe("s_curve-ict", [*base, "train.steps=20", "train.batch_size=8"]), tmp_path,
                           progress=False)
+    with pytest.raises(ValueError, match=r"curriculum length \(objective.total_steps\) is 10.*train.steps=N alone"):
+        train_consistency(load_recipe("s_curve-ict", [*base, "train.steps=20", "objective.total_steps=20"]),
+                          tmp_path, progress=False)
+    # stating the horizon the run has is no change
+    summary = train_consistency(load_recipe("s_curve-ict", [*base, "train.steps=20", "objective.total_steps=10"]),
+                                tmp_path, progress=False)
+    assert (summary["start_step"], summary["end_step"]) == (15, 20)

@@ -26,6 +26,13 @@ def _add_recipe_args(p: argparse.ArgumentParser, out_help: str = "output folder 
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_restart(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--restart", action="store_true",
+                   help="start from step 0 in an --out that holds a run: its checkpoints/, model/, log.jsonl and "
+                        "recipe.json are moved into OUT/before-restart-TIME/ (nothing is deleted); without it a run "
+                        "resumes, and refuses to start over when its checkpoints cannot be used")
+
+
 def _default_out(recipe: str) -> Path:
     return Path("runs") / Path(recipe).stem
 
@@ -43,16 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-teacher", help=f"train a teacher from a recipe ({_kinds('train-teacher')})")
     _add_recipe_args(t)
     t.add_argument("--dry-run", action="store_true", help="build everything and run one step on a batch of 2")
+    _add_restart(t)
 
     d = sub.add_parser("distill", help=f"distil a teacher ({_kinds('distill')})")
     _add_recipe_args(d)
     d.add_argument("--dry-run", action="store_true", help="build everything and run one step on a batch of 2")
+    _add_restart(d)
     d.add_argument("--teacher", help="teacher folder or hub id (default: teacher.path of the recipe)")
 
     tr = sub.add_parser("train", help=f"consistency training, or tuning from a teacher ({_kinds('train')})")
     _add_recipe_args(tr)
     tr.add_argument("--teacher", help="kinds that start from a teacher (ect): its folder, hub id or cmkit:NAME")
     tr.add_argument("--dry-run", action="store_true", help="build everything and run one step on a batch of 2")
+    _add_restart(tr)
 
     s = sub.add_parser("sample", help="draw samples from a consistency model folder")
     s.add_argument("model", help="a consistency model folder (e.g. runs/quickstart-cd/model)")
@@ -148,7 +158,8 @@ def run_training(args: argparse.Namespace) -> None:
     if args.dry_run:
         dry_run(recipe, args.command, teacher)
         return
-    summary = run_job(args.command, recipe, args.out or _default_out(args.recipe), teacher, _progress(args))
+    summary = run_job(args.command, recipe, args.out or _default_out(args.recipe), teacher, _progress(args),
+                      restart=args.restart)
     print(f"{SAVES[args.command]} saved to {summary['model_dir']}")
 
 

@@ -37,6 +37,9 @@ def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=prin
         summary = run_job(job, recipe, tmp, teacher_path, progress=False, teacher=teacher, data=data,
                           distance=distance)
         loss = json.loads((Path(tmp) / "log.jsonl").read_text().splitlines()[-1])["loss"]
+    if loss is None:
+        raise FloatingPointError(f"dry run: the one step of {recipe.objective.kind} had a non-finite loss or "
+                                 "gradients; check the data and train.lr")
     echo(f"dry run OK: one step of {job} ({recipe.objective.kind}) on data {tuple(data.sample_shape)}, loss "
          f"{loss:.4g}, {time.perf_counter() - t0:.1f} s including set-up")
     return {**summary, "loss": loss}

@@ -5,23 +5,32 @@ runs it and whether it needs a teacher; its build function makes the model and t
 from __future__ import annotations
 
 import json
+import os
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_text, folder_lock
 from ..data import Dataset, load_dataset
 from ..eval.metrics import sliced_wasserstein
 from ..models import BACKBONES, ConsistencyModel, load_teacher, num_classes_of
 from ..objectives import OBJECTIVES, BuildContext, kinds_for
 from ..sampling import class_condition, search_schedule
-from ..training import train
+from ..training import Trainer
+from ..training.checkpoints import warn
+from ..training.trainer import OUT_NAMES
 from .recipes import Recipe
 
 RECIPE_FILE = "recipe.json"
-# Keys that may change between a run and its resumption (extending a run is the point of resuming).
-RESUMABLE_CHANGES = {("train", "steps"), ("train", "checkpoint_every"), ("train", "log_every")}
+# Keys that may change between a run and its resumption (extending a run is the point of resuming; a run that
+# diverged goes on from its last good checkpoint with a lower learning rate, a longer warm-up or clipping).
+RESUMABLE_CHANGES = {("train", "steps"), ("train", "checkpoint_every"), ("train", "log_every"), ("train", "lr"),
+                     ("train", "warmup"), ("train", "grad_clip")}
+# changes that alter the training from the resumed step on: reported when a run resumes with them
+REPORTED_CHANGES = {("train", "lr"), ("train", "warmup"), ("train", "grad_clip")}
 # what each command says it saved
 SAVES = {"train-teacher": "teacher", "distill": "consistency model", "train": "consistency model"}
 
@@ -77,14 +86,24 @@ def check_resume(recipe: Recipe, out: Path, saved: dict | None, extra: dict | No
     current = {**recipe.to_dict(), **(extra or {})}
     current.pop("eval", None)
     if saved is not None:
-        diffs = [f"{sec}.{k}" for sec, body in current.items() if isinstance(body, dict)
-                 for k, v in body.items() if (sec, k) not in RESUMABLE_CHANGES and k in saved.get(sec, {})
-                 and _jsonish(saved[sec][k]) != _jsonish(v)]
+        changed = {(sec, k): (saved[sec][k], v) for sec, body in current.items() if isinstance(body, dict)
+                   for k, v in body.items() if k in saved.get(sec, {}) and _jsonish(saved[sec][k]) != _jsonish(v)}
+        horizon = run_constants(saved).get("total_steps")
+        if horizon is not None and changed.get(("objective", "total_steps"), (0, None))[1] == horizon:
+            del changed[("objective", "total_steps")]  # the curriculum length this run already has
+        diffs = [f"{sec}.{k}" for sec, k in changed if (sec, k) not in RESUMABLE_CHANGES]
         diffs += [k for k, v in current.items() if not isinstance(v, dict) and k in saved
                   and _jsonish(saved[k]) != _jsonish(v)]
+        if "objective.total_steps" in diffs and horizon is not None:
+            raise ValueError(f"{out} holds a run whose curriculum length (objective.total_steps) is {horizon}, "
+                             "fixed when it started; extend it with --set train.steps=N alone (the curriculum "
+                             "stays), or use another --out for a new curriculum")
         if diffs:
             raise ValueError(f"{out} holds a run with a different recipe ({', '.join(diffs[:4])} differ); "
                              "use another --out, or the same recipe to resume")
+        for (sec, k), (old, new) in changed.items():
+            if (sec, k) in REPORTED_CHANGES and write:
+                warn(f"resuming {out} with {sec}.{k} changed from {old} to {new}")
     if write:
         atomic_write_text(out / RECIPE_FILE, json.dumps({**current, "run_constants": constants or {}}, indent=2))
 
@@ -123,10 +142,37 @@ def check_job(recipe: Recipe, job: str) -> None:
                          f"{spec.kind!r} runs with `cmkit {spec.job}`")
 
 
+def check_out(out: Path, saved: dict | None) -> None:
+    """Refuse an ``--out`` that holds what cmkit writes (``model/``, ``checkpoints/``, ...) but no ``recipe.json``:
+    those were not written by a cmkit run there, and a run would replace them."""
+    if saved is not None or (out / RECIPE_FILE).exists():
+        return
+    found = [name for name in OUT_NAMES if (out / name).exists()]
+    if found:
+        raise ValueError(f"--out {out} already holds {', '.join(found)} but no {RECIPE_FILE}: not a cmkit run "
+                         "folder, and a run would replace them; use a new or empty --out")
+
+
+def set_aside(out: Path) -> Path | None:
+    """``--restart``: move the previous run's checkpoints, model, log and recipe into ``out/before-restart-TIME/``
+    (nothing is deleted)."""
+    old = [out / name for name in OUT_NAMES if (out / name).exists()]
+    if not old:
+        return None
+    aside = out / time.strftime("before-restart-%Y%m%d-%H%M%S")
+    aside.mkdir()
+    for p in old:
+        os.replace(p, aside / p.name)
+    warn(f"--restart: the previous run in {out} is moved to {aside}; training starts from step 0")
+    return aside
+
+
 def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, progress: bool = True, *,
-            teacher=None, data: Dataset | None = None, distance=None) -> dict:
+            teacher=None, data: Dataset | None = None, distance=None, restart: bool = False) -> dict:
     """Run a recipe as ``job`` ("train-teacher", "distill" or "train") into ``out``; ``out/model`` is the result.
-    ``teacher``, ``data`` and ``distance`` replace what the recipe names (dry runs use them)."""
+    ``teacher``, ``data`` and ``distance`` replace what the recipe names (dry runs use them). The recipe is checked
+    in full (its objective built, its settings checked) before anything is written to ``out``; ``out`` is locked
+    for the run. ``restart``: set the run in ``out`` aside and start from step 0."""
     check_job(recipe, job)
     recipe.train.check()
     recipe.eval.check()
@@ -138,19 +184,28 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
         check_data_matches(data, teacher, "teacher")
         teacher.requires_grad_(False).eval().to(acc.device)
     torch.manual_seed(recipe.seed)
-    saved = saved_recipe(out)
+    saved = None if restart else saved_recipe(out)
     model, objective = build_run(recipe, data, teacher, distance, run_constants(saved), path)
     del teacher  # what the objective needs it holds itself; a tuned student copied what it needs
     extra = {"teacher_path": path} if path else {}
-    check_resume(recipe, out, saved, extra, getattr(objective, "run_constants", {}), write=acc.is_main_process)
+    constants = getattr(objective, "run_constants", {})
+    if not restart:
+        check_out(out, saved)
+        check_resume(recipe, out, saved, extra, constants, write=False)
     batches = getattr(objective, "batches", None) or data.batches(conditional=num_classes_of(model) is not None,
                                                                   hflip=recipe.data.hflip)
-    summary = train(model, objective, batches, recipe.train, out, seed=recipe.seed,
-                    run_info={"job": job if job != "train" else f"train-{recipe.objective.kind}", **extra},
-                    progress=progress, accelerator=acc)
-    if job != "train-teacher" and acc.is_main_process and hasattr(model, "sigmas_for_steps"):
-        summary["schedule"] = tune_schedule(recipe, out / "model", data, progress, acc.device)
-    acc.wait_for_everyone()
+    with folder_lock(out) if acc.is_main_process else nullcontext():
+        if restart and acc.is_main_process:
+            set_aside(out)
+        acc.wait_for_everyone()
+        trainer = Trainer(model, objective, batches, recipe.train, out, seed=recipe.seed, progress=progress,
+                          run_info={"job": job if job != "train" else f"train-{recipe.objective.kind}", **extra},
+                          accelerator=acc)
+        check_resume(recipe, out, saved, extra, constants, write=acc.is_main_process)
+        summary = trainer.run()
+        if job != "train-teacher" and acc.is_main_process and hasattr(model, "sigmas_for_steps"):
+            summary["schedule"] = tune_schedule(recipe, out / "model", data, progress, acc.device)
+        acc.wait_for_everyone()
     return summary
 
 

@@ -5,11 +5,17 @@ behind model folders, checkpoints, the classifier cache and benchmark partial re
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the pid is still written
+    fcntl = None
 
 
 def atomic_write(path, write: Callable[[Path], None]) -> Path:
@@ -52,3 +58,78 @@ def atomic_dir(folder) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# the temporary names the two helpers above use beside a destination NAME: atomic_dir's `.NAME.tmp-XXXX` and
+# `.NAME.old-PID`, atomic_write's `.NAME.XXXX.tmp`
+_PARTIAL = re.compile(r"^\.(?P<name>.+?)\.(?:tmp-[A-Za-z0-9_]+|old-\d+|[A-Za-z0-9_]+\.tmp)$")
+
+
+def clean_partial_writes(folder, owned: Callable[[str], bool]) -> list[str]:
+    """Remove what a killed atomic write of a destination NAME with ``owned(NAME)`` left in ``folder`` (its
+    temporary files and folders; nothing else is touched); a destination that a kill caught between its two renames
+    (``.NAME.old-PID`` there, ``NAME`` gone) is renamed back. Call it only while holding the folder's lock. Returns
+    the names it removed or restored."""
+    folder, done = Path(folder), []
+    if not folder.is_dir():
+        return done
+    for entry in sorted(folder.iterdir()):
+        m = _PARTIAL.match(entry.name)
+        if m is None or not owned(m["name"]):
+            continue
+        dest = folder / m["name"]
+        if ".old-" in entry.name and not dest.exists():
+            os.replace(entry, dest)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        done.append(entry.name)
+    return done
+
+
+LOCK_FILE = ".cmkit.lock"
+_HELD: dict[str, list] = {}  # lock path -> [open file, depth]: a process may take its own lock again
+
+
+class FolderInUse(ValueError):
+    """Another live process holds the folder's lock (a ValueError: the command line reports it in one line)."""
+
+
+def _pid_in(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+@contextmanager
+def folder_lock(folder) -> Iterator[Path]:
+    """``with folder_lock(out):`` hold ``out/.cmkit.lock`` (created with ``out``), which names this process's pid.
+    The lock is an advisory ``flock`` on that file, so the kernel drops it when its holder dies, however it dies: a
+    lock file left by a dead process is taken over, and a live holder is refused with one line naming its pid."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+    else:
+        f = open(path, "a+")  # noqa: SIM115 - held open for as long as the lock is
+        try:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise FolderInUse(f"{folder} is in use by process {_pid_in(path)} (lock {path}); wait for it to finish "
+                              "or stop it, or use another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD[key] = [f, 1]
+    try:
+        yield path
+    finally:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            _HELD.pop(key)[0].close()  # closing drops the flock; the file stays (unlinking it would race)

@@ -1,22 +1,42 @@
-"""Training checkpoints: safetensors for every network and the optimiser, JSON for the rest, written atomically.
+"""Training checkpoints: safetensors for every network and the optimiser, JSON for the rest, written atomically,
+each with a manifest (size and SHA-256 of every file) that says whether it is intact.
 
-Layout under ``OUT/checkpoints/``: ``step-00000200/`` folders and a ``latest`` file naming the newest complete one.
-A folder is written under a temporary name and renamed into place, then ``latest`` is replaced (``os.replace``), so
-a crash at any moment leaves the previous checkpoint intact and readable.
+Layout under ``OUT/checkpoints/``: ``step-00000200/`` folders and a ``latest`` file naming the newest one written.
+A folder is written under a temporary name and renamed into place, read back against its manifest, and only then
+is ``latest`` replaced (``os.replace``) and are older checkpoints pruned, so a crash or a bad disk at any moment
+leaves an intact checkpoint behind. Resuming takes the newest folder that verifies and loads (``latest`` is only a
+hint); a newer one that does not is reported in one line and skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
-from ..core.files import atomic_dir, atomic_write_text
+from ..core.files import atomic_dir, atomic_write_text, clean_partial_writes
 
 KEEP = 2
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+_VERIFIED: set[tuple] = set()  # (folder, its files' names, sizes and times) read back in full by this process
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint where a run's checkpoints should be (a ValueError: the command line reports it in one
+    line)."""
+
+
+def warn(message: str) -> None:
+    print(f"cmkit: {message}", file=sys.stderr, flush=True)
 
 
 def _optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -43,32 +63,96 @@ def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(root, step: int, nets: dict[str, torch.nn.Module], optimizer, extra: dict) -> Path:
-    """Write ``nets`` (name -> module), the optimiser and ``extra`` for ``step``; prune older checkpoints."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_files(tmp: Path, nets: dict[str, torch.nn.Module], optimizer, state: dict) -> None:
+    """Every file of a checkpoint, then its manifest: the hashes are of the bytes in memory, so reading the folder
+    back checks what reached the disk."""
+    opt_tensors, opt_rest = _optimizer_to_flat(optimizer.state_dict())
+    blobs = {f"{key}.safetensors": save(_weights(net)) for key, net in nets.items()}
+    blobs["optimizer.safetensors"] = save(opt_tensors)
+    blobs["optimizer.json"] = json.dumps(opt_rest).encode()
+    blobs["state.json"] = json.dumps(state, indent=2).encode()
+    for name, data in blobs.items():
+        (tmp / name).write_bytes(data)
+    manifest = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in blobs.items()}
+    (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=2))
+
+
+def verify_checkpoint(path) -> str | None:
+    """None when ``path`` is a checkpoint whose files all match its manifest; else what is wrong, in a few words.
+    A folder from before manifests (no ``manifest.json`` but a ``state.json``) passes: loading it is its check."""
+    path = Path(path)
+    if not path.is_dir():
+        return "missing"
+    man = path / MANIFEST
+    if not man.is_file():
+        return None if (path / "state.json").is_file() else "incomplete (no manifest.json)"
+    key = (str(path), *sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()))
+    if key in _VERIFIED:
+        return None
+    try:
+        files = json.loads(man.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "manifest.json is unreadable"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{name} has {f.stat().st_size} bytes, not {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} fails its SHA-256 check"
+    _VERIFIED.add(key)
+    return None
+
+
+def step_folders(root) -> list[Path]:
+    """The ``step-NNNNNNNN`` folders under ``root``, newest first."""
     root = Path(root)
-    name = f"step-{step:08d}"
-    final = root / name
-    if not (final / "state.json").is_file():  # else this step is saved already (its state is the same)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), reverse=True)
+
+
+def clean_checkpoints(root) -> list[str]:
+    """Remove temporary entries a killed checkpoint write left under ``root``."""
+    return clean_partial_writes(root, lambda name: name == "latest" or STEP_DIR.match(name) is not None)
+
+
+def save_checkpoint(root, step: int, nets: dict[str, torch.nn.Module], optimizer, extra: dict) -> Path:
+    """Write ``nets`` (name -> module), the optimiser and ``extra`` for ``step``, read it back against its manifest,
+    point ``latest`` at it and only then prune older checkpoints (the newest older one that verifies is kept)."""
+    root = Path(root)
+    final = root / f"step-{step:08d}"
+    if verify_checkpoint(final) is not None:  # else this step is saved already (its state is the same)
         with atomic_dir(final) as tmp:
-            for key, net in nets.items():
-                save_file(_weights(net), tmp / f"{key}.safetensors")
-            opt_tensors, opt_rest = _optimizer_to_flat(optimizer.state_dict())
-            save_file(opt_tensors, tmp / "optimizer.safetensors")
-            (tmp / "optimizer.json").write_text(json.dumps(opt_rest))
-            (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-    atomic_write_text(root / "latest", name)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+            _write_files(tmp, nets, optimizer, {"step": step, **extra})
+        problem = verify_checkpoint(final)
+        if problem is not None:
+            raise OSError(f"checkpoint {final} does not read back intact ({problem}); the older checkpoints are "
+                          "kept: check the disk and rerun the same command")
+    atomic_write_text(root / "latest", final.name)
+    kept = 1
+    for old in step_folders(root):
+        if old.name >= final.name:
+            continue
+        if kept < KEEP and verify_checkpoint(old) is None:
+            kept += 1
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(root) -> Path | None:
-    root = Path(root)
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    """The newest checkpoint folder under ``root`` that verifies against its manifest (None: there is none)."""
+    return next((p for p in step_folders(root) if verify_checkpoint(p) is None), None)
 
 
 def load_checkpoint(path, nets: dict[str, torch.nn.Module], optimizer) -> dict:
@@ -82,3 +166,37 @@ def load_checkpoint(path, nets: dict[str, torch.nn.Module], optimizer) -> dict:
     rest = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_from_flat(load_file(path / "optimizer.safetensors"), rest))
     return json.loads((path / "state.json").read_text())
+
+
+def _pointer(root: Path) -> str | None:
+    try:
+        return (root / "latest").read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def resume_newest(root, load: Callable[[Path], dict], report: Callable[[str], None] = warn) -> dict | None:
+    """``load(folder)`` the newest checkpoint under ``root`` that verifies and loads, reporting in one line each
+    newer one skipped and a ``latest`` pointer that names another; None when ``root`` holds no checkpoint at all.
+    Raises ``CheckpointError`` when it holds checkpoints (or a ``latest`` pointer) and none can be used."""
+    root = Path(root)
+    pointer, problems = _pointer(root), []
+    for folder in step_folders(root):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            try:
+                state = load(folder)
+            except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+                problem = f"does not load ({' '.join(str(e).split())[:160]})"
+            else:
+                for skipped in problems:
+                    report(f"skipping checkpoint {skipped}; resuming from {folder.name}")
+                if (root / "latest").exists() and pointer != folder.name:
+                    report(f"{root / 'latest'} names {pointer!r}; the newest intact checkpoint is {folder.name}")
+                return state
+        problems.append(f"{folder}: {problem}")
+    if problems or (root / "latest").exists():
+        found = "; ".join(problems) if problems else f"only a 'latest' pointer naming {pointer!r}"
+        raise CheckpointError(f"{root} holds no usable checkpoint ({found}); rather than start again from step 0 "
+                              "unasked, the run stops: pass --restart to start from step 0")
+    return None

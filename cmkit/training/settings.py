@@ -26,8 +26,15 @@ class TrainSettings:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not self.lr > 0 or self.lr == float("inf"):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "radam", "adamw"):
+            raise ValueError(f"unknown train.optimizer {self.optimizer!r}; choose one of adam, radam, adamw")
+        for name in ("warmup", "grad_clip", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
         bad = [r for r in self.ema_rates if not 0 <= r < 1]
         if bad:
             raise ValueError(f"train.ema_rates must lie in [0, 1), got {bad[0]}")

@@ -5,6 +5,12 @@ a batch source and its settings; it never knows which objective it runs.
 
 Determinism: before every step the global torch generator is seeded from ``(seed, step, rank)``, so a run that is
 stopped and resumed draws the same data, noise and dropout as one that never stopped: the weights match exactly.
+
+Non-finite steps: every step computes a flag on the device (loss and gradient norm finite) and an update whose flag
+is false is not applied (fused Adam / AdamW take it as ``found_inf`` and skip on the device, with no host sync;
+RAdam reads it, one host sync a step). Device-side counters are read at each log row and before each checkpoint:
+skipped steps are reported, and MAX_NONFINITE_RUN of them in a row stop the run without saving, so the last
+checkpoint stays the last good one. No checkpoint or model folder is written with a non-finite tensor in it.
 """
 
 from __future__ import annotations
@@ -21,13 +27,23 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.files import atomic_write_text
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..core.files import atomic_write_text, clean_partial_writes
+from .checkpoints import (
+    CheckpointError,
+    clean_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_newest,
+    save_checkpoint,
+    warn,
+)
 from .ema import EMA, frozen_copy
 from .settings import TrainSettings
 from .stop import StopRequest, TrainingInterrupted
 
 Batches = Callable[[int, torch.device], tuple[torch.Tensor, dict]]
+MAX_NONFINITE_RUN = 10  # this many non-finite steps in a row stop a run: it diverged, skipping will not save it
+OUT_NAMES = ("model", "checkpoints", "log.jsonl", "recipe.json", "schedule_search.json")  # what cmkit writes in out
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -90,6 +106,10 @@ class Trainer:
         # without a loss scaler, accelerate's optimizer wrapper adds only per-step checks (package look-ups) to the
         # plain step and zero_grad; gradients are already all-reduced by the wrapped model's backward
         plain = self.acc.scaler is None
+        self._raw_opt = self.optimizer.optimizer
+        self._device_skip = plain and bool(self._raw_opt.defaults.get("fused"))
+        self._params = [*self.wrapped.parameters(), *self.extra]
+        self._counters()
         self._optimizer_step = self.optimizer.optimizer.step if plain else self.optimizer.step
         self._zero_grad = self.optimizer.optimizer.zero_grad if plain else self.optimizer.zero_grad
         if self._scaler_state and self.acc.scaler is not None:  # fp16 loss scale, as an unbroken run has it
@@ -99,14 +119,34 @@ class Trainer:
         self._target_update = EMA(self.target, self.online) if self.target is not None else None
 
     def resume(self) -> int:
-        """Load the newest checkpoint into the networks and optimiser; the step to go on from (0: a new run)."""
+        """Load the newest intact checkpoint into the networks and optimiser (newer broken ones are reported and
+        skipped; what a killed write left is removed first); the step to go on from (0: a new run). Refuses to start
+        from step 0 where a run's checkpoints or model are but no checkpoint can be used."""
         self._scaler_state = None
-        last = latest_checkpoint(self.ckpt_root)
-        if last is None:
+        main = self.acc.is_main_process
+        if main:
+            clean_checkpoints(self.ckpt_root)
+            clean_partial_writes(self.out, OUT_NAMES.__contains__)
+        self.acc.wait_for_everyone()
+        state = resume_newest(self.ckpt_root, lambda f: load_checkpoint(f, self.nets, self.optimizer),
+                              warn if main else lambda message: None)
+        if state is None:
+            if (self.out / "model").exists():
+                raise CheckpointError(f"{self.out} holds a trained model/ but no checkpoint to go on from; rather "
+                                      "than train it again from step 0 unasked, the run stops: pass --restart")
             return 0
-        state = load_checkpoint(last, self.nets, self.optimizer)
         self._scaler_state = state.get("scaler")
+        for g in self.optimizer.param_groups:  # the recipe's learning rate, which may differ from the saved one's
+            g["lr"] = self.lr_at(state["step"])
         return state["step"]
+
+    def _counters(self) -> None:
+        """Device-side tallies, read only at log rows and checkpoints: the loss summed over finite steps and their
+        number since the last row, the non-finite steps since the last read, the current and longest run of them."""
+        dev = self.acc.device
+        self._loss_sum = torch.zeros((), device=dev)
+        self._good, self._bad, self._run, self._longest = (torch.zeros((), dtype=torch.long, device=dev)
+                                                            for _ in range(4))
 
     def lr_at(self, step: int) -> float:
         return self.s.lr * min(1.0, (step + 1) / self.s.warmup) if self.s.warmup else self.s.lr
@@ -125,16 +165,68 @@ class Trainer:
         self.acc.backward(loss)
         if self.extra and self.acc.num_processes > 1:
             self._sync_extra_grads()
-        if self.s.grad_clip > 0:
-            self.acc.clip_grad_norm_([*self.wrapped.parameters(), *self.extra], self.s.grad_clip)
-        self._optimizer_step()
+        loss = loss.detach()
+        ok = self._finite(loss)
+        if self._device_skip:  # fused Adam / AdamW: the whole update is skipped on the device when found_inf is 1
+            self._raw_opt.found_inf = (~ok).float()
+            self._optimizer_step()
+        elif self.acc.scaler is not None or ok.item():  # a loss scaler skips non-finite gradients itself
+            self._optimizer_step()
         self._zero_grad(set_to_none=True)
+        self._tally(loss, ok)
         self.step_no = step = step + 1
         if self._target_update is not None:
             self._target_update.update(self.objective.target_ema(step))
         for ema, rate in self._ema_updates:
             ema.update(rate)
-        return loss.detach()
+        return loss
+
+    def _finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """A device flag: the loss and the gradients' norm are finite (clipping, when on, happens here)."""
+        ok = torch.isfinite(loss)
+        if self.s.grad_clip > 0:
+            norm = self.acc.clip_grad_norm_(self._params, self.s.grad_clip)
+        elif self.acc.scaler is None:
+            grads = [p.grad for p in self._params if p.grad is not None]
+            norm = torch.stack(torch._foreach_norm(grads)).sum() if grads else None
+        else:
+            norm = None  # scaled gradients: the loss scaler checks them
+        return ok & torch.isfinite(norm) if norm is not None and self.acc.scaler is None else ok
+
+    def _tally(self, loss: torch.Tensor, ok: torch.Tensor) -> None:
+        bad = ~ok
+        self._loss_sum += torch.where(ok, loss.float(), 0.0)
+        self._good += ok
+        self._bad += bad
+        self._run.add_(1).mul_(bad)
+        torch.maximum(self._longest, self._run, out=self._longest)
+
+    def _health(self) -> None:
+        """Read the non-finite tallies (one host sync): report skipped steps; stop a run that keeps diverging."""
+        bad, longest = torch.stack([self._bad, self._longest]).tolist()
+        self._bad.zero_()
+        self._longest.copy_(self._run)
+        if bad and self.acc.is_main_process:
+            warn(f"{bad} step(s) up to step {self.step_no} had a non-finite loss or gradients and were not applied")
+        if longest >= MAX_NONFINITE_RUN:
+            last = latest_checkpoint(self.ckpt_root)
+            raise FloatingPointError(
+                f"loss or gradients non-finite on {longest} steps in a row (by step {self.step_no}): the run "
+                f"diverged and stops unsaved; {last or 'no checkpoint'} is the last good state: rerun with a lower "
+                "--set train.lr=... (train.lr, train.warmup and train.grad_clip may change on resume)")
+
+    def _check_finite_state(self, what: str) -> None:
+        """Refuse to write ``what`` when a network or the optimiser holds a non-finite value."""
+        named = [(f"{k}.safetensors", t) for k, net in self.nets.items() for t in net.state_dict().values()]
+        named += [("optimizer.safetensors", v) for st in self._raw_opt.state.values() for v in st.values()
+                  if torch.is_tensor(v)]
+        named = [(n, t) for n, t in named if t.is_floating_point()]
+        flags = torch.stack([torch.isfinite(t).all().to(self.acc.device) for _, t in named]).tolist()
+        bad = sorted({n for (n, _), f in zip(named, flags, strict=True) if not f})
+        if bad:
+            raise FloatingPointError(f"{', '.join(bad)} would hold non-finite values at step {self.step_no}; "
+                                     f"{what} is not written and {latest_checkpoint(self.ckpt_root) or 'nothing'} "
+                                     "stays the last good state: rerun with a lower --set train.lr=...")
 
     def _sync_extra_grads(self) -> None:
         """The objective's own parameters sit outside the DDP wrapper: average their gradients over processes here,
@@ -145,12 +237,14 @@ class Trainer:
             torch.distributed.all_reduce(p.grad)
             p.grad /= self.acc.num_processes
 
-    def log(self, loss_sum: torch.Tensor, since_step: int, since_time: float, started: float) -> float:
-        """Append one row to ``log.jsonl`` (mean loss since the last row); refuse to go on from a non-finite loss."""
+    def log(self, since_step: int, since_time: float, started: float) -> float | None:
+        """Append one row to ``log.jsonl``: the mean loss of the finite steps since the last row (None: none was)."""
+        self._health()
         step = self.step_no
-        mean_loss = (self.acc.reduce(loss_sum, reduction="mean") / (step - since_step)).item()
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss became {mean_loss} at step {step}; lower train.lr or check data")
+        total, good = self.acc.reduce(torch.stack([self._loss_sum, self._good.float()]), reduction="sum").tolist()
+        self._loss_sum.zero_()
+        self._good.zero_()
+        mean_loss = total / good if good and math.isfinite(total) else None
         now = time.perf_counter()
         row = {"step": step, "loss": mean_loss, "lr": self.lr_at(step - 1),
                "target_mu": self.objective.target_ema(step), "sec_per_step": (now - since_time) / (step - since_step),
@@ -163,6 +257,8 @@ class Trainer:
     def checkpoint(self) -> None:
         acc = self.acc
         acc.wait_for_everyone()
+        self._health()
+        self._check_finite_state(f"checkpoint step-{self.step_no:08d}")
         if acc.is_main_process:
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
             save_checkpoint(self.ckpt_root, self.step_no, self.nets, self.optimizer,
@@ -172,6 +268,7 @@ class Trainer:
     def export(self) -> Path:
         """Write the first output EMA (the online weights when no EMA is kept) as ``out/model``."""
         final = next(iter(self.emas.values()), self.online)
+        self._check_finite_state(str(self.out / "model"))
         if self.acc.is_main_process:
             export = copy.deepcopy(self.online).cpu()
             export.load_state_dict({k: v.cpu() for k, v in final.state_dict().items()})
@@ -196,18 +293,17 @@ class Trainer:
 
     def _loop(self, start: int, t0: float) -> None:
         s = self.s
-        loss_sum = torch.zeros((), device=self.acc.device)
         log_t0, log_step0 = t0, start
         bar = tqdm(total=s.steps, initial=start, disable=not (self.progress and self.acc.is_main_process),
                    desc="train", dynamic_ncols=True)
         stop = StopRequest(self.acc, s.log_every)
         try:
             while self.step_no < s.steps and not stop.requested(self.step_no):
-                loss_sum += self.step()
+                self.step()
                 bar.update(1)
                 if self.step_no % s.log_every == 0 or self.step_no == s.steps:
-                    bar.set_postfix(loss=f"{self.log(loss_sum, log_step0, log_t0, t0):.4g}")
-                    loss_sum.zero_()
+                    loss = self.log(log_step0, log_t0, t0)
+                    bar.set_postfix(loss="non-finite" if loss is None else f"{loss:.4g}")
                     log_t0, log_step0 = time.perf_counter(), self.step_no
                 if self.step_no % s.checkpoint_every == 0 and self.step_no < s.steps:
                     self.checkpoint()
@@ -235,8 +331,16 @@ def train(model: torch.nn.Module, objective, batches: Batches, settings: TrainSe
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows past ``step`` (written by a run that stopped before its next checkpoint)."""
+    """Drop log rows past ``step`` (written by a run that stopped before its next checkpoint) and a row a kill tore
+    in half."""
     if not path.is_file():
         return
-    rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
+    rows = []
+    for r in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(r)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            rows.append(r)
     atomic_write_text(path, "".join(r + "\n" for r in rows))
