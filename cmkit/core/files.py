@@ -4,6 +4,7 @@ behind model folders, checkpoints, the classifier cache and benchmark partial re
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -133,3 +134,32 @@ def folder_lock(folder) -> Iterator[Path]:
         _HELD[key][1] -= 1
         if _HELD[key][1] == 0:
             _HELD.pop(key)[0].close()  # closing drops the flock; the file stays (unlinking it would race)
+
+
+def sha256_of(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_weights_file(path, what: str, sha256_prefix: str | None = None) -> Path:
+    """Refuse, in one line, a pickle-format weights file (``.pth``) that a loader cmkit triggers would unpickle
+    with code execution allowed (torch-fidelity's ``torch.load(weights_only=False)``, torch.hub's cache): the file
+    must start its SHA-256 with ``sha256_prefix`` when given (torch.hub's file-name convention,
+    ``NAME-<hash prefix>.pth``), and ``torch.load(weights_only=True)`` must read it, which admits tensors and plain
+    containers only. A file that passes holds nothing a full unpickler would run."""
+    import torch
+
+    path = Path(path)
+    if sha256_prefix and not sha256_of(path).startswith(sha256_prefix):
+        raise ValueError(f"{what} {path} is not the published file (its SHA-256 does not start with "
+                         f"{sha256_prefix}); delete it and put the original there")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure means the file is not plain weights
+        raise ValueError(f"{what} {path} is not a plain weights file (torch.load(weights_only=True) refuses it: "
+                         f"{' '.join(str(e).split())[:120]}); it could run code when unpickled, so it is not loaded: "
+                         "delete it and put the original there") from None
+    return path

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..core.files import check_weights_file
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 EXTRACTOR = "inception-v3-compat"
@@ -65,7 +67,8 @@ class InceptionMetrics:
         _torch_fidelity()
         from torch_fidelity.utils import create_feature_extractor
 
-        path = find_inception_weights(weights)
+        # torch-fidelity unpickles the file with weights_only=False: it is read safely first
+        path = check_weights_file(find_inception_weights(weights), "Inception weights")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
         # feature: "2048" (pool3) is what FID and KID are defined on; "64", "192", "768" are earlier, cheaper layers

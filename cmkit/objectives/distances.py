@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core import Registry
+from ..core.files import check_weights_file
 
 DISTANCES: Registry[Callable] = Registry("objective.distance")
 WEIGHTINGS: Registry[Callable] = Registry("objective.weighting")
@@ -117,6 +118,8 @@ def _require_backbone_file(net: str) -> None:
             f"LPIPS-{net} needs torchvision's ImageNet weights {file.name}, which are not in {checkpoints} "
             f"and cannot be downloaded here; copy {file.name} there ($TORCH_HOME/hub/checkpoints) or use "
             "objective.distance = 'l2-32' or 'pseudo_huber'")
+    # lpips has torchvision load it through torch.hub without a hash check: the name's hash prefix is checked here
+    check_weights_file(file, f"LPIPS-{net} backbone weights", file.stem.rsplit("-", 1)[1])
 
 
 for _name, _net in (("lpips", "vgg"), ("lpips-vgg", "vgg"), ("lpips-alex", "alex")):

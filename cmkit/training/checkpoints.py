@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from ..core.files import atomic_dir, atomic_write_text, clean_partial_writes
+from ..core.files import atomic_dir, atomic_write_text, clean_partial_writes, sha256_of
 
 KEEP = 2
 MANIFEST = "manifest.json"
@@ -63,14 +63,6 @@ def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_files(tmp: Path, nets: dict[str, torch.nn.Module], optimizer, state: dict) -> None:
     """Every file of a checkpoint, then its manifest: the hashes are of the bytes in memory, so reading the folder
     back checks what reached the disk."""
@@ -107,7 +99,7 @@ def verify_checkpoint(path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != want["size"]:
             return f"{name} has {f.stat().st_size} bytes, not {want['size']}"
-        if _sha256(f) != want["sha256"]:
+        if sha256_of(f) != want["sha256"]:
             return f"{name} fails its SHA-256 check"
     _VERIFIED.add(key)
     return None
