@@ -170,6 +170,7 @@ def test_sigkill_truncation_and_lost_pointer_resume_to_identical_weights(tmp_pat
         torn_writes += any(e.name.startswith(".step-") for e in (out / "checkpoints").glob(".*"))
         if kills % 3 == 0:
             _corrupt_newest(out / "checkpoints", rng)
+    print(f"{kills} kills, {checked} resumes checked, {torn_writes} left a torn checkpoint write")
     assert kills >= 20 and checked >= 10 and torn_writes >= 1, (kills, checked, torn_writes)
     expected = _newest_intact(out / "checkpoints")
     assert _run(tmp_path, _argv(out)) == 0
@@ -316,3 +317,17 @@ def test_a_run_that_keeps_diverging_stops_with_its_last_good_checkpoint(tmp_path
     assert all(v.item() == 5 for k, v in opt.items() if k.endswith(".step"))  # only the 5 good steps applied
     summary = _toy_run(tmp_path, 20, lambda step: False, lr=1e-3)  # resumes, a lower lr
     assert summary["start_step"] == int(newest.name[5:]) and summary["end_step"] == 20
+
+
+def test_files_and_folders_follow_the_umask(tmp_path):
+    from cmkit.core.files import atomic_dir, atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
