@@ -331,3 +331,21 @@ def test_files_and_folders_follow_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750
+
+
+def test_leftovers_of_killed_writes_are_cleaned_and_a_torn_log_row_dropped(tmp_path):
+    from cmkit.core.files import clean_partial_writes
+
+    (tmp_path / ".model.old-123").mkdir()  # killed between atomic_dir's two renames: model/ is gone
+    (tmp_path / ".model.old-123" / "cmkit.json").write_text("{}")
+    (tmp_path / ".model.tmp-abc_1").mkdir()
+    (tmp_path / ".recipe.json.k2j_x.tmp").write_text("{")
+    (tmp_path / ".notes.ab.tmp").write_text("a user's file")  # not a name cmkit writes: left alone
+    done = clean_partial_writes(tmp_path, trainer_mod.OUT_NAMES.__contains__)
+    assert sorted(done) == [".model.old-123", ".model.tmp-abc_1", ".recipe.json.k2j_x.tmp"]
+    assert (tmp_path / "model" / "cmkit.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.ab.tmp", "model"]
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 5, "loss": 1.0}\n{"step": 10, "loss": 0.9}\n{"step": 15, "lo')
+    trainer_mod._truncate_log(log, 10)
+    assert [json.loads(r)["step"] for r in log.read_text().splitlines()] == [5, 10]
