@@ -1,6 +1,6 @@
 """Zero-shot editing on held-out digits with a distilled consistency model, against simple baselines.
 
-    python benchmarks/editing_digits.py --model runs/digits-cd/model [--out benchmarks/results/editing-digits]
+    python benchmarks/editing_digits.py [--model cmkit:digits-cd] [--out benchmarks/results/editing-digits]
 
 Inpainting a random half of the pixels: error on the missing pixels against mean-fill (the known pixels' mean) and
 blur-fill (missing pixels from a normalised 3x3 average of the known ones). Super-resolution x2: error against
@@ -39,7 +39,7 @@ def mse_on(a, b, where):
 
 
 def main():
-    args, cm, sig = editing_setup(__doc__, "runs/digits-cd/model", "benchmarks/results/editing-digits",
+    args, cm, sig = editing_setup(__doc__, "cmkit:digits-cd", "benchmarks/results/editing-digits",
                                   lambda ap: ap.add_argument("--average", type=int, default=8,
                                                              help="samples averaged for the posterior-mean row"))
     data = load_dataset("digits")
@@ -91,7 +91,8 @@ def main():
     info = {**machine_info(), "model": args.model, "steps": args.steps, "seeds": args.seeds,
             "classifier": clf_info, "classifier_accuracy_on_real": real_acc, "n_images": int(x.shape[0])}
     (out / "editing.json").write_text(json.dumps({"info": info, "results": summary}, indent=2))
-    lines = [f"Editing {x.shape[0]} held-out digits, consistency model with {args.steps} editing steps (Karras grid), "
+    lines = [f"Editing {x.shape[0]} held-out digits, consistency model {args.model} with {args.steps} editing steps "
+             f"({'its default editing schedule' if sig is None else 'Karras grid'}), "
              f"{len(args.seeds)} seeds; "
              f"measured {info['date']} on {info['processor']} ({info['cpu_count']} cores). Classifier accuracy on "
              f"the real images: {real_acc:.3f}.", "", "| method | MSE (missing pixels / all) | classifier accuracy |",

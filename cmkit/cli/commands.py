@@ -91,7 +91,9 @@ def _add_edit(sub) -> None:
     e.add_argument("--factor", type=int, default=2, help="superres: the upsampling factor (default 2)")
     e.add_argument("--sigma", type=float, default=1.0, help="denoise: the noise level; sdedit: the start level")
     g2 = e.add_mutually_exclusive_group()
-    g2.add_argument("--steps", type=int, default=1, help="network evaluations (default 1)")
+    g2.add_argument("--steps", type=int, help="network evaluations (default: the model's editing schedule, "
+                    "editing_sigmas in its cmkit.json, else 18 steps of the Karras grid; denoise and "
+                    "interpolate take one)")
     g2.add_argument("--sigmas", help="comma-separated descending noise levels")
     e.add_argument("--num", type=int, default=8, help="interpolate: points along the path (default 8)")
     e.add_argument("--reference", help="a reference batch shown beside the result in the figure")
@@ -169,6 +171,7 @@ def run_sample(args: argparse.Namespace) -> None:
     from ..data.imagefiles import save_images
     from ..models import ConsistencyModel
     from ..sampling import class_condition, sample
+    from ..sampling.samplers import check_batch_fits
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
@@ -176,8 +179,12 @@ def run_sample(args: argparse.Namespace) -> None:
     cm = ConsistencyModel.from_pretrained(args.model)
     if out.suffix == ".png" and len(cm.sample_shape) != 3:
         raise CliError("a .png grid needs an image model; write .npy for vector data")
-    cond = class_condition(cm, args.num, args.class_label, seed=args.seed)
     sigmas = _parse_sigmas(args.sigmas) if args.sigmas else None
+    try:  # before anything of --num's size is made (class labels included)
+        check_batch_fits(cm, max(args.num, 1), len(sigmas) if sigmas else max(args.steps, 1), "cpu")
+    except ValueError as e:
+        raise CliError(f"--num {args.num}, --steps {len(sigmas) if sigmas else args.steps}: {e}") from None
+    cond = class_condition(cm, args.num, args.class_label, seed=args.seed)
     x = sample(cm, args.num, steps=args.steps, sigmas=sigmas, generator=torch.Generator().manual_seed(args.seed),
                **cond)
     save_images(x, out)
@@ -216,43 +223,67 @@ def run_bench(args: argparse.Namespace) -> None:
     print(written["header"] + written["table"])
 
 
+EDIT_INPUT = {"inpaint": "model", "sdedit": "model", "denoise": "noisy", "colorize": "luminance", "superres": "low"}
+
+
+def _check_edit_input(cm, x, args) -> None:
+    """The input batch against what the task needs of this model, naming the file in the error."""
+    from ..sampling.editing import check_images
+
+    if args.task == "superres" and args.factor < 1:
+        raise CliError(f"--factor must be a positive integer, got {args.factor}")
+    kind, shape = EDIT_INPUT[args.task], tuple(cm.sample_shape)
+    expect = {"luminance": (1, *shape[1:]), "low": (shape[0], *(n // args.factor for n in shape[1:]))}.get(kind) \
+        if len(shape) == 3 else None
+    try:
+        check_images(cm, x, f"edit {args.task}", expect, pixels=kind != "noisy")
+    except ValueError as e:
+        raise CliError(f"--input {args.input}: {e}") from None
+
+
+def _edit(cm, x, args, gen):
+    """Run the task; returns (output, input panel or None)."""
+    import torch
+
+    from ..data.imagefiles import load_images, named_mask
+    from ..sampling import editing
+
+    kw = {"sigmas": _parse_sigmas(args.sigmas) if args.sigmas else None, "steps": args.steps, "generator": gen}
+    if args.task == "inpaint":
+        mask = (load_images(args.mask, 1, pixels=False) > 0).float() if args.mask \
+            else named_mask(args.mask_kind, x.shape, args.seed)
+        return editing.inpaint(cm, x, mask, **kw), ("input (masked)", x * mask + (mask - 1))
+    if args.task == "colorize":
+        return editing.colorize(cm, x, **kw), ("input (luminance)", x)
+    if args.task == "superres":
+        up = x.repeat_interleave(args.factor, 2).repeat_interleave(args.factor, 3)
+        return editing.superres(cm, x, args.factor, **kw), (f"input (1/{args.factor})", up)
+    if args.task == "denoise":
+        return editing.denoise(cm, x, args.sigma), (f"input (sigma {args.sigma:g})", x)
+    if args.task == "sdedit":
+        return editing.sdedit(cm, x, args.sigma, sigmas=kw["sigmas"], generator=gen), ("guide", x)
+    if args.num < 1:
+        raise CliError(f"--num must be >= 1 (points along the path), got {args.num}")
+    z = torch.randn((2, *cm.sample_shape), generator=gen)
+    return editing.interpolate(cm, z[0], z[1], torch.linspace(0, 1, args.num).tolist()), None
+
+
 def run_edit(args: argparse.Namespace) -> None:
     import torch
 
-    from ..data.imagefiles import load_images, named_mask, save_images, side_by_side
+    from ..data.imagefiles import load_images, save_images, side_by_side
     from ..models import ConsistencyModel
-    from ..sampling import editing
 
     cm = ConsistencyModel.from_pretrained(args.model)
-    gen = torch.Generator().manual_seed(args.seed)
-    sigmas = _parse_sigmas(args.sigmas) if args.sigmas else None
     channels = cm.sample_shape[0] if len(cm.sample_shape) == 3 else None
     if args.task != "interpolate" and not args.input:
         raise CliError(f"edit {args.task} needs --input FILE")
-    x = load_images(args.input, 1 if args.task == "colorize" else channels) if args.input else None
-    panels = []
-    if args.task == "inpaint":
-        mask = (load_images(args.mask, 1) > 0).float() if args.mask else named_mask(args.mask_kind, x.shape, args.seed)
-        out = editing.inpaint(cm, x, mask, sigmas=sigmas, steps=args.steps, generator=gen)
-        panels.append(("input (masked)", x * mask + (mask - 1)))
-    elif args.task == "colorize":
-        out = editing.colorize(cm, x, sigmas=sigmas, steps=args.steps, generator=gen)
-        panels.append(("input (luminance)", x))
-    elif args.task == "superres":
-        out = editing.superres(cm, x, args.factor, sigmas=sigmas, steps=args.steps, generator=gen)
-        up = x.repeat_interleave(args.factor, 2).repeat_interleave(args.factor, 3)
-        panels.append((f"input (1/{args.factor})", up))
-    elif args.task == "denoise":
-        out = editing.denoise(cm, x, args.sigma)
-        panels.append((f"input (sigma {args.sigma:g})", x))
-    elif args.task == "sdedit":
-        out = editing.sdedit(cm, x, args.sigma, sigmas=sigmas, generator=gen)
-        panels.append(("guide", x))
-    else:
-        shape = cm.sample_shape
-        z = torch.randn((2, *shape), generator=gen)
-        out = editing.interpolate(cm, z[0], z[1], torch.linspace(0, 1, args.num).tolist())
-    panels.append(("output", out))
+    x = None
+    if args.input:
+        x = load_images(args.input, 1 if args.task == "colorize" else channels)
+        _check_edit_input(cm, x, args)
+    out, shown = _edit(cm, x, args, torch.Generator().manual_seed(args.seed))
+    panels = [p for p in (shown, ("output", out)) if p is not None]
     if args.reference:
         panels.append(("reference", load_images(args.reference, channels)))
     print(f"wrote {save_images(out, args.out)}")
@@ -273,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cmkit: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CliError, ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (CliError, ValueError, OSError, FloatingPointError) as e:
         if os.environ.get("CMKIT_DEBUG"):
             raise
         print(f"cmkit: error: {_one_line(e)}", file=sys.stderr)

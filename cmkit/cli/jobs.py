@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from ..core.files import atomic_write_text, folder_lock
+from ..core.memory import check_fits, training_bytes
 from ..data import Dataset, load_dataset
 from ..eval.metrics import sliced_wasserstein
 from ..models import BACKBONES, ConsistencyModel, load_teacher, num_classes_of
@@ -135,6 +136,14 @@ def _teacher_for(recipe: Recipe, job: str, teacher_path: str | None, teacher):
     return teacher, str(path)
 
 
+def check_training_fits(model, batch_size: int, device) -> None:
+    """Refuse a batch that cannot fit in memory before anything is written (the kernel's OOM killer says nothing)."""
+    if not hasattr(model, "sample_shape"):
+        return
+    check_fits(training_bytes(model, batch_size), f"train.batch_size={batch_size}",
+               "set a smaller train.batch_size", device)
+
+
 def check_job(recipe: Recipe, job: str) -> None:
     spec = OBJECTIVES[recipe.objective.kind]
     if spec.job != job:
@@ -187,6 +196,7 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
     saved = None if restart else saved_recipe(out)
     model, objective = build_run(recipe, data, teacher, distance, run_constants(saved), path)
     del teacher  # what the objective needs it holds itself; a tuned student copied what it needs
+    check_training_fits(model, recipe.train.batch_size, acc.device)
     extra = {"teacher_path": path} if path else {}
     constants = getattr(objective, "run_constants", {})
     if not restart:

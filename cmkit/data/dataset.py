@@ -66,6 +66,15 @@ def _check_finite(arr: np.ndarray, where: str) -> None:
         raise ValueError(f"{where} has {bad} samples with NaN or inf values; clean or drop them")
 
 
+def check_real(arr: np.ndarray, where: str) -> None:
+    """A real numeric array: complex values (whose imaginary part a float cast drops) and non-numbers are refused."""
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{where}: complex values ({arr.dtype}); save the real part (np.real) or the magnitude "
+                         "(np.abs) as a float array")
+    if not np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_:
+        raise ValueError(f"{where}: expected a numeric array, got dtype {arr.dtype}")
+
+
 def load_npy(path, test_fraction: float = 0.1) -> Dataset:
     path = Path(path)
     if not path.is_file():
@@ -76,8 +85,7 @@ def load_npy(path, test_fraction: float = 0.1) -> Dataset:
         raise ValueError(f"{path} is not a plain .npy array ({e})") from None
     if arr.ndim not in (2, 4):
         raise ValueError(f"{path}: expected shape (n, d) or (n, C, H, W), got {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number):
-        raise ValueError(f"{path}: expected a numeric array, got dtype {arr.dtype}")
+    check_real(arr, str(path))
     arr = arr.astype(np.float32)
     _check_finite(arr, str(path))
     if len(arr) < 2:
@@ -95,6 +103,8 @@ def dataset_names() -> list[str]:
 def load_dataset(name: str | None = None, path: str | None = None, image_size: int = 0,
                  channels: int = 0) -> Dataset:
     """A named dataset, a ``.npy`` file or a folder of images. One-line errors name the known choices."""
+    if channels not in (0, 1, 3):
+        raise ValueError(f"data.channels must be 1 (gray), 3 (RGB) or 0 (as the first image), got {channels}")
     if path:
         if Path(path).is_dir():
             from .captions import has_captions, load_caption_folder

@@ -8,13 +8,24 @@ import numpy as np
 import torch
 
 
-def load_images(path, channels: int | None = None) -> torch.Tensor:
-    """A ``.npy`` batch (B, C, H, W) or (C, H, W) in [-1, 1], or one PNG/JPEG image scaled to [-1, 1]."""
+def load_images(path, channels: int | None = None, pixels: bool = True) -> torch.Tensor:
+    """A ``.npy`` batch (B, C, H, W) or (C, H, W) in [-1, 1], or one PNG/JPEG image scaled to [-1, 1]. ``pixels``
+    False (masks) takes integer arrays too."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file {str(path)!r} does not exist")
     if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False).astype(np.float32)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{path} is not a plain .npy array ({e})") from None
+        from .dataset import check_real
+
+        check_real(arr, str(path))
+        if pixels and np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{path} holds {arr.dtype} pixels; cmkit wants floats in [-1, 1] (x / 127.5 - 1 for "
+                             "0..255 pixels)")
+        arr = arr.astype(np.float32)
         if arr.ndim == 3:
             arr = arr[None]
         if arr.ndim != 4:
@@ -37,19 +48,27 @@ def load_images(path, channels: int | None = None) -> torch.Tensor:
 def save_images(x: torch.Tensor, path) -> Path:
     """``.npy`` keeps the raw values; ``.png`` writes a grid scaled from [-1, 1]."""
     path = Path(path)
+    if path.suffix not in (".npy", ".png"):
+        raise ValueError(f"output must end in .npy or .png, got {path.name!r}")
+    try:
+        _save(x, path)
+    except OSError as e:  # a full disk, a read-only folder: name the file, never a success line
+        raise OSError(f"could not write {path}: {e.strerror or e}; free space or choose another --out") from None
+    return path
+
+
+def _save(x: torch.Tensor, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
-        np.save(path, x.detach().cpu().numpy())
-    elif path.suffix == ".png":
+        with open(path, "wb") as f:  # a file object: np.save given a name would add ".npy" to one that lacks it
+            np.save(f, x.detach().cpu().numpy())
+    else:
         from torchvision.utils import save_image
 
         if x.ndim != 4:
             raise ValueError(f"a .png grid needs images (B, C, H, W), got shape {tuple(x.shape)}; write .npy instead")
         save_image((x.detach().float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=max(1, int(len(x) ** 0.5)),
-                   padding=1, pad_value=1)
-    else:
-        raise ValueError(f"output must end in .npy or .png, got {path.name!r}")
-    return path
+                   padding=1, pad_value=1, format="png")
 
 
 def side_by_side(panels: list[tuple[str, torch.Tensor]], path) -> Path:

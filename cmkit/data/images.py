@@ -106,6 +106,8 @@ def load_image_folder(path, size: int = 0, channels: int = 0, test_fraction: flo
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"images under {root} differ in size ({sorted(shapes)[:2]} ...); set data.image_size")
+    if len(arrays) < 2:
+        raise ValueError(f"{root} holds {len(arrays)} image; training needs at least 2 (one is held out)")
     x = np.stack(arrays) / 127.5 - 1
     x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     y = np.array([classes.index(p.parent.relative_to(root).as_posix()) for p in files]) if labelled else None

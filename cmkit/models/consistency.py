@@ -26,7 +26,11 @@ from ..core import (
 from .backbones import network_of
 from .denoisers import DiffusersDenoiser
 from .folder import MODEL_KINDS, read_meta, read_model_folder, write_model_folder
+from .loading import resolve
 from .precond import Preconditioned
+
+# editing's default: this many points of the Karras grid from sigma_max (what benchmarks/editing_digits.py measures)
+EDITING_STEPS = 18
 
 
 @MODEL_KINDS.register("consistency_model")
@@ -34,10 +38,13 @@ class ConsistencyModel(Preconditioned):
     kind = "consistency_model"
 
     def __init__(self, backbone: nn.Module, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
-                 sigma_data: float = SIGMA_DATA, default_sigmas: dict | None = None):
+                 sigma_data: float = SIGMA_DATA, default_sigmas: dict | None = None, *,
+                 editing_sigmas=None):
         super().__init__(backbone, sigma_min, sigma_max, sigma_data)
         # steps -> the sigma list `sample(steps=n)` uses; filled by schedule searches, else a Karras default.
         self.default_sigmas = {int(k): [float(s) for s in v] for k, v in (default_sigmas or {}).items()}
+        # the sigma list inpaint / colorize / superres use when given neither steps nor sigmas (None: derived)
+        self.editing_sigmas = [float(s) for s in editing_sigmas] if editing_sigmas else None
 
     def scalings(self, sigma):
         return (*boundary_scalings(sigma, self.sigma_min, self.sigma_data), c_noise(sigma))
@@ -49,6 +56,12 @@ class ConsistencyModel(Preconditioned):
         if steps in self.default_sigmas:
             return list(self.default_sigmas[steps])
         return self.karras_schedule(steps)
+
+    def editing_schedule(self) -> list[float]:
+        """The sigmas zero-shot editing uses by default: the folder's stored ``editing_sigmas``, else
+        ``EDITING_STEPS`` (18) points of the Karras grid from sigma_max. One step is one denoise with the known
+        pixels pasted back, where the missing pixels never see the known ones; many steps let them agree."""
+        return list(self.editing_sigmas) if self.editing_sigmas else self.karras_schedule(EDITING_STEPS)
 
     def karras_schedule(self, steps: int) -> list[float]:
         """Karras spacing over steps + 1 points, dropping the last (a denoise at sigma_min is the identity)."""
@@ -65,8 +78,11 @@ class ConsistencyModel(Preconditioned):
         return cls(copy.deepcopy(backbone).requires_grad_(True), **kwargs)
 
     def config_dict(self) -> dict:
-        return {"kind": self.kind, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
+        meta = {"kind": self.kind, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
                 "sigma_data": self.sigma_data, "default_sigmas": {str(k): v for k, v in self.default_sigmas.items()}}
+        if len(self.sample_shape) == 3:  # image models: the editing schedule travels with the weights
+            meta["editing_sigmas"] = self.editing_schedule()
+        return meta
 
     def save_pretrained(self, folder) -> Path:
         return write_model_folder(folder, network_of(self), self.config_dict())
@@ -74,8 +90,9 @@ class ConsistencyModel(Preconditioned):
     @classmethod
     def from_pretrained(cls, folder) -> ConsistencyModel:
         """A cmkit consistency-model folder (any kind), or a diffusers ``ConsistencyModelPipeline`` folder
-        (``unet/`` + ``scheduler/``, e.g. one written by ``to_diffusers`` or openai's released checkpoints)."""
-        folder = Path(folder)
+        (``unet/`` + ``scheduler/``, e.g. one written by ``to_diffusers`` or openai's released checkpoints), or a
+        shipped one by name (``"cmkit:digits-cd"``)."""
+        folder = Path(resolve(folder))
         if (folder / "model_index.json").is_file() and not (folder / "cmkit.json").is_file():
             return cls._from_diffusers_pipeline(folder)
         meta = read_meta(folder)
@@ -84,7 +101,16 @@ class ConsistencyModel(Preconditioned):
             if issubclass(other, cls):
                 return other.from_pretrained(folder)
         backbone, meta = read_model_folder(folder, cls.kind)
-        return cls(backbone, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta.get("default_sigmas"))
+        return cls(backbone, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"],
+                   meta.get("default_sigmas")).with_editing_sigmas(meta)
+
+    def with_editing_sigmas(self, meta: dict):
+        """Take a folder's stored editing schedule (checked against the model's sigma range when used)."""
+        stored = meta.get("editing_sigmas")
+        if stored is not None and not (isinstance(stored, list) and all(isinstance(v, (int, float)) for v in stored)):
+            raise ValueError(f"editing_sigmas in cmkit.json must be a list of numbers, got {stored!r}")
+        self.editing_sigmas = [float(v) for v in stored] if stored else None
+        return self
 
     @classmethod
     def _from_diffusers_pipeline(cls, folder: Path) -> ConsistencyModel:
@@ -191,7 +217,8 @@ class DenoiserConsistencyModel(ConsistencyModel):
             raise ValueError(f"{str(folder)!r}: unknown diffusers scheduler {name!r}")
         denoiser = DiffusersDenoiser(backbone, sched_cls.from_config(meta["scheduler"]),
                                      meta["prediction_type"], meta.get("clip_x0"))
-        return cls(denoiser, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"], meta.get("default_sigmas"))
+        return cls(denoiser, meta["sigma_min"], meta["sigma_max"], meta["sigma_data"],
+                   meta.get("default_sigmas")).with_editing_sigmas(meta)
 
     def to_diffusers(self, folder, num_train_timesteps: int = 40) -> Path:
         raise ValueError("diffusers' ConsistencyModelPipeline runs EDM-parameterised consistency models; this one "

@@ -34,7 +34,13 @@ def read_meta(folder) -> dict | None:
     path = Path(folder) / META_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the model folder is damaged: export it again") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds {type(meta).__name__}, not a JSON object; export the model folder again")
+    return meta
 
 
 def read_model_folder(folder, expected_kind: str):
@@ -47,5 +53,14 @@ def read_model_folder(folder, expected_kind: str):
         raise ValueError(f"{str(folder)!r} is not a cmkit model folder (no {META_FILE})")
     if meta.get("kind") != expected_kind:
         raise ValueError(f"{str(folder)!r} holds a {meta.get('kind')!r}, not a {expected_kind!r}")
-    backbone = backbone_class(meta["backbone"]).from_pretrained(folder)
+    missing = [k for k in ("backbone", "sigma_min", "sigma_max", "sigma_data") if k not in meta]
+    if missing:
+        raise ValueError(f"{folder / META_FILE} lacks {', '.join(missing)}; export the model folder again")
+    cls = backbone_class(meta["backbone"])
+    try:
+        backbone = cls.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - diffusers / safetensors raise many kinds for a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{folder}: could not read the {meta['backbone']} weights and config ({type(e).__name__}: "
+                         f"{first}); the folder is damaged or partial: export it again") from None
     return backbone, meta

@@ -8,6 +8,10 @@ every denoise the known coefficients are put back:
 so they are kept exactly in the output. Inpainting: A = identity, K = the user's mask. Colorization: a per-pixel
 3x3 orthogonal basis whose first axis is luminance (0.2989, 0.5870, 0.1140); the luminance is known.
 Super-resolution: a per-patch orthogonal basis whose first axis is the patch mean; the mean is known.
+
+Given neither ``steps`` nor ``sigmas``, editing runs along the model's editing schedule (``cm.editing_schedule()``:
+the ``editing_sigmas`` its folder stores, else 18 points of the Karras grid from sigma_max). One step would be one
+denoise with the known pixels pasted back, where the missing pixels never see the known ones.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import math
 
 import torch
 
-from .samplers import eval_mode, multistep, per_sample_noise, resolve_sigmas
+from ..core import check_sigmas, karras_steps
+from .samplers import check_batch_fits, eval_mode, multistep, per_sample_noise, resolve_sigmas
 
 LUMA = (0.2989, 0.5870, 0.1140)
 
@@ -77,25 +82,50 @@ class PatchBasis:
         return patches.reshape(b, c, hh, ww, f, f).permute(0, 1, 2, 4, 3, 5).reshape(b, c, hh * f, ww * f)
 
 
-def _check_images(cm, x: torch.Tensor, what: str) -> None:
+def check_images(cm, x: torch.Tensor, what: str, expect=None, pixels: bool = True) -> None:
+    """Refuse what editing cannot mean: a non-image model, no batch, an empty batch, another image shape than
+    ``expect`` (default: the model's (C, H, W)), integer pixels or values far outside [-1, 1]."""
     shape = tuple(cm.sample_shape)
     if len(shape) != 3:
         raise ValueError(f"{what} needs an image model; this one takes samples of shape {shape}")
-    if x.ndim != 4:
-        raise ValueError(f"{what} wants images of shape (B, C, H, W), got {tuple(x.shape)}")
+    if not torch.is_tensor(x) or x.ndim != 4:
+        raise ValueError(f"{what} wants images of shape (B, C, H, W), got {tuple(getattr(x, 'shape', ()))}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{what} got an empty batch (0 images)")
+    expect = tuple(expect or shape)
+    if tuple(x.shape[1:]) != expect:
+        raise ValueError(f"{what} wants images of shape {expect} for this {shape} model, got {tuple(x.shape[1:])}; "
+                         "resize or convert the input to the model's channels and size")
+    if pixels and (not x.is_floating_point() or float(x.abs().max()) > 1.5):
+        top = float(x.max()) if x.numel() else 0.0
+        raise ValueError(f"{what} wants pixel values in [-1, 1], got {x.dtype} values up to {top:g}; "
+                         "scale 0..255 pixels with x / 127.5 - 1")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} got non-finite pixel values (NaN or inf)")
+
+
+def editing_sigmas(cm, steps: int | None = None, sigmas=None) -> list[float]:
+    """The sigmas an edit runs along: ``sigmas``, else ``steps`` steps as sampling takes them, else the model's
+    editing schedule (18 Karras points for a model that has none)."""
+    if sigmas is not None or steps is not None:
+        return resolve_sigmas(cm, steps, sigmas)
+    schedule = getattr(cm, "editing_schedule", None)
+    sig = schedule() if schedule else karras_steps(18, cm.sigma_min, cm.sigma_max)
+    return check_sigmas(sig, cm.sigma_min, cm.sigma_max).tolist()
 
 
 @torch.no_grad()
-def edit(cm, y: torch.Tensor, transform, known: torch.Tensor, sigmas=None, generator=None, steps: int = 1,
+def edit(cm, y: torch.Tensor, transform, known: torch.Tensor, sigmas=None, generator=None, steps: int | None = None,
          **cond) -> torch.Tensor:
     """Algorithm 4 with any orthogonal ``transform`` (``forward``/``inverse``) and a mask ``known`` over its
     coefficients (1 = known; broadcastable). ``y`` holds the known values (unknown ones are ignored)."""
-    sig = resolve_sigmas(cm, steps, sigmas)
+    sig = editing_sigmas(cm, steps, sigmas)
     p = next(iter(cm.parameters()))
     y = y.to(device=p.device, dtype=p.dtype)
     known = known.to(device=p.device, dtype=p.dtype)
     cy = transform.forward(y)
     known = known.expand_as(cy)
+    check_batch_fits(cm, y.shape[0], len(sig), p.device)
 
     def replace(x):
         return transform.inverse(known * cy + (1 - known) * transform.forward(x))
@@ -105,9 +135,10 @@ def edit(cm, y: torch.Tensor, transform, known: torch.Tensor, sigmas=None, gener
         return multistep(cm, replace(torch.zeros_like(y)) + sig[0] * z[0], sig, noise=z[1:], project=replace, **cond)
 
 
-def inpaint(cm, images: torch.Tensor, mask: torch.Tensor, sigmas=None, generator=None, steps: int = 1, **cond):
+def inpaint(cm, images: torch.Tensor, mask: torch.Tensor, sigmas=None, generator=None, steps: int | None = None,
+             **cond):
     """Fill the pixels where ``mask == 0``; pixels where ``mask == 1`` are kept exactly."""
-    _check_images(cm, images, "inpaint")
+    check_images(cm, images, "inpaint")
     mask = torch.as_tensor(mask, dtype=images.dtype)
     try:
         torch.broadcast_shapes(mask.shape, images.shape)
@@ -119,13 +150,12 @@ def inpaint(cm, images: torch.Tensor, mask: torch.Tensor, sigmas=None, generator
     return edit(cm, images, Identity(), mask, sigmas, generator, steps, **cond)
 
 
-def colorize(cm, gray: torch.Tensor, sigmas=None, generator=None, steps: int = 1, **cond):
+def colorize(cm, gray: torch.Tensor, sigmas=None, generator=None, steps: int | None = None,
+             **cond):
     """Colour a luminance image (B, 1, H, W); the output's luminance 0.2989 R + 0.5870 G + 0.1140 B equals it."""
-    _check_images(cm, gray, "colorize")
-    if cm.sample_shape[0] != 3:
+    if len(cm.sample_shape) == 3 and cm.sample_shape[0] != 3:
         raise ValueError(f"colorize needs an RGB model; this one makes {cm.sample_shape[0]}-channel images")
-    if gray.shape[1] != 1:
-        raise ValueError(f"colorize wants luminance images of shape (B, 1, H, W), got {tuple(gray.shape)}")
+    check_images(cm, gray, "colorize", (1, *tuple(cm.sample_shape)[1:]))
     basis = ColorBasis()
     # coefficient 0 = (luma / |luma|) . rgb = gray / |luma|; the others are unknown (zero here)
     y = basis.inverse(torch.cat([gray / basis.norm, torch.zeros_like(gray), torch.zeros_like(gray)], 1))
@@ -133,16 +163,18 @@ def colorize(cm, gray: torch.Tensor, sigmas=None, generator=None, steps: int = 1
     return edit(cm, y, basis, known, sigmas, generator, steps, **cond)
 
 
-def superres(cm, low_res: torch.Tensor, factor: int, sigmas=None, generator=None, steps: int = 1, **cond):
+def superres(cm, low_res: torch.Tensor, factor: int, sigmas=None, generator=None, steps: int | None = None,
+             **cond):
     """Upsample by an integer ``factor``; each output patch's mean equals the low-resolution pixel."""
-    _check_images(cm, low_res, "superres")
     factor = int(factor)
     if factor < 1:
         raise ValueError(f"factor must be a positive integer, got {factor}")
-    c, h, w = cm.sample_shape
-    if (low_res.shape[1], low_res.shape[2] * factor, low_res.shape[3] * factor) != (c, h, w):
+    shape = tuple(cm.sample_shape)
+    if len(shape) == 3 and torch.is_tensor(low_res) and low_res.ndim == 4 and low_res.shape[0] and \
+            (low_res.shape[1], low_res.shape[2] * factor, low_res.shape[3] * factor) != shape:
         raise ValueError(f"low_res of shape {tuple(low_res.shape[1:])} x{factor} does not give the model's "
-                         f"{(c, h, w)} images")
+                         f"{shape} images")
+    check_images(cm, low_res, "superres", (shape[0], *(n // factor for n in shape[1:])) if len(shape) == 3 else None)
     basis = PatchBasis(factor)
     y = low_res.repeat_interleave(factor, 2).repeat_interleave(factor, 3)  # patch mean = the low-res pixel
     known = torch.zeros(factor * factor)
@@ -153,6 +185,7 @@ def superres(cm, low_res: torch.Tensor, factor: int, sigmas=None, generator=None
 @torch.no_grad()
 def denoise(cm, noisy: torch.Tensor, sigma: float, **cond) -> torch.Tensor:
     """One-step denoising of images with Gaussian noise of known standard deviation ``sigma`` (EDM units)."""
+    check_images(cm, noisy, "denoise", pixels=False)
     if not cm.sigma_min <= sigma <= cm.sigma_max:
         raise ValueError(f"sigma {sigma} is outside the model's range [{cm.sigma_min}, {cm.sigma_max}]")
     with eval_mode(cm):
@@ -163,6 +196,8 @@ def denoise(cm, noisy: torch.Tensor, sigma: float, **cond) -> torch.Tensor:
 def interpolate(cm, z0: torch.Tensor, z1: torch.Tensor, alphas, **cond) -> torch.Tensor:
     """Samples along the spherical interpolation (slerp) between two standard-normal noises, one step each, in one
     batch. Returns (len(alphas), *z0.shape)."""
+    if len(alphas) < 1:
+        raise ValueError("interpolate needs at least one point along the path (--num >= 1)")
     a, b = z0.flatten().double(), z1.flatten().double()
     theta = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
     t = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1, *([1] * z0.ndim))
@@ -178,6 +213,7 @@ def sdedit(cm, guide: torch.Tensor, sigma_start: float, sigmas=None, generator=N
     sig = resolve_sigmas(cm, None, sigmas if sigmas is not None else [sigma_start])
     if abs(sig[0] - sigma_start) > 1e-9 * max(1.0, sigma_start):
         raise ValueError("sigmas must start at sigma_start")
+    check_images(cm, guide, "sdedit")
     p = next(iter(cm.parameters()))
     guide = guide.to(device=p.device, dtype=p.dtype)
     z = per_sample_noise(guide.shape[0], len(sig), guide.shape[1:], generator, p.device, p.dtype)

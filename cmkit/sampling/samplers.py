@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from ..core import check_sigmas
+from ..core.memory import check_fits, sampling_bytes
 from ..models import num_classes_of
 from ..solvers import ode_solve
 
@@ -48,6 +49,15 @@ def resolve_sigmas(cm, steps: int | None, sigmas) -> list[float]:
     return check_sigmas(sigmas, cm.sigma_min, cm.sigma_max).tolist()
 
 
+PROGRESS_STEPS = 100
+
+
+def check_batch_fits(cm, num: int, draws: int, device) -> None:
+    """Refuse, in one line and before any noise is drawn, a batch that cannot fit in memory."""
+    check_fits(sampling_bytes(cm, num, draws), f"{num} samples x {draws} steps in one batch",
+               "ask for fewer samples (or steps) per call and join the batches", device)
+
+
 @torch.no_grad()
 def multistep(cm, x: torch.Tensor, sigmas, noise: torch.Tensor | None = None, generator=None, project=None,
               **cond) -> torch.Tensor:
@@ -56,7 +66,12 @@ def multistep(cm, x: torch.Tensor, sigmas, noise: torch.Tensor | None = None, ge
     ``project`` (Algorithm 4's replacement of known coefficients) is applied after every denoise."""
     project = project or (lambda v: v)
     x = project(cm(x, sigmas[0], **cond))
-    for k, s in enumerate(sigmas[1:]):
+    rest = sigmas[1:]
+    if len(rest) >= PROGRESS_STEPS:  # a long chain shows its progress
+        from tqdm.auto import tqdm
+
+        rest = tqdm(rest, desc="steps", unit="step", leave=False)
+    for k, s in enumerate(rest):
         z = noise[k] if noise is not None else torch.randn(x.shape, generator=generator).to(x)
         x = x + (s**2 - cm.sigma_min**2) ** 0.5 * z
         x = project(cm(x, s, **cond))
@@ -84,6 +99,7 @@ def sample(cm, num: int, steps: int = 1, sigmas=None, generator: torch.Generator
         raise ValueError(f"num must be >= 1, got {num}")
     sig = resolve_sigmas(cm, steps, sigmas)
     device, dtype = _device_dtype(cm)
+    check_batch_fits(cm, num, len(sig), device)
     cond = _to_device(cond, device)
     z = per_sample_noise(num, len(sig), cm.sample_shape, generator, device, dtype)
     with eval_mode(cm):

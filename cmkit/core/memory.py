@@ -1,0 +1,95 @@
+"""Refusing sizes that cannot fit: a rough estimate of the memory a batch needs, against what is available, checked
+before the work starts (the kernel's OOM killer gives no message)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_BYTES = 4
+
+
+def available_bytes(device=None) -> int | None:
+    """Free memory where tensors on ``device`` live: the GPU's free memory, else the host's available memory (psutil,
+    else ``/proc/meminfo``'s MemAvailable). None where it cannot be read."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.3g} PiB"
+
+
+@torch.no_grad()
+def activation_floats(model, sample_shape, sigma: float = 1.0) -> int:
+    """Floats one sample's forward pass produces (the sum of every submodule's outputs: what a training step keeps
+    for its backward pass), measured on a batch of one; 0 where the model cannot be called as ``model(x, sigma)``."""
+    total = 0
+
+    def count(_m, _inp, out):
+        nonlocal total
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            total += t.numel() if torch.is_tensor(t) else 0
+
+    p = next(iter(model.parameters()), None)
+    x = torch.zeros((1, *sample_shape), device=p.device if p is not None else None,
+                    dtype=p.dtype if p is not None else None)
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(x, sigma)
+    except Exception:  # noqa: BLE001 - conditional or latent models: the estimate then counts the samples alone
+        total = 0
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def check_fits(need: int, what: str, fix: str, device=None) -> None:
+    """Raise a one-line ``ValueError`` when ``need`` bytes exceed the memory available on ``device``."""
+    avail = available_bytes(device)
+    if avail is not None and need > avail:
+        raise ValueError(f"{what} needs about {human(need)} of memory, more than the {human(avail)} available; "
+                         f"{fix}")
+
+
+def sampling_bytes(model, num: int, draws: int) -> int:
+    """A lower bound on the memory of ``num`` samples drawn in one batch with ``draws`` noise draws each: the noise,
+    the samples and one forward pass's largest activations (a quarter of them, as a pass without gradients frees
+    them as it goes)."""
+    shape = tuple(model.sample_shape)
+    per = math.prod(shape) * (draws + 2) + activation_floats(model, shape) / 4
+    return int(num * per * FLOAT_BYTES)
+
+
+def training_bytes(model, batch_size: int, passes: int = 3) -> int:
+    """A lower bound on a training step's memory: the weights with their gradients and two Adam moments, and
+    ``passes`` forward passes' activations per sample (online, target and teacher passes keep theirs until the
+    backward pass in the worst case) beside a few copies of the batch."""
+    shape = tuple(model.sample_shape)
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    per = passes * activation_floats(model, shape) + 8 * math.prod(shape)
+    return int((weights + batch_size * per) * FLOAT_BYTES)
