@@ -1,11 +1,13 @@
-"""The cost of one training iteration (CD, CT, iCT or ECT) next to the floor it cannot beat.
+"""The cost of one training iteration (CD, CT, iCT, ECT, sCT, sCD or MeanFlow) next to the floor it cannot beat.
 
     python benchmarks/cost.py --recipe digits-cd [--batch 64] [--iters 30] [--out benchmarks/results/cost]
 
 The iteration is the trainer's own step, ``cmkit.training.Trainer.step`` (seeding, batch draw, objective, backward,
 optimiser, target and output EMA updates). The floor is the sum of the network passes one iteration needs, each
 timed alone on the same batch: the online forward + backward and the target forward, plus for CD the teacher's
-forwards (two for Heun, one for Euler); CT, iCT and ECT use no teacher. Ratio = iteration / floor. The parts are
+forwards (two for Heun, one for Euler); CT, iCT and ECT use no teacher. For the continuous-time kinds (sCT, sCD,
+MeanFlow) the target pass is the JVP of the network (``torch.func.jvp``, timed alone the way the objective calls it),
+plus one teacher forward for sCD. Ratio = iteration / floor. The parts are
 timed in interleaved rounds (iteration, online, target, teacher, then again), ``--iters`` calls each, and each part's
 median over ``--repeats`` rounds is kept: on a shared machine the speed drifts by several percent between minutes,
 and interleaving puts the same drift into the iteration and its floor.
@@ -27,6 +29,7 @@ from cmkit.cli.jobs import build_run, dataset_for
 from cmkit.cli.recipes import load_recipe
 from cmkit.eval.report import machine_info
 from cmkit.models import load_teacher
+from cmkit.objectives.tangents import directional_derivative
 from cmkit.training import Trainer
 
 
@@ -60,6 +63,41 @@ def write_table(out: Path) -> None:
     (out / "cost.md").write_text("\n".join(lines) + "\n")
 
 
+def passes(kind: str, online, target, x0: torch.Tensor):
+    """The online forward + backward and the target pass one iteration of ``kind`` needs, on the batch ``x0``: a
+    forward at sigma = 1 for the discrete kinds, the network in its own time units and a JVP for the continuous ones."""
+    n = x0.shape[0]
+    if kind in ("sct", "scd", "meanflow"):
+        t = torch.full((n,), 0.8, device=x0.device)
+        if kind == "meanflow":
+            raw, primals = (0.5 * t, t), (x0, 0.5 * t, t)
+            tangents = (torch.randn_like(x0), torch.zeros_like(t), torch.ones_like(t))
+
+            def fn(x, r, tt):
+                return target(x, raw_time=(r, tt))
+        else:
+            raw, primals, tangents = t, (x0, t), (torch.randn_like(x0), torch.ones_like(t))
+
+            def fn(x, tt):
+                return target(x, raw_time=tt)
+
+        def target_pass():
+            directional_derivative(fn, primals, tangents)
+    else:
+        raw, sigma = None, torch.ones(n, device=x0.device)
+
+        def target_pass():
+            with torch.no_grad():
+                target(x0, sigma)
+
+    def online_pass():
+        out = online(x0, raw_time=raw) if raw is not None else online(x0, sigma)
+        out.square().mean().backward()
+        online.zero_grad(set_to_none=True)
+
+    return online_pass, target_pass
+
+
 def measure(recipe_name: str, teacher_path: str | None, batch: int | None, iters: int, repeats: int) -> dict:
     recipe = load_recipe(recipe_name)
     if batch:
@@ -67,7 +105,7 @@ def measure(recipe_name: str, teacher_path: str | None, batch: int | None, iters
     o, bs = recipe.objective, recipe.train.batch_size
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher = None
-    if hasattr(o, "n_points") or o.kind == "ect":
+    if hasattr(o, "n_points") or o.kind in ("ect", "scd"):
         teacher = load_teacher(teacher_path or recipe.teacher.path).requires_grad_(False).eval().to(device)
     data = dataset_for(recipe)
     torch.manual_seed(0)
@@ -78,9 +116,7 @@ def measure(recipe_name: str, teacher_path: str | None, batch: int | None, iters
         trainer = Trainer(model, obj, data.batches(), recipe.train, tmp, progress=False)
         online, target = trainer.online, trainer.target if trainer.target is not None else trainer.online
 
-        def online_pass():
-            online(x0, sigma).square().mean().backward()
-            online.zero_grad(set_to_none=True)
+        online_pass, target_pass = passes(o.kind, online, target, x0)
 
         def no_grad(net):
             def run():
@@ -88,8 +124,8 @@ def measure(recipe_name: str, teacher_path: str | None, batch: int | None, iters
                     net(x0, sigma)
             return run
 
-        teacher_passes = (2 if o.solver in ("heun", "dpm2") else 1) if o.kind == "cd" else 0
-        parts = {"iteration": trainer.step, "online": online_pass, "target": no_grad(target),
+        teacher_passes = (2 if o.solver in ("heun", "dpm2") else 1) if o.kind == "cd" else int(o.kind == "scd")
+        parts = {"iteration": trainer.step, "online": online_pass, "target": target_pass,
                  **({"teacher": no_grad(teacher)} if teacher_passes else {})}
         t = timed_rounds(parts, iters, repeats)
     t_iter, t_online, t_target, t_teacher = t["iteration"], t["online"], t["target"], t.get("teacher", 0.0)

@@ -5,7 +5,7 @@ subpackages are layers, lowest first: core, models, solvers, objectives, trainin
 (see ARCHITECTURE.md); the names below are the public API.
 """
 
-from .core import boundary_scalings, edm_scalings, karras_sigmas
+from .core import boundary_scalings, edm_scalings, karras_sigmas, sigma_to_flow, sigma_to_trig, trig_to_sigma
 from .eval import metrics
 from .models import (
                      ConsistencyModel,
@@ -14,8 +14,10 @@ from .models import (
                      DiffusersDenoiser,
                      EDMDenoiser,
                      LatentDenoiser,
+                     MeanFlowModel,
                      TextToImageModel,
                      TimeMLP,
+                     TrigFlowConsistencyModel,
                      load_model,
                      load_teacher,
 )
@@ -38,5 +40,6 @@ __all__ = [
     "ConsistencyModel", "DenoiserConsistencyModel", "Denoiser", "DiffusersDenoiser", "EDMDenoiser", "TimeMLP",
     "boundary_scalings", "edm_scalings", "karras_sigmas", "load_model", "load_teacher", "metrics", "ode_solve",
     "ode_step", "pf_ode_drift", "sample", "sample_teacher", "teacher_grid", "inpaint", "colorize", "superres",
-    "denoise", "interpolate", "sdedit", "LatentDenoiser", "TextToImageModel", "text_to_image",
+    "denoise", "interpolate", "sdedit", "LatentDenoiser", "TextToImageModel", "text_to_image", "MeanFlowModel",
+    "TrigFlowConsistencyModel", "sigma_to_flow", "sigma_to_trig", "trig_to_sigma",
 ]

@@ -42,6 +42,7 @@ class ModelSection:
     attention: bool = True              # unet self-attention at the lowest resolution
     class_conditional: bool = False     # condition on the dataset's class labels
     dropout: float = 0.0
+    times: int = 1                      # time inputs: 2 for MeanFlow's u(z, r, t) (a second timestep embedding)
     # cd from a VP (diffusers DDPM) teacher: "edm" copies its UNet into the EDM consistency parameterisation
     # (exportable to diffusers' ConsistencyModelPipeline); "teacher" wraps the whole teacher denoiser, so the student
     # starts out as the teacher (cmkit.DenoiserConsistencyModel). ect from a VP teacher always wraps.

@@ -23,9 +23,23 @@ from .scalings import (
                     edm_loss_weight,
                     edm_scalings,
 )
+from .trigflow import (
+                    FLOW_C_NOISE_SCALE,
+                    TRIG_C_NOISE_SCALE,
+                    check_trig_times,
+                    flow_to_sigma,
+                    sigma_to_flow,
+                    sigma_to_trig,
+                    trig_c_noise,
+                    trig_scalings,
+                    trig_to_sigma,
+                    trig_velocity_from_x0,
+)
 
 __all__ = [
     "RHO", "SIGMA_MAX", "SIGMA_MIN", "SIGMA_DATA", "C_NOISE_SCALE", "Registry", "append_dims", "as_batch_sigma",
     "boundary_scalings", "c_noise", "check_sigmas", "edm_loss_weight", "edm_scalings", "karras_ascending",
-    "karras_index", "karras_sigmas", "karras_steps", "log_spaced",
+    "karras_index", "karras_sigmas", "karras_steps", "log_spaced", "FLOW_C_NOISE_SCALE", "TRIG_C_NOISE_SCALE",
+    "check_trig_times", "flow_to_sigma", "sigma_to_flow", "sigma_to_trig", "trig_c_noise", "trig_scalings",
+    "trig_to_sigma", "trig_velocity_from_x0",
 ]

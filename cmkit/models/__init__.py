@@ -4,6 +4,7 @@ model folder format."""
 
 from .backbones import BACKBONE_CLASSES, BACKBONES, TimeMLP, network_of, num_classes_of, sample_shape, small_unet
 from .consistency import ConsistencyModel, DenoiserConsistencyModel
+from .continuous import MeanFlowModel, TrigFlowConsistencyModel
 from .denoisers import Denoiser, DiffusersDenoiser, EDMDenoiser
 from .folder import MODEL_KINDS
 from .latent import LatentDenoiser, TextToImageModel
@@ -13,7 +14,7 @@ from .text_encoders import PromptEncoder
 
 __all__ = [
     "BACKBONE_CLASSES", "BACKBONES", "MODEL_KINDS", "ConsistencyModel", "DenoiserConsistencyModel", "Denoiser",
-    "DiffusersDenoiser", "EDMDenoiser", "LatentDenoiser", "Preconditioned", "PromptEncoder", "TextToImageModel",
-    "TimeMLP", "asset_path", "load_model", "load_teacher", "network_of", "num_classes_of", "sample_shape",
-    "small_unet",
+    "DiffusersDenoiser", "EDMDenoiser", "LatentDenoiser", "MeanFlowModel", "Preconditioned", "PromptEncoder",
+    "TextToImageModel", "TimeMLP", "TrigFlowConsistencyModel", "asset_path", "load_model", "load_teacher",
+    "network_of", "num_classes_of", "sample_shape", "small_unet",
 ]

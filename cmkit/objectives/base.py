@@ -84,15 +84,38 @@ def kinds_for(job: Job) -> list[str]:
 
 def paired_passes(model, target, x_hi, s_hi, x_lo, s_lo, **cond):
     """``(f_online(x_hi, s_hi), f_target(x_lo, s_lo))``, the target pass under no_grad, both passes drawing the
-    same dropout masks (iCT): the target pass runs on a forked RNG state and the online pass starts from the same
-    state. A network without active dropout draws nothing, so the fork (a copy of the generator state per step) is
-    skipped there: the same numbers either way."""
+    same dropout masks (iCT): see ``replaying_draws``."""
     tgt = model if target is None else target
-    devices = [x_hi.device] if x_hi.device.type == "cuda" else []
-    rng = torch.random.fork_rng(devices=devices) if _draws_randomness(tgt) else contextlib.nullcontext()
-    with rng, torch.no_grad():
+    replay = replaying_draws(tgt, x_hi.device)
+    with replay(), torch.no_grad():
         f_target = tgt(x_lo, s_lo, **cond)
-    return model(x_hi, s_hi, **cond), f_target
+    with replay():
+        return model(x_hi, s_hi, **cond), f_target
+
+
+def replaying_draws(net: nn.Module, device: torch.device):
+    """A factory of contexts that each start from the random state of now: passes run in them draw the same dropout
+    masks (the online pass and its target, JVP or finite-difference passes). The last one leaves the generator
+    where an unpaired run of that pass would. A network without active dropout draws nothing, so the state copy
+    (per step) is skipped there: the same numbers either way."""
+    if not _draws_randomness(net):
+        return contextlib.nullcontext
+    devices = [device] if device.type == "cuda" else []
+    cpu, gpu = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+    @contextlib.contextmanager
+    def replay():
+        torch.set_rng_state(cpu)
+        for d, state in zip(devices, gpu, strict=True):
+            torch.cuda.set_rng_state(state, d)
+        yield
+
+    return replay
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (``torch.func.jvp`` does not accept the wrapper)."""
+    return getattr(model, "module", model)
 
 
 def _draws_randomness(net: nn.Module) -> bool:

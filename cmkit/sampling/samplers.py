@@ -103,7 +103,17 @@ def sample(cm, num: int, steps: int = 1, sigmas=None, generator: torch.Generator
     cond = _to_device(cond, device)
     z = per_sample_noise(num, len(sig), cm.sample_shape, generator, device, dtype)
     with eval_mode(cm):
+        if getattr(cm, "deterministic_steps", False):
+            return flow_chain(cm, sig[0] * z[0], sig, **cond)
         return multistep(cm, sig[0] * z[0], sig, noise=z[1:], **cond)
+
+
+@torch.no_grad()
+def flow_chain(fm, x: torch.Tensor, sigmas, **cond) -> torch.Tensor:
+    """A flow map's few-step sampling (MeanFlow): jump from each sigma to the next, the last one to 0."""
+    for s, s_next in zip(sigmas, [*sigmas[1:], 0.0], strict=True):
+        x = fm.flow(x, s, s_next, **cond)
+    return x
 
 
 @torch.no_grad()
