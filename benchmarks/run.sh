@@ -16,17 +16,25 @@ T=$R/s_curve/teacher/model
 $CMKIT train s_curve-ct --out runs/s_curve-ct --no-progress
 $CMKIT train s_curve-ict --out runs/s_curve-ict --no-progress
 $CMKIT train s_curve-ect --teacher $T --out runs/s_curve-ect --no-progress
+# continuous time: sCT, sCD (from the same teacher) and MeanFlow, a few minutes each
+$CMKIT train s_curve-sct --out runs/s_curve-sct --no-progress
+$CMKIT distill s_curve-scd --teacher $T --out runs/s_curve-scd --no-progress
+$CMKIT train s_curve-meanflow --out runs/s_curve-meanflow --no-progress
 $CMKIT bench quality-vs-steps quickstart-cd --teacher $T --no-progress --out $R/s_curve-all \
   --model CD=$R/s_curve/cd/model --model CT=runs/s_curve-ct/model --model iCT=runs/s_curve-ict/model \
-  --model ECT=runs/s_curve-ect/model
+  --model ECT=runs/s_curve-ect/model --model sCT=runs/s_curve-sct/model --model sCD=runs/s_curve-scd/model \
+  --model MeanFlow=runs/s_curve-meanflow/model
 
 # --- digits: the shipped DDPM teacher against CD, and CT / iCT (no teacher) and ECT (from the teacher) ---
 [ -f runs/digits-cd/model/cmkit.json ] || $CMKIT distill recipes/digits-cd.toml --out runs/digits-cd --no-progress
 for job in ct ict ect; do
   [ -f runs/digits-$job/model/cmkit.json ] || $CMKIT train recipes/digits-$job.toml --out runs/digits-$job --no-progress
 done
+[ -f runs/digits-scd/model/cmkit.json ] || $CMKIT distill recipes/digits-scd.toml --out runs/digits-scd --no-progress
+[ -f runs/digits-sct/model/cmkit.json ] || $CMKIT train recipes/digits-sct.toml --out runs/digits-sct --no-progress
 $CMKIT bench quality-vs-steps recipes/digits-cd.toml --model CD=runs/digits-cd/model --model CT=runs/digits-ct/model \
-  --model iCT=runs/digits-ict/model --model ECT=runs/digits-ect/model --out $R/digits-cd --no-progress
+  --model iCT=runs/digits-ict/model --model ECT=runs/digits-ect/model --model sCD=runs/digits-scd/model \
+  --model sCT=runs/digits-sct/model --out $R/digits-cd --no-progress
 # ECT beside its own teacher, the shipped EDM digits teacher (no dopri5 reference: the DDPM table has it)
 $CMKIT bench quality-vs-steps recipes/digits-ect.toml --model ECT=runs/digits-ect/model --out $R/digits-edm \
   --set 'eval.teacher_nfe=[1,2,4,35,79]' --set eval.dopri5=false --no-progress
@@ -39,10 +47,10 @@ $PY benchmarks/colorize_tinted.py --model runs/tinted-digits-ict/model --out $R/
 
 # --- cost of a training iteration against the floor of its network passes (CD, CT, iCT, ECT) ---
 rm -f $R/cost/*.json
-for r in digits-cd digits-ct digits-ict digits-ect; do
+for r in digits-cd digits-ct digits-ict digits-ect digits-sct digits-scd; do
   for b in 128 64; do $PY benchmarks/cost.py --recipe $r --batch $b --out $R/cost; done
 done
-for r in quickstart-cd s_curve-ct s_curve-ict s_curve-ect; do $PY benchmarks/cost.py --recipe $r --teacher $T --out $R/cost; done
+for r in quickstart-cd s_curve-ct s_curve-ict s_curve-ect s_curve-sct s_curve-scd s_curve-meanflow; do $PY benchmarks/cost.py --recipe $r --teacher $T --out $R/cost; done
 
 # --- text-to-image: the shipped tiny teacher (cmkit:tiny-t2i; recipes tiny-t2i-vae + tiny-t2i-unet retrain it in ~40
 # min) through diffusers' own pipeline and cmkit's solvers at 1-50 steps with guidance 4, beside its LCM and LCM-LoRA
