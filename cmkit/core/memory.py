@@ -43,7 +43,17 @@ def human(n: float) -> str:
 @torch.no_grad()
 def activation_floats(model, sample_shape, sigma: float = 1.0) -> int:
     """Floats one sample's forward pass produces (the sum of every submodule's outputs: what a training step keeps
-    for its backward pass), measured on a batch of one; 0 where the model cannot be called as ``model(x, sigma)``."""
+    for its backward pass), measured on a batch of one; 0 where the model cannot be called as ``model(x, sigma)``.
+    The count depends on the architecture alone, so it is measured once per model and sample shape and kept on the
+    model (sampling checks it on every call)."""
+    cache = model.__dict__.setdefault("_cmkit_activation_floats", {})
+    key = tuple(sample_shape)
+    if key not in cache:
+        cache[key] = _measure_activation_floats(model, key, sigma)
+    return cache[key]
+
+
+def _measure_activation_floats(model, sample_shape, sigma: float) -> int:
     total = 0
 
     def count(_m, _inp, out):

@@ -18,6 +18,18 @@ from torch import nn
 from ..core import Registry
 
 
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """diffusers' sinusoidal timestep embedding (``flip_sin_to_cos``, no frequency shift: ``[cos, sin]`` of ``t``
+    times ``10000^(-i / (dim / 2))``), with the same operations in the same order, but in ``t``'s own dtype (diffusers'
+    helper always rounds to float32, which would make float64 derivative checks meaningless). An odd ``dim`` gets a
+    zero column, as diffusers pads it."""
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=t.dtype, device=t.device) / half
+    args = t[:, None] * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
 class TimeMLP(ModelMixin, ConfigMixin):
     """Residual MLP for ``(batch, dim)`` data, conditioned on a scalar time ``t`` (and optional class labels).
 
@@ -49,19 +61,10 @@ class TimeMLP(ModelMixin, ConfigMixin):
         self.out = nn.Linear(hidden, dim)
 
     def _embed(self, t, x: torch.Tensor, layers: nn.Module) -> torch.Tensor:
-        """diffusers' sinusoidal timestep embedding (``flip_sin_to_cos``, no frequency shift), with the same
-        operations in the same order, but in float64 when the network runs in float64 (diffusers' own helper always
-        rounds to float32, which would make float64 derivative checks meaningless)."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         t = torch.as_tensor(t, device=x.device, dtype=dtype)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        half = self.config.time_embed_dim // 2
-        exponent = -math.log(10000) * torch.arange(half, dtype=dtype, device=x.device) / half
-        args = t[:, None] * torch.exp(exponent)[None, :]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        if self.config.time_embed_dim % 2:  # an odd width gets a zero column, as diffusers pads it
-            emb = torch.nn.functional.pad(emb, (0, 1))
-        return layers(emb.to(x.dtype))
+        return layers(sinusoidal_embedding(t, self.config.time_embed_dim).to(x.dtype))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
                 t2: torch.Tensor | None = None) -> torch.Tensor:

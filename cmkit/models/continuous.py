@@ -22,6 +22,7 @@ from ..core import (
     SIGMA_MIN,
     append_dims,
     as_batch_sigma,
+    flow_to_sigma,
     sigma_to_flow,
     sigma_to_trig,
     trig_c_noise,
@@ -88,5 +89,5 @@ class MeanFlowModel(ConsistencyModel):
 
     def karras_schedule(self, steps: int) -> list[float]:
         """MeanFlow's own schedule: flow times evenly spaced from t_max down (2 steps: t_max, t_max / 2)."""
-        t_max = self.sigma_max / (1 + self.sigma_max)
-        return [float(t / (1 - t)) for t in (t_max * (1 - i / steps) for i in range(steps))]
+        t_max = sigma_to_flow(torch.tensor(self.sigma_max, dtype=torch.float64))
+        return flow_to_sigma(t_max * (1 - torch.arange(steps, dtype=torch.float64) / steps)).tolist()

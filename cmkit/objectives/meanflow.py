@@ -14,6 +14,7 @@ so the network regresses onto the right-hand side with its own stop-gradient der
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +41,8 @@ class MeanFlowConfig(ObjectiveConfig):
 def meanflow_target(u, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, method: str = "jvp",
                     fd_step: float = 1e-3, replay=None) -> torch.Tensor:
     """``v - (t - r) (v d_z u + d_t u)`` for ``u(z, r, t)``, the total derivative by one JVP (stop-gradient)."""
-    kw = {"replay": replay} if replay is not None else {}
     _, dudt = directional_derivative(u, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), method, fd_step,
-                                     **kw)
+                                     replay or contextlib.nullcontext)
     return v - append_dims(t - r, z.ndim) * dudt.to(v.dtype)
 
 

@@ -17,7 +17,6 @@ comes from the proposal ``sd tan t = e^tau``, ``tau ~ N(P_mean, P_std^2)``.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..core import append_dims, sigma_to_trig, trig_c_noise, trig_velocity_from_x0
 from ..models import TrigFlowConsistencyModel
+from ..models.backbones import sinusoidal_embedding
 from .base import BuildContext, LevelsConfig, register_objective, replaying_draws, unwrapped
 from .students import levels_within_teacher
 from .tangents import check_tangent_method, directional_derivative
@@ -57,15 +57,14 @@ class AdaptiveWeight(nn.Module):
         super().__init__()
         if embed_dim < 2 or embed_dim % 2:
             raise ValueError(f"objective.weight_embed_dim must be an even number >= 2, got {embed_dim}")
-        freqs = torch.exp(-math.log(10000) * torch.arange(embed_dim // 2) / (embed_dim // 2))
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.embed_dim = embed_dim
         self.linear = nn.Linear(embed_dim, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        args = trig_c_noise(t).to(self.freqs.dtype)[:, None] * self.freqs[None, :]
-        return self.linear(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.linear.weight.dtype))[:, 0]
+        features = sinusoidal_embedding(trig_c_noise(t).float(), self.embed_dim)
+        return self.linear(features.to(self.linear.weight.dtype))[:, 0]
 
 
 def normalise_tangent(g: torch.Tensor, c: float) -> torch.Tensor:
