@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from cmkit.cli.jobs import run_job
 from cmkit.cli.recipes import load_recipe
-from cmkit.models.t2i_builders import tiny_pipeline
+from cmkit.latent.builders import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red bag", "a green boot", "a blue bag", "a red boot"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cmkit import load_teacher
-from cmkit.models.latent import TextToImageModel
-from cmkit.models.t2i_builders import tiny_pipeline
+from cmkit.latent.builders import tiny_pipeline
+from cmkit.latent.denoiser import TextToImageModel
 from cmkit.sampling.text2image import text_to_image, timestep_sigmas
 
 PROMPTS = ["a red sneaker", "a green bag"]
@@ -129,7 +129,7 @@ def test_negative_prompts_and_sdxl_zeros():
 
 
 def test_vae_round_trip_uses_scaling_and_shift():
-    from cmkit.models.autoencoder import vae_decode, vae_encode
+    from cmkit.latent.autoencoder import vae_decode, vae_encode
 
     model = tiny_pipeline("sd")
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -163,7 +163,7 @@ def test_bad_inputs_get_one_line_errors(tmp_path, layout):
     no_unet = tmp_path / "no_unet"
     shutil.copytree(path, no_unet)
     shutil.rmtree(no_unet / "unet")
-    with pytest.raises(ValueError, match="without unet/ or scheduler/"):
+    with pytest.raises(ValueError, match="lists unet but the folder has no unet/"):
         load_teacher(str(no_unet))
     no_vae = tmp_path / "no_vae"
     shutil.copytree(path, no_vae)
@@ -171,7 +171,7 @@ def test_bad_inputs_get_one_line_errors(tmp_path, layout):
     index = json.loads((no_vae / "model_index.json").read_text())
     index["vae"] = [None, None]
     (no_vae / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="pipeline without vae"):
+    with pytest.raises(ValueError, match="Pipeline folder without vae"):
         load_teacher(str(no_vae))
 
 

@@ -61,7 +61,7 @@ def _stand_in_vae(recipe: Recipe, data: Dataset, tmp: Path, echo) -> Recipe:
     vae = getattr(recipe.objective, "vae", None)
     if vae is None or (Path(vae) / "config.json").is_file():
         return recipe
-    from ..models.autoencoder import small_vae
+    from ..latent.autoencoder import small_vae
 
     echo(f"dry run: objective.vae {vae!r} not trained yet; using a random stand-in VAE")
     small_vae(data.sample_shape[-1], (16, 16, 16), norm_num_groups=8).save_pretrained(tmp / "vae")
@@ -90,7 +90,7 @@ def _teacher(recipe: Recipe, data: Dataset, teacher_path: str | None, echo):
     shape = data.sample_shape
     layout = getattr(recipe.objective, "teacher_layout", None)
     if layout is not None:  # a text-to-image kind: a tiny random pipeline of the recipe's layout
-        from ..models.t2i_builders import tiny_pipeline
+        from ..latent.builders import tiny_pipeline
 
         return tiny_pipeline("sdxl" if layout == "sdxl" else "sd", texts=data.train_captions, image_size=shape[-1])
     classes = data.num_classes if recipe.model.class_conditional else None

@@ -23,6 +23,17 @@ from .scalings import (
                     edm_loss_weight,
                     edm_scalings,
 )
+from .schedules import (
+                    EDMSchedule,
+                    FlowMatchSchedule,
+                    NoiseSchedule,
+                    TrigFlowSchedule,
+                    VPSchedule,
+                    flux_mu,
+                    mu_shift_times,
+                    schedule_of,
+                    shift_times,
+)
 from .trigflow import (
                     FLOW_C_NOISE_SCALE,
                     TRIG_C_NOISE_SCALE,
@@ -41,5 +52,6 @@ __all__ = [
     "boundary_scalings", "c_noise", "check_sigmas", "edm_loss_weight", "edm_scalings", "karras_ascending",
     "karras_index", "karras_sigmas", "karras_steps", "log_spaced", "FLOW_C_NOISE_SCALE", "TRIG_C_NOISE_SCALE",
     "check_trig_times", "flow_to_sigma", "sigma_to_flow", "sigma_to_trig", "trig_c_noise", "trig_scalings",
-    "trig_to_sigma", "trig_velocity_from_x0",
+    "trig_to_sigma", "trig_velocity_from_x0", "EDMSchedule", "FlowMatchSchedule", "NoiseSchedule",
+    "TrigFlowSchedule", "VPSchedule", "flux_mu", "mu_shift_times", "schedule_of", "shift_times",
 ]

@@ -1,20 +1,18 @@
-"""Layer 2: backbones, the one preconditioning, denoiser wrappers (EDM, VP / DDPM), latent text-to-image models
-(guided UNet2DConditionModel denoisers, VAE, CLIP prompt encoding, the latent cache), consistency models, and the
-model folder format."""
+"""Layer 2: the pixel networks. Backbones, the one preconditioning, denoiser wrappers (EDM, diffusers VP / DDPM and
+flow-matching networks), consistency models, the model folder format and loading by name. The latent text-to-image
+stack lives beside it in ``cmkit.latent``."""
 
 from .backbones import BACKBONE_CLASSES, BACKBONES, TimeMLP, network_of, num_classes_of, sample_shape, small_unet
 from .consistency import ConsistencyModel, DenoiserConsistencyModel
 from .continuous import MeanFlowModel, TrigFlowConsistencyModel
 from .denoisers import Denoiser, DiffusersDenoiser, EDMDenoiser
 from .folder import MODEL_KINDS
-from .latent import LatentDenoiser, TextToImageModel
 from .loading import asset_path, load_model, load_teacher
 from .precond import Preconditioned
-from .text_encoders import PromptEncoder
 
 __all__ = [
     "BACKBONE_CLASSES", "BACKBONES", "MODEL_KINDS", "ConsistencyModel", "DenoiserConsistencyModel", "Denoiser",
-    "DiffusersDenoiser", "EDMDenoiser", "LatentDenoiser", "MeanFlowModel", "Preconditioned", "PromptEncoder",
-    "TextToImageModel", "TimeMLP", "TrigFlowConsistencyModel", "asset_path", "load_model", "load_teacher",
+    "DiffusersDenoiser", "EDMDenoiser", "MeanFlowModel", "Preconditioned", "TimeMLP", "TrigFlowConsistencyModel",
+    "asset_path", "load_model", "load_teacher",
     "network_of", "num_classes_of", "sample_shape", "small_unet",
 ]

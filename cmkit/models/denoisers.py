@@ -12,7 +12,17 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..core import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, append_dims, as_batch_sigma, c_noise, edm_scalings
+from ..core import (
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    FlowMatchSchedule,
+    append_dims,
+    as_batch_sigma,
+    c_noise,
+    edm_scalings,
+    schedule_of,
+)
 from .backbones import backbone_forward, sample_shape
 from .folder import MODEL_KINDS, read_model_folder, write_model_folder
 from .precond import Preconditioned
@@ -52,73 +62,64 @@ class EDMDenoiser(Preconditioned):
 
 
 class DiffusersDenoiser(nn.Module):
-    """A diffusers VP / DDPM-family UNet as a sigma-space denoiser.
+    """A diffusers network over a VP / DDPM-family or a flow-matching scheduler, as a sigma-space denoiser.
 
-    With ``abar`` the scheduler's ``alphas_cumprod``: ``sigma = sqrt((1 - abar) / abar)``, the UNet sees
-    ``x / sqrt(1 + sigma^2)`` (the VP sample) at the continuous timestep found by interpolating ``log sigma`` over the
-    table, and its output (epsilon, v or x_0) is converted to x_0.
+    The scheduler's noise schedule (``core.schedule_of``) gives everything: the network sees the native sample
+    ``x_n = a(sigma) x_sigma`` (VP: ``x / sqrt(1 + sigma^2)``; flow: ``x / (1 + sigma)``) at its native timestep
+    (VP: the continuous index found by interpolating ``log sigma`` over the table; flow: ``t`` times
+    ``num_train_timesteps``, as SD3's pipeline passes it), and its output (epsilon, v, x_0 or, for flow schedulers,
+    the velocity ``eps - x0``) is converted to x_0. At sigma = inf (a flow solve's start) the state holds the unit
+    noise (``core.schedules``).
     """
 
     def __init__(self, unet: nn.Module, scheduler, prediction_type: str | None = None, clip_x0: float | None = None):
         super().__init__()
-        if not hasattr(scheduler, "alphas_cumprod"):
-            raise ValueError(f"scheduler {type(scheduler).__name__} has no alphas_cumprod; "
-                             "use a DDPM-family scheduler (DDPMScheduler, DDIMScheduler, ...)")
         self.unet = unet
         self.scheduler = scheduler
-        self.prediction_type = prediction_type or scheduler.config.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}; "
-                             "expected epsilon, v_prediction or sample")
+        self.schedule = schedule_of(scheduler)
+        flow = isinstance(self.schedule, FlowMatchSchedule)
+        default = "flow" if flow else "epsilon"
+        self.prediction_type = prediction_type or scheduler.config.get("prediction_type", default) or default
+        if self.prediction_type not in self.schedule.outputs:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}; expected "
+                             f"{', '.join(self.schedule.outputs)}")
         self.clip_x0 = clip_x0
-        # a zero-terminal-SNR table (rescale_betas_zero_snr) ends at abar = 0, sigma = inf; clamp as diffusers'
-        # Euler and DPM-Solver schedulers do
-        abar = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).clamp_min(2.0**-24)
-        table = ((1 - abar) / abar).sqrt()
-        self.register_buffer("log_sigmas", table.log(), persistent=False)
-        self.sigma_min, self.sigma_max = float(table[0]), float(table[-1])
         self.sigma_data = SIGMA_DATA
+        if flow:
+            n = int(scheduler.config.get("num_train_timesteps", 1000))
+            self.timestep_scale = float(n)
+            # the smallest training time after the static shift, as the scheduler lists it; the largest is t = 1
+            # (sigma = inf); karras-style grids use sigma at t = 1 - 1/n instead
+            self.sigma_min = float(self.schedule.sigma(torch.tensor(float(scheduler.sigma_min), dtype=torch.float64)))
+            self.sigma_max = float(self.schedule.sigma(torch.tensor(1 - 1 / n, dtype=torch.float64)))
+        else:
+            self.timestep_scale = 1.0
+            self.register_buffer("log_sigmas", self.schedule.log_sigmas, persistent=False)
+            self.sigma_min, self.sigma_max = (float(v) for v in self.schedule.log_sigmas[[0, -1]].exp())
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return sample_shape(self.unet)
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Continuous timestep: linear interpolation of ``log sigma`` between table entries (clamped to the table)."""
-        ls = self.log_sigmas
-        log_s = sigma.to(torch.float64).log().clamp(ls[0], ls[-1])
-        hi = torch.searchsorted(ls, log_s).clamp(1, len(ls) - 1)
-        lo = hi - 1
-        frac = (log_s - ls[lo]) / (ls[hi] - ls[lo])
-        return lo + frac
+        """The network's timestep of ``sigma`` (VP: the continuous table index; flow: ``num_train_timesteps t``)."""
+        return self.schedule.time(sigma) * self.timestep_scale
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """The inverse of ``sigma_to_t``: ``exp`` of ``log sigma`` interpolated at (fractional) timesteps."""
-        ls = self.log_sigmas
-        t = torch.as_tensor(t, dtype=torch.float64, device=ls.device).clamp(0, len(ls) - 1)
-        lo = t.floor().long().clamp(max=len(ls) - 2)
-        frac = t - lo
-        return ((1 - frac) * ls[lo] + frac * ls[lo + 1]).exp()
+        """The inverse of ``sigma_to_t``."""
+        return self.schedule.sigma(torch.as_tensor(t, dtype=torch.float64) / self.timestep_scale)
 
     def forward(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         sigma = as_batch_sigma(sigma, x)
         s = append_dims(sigma, x.ndim)
-        scale = 1 / (1 + s**2).sqrt()  # sqrt(abar)
-        out = backbone_forward(self.unet, x * scale, self.sigma_to_t(sigma).float(), **cond)
+        out = backbone_forward(self.unet, self.schedule.to_native(x, s), self.sigma_to_t(sigma).float(), **cond)
         return self.to_x0(x, s, out)
 
     def to_x0(self, x: torch.Tensor, s: torch.Tensor, out: torch.Tensor, clip: bool = True) -> torch.Tensor:
-        """The network's output (epsilon, v or x_0 of the VP sample ``x / sqrt(1 + s^2)``) as x_0."""
+        """The network's output at the native sample of ``x`` (sigma space, noise level ``s``) as x_0."""
         if out.shape[1] == 2 * x.shape[1]:  # learned-variance UNets: the mean part comes first
             out = out[:, : x.shape[1]]
-        scale = 1 / (1 + s**2).sqrt()
-        if self.prediction_type == "epsilon":
-            x0 = x - s * out
-        elif self.prediction_type == "v_prediction":
-            # x_t = a x0 + b eps, v = a eps - b x0  =>  x0 = a x_t - b v, with a = sqrt(abar), b = sqrt(1 - abar)
-            x0 = scale * (x * scale) - (s * scale) * out
-        else:
-            x0 = out
+        x0 = self.schedule.to_x0(self.prediction_type, self.schedule.to_native(x, s), s, out)
         return x0.clamp(-self.clip_x0, self.clip_x0) if self.clip_x0 and clip else x0
 
     def save_pretrained(self, folder) -> Path:

@@ -48,12 +48,17 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _load_diffusers(path: str, clip_x0: float | None = None, **load_kw):
     import diffusers
 
+    from ..latent.components import is_text_to_image, read_model_index
+    from ..latent.denoiser import TextToImageModel
     from .denoisers import DiffusersDenoiser
-    from .latent import TextToImageModel, is_text_to_image, read_model_index
 
     index = _model_index(path, lambda p: read_model_index(p, **load_kw))
     if index is not None and is_text_to_image(index):
         return TextToImageModel.from_pretrained(path, clip_x0=clip_x0, **load_kw)
+
+    if index is not None and not (Path(path) / "unet").is_dir() and Path(path).is_dir():
+        raise ValueError(f"{path!r} is a diffusers pipeline folder without unet/ and without a text encoder; a pixel "
+                         "teacher needs unet/ + scheduler/ (a text-to-image one vae/ and text_encoder/ too)")
 
     def load(sub: str):
         cfg_name = "config.json" if sub == "unet" else "scheduler_config.json"
@@ -84,9 +89,10 @@ def _model_index(path: str, read) -> dict | None:
 
 def load_teacher(path_or_hub_id, clip_x0: float | None = None):
     """A teacher denoiser from a cmkit teacher folder, a diffusers pipeline folder (``unet/`` + ``scheduler/``: a
-    pixel UNet as a ``DiffusersDenoiser``; with a text encoder and a VAE, SD 1.x/2.x or SDXL layout, a
-    ``TextToImageModel``), a shipped teacher (``"cmkit:digits-ddpm"``, ``"cmkit:tiny-t2i"``) or a hub id (the
-    real ``from_pretrained`` call; needs network access, and fails in seconds without it)."""
+    pixel UNet as a ``DiffusersDenoiser``; a text-to-image pipeline of a class cmkit has an adapter for, SD 1.x /
+    2.x, SDXL, SD3 or Flux, a ``TextToImageModel``), a shipped teacher (``"cmkit:digits-ddpm"``,
+    ``"cmkit:tiny-t2i"``) or a hub id (the real ``from_pretrained`` call; needs network access, and fails in
+    seconds without it)."""
     from .denoisers import EDMDenoiser
 
     if not str(path_or_hub_id):
@@ -99,11 +105,8 @@ def load_teacher(path_or_hub_id, clip_x0: float | None = None):
             if meta.get("kind") != EDMDenoiser.kind:
                 raise ValueError(f"{path!r} holds a {meta.get('kind')!r}, not a teacher; give a teacher folder")
             return EDMDenoiser.from_pretrained(p)
-        if (p / "unet").is_dir() and (p / "scheduler").is_dir():
+        if (p / "unet").is_dir() and (p / "scheduler").is_dir() or (p / "model_index.json").is_file():
             return _load_diffusers(path, clip_x0)
-        if (p / "model_index.json").is_file():
-            raise ValueError(f"{path!r} is a diffusers pipeline folder without unet/ or scheduler/; a teacher needs "
-                             "both (and vae/ + text_encoder/ + tokenizer/ for text-to-image)")
         raise ValueError(f"{path!r} is neither a cmkit teacher folder (cmkit.json) nor a diffusers pipeline folder "
                          "(unet/ + scheduler/)")
     looks_like_hub_id = (path.count("/") == 1 and not path.startswith((".", "/", "~"))

@@ -13,11 +13,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..models.autoencoder import latent_normalisation
-from ..models.latent import LatentDenoiser
-from ..models.latent_cache import encode_set
-from ..models.t2i_builders import small_cond_unet
-from ..models.text_encoders import PromptEncoder, clip_tokenizer, learn_bpe, small_text_encoder
+from ..latent.autoencoder import latent_normalisation
+from ..latent.denoiser import LatentDenoiser
+from ..latent.latent_cache import encode_set
+from ..latent.builders import small_cond_unet
+from ..latent.text_encoders import PromptEncoder, clip_tokenizer, learn_bpe, small_text_encoder
 from .base import BuildContext, ObjectiveConfig, register_objective
 from .ddpm import DDPMLoss
 

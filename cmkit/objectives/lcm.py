@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core import append_dims
-from ..models.autoencoder import latent_normalisation
-from ..models.latent import LatentDenoiser, TextToImageModel
-from ..models.latent_cache import encode_set
-from ..models.lcm import LatentConsistencyModel, LCMFunction, student_unet
+from ..latent.autoencoder import latent_normalisation
+from ..latent.denoiser import LatentDenoiser, TextToImageModel
+from ..latent.latent_cache import encode_set
+from ..latent.lcm import LatentConsistencyModel, LCMFunction, student_unet
 from .base import BuildContext, ObjectiveConfig, register_objective
 from .distances import make_distance
 
@@ -152,7 +152,7 @@ def build(cfg: LCMConfig, ctx: BuildContext):
 @register_objective("lcm_lora", LCMLoRAConfig, job="distill", teacher="required")
 def build_lora(cfg: LCMLoRAConfig, ctx: BuildContext):
     """LCM-LoRA: a LoRA adapter on the teacher's UNet; the base with adapters off is the teacher."""
-    from ..models.lcm import add_lora
+    from ..latent.lcm import add_lora
 
     teacher, encoded, norm = _prepare(cfg, ctx)
     if cfg.target_ema != 0:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.autoencoder import VAETrainee, small_vae
+from ..latent.autoencoder import VAETrainee, small_vae
 from .base import BuildContext, ObjectiveConfig, register_objective
 
 

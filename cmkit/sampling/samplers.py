@@ -80,15 +80,18 @@ def multistep(cm, x: torch.Tensor, sigmas, noise: torch.Tensor | None = None, ge
 
 @contextmanager
 def eval_mode(model):
-    """Run a model without dropout, restoring its training flag afterwards."""
-    was_training = getattr(model, "training", False)
+    """Run a model without dropout, restoring every submodule's training flag afterwards (one flag for the whole
+    model would put frozen parts, a text encoder kept in eval mode, into training mode: T5's dropout then
+    changes every prompt embedding)."""
+    modules = list(model.modules()) if hasattr(model, "modules") else []
+    flags = [m.training for m in modules]
     if hasattr(model, "eval"):
         model.eval()
     try:
         yield model
     finally:
-        if hasattr(model, "train"):
-            model.train(was_training)
+        for m, flag in zip(modules, flags, strict=True):
+            m.training = flag
 
 
 @torch.no_grad()

@@ -1,42 +1,38 @@
 """Sampling a latent text-to-image model: prompts -> conditioning -> a PF-ODE solve (or a consistency model's few
-steps) over latents -> VAE decode. Grids come from the model's discrete timesteps, spaced as diffusers' schedulers
-space them, so a cmkit DDIM solve with the folder's own spacing is step for step what ``StableDiffusionPipeline``
-does with ``DDIMScheduler``."""
+steps) over latents -> VAE decode. Grids come from the model's pipeline family (``model.grid``): an SD UNet's
+discrete timesteps spaced as diffusers' schedulers space them, so a cmkit DDIM solve with the folder's own spacing is
+step for step what ``StableDiffusionPipeline`` does with ``DDIMScheduler``; a flow transformer's shifted flow grid
+from t = 1, so a cmkit Euler solve is step for step ``FlowMatchEulerDiscreteScheduler``."""
 
 from __future__ import annotations
 
 import torch
 
+from ..latent.families.unet import timestep_sigmas as unet_timestep_sigmas
 from ..solvers import ode_solve
 from .samplers import _device_dtype, _to_device, eval_mode, per_sample_noise
 
-SPACINGS = ("leading", "trailing", "linspace")
-
 
 def timestep_sigmas(model, steps: int, spacing: str | None = "trailing") -> list[float]:
-    """The descending sigma grid of a ``steps``-step solve at the model's discrete timesteps, spaced as diffusers'
-    ``timestep_spacing`` does ("trailing": the first step starts at the last training timestep, the right choice
-    for few steps), ending at 0.
+    """The descending sigma grid of a ``steps``-step solve, as the model's pipeline family lays it out: for SD-style
+    UNets the discrete timesteps spaced as diffusers' ``timestep_spacing`` does ("trailing", "leading", "linspace";
+    ``None``: the folder's own DDIM grid); for flow-matching transformers (SD3, Flux) the folder's
+    ``FlowMatchEulerDiscreteScheduler`` grid with its shift, from t = 1 (sigma = inf) to 0 (``None`` or
+    "trailing")."""
+    grid = getattr(model, "grid", None)
+    if grid is None:  # a latent consistency model: its teacher's UNet table
+        return unet_timestep_sigmas(model, steps, spacing)
+    return grid(steps, spacing)
 
-    ``None`` follows the model's own scheduler config as ``StableDiffusionPipeline`` runs it with ``DDIMScheduler``
-    (which sets ``steps_offset=1``), ending where that DDIM ends (sigma 0 with ``set_alpha_to_one``, else the first
-    table entry). That is step for step diffusers' DDIM whenever each step lands on the next listed timestep, as with
-    "leading" spacing (SD's and SDXL's); diffusers' DDIM steps from t to ``t - T // steps`` whatever the spacing, so
-    for "trailing" or "linspace" with ``T % steps != 0`` it is not a grid at all.
-    """
-    from diffusers import DDIMScheduler
 
-    if int(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if spacing is not None and spacing not in SPACINGS:
-        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)} or None (the folder's)")
-    over = {"timestep_spacing": spacing} if spacing is not None else {"steps_offset": 1}
-    sched = DDIMScheduler.from_config(model.scheduler.config, **over)
-    sched.set_timesteps(int(steps))
-    sig = model.denoiser.t_to_sigma(sched.timesteps.to(torch.float64)).tolist()
-    final = model.sigma_min if spacing is None and not sched.config.set_alpha_to_one else 0.0
-    # a last timestep of 0 then ends where it starts: diffusers' final step there is the identity
-    return sig + [final] if final < sig[-1] else sig
+def _start_and_end(model, sig: list[float], latents: torch.Tensor):
+    """The sigma-space start from the pipeline's starting latents (its native sample at ``sig[0]``; at sigma = inf
+    the unit noise itself), and the map from the solve's end back to the native latents the VAE decodes."""
+    sched = model.schedule
+    s0 = torch.tensor(sig[0], dtype=torch.float64, device=latents.device)
+    start = sched.from_native(latents.double(), s0).to(latents.dtype)
+    s1 = torch.tensor(sig[-1], dtype=torch.float64, device=latents.device)
+    return start, lambda x: sched.to_native(x.double(), s1).to(x.dtype)
 
 
 def _prepare(model, prompts, negative_prompts, guidance_scale, latents, generator, output):
@@ -66,10 +62,10 @@ def text_to_image(model, prompts, steps: int = 25, solver: str = "ddim", guidanc
     evaluation counts two)."""
     cond, latents = _prepare(model, prompts, negative_prompts, guidance_scale, latents, generator, output)
     sig = timestep_sigmas(model, steps, spacing) if sigmas is None else [float(s) for s in sigmas]
-    x = latents * (1 + sig[0] ** 2) ** 0.5  # the VP start sqrt(abar) x = noise, in sigma space
+    x, to_native = _start_and_end(model, sig, latents)
     with eval_mode(model):
         x, nfe = ode_solve(model, x, sig, method=solver, return_nfe=True, **cond)
-    z = x / (1 + sig[-1] ** 2) ** 0.5  # back to the VP sample diffusers decodes (identity when ending at 0)
+    z = to_native(x)  # the native sample diffusers decodes (the identity when ending at 0)
     out = model.decode(z) if output == "image" else z
     return (out, nfe) if return_nfe else out
 

@@ -16,12 +16,16 @@ def dpmpp_2m(den, x: torch.Tensor, sigmas: list[float], **cond) -> torch.Tensor:
 
         x <- (sigma_next / sigma) x - expm1(-h) D',   D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},  r = h_last / h
 
-    (first step and the step to sigma = 0 use D' = D_i)."""
+    (first step and the step to sigma = 0 use D' = D_i). From sigma = inf (the state holds the unit noise eps) the
+    step's limit is ``D + sigma_next eps``, and no earlier D enters the step after it (r is infinite there)."""
     old = None
     for i, (s0, s1) in enumerate(pairwise(sigmas)):
         d = den(x, s0, **cond)
         if s1 == 0:
             return d
+        if math.isinf(s0):
+            x, old = d + s1 * x, None
+            continue
         h = math.log(s0) - math.log(s1)
         if old is not None:
             r = (math.log(sigmas[i - 1]) - math.log(s0)) / h

@@ -49,6 +49,8 @@ def step_solvers() -> list[str]:
 
 
 def pf_ode_drift(den, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
-    """``(x - D(x, sigma)) / sigma``; ``sigma`` a float or shape (batch,)."""
+    """``(x - D(x, sigma)) / sigma``; ``sigma`` a float or shape (batch,). At sigma = inf, where the state holds
+    the unit noise eps, the drift's limit: eps."""
     s = as_batch_sigma(sigma, x)
-    return (x - den(x, s, **cond)) / append_dims(s, x.ndim)
+    drift = (x - den(x, s, **cond)) / append_dims(s, x.ndim)
+    return torch.where(append_dims(torch.isinf(s), x.ndim), x, drift)

@@ -30,8 +30,10 @@ def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 
     ``method``: a registered step solver ("euler", "heun", "dpm2", "ddim") steps along the grid; a grid solver
     ("dpmpp_2m") runs it; anything else ("dopri5", "rk4", "bosh3", ...) is handed to ``torchdiffeq.odeint`` in the
     variable log(sigma), with the grid as output times and ``rtol``/``atol`` as tolerances (a final 0 is reached by
-    one exact denoise, since the drift is singular there). Returns the end state, and with ``return_nfe`` also the
-    number of network passes (denoiser evaluations, a guided one counting two).
+    one exact denoise, since the drift is singular there). ``sigmas[0]`` may be ``inf`` (pure noise, where
+    flow-matching pipelines start): then ``x`` holds the unit noise eps and the first step is Euler's exact limit
+    ``D(eps, inf) + sigma_1 eps`` (Heun, DPM-Solver-2 and adaptive methods take that step too). Returns the end
+    state, and with ``return_nfe`` also the number of network passes (denoiser evaluations, a guided one counting two).
 
     ``churn`` (S_churn) turns a step-solver solve into Karras et al.'s stochastic sampler (Algorithm 2): before the
     step from sigma_i, where sigma_i lies in ``churn_range`` (S_tmin, S_tmax), noise raises the level to
@@ -70,7 +72,7 @@ def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 
 def _step_along(step, den, x, sigmas: list[float], churn, churn_range, churn_noise, noise, cond):
     gamma = min(churn / (len(sigmas) - 1), math.sqrt(2) - 1)
     for i, (s0, s1) in enumerate(pairwise(sigmas)):
-        if gamma > 0 and churn_range[0] <= s0 <= churn_range[1]:
+        if gamma > 0 and churn_range[0] <= s0 <= churn_range[1] and math.isfinite(s0):
             s_hat = s0 * (1 + gamma)
             eps = noise[i] if noise is not None else torch.randn_like(x)
             x = x + math.sqrt(s_hat**2 - s0**2) * churn_noise * eps
@@ -80,6 +82,11 @@ def _step_along(step, den, x, sigmas: list[float], churn, churn_range, churn_noi
 
 
 def _adaptive(den, x, sig: torch.Tensor, method: str, rtol: float, atol: float, cond: dict):
+    if math.isinf(float(sig[0])):  # no integrator starts at infinity: Euler's exact-limit step to the next sigma
+        x = SOLVERS["euler"].step(den, x, float(sig[0]), float(sig[1]), **cond)
+        if sig.numel() == 2:
+            return x
+        sig = sig[1:]
     end_zero = float(sig[-1]) == 0.0
     grid = sig[:-1] if end_zero else sig
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from ..core import append_dims, as_batch_sigma
 from ..core.files import atomic_dir
-from .folder import META_FILE, MODEL_KINDS, read_meta
-from .latent import LatentDenoiser, LatentDenoiserView, TextToImageModel, guidance_embedding  # noqa: F401
+from ..models.folder import META_FILE, MODEL_KINDS, read_meta
+from .denoiser import LatentDenoiser, LatentDenoiserView, TextToImageModel, guidance_embedding  # noqa: F401
 
 LCM_SIGMA_DATA = 0.5
 
@@ -198,7 +198,7 @@ class LatentConsistencyModel(LatentDenoiserView, nn.Module):
     def from_pretrained(cls, folder, base=None) -> LatentConsistencyModel:
         """An LCM pipeline folder, or an LCM-LoRA folder on its base teacher (``base``: a loaded
         ``TextToImageModel``, or by default the folder or hub id recorded when it was trained)."""
-        from .loading import load_teacher
+        from ..models.loading import load_teacher
 
         meta = read_meta(folder) or {}
         if not meta.get("lora"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -99,6 +100,39 @@ def small_text_encoder(vocab_size: int, hidden: int = 64, layers: int = 2, heads
     return model.eval()
 
 
+def prompt_list(prompts) -> list[str]:
+    """One prompt or a list of them, as a non-empty list of strings (a one-line error otherwise)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    return prompts
+
+
+def negatives_for(prompts: list[str], negative_prompts) -> list[str]:
+    """The negative prompts for ``prompts``: ``""`` by default, one string for all, or one per prompt."""
+    negative_prompts = "" if negative_prompts is None else negative_prompts
+    negs = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
+    if len(negs) != len(prompts):
+        raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts; give one per prompt or a single "
+                         "string")
+    return negs
+
+
+def tokenize(tok, texts: list[str], max_length: int, **kw):
+    """The tokenizer's output (``input_ids``, ``attention_mask``) padded to ``max_length`` and truncated there, as
+    diffusers' pipelines tokenize, with the same warning where a prompt was cut (the text dropped and the length
+    it was cut to)."""
+    tokens = tok(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt",
+                 **kw)
+    ids = tokens.input_ids
+    full = tok(texts, padding="longest", return_tensors="pt", **kw).input_ids
+    if full.shape[-1] > ids.shape[-1] or (full.shape[-1] == ids.shape[-1] and not torch.equal(full, ids)):
+        cut = tok.batch_decode(full[:, max_length - 1: -1])
+        warnings.warn(f"prompts longer than {max_length} tokens were truncated (the encoder takes {max_length}); "
+                      f"dropped: {[c for c in cut if c.strip()]}", stacklevel=3)
+    return tokens
+
+
 class PromptEncoder(nn.Module):
     """Prompts -> the conditioning a latent denoiser takes. ``encoders`` / ``tokenizers``: one pair (SD) or two
     (SDXL, the second with a projection); ``image_size``: the pixel size SDXL's time ids describe."""
@@ -118,14 +152,21 @@ class PromptEncoder(nn.Module):
         return len(self.encoders) == 2
 
     @property
+    def pipeline(self) -> str:
+        return "StableDiffusionXLPipeline" if self.xl else "StableDiffusionPipeline"
+
+    def settings(self) -> tuple:
+        """What besides the weights and tokenizers decides the embeddings (part of the latent cache's key)."""
+        return (self.force_zeros, self.image_size)
+
+    @property
     def device(self) -> torch.device:
         return next(self.encoders.parameters()).device
 
     def _embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.encoders, strict=True):
-            tokens = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                         return_tensors="pt")
+            tokens = tokenize(tok, texts, tok.model_max_length)
             ids = tokens.input_ids.to(self.device)
             if not self.xl:
                 # SD 2.x-style encoders that ask for it get the padding mask, as diffusers gives it
@@ -142,9 +183,7 @@ class PromptEncoder(nn.Module):
     def forward(self, prompts: list[str] | str, negative_prompts: list[str] | str | None = None) -> dict:
         """``{"prompt_embeds", "negative_prompt_embeds"}`` (+ SDXL's pooled embeddings and ``add_time_ids``) for a
         batch of prompts; ``negative_prompts`` defaults to ``""`` (zeros for SDXL folders that ask for it)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompts must be a non-empty list of strings")
+        prompts = prompt_list(prompts)
         cond = {}
         cond["prompt_embeds"], pooled = self._embed(prompts)
         if self.xl and (pooled is None or self.image_size is None):
@@ -152,12 +191,7 @@ class PromptEncoder(nn.Module):
         if negative_prompts is None and self.xl and self.force_zeros:
             neg, neg_pooled = torch.zeros_like(cond["prompt_embeds"]), torch.zeros_like(pooled)
         else:
-            negative_prompts = "" if negative_prompts is None else negative_prompts
-            negs = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
-            if len(negs) != len(prompts):
-                raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts; give one per prompt or "
-                                 "a single string")
-            neg, neg_pooled = self._embed(negs)
+            neg, neg_pooled = self._embed(negatives_for(prompts, negative_prompts))
         cond["negative_prompt_embeds"] = neg
         if self.xl:
             h, w = self.image_size

@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..core.files import atomic_write
-from .text_encoders import PromptEncoder
 
 
 @dataclass
@@ -28,8 +27,7 @@ class EncodedSet:
     def cond(self, rows: torch.Tensor) -> dict:
         """Positive conditioning for images ``rows``: embeddings (and SDXL's pooled embeddings and time ids)."""
         idx = self.caption_index[rows]
-        keys = ("prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
-        return {k: self.embeds[k][idx] for k in keys if k in self.embeds}
+        return {k: v[idx] for k, v in self.embeds.items() if not k.startswith("negative_")}
 
     def batch(self, n: int, device, normalisation, prompt_dropout: float = 0.0) -> tuple[torch.Tensor, dict]:
         """``n`` training examples drawn with torch's global generator: latents sampled from their posteriors and
@@ -48,24 +46,27 @@ class EncodedSet:
 
     def negatives(self, n: int) -> dict:
         """The negative conditioning for ``n`` samples, under the negative keys (for a guided teacher)."""
-        return {k: self.embeds[k][:1].expand(n, *self.embeds[k].shape[1:]) for k in
-                ("negative_prompt_embeds", "negative_pooled_prompt_embeds") if k in self.embeds}
+        return {k: v[:1].expand(n, *v.shape[1:]) for k, v in self.embeds.items() if k.startswith("negative_")}
 
     def unconditional(self, n: int) -> dict:
         """The negative ("" or zeros) conditioning for ``n`` samples, under the positive keys."""
-        keys = {"negative_prompt_embeds": "prompt_embeds", "negative_pooled_prompt_embeds": "pooled_prompt_embeds"}
-        out = {pos: self.embeds[neg][:1].expand(n, *self.embeds[neg].shape[1:]) for neg, pos in keys.items()
-               if neg in self.embeds}
-        if "add_time_ids" in self.embeds:
-            out["add_time_ids"] = self.embeds["add_time_ids"][:1].expand(n, -1)
-        return out
+        # keys without a negative (SDXL's time ids) are the same for every prompt
+        return {k: self.embeds.get("negative_" + k, v)[:1].expand(n, *v.shape[1:]) for k, v in self.embeds.items()
+                if not k.startswith("negative_")}
 
 
-def _embed_captions(prompt_encoder: PromptEncoder, captions: list[str], batch_size: int) -> dict:
-    """Every distinct caption's embedding, in batches; the negatives ("" or zeros, the same for all) once."""
-    parts = [prompt_encoder(captions[i: i + batch_size]) for i in range(0, len(captions), batch_size)]
+def _embed_captions(prompt_encoder, captions: list[str], batch_size: int) -> dict:
+    """Every distinct caption's embedding, in batches; the negatives ("" or zeros, the same for all) once. (A
+    prompt encoder that gives no negatives, Flux's, is asked for ``""``'s: the unconditional prompt of dropout.)"""
+    parts = [_embed_with_negatives(prompt_encoder, captions[i: i + batch_size])
+             for i in range(0, len(captions), batch_size)]
     return {k: (torch.cat([p[k] for p in parts]) if not k.startswith("negative") else parts[0][k][:1]).cpu()
             for k in parts[0]}
+
+
+def _embed_with_negatives(prompt_encoder, captions: list[str]) -> dict:
+    cond = prompt_encoder(captions)
+    return cond if "negative_prompt_embeds" in cond else prompt_encoder(captions, [""] * len(captions))
 
 
 def cache_root() -> Path:
@@ -78,21 +79,22 @@ def _weights_hash(h, module: torch.nn.Module) -> None:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def cache_key(vae, prompt_encoder: PromptEncoder, images: torch.Tensor, captions: list[str]) -> str:
+def cache_key(vae, prompt_encoder, images: torch.Tensor, captions: list[str]) -> str:
     h = hashlib.sha256()
     _weights_hash(h, vae)
     _weights_hash(h, prompt_encoder)
     h.update(repr(sorted(vae.config.items())).encode())
     for tok in prompt_encoder.tokenizers:
-        h.update(repr((sorted(tok.get_vocab().items()), tok.model_max_length)).encode())
-    h.update(repr((prompt_encoder.force_zeros, prompt_encoder.image_size)).encode())
+        if tok is not None:
+            h.update(repr((sorted(tok.get_vocab().items()), tok.model_max_length)).encode())
+    h.update(repr(prompt_encoder.settings()).encode())
     h.update(images.cpu().numpy().tobytes())
     h.update("\n".join(captions).encode())
     return h.hexdigest()[:24]
 
 
 @torch.no_grad()
-def encode_set(vae, prompt_encoder: PromptEncoder, images: torch.Tensor, captions: list[str],
+def encode_set(vae, prompt_encoder, images: torch.Tensor, captions: list[str],
                batch_size: int = 256, progress: bool = True, cache: bool = True) -> EncodedSet:
     """Encode ``images`` (in [-1, 1]) and ``captions`` (one per image), or read them from the cache."""
     if len(captions) != len(images):

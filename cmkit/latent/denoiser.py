@@ -1,0 +1,268 @@
+"""Latent text-to-image models in cmkit's sigma space: the guidance every family shares (``GuidedDenoiser``:
+classifier-free guidance as one batched pass, or a guidance embedding), the Stable Diffusion UNet as a guided
+denoiser (``LatentDenoiser``, SD 1.x / 2.x and SDXL), and ``TextToImageModel``, which adds the VAE and the prompt
+encoder and reads and writes diffusers pipeline folders through its family's adapter (``family.py``).
+
+    D_w(z, sigma) = D(z, sigma | negative) + w (D(z, sigma | prompt) - D(z, sigma | negative))
+
+is computed as one batched pass over ``[negative; prompt]`` (two network passes' worth of work, counted as two by
+``passes``). Since x_0 is affine in the network output at fixed ``z``, guidance in x_0 equals diffusers' guidance in
+epsilon, v or velocity.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core import append_dims, as_batch_sigma
+from ..core.files import atomic_dir
+from ..models.denoisers import DiffusersDenoiser
+from .autoencoder import vae_decode, vae_encode
+from .components import UNSUPPORTED, read_model_index
+from .family import FAMILIES, family_of
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sinusoidal embedding of ``1000 w`` that guidance-embedding UNets (LCM's) take as ``timestep_cond`` (VDM's;
+    diffusers' ``get_guidance_scale_embedding``): ``[sin(1000 w f_i), cos(1000 w f_i)]``,
+    ``f_i = 10000^(-i / (dim/2 - 1))``."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    arg = (w.float() * 1000.0)[:, None] * freqs.to(w.device)[None]
+    emb = torch.cat([arg.sin(), arg.cos()], 1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class GuidedDenoiser:
+    """Classifier-free guidance for a denoiser of latents, as diffusers' pipelines guide: when
+    ``guidance_scale > 1`` and negatives are given (a per-sample tensor of scales always guides),
+    ``D_w = D(neg) + w (D(pos) - D(neg))`` as one batched pass over ``[negative; prompt]``; the conditional
+    prediction alone otherwise; a network that embeds guidance (``embeds_guidance``: LCM's ``time_cond_proj_dim``,
+    Flux-dev's guidance embedding) takes ``w`` through its embedding instead, in one pass.
+
+    The conditioning is a dict of batched tensors: each key ``k`` with a ``negative_k`` beside it takes the
+    negative in the unconditional half; the rest (SDXL's time ids) are shared. A family's ``_denoise(z, sigma, w,
+    cond)`` makes the network call in sigma space."""
+
+    clip_x0: float | None = None
+
+    @property
+    def embeds_guidance(self) -> bool:
+        return False
+
+    def passes(self, negative_prompt_embeds=None, guidance_scale=1.0, **cond) -> int:
+        """Network passes one call costs: 2 when guided (a batch of twice the size), else 1."""
+        return 2 if self._guided(negative_prompt_embeds, guidance_scale) else 1
+
+    def _guided(self, negative_prompt_embeds, guidance_scale) -> bool:
+        if negative_prompt_embeds is None or self.embeds_guidance:
+            return False
+        return torch.is_tensor(guidance_scale) or float(guidance_scale) > 1.0
+
+    def forward(self, z: torch.Tensor, sigma, guidance_scale=1.0, **cond) -> torch.Tensor:
+        embeds = cond.get("prompt_embeds")
+        if embeds is None:
+            raise ValueError("a text-to-image denoiser needs prompt_embeds=; encode prompts with "
+                             "model.encode_prompt(prompts)")
+        if embeds.shape[0] != z.shape[0]:
+            raise ValueError(f"{embeds.shape[0]} prompt embeddings for a batch of {z.shape[0]} latents; give "
+                             "one prompt per sample")
+        sigma = as_batch_sigma(sigma, z)
+        w = torch.as_tensor(guidance_scale, dtype=torch.float32, device=z.device)
+        w = w.expand(z.shape[0]) if w.ndim == 0 else w
+        pos = {k: v for k, v in cond.items() if not k.startswith("negative_") and v is not None}
+        if not self._guided(cond.get("negative_prompt_embeds"), guidance_scale):
+            return self._clip(self._denoise(z, sigma, w, pos))
+        missing = [k for k in pos if k.endswith("embeds") and cond.get("negative_" + k) is None]
+        if missing:
+            raise ValueError(f"guidance with {missing[0]} needs negative_{missing[0]} too")
+        both = {k: torch.cat([cond.get("negative_" + k, v), v]) for k, v in pos.items()}
+        x0_neg, x0_pos = self._denoise(torch.cat([z, z]), torch.cat([sigma, sigma]), torch.cat([w, w]),
+                                       both).chunk(2)
+        return self._clip(x0_neg + append_dims(w.to(z.dtype), z.ndim) * (x0_pos - x0_neg))
+
+    def _clip(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0.clamp(-self.clip_x0, self.clip_x0) if self.clip_x0 else x0
+
+    def _denoise(self, z, sigma, w, cond: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LatentDenoiser(GuidedDenoiser, DiffusersDenoiser):
+    """A text-conditioned ``UNet2DConditionModel`` (SD 1.x / 2.x, SDXL: epsilon, v or sample prediction over a VP
+    table) as a guided denoiser of latents. Since x_0 is affine in the network output at fixed ``z``, guidance in
+    x_0 equals diffusers' guidance in epsilon or v. A UNet with a guidance embedding (``time_cond_proj_dim``, LCM's)
+    takes ``guidance_scale - 1`` through it (the pipeline convention)."""
+
+    def __init__(self, unet: nn.Module, scheduler, prediction_type: str | None = None,
+                 clip_x0: float | None = None):
+        DiffusersDenoiser.__init__(self, unet, scheduler, prediction_type, clip_x0)
+        self.pipeline_parts = None  # (vae, prompt encoder, pipeline config): set when saving writes a whole pipeline
+
+    @property
+    def network(self) -> nn.Module:
+        return self.unet
+
+    @property
+    def embeds_guidance(self) -> bool:
+        return bool(self.unet.config.get("time_cond_proj_dim"))
+
+    forward = GuidedDenoiser.forward
+
+    def _denoise(self, z, sigma, w, cond: dict) -> torch.Tensor:
+        s = append_dims(sigma, z.ndim)
+        dt = self.unet.dtype
+        at = lambda v: None if v is None else v.to(z.device, dt)  # noqa: E731  (encoders may differ in dtype)
+        pooled, time_ids = cond.get("pooled_prompt_embeds"), cond.get("add_time_ids")
+        added = None
+        if pooled is not None or time_ids is not None:
+            if pooled is None or time_ids is None:
+                raise ValueError("an SDXL UNet needs both pooled_prompt_embeds and add_time_ids")
+            added = {"text_embeds": at(pooled), "time_ids": at(time_ids)}
+        timestep_cond = cond.get("timestep_cond")
+        if self.embeds_guidance and timestep_cond is None:
+            timestep_cond = guidance_embedding(w - 1, self.unet.config.time_cond_proj_dim)
+        # timesteps in float32: half precision would round 999 to 1000
+        out = self.unet(self.schedule.to_native(z, s).to(dt), self.sigma_to_t(sigma).float(),
+                        encoder_hidden_states=at(cond["prompt_embeds"]), added_cond_kwargs=added,
+                        timestep_cond=at(timestep_cond)).sample
+        return self.to_x0(z, s, out.to(z.dtype), clip=False)
+
+    def save_pretrained(self, folder) -> Path:
+        if self.pipeline_parts is None:
+            raise ValueError("this denoiser has no VAE and text encoder to save a pipeline with; save the "
+                             "TextToImageModel that holds it")
+        vae, prompts, config = self.pipeline_parts
+        return TextToImageModel(self, vae, prompts, config).save_pretrained(folder)
+
+
+class LatentDenoiserView:
+    """What a model built around a latent denoiser (``self.denoiser``) shows of it: the network, the scheduler and
+    its noise schedule, the noise range and the latent shape, so samplers and solvers treat the wrapper as the
+    denoiser."""
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.denoiser.unet
+
+    @property
+    def network(self) -> nn.Module:
+        return self.denoiser.network
+
+    @property
+    def scheduler(self):
+        return self.denoiser.scheduler
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    @property
+    def sigma_min(self) -> float:
+        return self.denoiser.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.denoiser.sigma_max
+
+    @property
+    def sigma_data(self) -> float:
+        return self.denoiser.sigma_data
+
+    @property
+    def prediction_type(self) -> str:
+        return self.denoiser.prediction_type
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.denoiser.sample_shape
+
+
+class TextToImageModel(LatentDenoiserView, nn.Module):
+    """A latent text-to-image model: ``denoiser`` (a guided denoiser of latents in sigma space), ``vae`` and
+    ``prompt_encoder``, read and written as a diffusers pipeline folder of its family's class (``family``, by
+    ``config["pipeline"]``). Called as a denoiser of latents; ``encode_prompt`` / ``encode`` / ``decode`` are the
+    rest of a pipeline. ``image_size``: the pixel size it samples (the family's default, e.g. the UNet's
+    ``sample_size`` times the VAE's factor; set it to sample another size where the network takes it)."""
+
+    def __init__(self, denoiser, vae: nn.Module, prompt_encoder, config: dict | None = None):
+        super().__init__()
+        self.denoiser, self.vae, self.prompt_encoder = denoiser, vae, prompt_encoder
+        self.config = dict(config or {})
+        self.config.setdefault("pipeline", prompt_encoder.pipeline)
+        self.family = family_of(self.config["pipeline"])
+        self._image_size = self.config.get("image_size")
+
+    # --- the denoiser, as everything above sees it
+    def forward(self, z, sigma, **cond):
+        return self.denoiser(z, sigma, **cond)
+
+    def passes(self, **cond) -> int:
+        return self.denoiser.passes(**cond)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        return int(self._image_size or self.family.default_image_size(self))
+
+    @image_size.setter
+    def image_size(self, size: int) -> None:
+        self.family.latent_shape(self, int(size))  # one-line error where the family's patching cannot take it
+        self._image_size = int(size)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.family.latent_shape(self, self.image_size)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one decoded image: ``(3, H, W)``."""
+        return (self.vae.config.out_channels, self.image_size, self.image_size)
+
+    # --- the rest of a pipeline
+    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale: float = 1.0) -> dict:
+        """The conditioning dict for ``prompts``: embeddings, negatives (the family's default unconditional
+        prompt) and the guidance scale."""
+        return {**self.prompt_encoder(prompts, negative_prompts), "guidance_scale": guidance_scale}
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> latents (the posterior mean, scaled), in float32."""
+        return vae_encode(self.vae, images)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1], in float32."""
+        return vae_decode(self.vae, latents)
+
+    def grid(self, steps: int, spacing: str | None = None) -> list[float]:
+        """The descending sigma grid of a ``steps``-step solve; ``spacing=None``: as the folder's pipeline runs."""
+        return self.family.grid(self, int(steps), spacing)
+
+    def save_pretrained(self, folder) -> Path:
+        """A diffusers pipeline folder of this model's class (``StableDiffusionPipeline``, ...XLPipeline,
+        ``StableDiffusion3Pipeline``, ``FluxPipeline``)."""
+        folder = Path(folder)
+        with atomic_dir(folder) as tmp:
+            self.family.pipeline(self).save_pretrained(tmp, safe_serialization=True)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, path: str, clip_x0: float | None = None, dtype: torch.dtype = torch.float32,
+                        **load_kw) -> TextToImageModel:
+        """A diffusers text-to-image pipeline folder or hub id of a class cmkit has an adapter for (components read
+        through their own ``from_pretrained``); the network and text encoders in ``dtype``, the VAE in float32.
+        ``load_kw`` goes to every one of those calls (``local_files_only``, ``revision``)."""
+        index = read_model_index(path, **load_kw)
+        name = index.get("_class_name")
+        if name in UNSUPPORTED:
+            raise ValueError(f"{path} is a {name} ({UNSUPPORTED[name]}); cmkit takes text-to-image pipelines ("
+                             f"{', '.join(FAMILIES.names())})")
+        return family_of(name, path).load(str(path), index, dtype, clip_x0, load_kw)

@@ -1,0 +1,84 @@
+"""What the flow-matching transformer families (SD3, Flux) share: a transformer that predicts the flow velocity
+``v = eps - x0`` at ``x_t = (1 - t) x0 + t eps``, as a guided denoiser in sigma space (``x0 = x_t - t v``), and the
+grid of the folder's ``FlowMatchEulerDiscreteScheduler`` exactly as the pipeline sets it (static shift, or the
+resolution-dependent ``mu`` shift), starting at t = 1 (sigma = inf)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...core import FlowMatchSchedule, append_dims, flux_mu
+from ..denoiser import GuidedDenoiser
+from ..family import PipelineFamily
+
+FLOW_SPACINGS = (None, "trailing")  # the pipeline's own grid already starts at the last training time
+
+
+class FlowDenoiser(GuidedDenoiser, nn.Module):
+    """A flow-matching transformer as a guided denoiser of latents. A family subclass says how the network is
+    called (``_velocity``); the timestep the network sees is ``t * timestep_scale``."""
+
+    timestep_scale = 1000.0
+
+    def __init__(self, transformer: nn.Module, scheduler, clip_x0: float | None = None):
+        super().__init__()
+        self.transformer, self.scheduler, self.clip_x0 = transformer, scheduler, clip_x0
+        self.schedule = FlowMatchSchedule()
+        self.prediction_type = "flow"
+        self.sigma_data = 1.0  # flow matching's data are normalised to unit variance by the VAE's scale
+        t_min = torch.tensor(float(getattr(scheduler, "sigma_min", 1e-3)), dtype=torch.float64)
+        self.sigma_min, self.sigma_max = float(self.schedule.sigma(t_min)), math.inf
+
+    @property
+    def network(self) -> nn.Module:
+        return self.transformer
+
+    def _denoise(self, z, sigma, w, cond: dict) -> torch.Tensor:
+        s = append_dims(sigma, z.ndim)
+        x_n = self.schedule.to_native(z, s)
+        # the time in float64 from sigma, then float32 as the pipelines pass it
+        t = (self.schedule.time(sigma.double()) * self.timestep_scale).float()
+        dt = self.transformer.dtype
+        cond = {k: v.to(z.device, dt) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+        v = self._velocity(x_n.to(dt), t, w, cond).to(z.dtype)
+        return self.schedule.to_x0("flow", x_n, s, v)
+
+    def _velocity(self, x_t, timestep, w, cond: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FlowFamily(PipelineFamily):
+    """Pipelines over a ``FlowMatchEulerDiscreteScheduler``: the grid as the pipeline sets it."""
+
+    network = "transformer"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    mu_defaults = (256, 4096, 0.5, 1.15)  # base / max image tokens, base / max shift, as the pipeline reads them
+
+    def grid(self, model, steps: int, spacing: str | None) -> list[float]:
+        if int(steps) < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if spacing not in FLOW_SPACINGS:
+            raise ValueError(f"spacing {spacing!r} is a DDPM-table spacing; a {self.name} runs its scheduler's own "
+                             "grid (spacing=None)")
+        sched = type(model.scheduler).from_config(model.scheduler.config)
+        kw = self.set_timesteps_kwargs(model, int(steps))
+        if sched.config.get("use_dynamic_shifting"):
+            kw["mu"] = self.mu(model)
+        sched.set_timesteps(**kw)
+        t = sched.sigmas.to(torch.float64)
+        return model.schedule.sigma(t).tolist()
+
+    def set_timesteps_kwargs(self, model, steps: int) -> dict:
+        return {"num_inference_steps": steps}
+
+    def mu(self, model) -> float:
+        c = model.scheduler.config
+        base, top, lo, hi = self.mu_defaults
+        return flux_mu(self.image_tokens(model), c.get("base_image_seq_len", base), c.get("max_image_seq_len", top),
+                       c.get("base_shift", lo), c.get("max_shift", hi))
+
+    def image_tokens(self, model) -> int:
+        raise NotImplementedError

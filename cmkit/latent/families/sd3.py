@@ -1,0 +1,127 @@
+"""Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``): an ``SD3Transformer2DModel`` predicting the flow
+velocity at timestep ``1000 t``, prompts encoded as the pipeline encodes them (two CLIP encoders with projection:
+penultimate hidden states concatenated along features and zero-padded to the T5 width, then T5's last hidden state
+appended along the sequence, or zeros of ``max_sequence_length`` tokens where the folder has no T5; the two pooled
+projections concatenated), ``""`` as the unconditional prompt, and the scheduler's static shift (or ``mu``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..components import in_dtype, load_parts, present
+from ..denoiser import TextToImageModel
+from ..family import register_family
+from ..text_encoders import negatives_for, prompt_list, tokenize
+from .flow import FlowDenoiser, FlowFamily
+
+PIPELINE = "StableDiffusion3Pipeline"
+
+
+class SD3Denoiser(FlowDenoiser):
+    def _velocity(self, x_t, timestep, w, cond):
+        return self.transformer(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond["prompt_embeds"],
+                                pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
+
+
+class SD3PromptEncoder(nn.Module):
+    """Prompts -> SD3's conditioning. ``encoders`` / ``tokenizers``: the two CLIP pairs, then T5's (or None)."""
+
+    pipeline = PIPELINE
+
+    def __init__(self, encoders: list, tokenizers: list, joint_attention_dim: int, max_sequence_length: int = 256):
+        super().__init__()
+        if len(encoders) != 3 or len(tokenizers) != 3 or (encoders[2] is None) != (tokenizers[2] is None):
+            raise ValueError("an SD3 prompt encoder takes two CLIP (tokenizer, encoder) pairs and a T5 pair (or "
+                             "None for both)")
+        self.encoders = nn.ModuleList([e for e in encoders if e is not None])
+        self.tokenizers = list(tokenizers)
+        self.joint_attention_dim, self.max_sequence_length = int(joint_attention_dim), int(max_sequence_length)
+
+    @property
+    def t5(self):
+        return self.encoders[2] if len(self.encoders) == 3 else None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoders.parameters()).device
+
+    def settings(self) -> tuple:
+        return (self.pipeline, self.joint_attention_dim, self.max_sequence_length)
+
+    def _clip(self, i: int, texts):
+        tok, enc = self.tokenizers[i], self.encoders[i]
+        out = enc(tokenize(tok, texts, tok.model_max_length).input_ids.to(self.device), output_hidden_states=True)
+        return out.hidden_states[-2].to(self.encoders[0].dtype), out[0]
+
+    def _t5(self, texts):
+        if self.t5 is None:
+            return torch.zeros(len(texts), self.max_sequence_length, self.joint_attention_dim, device=self.device,
+                               dtype=self.encoders[0].dtype)
+        ids = tokenize(self.tokenizers[2], texts, self.max_sequence_length, add_special_tokens=True).input_ids
+        return self.t5(ids.to(self.device))[0].to(self.t5.dtype)
+
+    def _embed(self, texts):
+        (h1, p1), (h2, p2) = self._clip(0, texts), self._clip(1, texts)
+        clip, t5 = torch.cat([h1, h2], -1), self._t5(texts)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], -2), torch.cat([p1, p2], -1)
+
+    @torch.no_grad()
+    def forward(self, prompts, negative_prompts=None) -> dict:
+        prompts = prompt_list(prompts)
+        embeds, pooled = self._embed(prompts)
+        neg, neg_pooled = self._embed(negatives_for(prompts, negative_prompts))
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": neg,
+                "negative_pooled_prompt_embeds": neg_pooled}
+
+
+@register_family
+class StableDiffusion3(FlowFamily):
+    name = PIPELINE
+    encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    mu_defaults = (256, 4096, 0.5, 1.16)
+
+    def load(self, path, index, dtype, clip_x0, load_kw):
+        needed = ["transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+        missing = [c for c in needed if not present(index, c)]
+        if missing:
+            raise ValueError(f"{path} is an SD3 folder without {', '.join(missing)}; it needs {', '.join(needed)} "
+                             "(text_encoder_3 / tokenizer_3, the T5, may be absent)")
+        if present(index, "text_encoder_3") != present(index, "tokenizer_3"):
+            raise ValueError(f"{path}: text_encoder_3 and tokenizer_3 come together (give both or neither)")
+        p = load_parts(path, index, needed + ["text_encoder_3", "tokenizer_3"], load_kw)
+        tr, vae = in_dtype(p["transformer"], dtype), in_dtype(p["vae"], torch.float32)
+        if tr.config.in_channels != vae.config.latent_channels:
+            raise ValueError(f"{path}: the transformer takes {tr.config.in_channels} channels, the VAE's latents "
+                             f"have {vae.config.latent_channels}; its components do not belong together")
+        encs = [in_dtype(p[e], dtype) for e in self.encoders]
+        prompts = SD3PromptEncoder(encs, [p["tokenizer"], p["tokenizer_2"], p["tokenizer_3"]],
+                                   tr.config.joint_attention_dim)
+        return TextToImageModel(SD3Denoiser(tr, p["scheduler"], clip_x0), vae.eval(), prompts.eval(),
+                                {"pipeline": self.name})
+
+    def pipeline(self, model):
+        import diffusers
+
+        pe = model.prompt_encoder
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=model.network, scheduler=model.scheduler, vae=model.vae, text_encoder=pe.encoders[0],
+            tokenizer=pe.tokenizers[0], text_encoder_2=pe.encoders[1], tokenizer_2=pe.tokenizers[1],
+            text_encoder_3=pe.t5, tokenizer_3=pe.tokenizers[2])
+
+    def default_image_size(self, model) -> int:
+        return int(model.network.config.sample_size) * model.vae_scale_factor
+
+    def latent_shape(self, model, image_size: int) -> tuple[int, ...]:
+        f, p = model.vae_scale_factor, int(model.network.config.patch_size)
+        if image_size % (f * p) or image_size < f * p:
+            raise ValueError(f"image size {image_size} is not a multiple of {f * p} (the VAE's factor {f} times the "
+                             f"transformer's patch size {p}); try {max(f * p, image_size - image_size % (f * p))}")
+        return (int(model.network.config.in_channels), image_size // f, image_size // f)
+
+    def image_tokens(self, model) -> int:
+        _, h, w = model.sample_shape
+        p = int(model.network.config.patch_size)
+        return (h // p) * (w // p)
