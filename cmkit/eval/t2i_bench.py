@@ -5,6 +5,7 @@ Frechet distance in the item classifier's features); network passes counted (a g
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -41,10 +42,19 @@ def teacher_t2i_jobs(teacher, solvers=T2I_SOLVERS, steps=T2I_STEPS, guidance_sca
             return _batched(lambda a, b: text_to_image(teacher, prompts[a:b], steps=k, solver=solver,
                                                        guidance_scale=guidance_scale, latents=noise[a:b],
                                                        return_nfe=True), n)
-        passes = 2 if guidance_scale > 1 else 1
-        return (f"teacher {solver}", passes * k * SOLVERS[solver].evals_per_step, teacher, run)
+        passes = 2 if guidance_scale > 1 and not teacher.denoiser.embeds_guidance else 1
+        return (f"teacher {solver}", passes * grid_passes(solver, teacher.grid(k, "trailing")), teacher, run)
 
     return [job(solver, k) for solver in solvers for k in steps]
+
+
+def grid_passes(solver: str, sigmas: list[float]) -> int:
+    """Denoiser evaluations of a solve over ``sigmas``: a step solver's steps each cost its evaluations, but the
+    step from sigma = inf and the one to 0 cost one (Euler's); a grid solver one a step."""
+    per = SOLVERS[solver].evals_per_step
+    if SOLVERS[solver].step is None:
+        return len(sigmas) - 1
+    return sum(1 if math.isinf(a) or b == 0 else per for a, b in zip(sigmas, sigmas[1:], strict=False))
 
 
 def lcm_rows(model, steps=(1, 2, 4, 8), guidance_scale: float = 4.0) -> list[tuple]:
@@ -67,18 +77,18 @@ def lcm_rows(model, steps=(1, 2, 4, 8), guidance_scale: float = 4.0) -> list[tup
 def pipeline_job(teacher, folder, steps: int = 25, guidance_scale: float = 4.0) -> tuple:
     """diffusers' own pipeline for ``folder`` (``StableDiffusionPipeline`` or the SDXL one, with the folder's
     scheduler and spacing), on the teacher's device."""
-    import diffusers
-
-    pipe = diffusers.DiffusionPipeline.from_pretrained(folder).to(next(teacher.parameters()).device)
+    family = teacher.family
+    pipe = family.open_pipeline(folder).to(next(teacher.parameters()).device)
     pipe.set_progress_bar_config(disable=True)
-    passes = 2 if guidance_scale > 1 else 1
+    passes = 2 if guidance_scale > 1 and not teacher.denoiser.embeds_guidance else 1
+    size = teacher.image_size
 
     def run(n, g, c):
         prompts = prompt_list(n)
-        noise = torch.randn(n, *teacher.sample_shape, generator=g)
+        noise = family.pipeline_latents(teacher, torch.randn(n, *teacher.sample_shape, generator=g))
         return _batched(lambda a, b: (pipe(prompts[a:b], latents=noise[a:b], num_inference_steps=steps,
-                                           guidance_scale=guidance_scale, output_type="pt").images * 2 - 1,
-                                      passes * steps), n)
+                                           guidance_scale=guidance_scale, height=size, width=size,
+                                           output_type="pt").images * 2 - 1, passes * steps), n)
     return (f"diffusers pipeline ({type(pipe.scheduler).__name__})", passes * steps, teacher, run)
 
 
@@ -90,6 +100,9 @@ def text_to_image_benchmark(teacher, folder, ev: EvalSettings, out, *, solvers=T
     from .report import write_results
 
     ev.check()
+    for name in models or {}:  # a name is part of the file names under out/partial
+        if not name.strip(". ") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"model name {name!r} would reach outside {out}: use one without '/', '\\' or only dots")
     scorer = PromptScorer(progress=progress)
     prompts = prompt_list(ev.num_samples)
     jobs = [pipeline_job(teacher, folder, 25, guidance_scale)]

@@ -144,3 +144,17 @@ def tiny_flux_pipeline(texts: list[str] | None = None, guidance: bool = True, se
                              FluxPromptEncoder(encs, toks, max_sequence_length).eval(), {"pipeline": "FluxPipeline"})
     model.image_size = image_size
     return model
+
+
+def sd3_text_side(bpe: dict, hidden: int = 64, layers: int = 2, heads: int = 4, max_length: int = 8,
+                  projection_dim: int = 32, max_sequence_length: int = 256, seed: int = 0):
+    """SD3's text side for a small model: two seeded-and-frozen CLIP encoders with projection over one learnt
+    tokenizer, no T5 (the pipeline pads with ``max_sequence_length`` zero tokens); the joint attention width is the
+    two encoders' widths together."""
+    from .families.sd3 import SD3PromptEncoder
+    from .text_encoders import clip_tokenizer
+
+    toks = [clip_tokenizer(bpe, max_length=max_length) for _ in range(2)]
+    encs = [small_text_encoder(len(toks[i]), hidden, layers, heads, max_length, projection_dim, seed=seed + i)
+            .requires_grad_(False) for i in range(2)]
+    return SD3PromptEncoder([*encs, None], [*toks, None], 2 * hidden, max_sequence_length).eval()

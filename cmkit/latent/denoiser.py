@@ -49,6 +49,7 @@ class GuidedDenoiser:
     cond)`` makes the network call in sigma space."""
 
     clip_x0: float | None = None
+    pipeline_parts = None  # (vae, prompt encoder, pipeline config): set when saving writes a whole pipeline
 
     @property
     def embeds_guidance(self) -> bool:
@@ -91,6 +92,13 @@ class GuidedDenoiser:
     def _denoise(self, z, sigma, w, cond: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def save_pretrained(self, folder) -> Path:
+        if self.pipeline_parts is None:
+            raise ValueError("this denoiser has no VAE and text encoder to save a pipeline with; save the "
+                             "TextToImageModel that holds it")
+        vae, prompts, config = self.pipeline_parts
+        return TextToImageModel(self, vae, prompts, config).save_pretrained(folder)
+
 
 class LatentDenoiser(GuidedDenoiser, DiffusersDenoiser):
     """A text-conditioned ``UNet2DConditionModel`` (SD 1.x / 2.x, SDXL: epsilon, v or sample prediction over a VP
@@ -131,14 +139,6 @@ class LatentDenoiser(GuidedDenoiser, DiffusersDenoiser):
                         encoder_hidden_states=at(cond["prompt_embeds"]), added_cond_kwargs=added,
                         timestep_cond=at(timestep_cond)).sample
         return self.to_x0(z, s, out.to(z.dtype), clip=False)
-
-    def save_pretrained(self, folder) -> Path:
-        if self.pipeline_parts is None:
-            raise ValueError("this denoiser has no VAE and text encoder to save a pipeline with; save the "
-                             "TextToImageModel that holds it")
-        vae, prompts, config = self.pipeline_parts
-        return TextToImageModel(self, vae, prompts, config).save_pretrained(folder)
-
 
 class LatentDenoiserView:
     """What a model built around a latent denoiser (``self.denoiser``) shows of it: the network, the scheduler and

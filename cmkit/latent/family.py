@@ -12,6 +12,7 @@ adapts). Everything above sees only ``D(z, sigma, **cond)``. Adding a family is 
 from __future__ import annotations
 
 from ..core import Registry
+from .components import read_model_index
 
 FAMILIES: Registry = Registry("text-to-image pipeline class")
 
@@ -38,6 +39,19 @@ class PipelineFamily:
 
     def default_image_size(self, model) -> int:
         raise NotImplementedError
+
+    def open_pipeline(self, folder):
+        """diffusers' own pipeline for ``folder`` (the reference a user would run), with every component the folder
+        lists as absent passed as ``None`` (SD3 without T5: ``text_encoder_3=None, tokenizer_3=None``)."""
+        import diffusers
+
+        index = read_model_index(folder)
+        absent = {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
+        return diffusers.DiffusionPipeline.from_pretrained(folder, **absent)
+
+    def pipeline_latents(self, model, latents):
+        """Latents of ``model.sample_shape`` as the pipeline's ``latents=`` takes them."""
+        return latents
 
     def latent_shape(self, model, image_size: int) -> tuple[int, ...]:
         """The latent shape of one image of ``image_size`` pixels (a one-line error where patching cannot take

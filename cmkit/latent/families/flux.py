@@ -133,6 +133,9 @@ class Flux(FlowFamily):
                              f"Flux's 2x2 packing); try {max(2 * f, image_size - image_size % (2 * f))}")
         return (int(model.network.config.in_channels) // 4, image_size // f, image_size // f)
 
+    def pipeline_latents(self, model, latents):
+        return pack(latents)
+
     def set_timesteps_kwargs(self, model, steps: int) -> dict:
         if model.scheduler.config.get("use_flow_sigmas"):
             return {"num_inference_steps": steps}

@@ -19,10 +19,55 @@ from .flow import FlowDenoiser, FlowFamily
 PIPELINE = "StableDiffusion3Pipeline"
 
 
+class RepeatedTokenAttention:
+    """Joint attention (as diffusers' ``JointAttnProcessor2_0``) in which the last text token stands for ``n``
+    identical copies: its attention logit gets ``+ log n`` from every query, which is exactly what ``n`` equal keys
+    with equal values give (``n e^{q.k} = e^{q.k + log n}``). Every other operation of the transformer acts on each
+    token alone, and the text stream has no position embedding, so the copies stay identical through every block.
+    A T5-less SD3 pipeline pads each prompt with ``max_sequence_length`` zero tokens (256 by default); training on
+    one of them with this bias is exact and an order of magnitude cheaper (``SD3Denoiser.repeated_zero_tokens``)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, log_repeats=None):
+        b, n_img = hidden_states.shape[0], hidden_states.shape[1]
+        heads = attn.heads
+
+        def split(t):
+            return t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k = (attn.norm_q(q) if attn.norm_q else q), (attn.norm_k(k) if attn.norm_k else k)
+        e = encoder_hidden_states
+        eq, ek, ev = split(attn.add_q_proj(e)), split(attn.add_k_proj(e)), split(attn.add_v_proj(e))
+        eq = attn.norm_added_q(eq) if attn.norm_added_q else eq
+        ek = attn.norm_added_k(ek) if attn.norm_added_k else ek
+        q, k, v = torch.cat([q, eq], 2), torch.cat([k, ek], 2), torch.cat([v, ev], 2)
+        bias = torch.zeros(k.shape[2] - 1, dtype=q.dtype, device=q.device)
+        bias = torch.cat([bias, torch.zeros(1, dtype=q.dtype, device=q.device) if log_repeats is None
+                          else log_repeats.to(q.dtype)])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(q.shape[2], -1))
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
+        img, txt = out[:, :n_img], out[:, n_img:]
+        txt = txt if attn.context_pre_only else attn.to_add_out(txt)
+        return attn.to_out[1](attn.to_out[0](img)), txt
+
+
 class SD3Denoiser(FlowDenoiser):
+    """A conditioning with ``zero_token_repeats`` (per sample, all equal: a T5-less encoding whose zero tokens were
+    cut to one by ``SD3PromptEncoder.collapsed``) runs the transformer with ``RepeatedTokenAttention``; any other
+    with diffusers' own attention."""
+
     def _velocity(self, x_t, timestep, w, cond):
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        repeats = cond.get("zero_token_repeats")
+        ours = isinstance(next(iter(self.transformer.attn_processors.values())), RepeatedTokenAttention)
+        if (repeats is not None) != ours:
+            self.transformer.set_attn_processor(RepeatedTokenAttention() if repeats is not None
+                                                else JointAttnProcessor2_0())
+        # the count is the same for every sample (max_sequence_length); kept on the device, no sync
+        extra = {} if repeats is None else {"joint_attention_kwargs": {"log_repeats": repeats[:1].log()}}
         return self.transformer(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond["prompt_embeds"],
-                                pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
+                                pooled_projections=cond["pooled_prompt_embeds"], return_dict=False, **extra)[0]
 
 
 class SD3PromptEncoder(nn.Module):
@@ -67,6 +112,18 @@ class SD3PromptEncoder(nn.Module):
         clip, t5 = torch.cat([h1, h2], -1), self._t5(texts)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], -2), torch.cat([p1, p2], -1)
+
+    def collapsed(self, cond: dict) -> dict:
+        """``cond`` with the zero tokens of a T5-less encoding cut to one (``SD3Denoiser.repeated_zero_tokens``
+        = ``max_sequence_length`` makes that exact)."""
+        if self.t5 is not None:
+            raise ValueError("only a T5-less SD3 encoding pads with identical zero tokens")
+        embeds = cond["prompt_embeds"]
+        keep = embeds.shape[1] - self.max_sequence_length + 1
+        out = {k: v[:, :keep] if k.endswith("prompt_embeds") and v.ndim == 3 else v for k, v in cond.items()}
+        out["zero_token_repeats"] = torch.full((embeds.shape[0],), float(self.max_sequence_length),
+                                               device=embeds.device)
+        return out
 
     @torch.no_grad()
     def forward(self, prompts, negative_prompts=None) -> dict:
