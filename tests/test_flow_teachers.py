@@ -88,7 +88,11 @@ def test_x0_is_the_schedulers_own_conversion_at_every_grid_time(saved):
     """D(x, sigma) = x_t - t v at x_t = x / (1 + sigma), v the transformer's output (the scheduler's sigmas are the
     flow times t); checked with the unguided conditional prediction."""
     kind, teacher, pipe = saved
+    if kind == "sd3":
+        teacher.prompt_encoder.collapse_zero_tokens = False  # the pipeline's own tensors, fed to its transformer
     cond = teacher.encode_prompt(PROMPTS)
+    if kind == "sd3":
+        teacher.prompt_encoder.collapse_zero_tokens = True
     cond = {k: v for k, v in cond.items() if not k.startswith("negative")}
     z = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
     for sigma in timestep_sigmas(teacher, 6, None)[1:-1]:
