@@ -1,0 +1,198 @@
+"""Few-step students of flow-matching teachers (SD3, Flux), parameterised so the teacher's own pipeline samples them
+unchanged: the student is the teacher's transformer (a copy, or the same one with a LoRA adapter) predicting a
+velocity ``v_s``, and its consistency function is the flow denoiser itself,
+
+    f(x_t, t) = x_t - t v_s(x_t, t),        f(x, 0) = x exactly,
+
+so ``FlowMatchEulerDiscreteScheduler``'s step ``x_t + (t' - t) v_s = (1 - t') f + t' eps_hat`` is a deterministic
+multistep consistency sample (no re-noising; ``FlowMatchLCMScheduler``'s re-noising ``(1 - t') f + t' eps_new`` is
+not exported yet). Guidance is folded in: the student takes no negative prompt and samples at ``guidance_scale = 1``
+(one pass a step); a Flux-dev student's guidance embedding is fed 1.
+
+``FlowConsistencyModel`` holds the student denoiser (the only part that trains; an adapter's weights alone for a LoRA
+student) and shares the teacher's VAE and prompt encoder, never copying or checkpointing them; it is saved as a
+pipeline folder of the teacher's class with ``cmkit.json`` beside it, or as the LoRA file the pipeline's
+``load_lora_weights`` reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.files import atomic_dir
+from ..models.folder import META_FILE, MODEL_KINDS, read_meta
+from .denoiser import LatentDenoiserView, TextToImageModel
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+SAMPLERS = ("euler",)  # FlowMatchEulerDiscreteScheduler: deterministic multistep consistency sampling
+
+
+def add_transformer_lora(transformer, rank: int, alpha: float, targets) -> None:
+    """A peft LoRA adapter on a diffusers transformer; only the adapter's weights train."""
+    from peft import LoraConfig
+
+    if rank < 1 or alpha <= 0:
+        raise ValueError(f"objective.lora_rank must be >= 1 and objective.lora_alpha > 0, got {rank}, {alpha}")
+    names = {n for n, _ in transformer.named_modules()}
+    if not any(n == t or n.endswith("." + t) for t in targets for n in names):
+        raise ValueError(f"none of objective.lora_targets {list(targets)} names a module of the transformer")
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+                                       init_lora_weights="gaussian"))
+
+
+@MODEL_KINDS.register("flow_cm")
+class FlowConsistencyModel(LatentDenoiserView, nn.Module):
+    """A few-step student of a flow teacher with the pipeline it samples in (see the module docstring).
+    ``steps``: the step count it was distilled for (its default); ``guidance_scale``: the teacher guidance folded
+    in (recorded); ``sampler``: the scheduler its export samples with."""
+
+    kind = "flow_cm"
+
+    def __init__(self, denoiser, parts: TextToImageModel, steps: int = 4, guidance_scale: float = 1.0,
+                 sampler: str = "euler", lora: bool = False, base: str | None = None):
+        super().__init__()
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        self.denoiser = denoiser
+        self.__dict__["parts"] = parts
+        self.steps, self.guidance_scale, self.sampler = int(steps), float(guidance_scale), sampler
+        self.lora, self.base = bool(lora), base
+
+    def __deepcopy__(self, memo):
+        """Copies (EMAs, the target network) share the teacher's parts instead of copying them."""
+        memo[id(self.parts)] = self.parts
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+    # --- the consistency function: the student's flow denoiser, unguided
+    def forward(self, z, sigma, guidance_scale=1.0, **cond):
+        pos = {k: v for k, v in cond.items() if not k.startswith("negative_")}
+        return self.denoiser(z, sigma, guidance_scale=1.0, **pos)
+
+    def passes(self, **cond) -> int:
+        return 1
+
+    # --- the rest of the teacher's pipeline
+    @property
+    def family(self):
+        return self.parts.family
+
+    @property
+    def vae(self):
+        return self.parts.vae
+
+    @property
+    def image_size(self) -> int:
+        return self.parts.image_size
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.parts.vae_scale_factor
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.parts.sample_shape
+
+    def grid(self, steps: int, spacing=None) -> list[float]:
+        return self.family.grid(self, int(steps), spacing)
+
+    def encode_prompt(self, prompts, negative_prompts=None, guidance_scale: float = 1.0) -> dict:
+        if negative_prompts is not None:
+            raise ValueError("a guidance-folded student takes no negative prompt (it samples at guidance_scale=1)")
+        return self.parts.encode_prompt(prompts, None, 1.0)
+
+    def decode(self, latents):
+        return self.parts.decode(latents)
+
+    def encode(self, images):
+        return self.parts.encode(images)
+
+    # --- checkpoints hold what trains
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in full.items() if "lora_" in k} if self.lora else full
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if not self.lora:
+            return super().load_state_dict(state_dict, strict, assign)
+        if set(state_dict) != set(self.state_dict()):
+            raise ValueError("the LoRA weights do not fit this adapter (other rank, targets or base transformer)")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    # --- files
+    def student_scheduler(self):
+        """The scheduler the export samples with: the teacher's grid, deterministic or re-noising."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "steps": self.steps, "guidance_scale": self.guidance_scale, "sampler": self.sampler,
+                "sample_at_guidance_scale": 1.0, "lora": self.lora, "base": self.base,
+                "pipeline": self.parts.config["pipeline"]}
+
+    def save_pretrained(self, folder) -> Path:
+        meta = self.meta()
+        with atomic_dir(folder) as tmp:
+            if self.lora:
+                self._save_lora(tmp, meta)
+            else:
+                den = copy.copy(self.denoiser)
+                den.scheduler = self.student_scheduler()
+                TextToImageModel(den, self.parts.vae, self.parts.prompt_encoder, self.parts.config).save_pretrained(tmp)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return Path(folder)
+
+    def _save_lora(self, tmp: Path, meta: dict) -> None:
+        from peft.utils import get_peft_model_state_dict
+
+        net = self.network
+        adapter = net.peft_config["default"]
+        meta["lora_config"] = {"r": adapter.r, "lora_alpha": adapter.lora_alpha,
+                               "target_modules": sorted(adapter.target_modules)}
+        pipe_cls = type(self.family.pipeline(self.parts))
+        pipe_cls.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(net),
+                                   safe_serialization=True)
+
+    @classmethod
+    def from_pretrained(cls, folder, base=None) -> FlowConsistencyModel:
+        """A student pipeline folder, or a LoRA student on its base teacher (``base``: a loaded
+        ``TextToImageModel``, or by default the folder or hub id recorded when it was trained)."""
+        from ..models.loading import load_teacher
+
+        meta = read_meta(folder) or {}
+        kw = {k: meta[k] for k in ("steps", "guidance_scale", "sampler") if k in meta}
+        if not meta.get("lora"):
+            model = TextToImageModel.from_pretrained(str(folder))
+            return cls(model.denoiser, model, base=meta.get("base"), **kw)
+        base = base if base is not None else load_teacher(meta["base"])
+        lc = meta["lora_config"]
+        add_transformer_lora(base.network, lc["r"], lc["lora_alpha"], lc["target_modules"])
+        model = cls(base.denoiser, base, lora=True, base=meta.get("base"), **kw)
+        model.load_lora(folder)
+        return model
+
+    def load_lora(self, folder) -> None:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(Path(folder) / LORA_FILE)
+        state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
+        own = {k for k in self.state_dict()}
+        if not state or len(state) != len(own):
+            raise ValueError(f"{folder}/{LORA_FILE} holds {len(state)} transformer tensors, this adapter {len(own)}; "
+                             "it was trained on another base or with other LoRA settings")
+        if not all(torch.isfinite(v).all() for v in state.values()):
+            raise ValueError(f"{folder}/{LORA_FILE} holds non-finite values; it cannot be sampled")
+        result = set_peft_model_state_dict(self.network, state)
+        if getattr(result, "unexpected_keys", []):
+            raise ValueError(f"{folder}/{LORA_FILE} does not fit this base transformer")

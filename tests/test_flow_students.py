@@ -1,0 +1,193 @@
+"""Few-step students of flow-matching teachers: exported into the teacher's own pipeline class (a full student as a
+pipeline folder, a LoRA student through ``load_lora_weights``), sampled there exactly as cmkit samples them; the
+consistency-distillation target tied to its equation; a short run brings the one-step sample toward the teacher's
+ODE solution."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import cmkit
+from cmkit.cli.jobs import run_job
+from cmkit.cli.recipes import load_recipe
+from cmkit.data import Dataset
+from cmkit.latent.builders import tiny_flux_pipeline, tiny_sd3_pipeline
+from cmkit.latent.families.flux import pack, unpack
+from cmkit.latent.flow_student import FlowConsistencyModel, add_transformer_lora
+from cmkit.objectives.flow_cd import FlowCDConfig, FlowConsistencyDistillation
+
+PROMPTS = ["a red sneaker", "a green bag"]
+
+
+def _perturbed(den, seed=0):
+    """A student that differs from its teacher (so a test would see a teacher sampled in its place)."""
+    student = copy.deepcopy(den)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return student
+
+
+def _pipeline(kind, folder, lora=None):
+    import diffusers
+
+    if kind == "sd3":
+        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    else:
+        pipe = diffusers.FluxPipeline.from_pretrained(folder)
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _theirs(kind, pipe, latents, steps):
+    kw = dict(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=1.0, output_type="latent", height=32,
+              width=32, max_sequence_length=16)
+    if kind == "sd3":
+        return pipe(latents=latents, **kw).images
+    return unpack(pipe(latents=pack(latents), **kw).images, 8, 8)
+
+
+def _teacher(kind, tmp_path):
+    folder = tmp_path / "teacher"
+    (tiny_sd3_pipeline(seed=7) if kind == "sd3" else tiny_flux_pipeline(guidance=True, seed=7)).save_pretrained(folder)
+    teacher = cmkit.load_teacher(str(folder))
+    teacher.prompt_encoder.max_sequence_length = 16
+    teacher.image_size = 32
+    return folder, teacher
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
+def test_exported_student_is_sampled_by_the_teachers_pipeline_as_cmkit_samples_it(kind, tmp_path):
+    _, teacher = _teacher(kind, tmp_path)
+    student = FlowConsistencyModel(_perturbed(teacher.denoiser), teacher, steps=4, guidance_scale=4.0)
+    student.save_pretrained(tmp_path / "student")
+    pipe = _pipeline(kind, tmp_path / "student")
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    loaded = cmkit.load_model(tmp_path / "student")
+    assert isinstance(loaded, FlowConsistencyModel) and loaded.steps == 4 and loaded.guidance_scale == 4.0
+    for steps in (1, 4):
+        latents = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(steps))
+        ours = cmkit.text_to_image(student, PROMPTS, steps=steps, solver="euler", guidance_scale=1.0,
+                                   latents=latents, spacing=None, output="latent")
+        assert (ours - _theirs(kind, pipe, latents, steps)).abs().max() < 1e-4
+        teacher_out = cmkit.text_to_image(teacher, PROMPTS, steps=steps, solver="euler", guidance_scale=1.0,
+                                          latents=latents, spacing=None, output="latent")
+        assert (ours - teacher_out).abs().max() > 1e-3  # the student, not the teacher, was sampled
+
+
+def test_lora_student_loads_through_the_pipelines_load_lora_weights(tmp_path):
+    folder, teacher = _teacher("sd3", tmp_path)
+    add_transformer_lora(teacher.network, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():  # an adapter that changes something (peft starts B at zero)
+        for name, p in teacher.network.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    student = FlowConsistencyModel(teacher.denoiser, teacher, lora=True, base=str(folder))
+    student.save_pretrained(tmp_path / "lora")
+    pipe = _pipeline("sd3", folder, lora=tmp_path / "lora")
+    for steps in (1, 4):
+        latents = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(steps))
+        ours = cmkit.text_to_image(student, PROMPTS, steps=steps, solver="euler", guidance_scale=1.0,
+                                   latents=latents, spacing=None, output="latent")
+        assert (ours - _theirs("sd3", pipe, latents, steps)).abs().max() < 1e-4
+    again = FlowConsistencyModel.from_pretrained(tmp_path / "lora")  # on the recorded base
+    again.parts.prompt_encoder.max_sequence_length = 16
+    latents = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(9))
+    a = cmkit.text_to_image(student, PROMPTS, steps=2, solver="euler", guidance_scale=1.0, latents=latents,
+                            spacing=None, output="latent")
+    b = cmkit.text_to_image(again, PROMPTS, steps=2, solver="euler", guidance_scale=1.0, latents=latents,
+                            spacing=None, output="latent")
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_the_distillation_target_is_one_guided_teacher_step_then_the_target_network():
+    """The loss on a fixed draw equals d(f(x_hi, s_hi), f_target(x_lo, s_lo)) with x_lo the guided Euler step
+    written out here: D_w = D_u + w (D_c - D_u), x_lo = D_w + s_lo (x_hi - D_w) / s_hi (at s_hi = inf:
+    D_w + s_lo eps)."""
+    teacher = tiny_sd3_pipeline(seed=2)
+    student = FlowConsistencyModel(_perturbed(teacher.denoiser, 1), teacher)
+    target = FlowConsistencyModel(_perturbed(teacher.denoiser, 2), teacher)
+    z0 = torch.randn(3, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    cond = teacher.encode_prompt(["a red sneaker", "a green bag", "a blue dress"])
+    cond.pop("guidance_scale")
+    cfg = FlowCDConfig(num_grid_steps=4, w_min=3.0, w_max=3.0)
+    loss_fn = FlowConsistencyDistillation(teacher, None, cfg)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        loss = loss_fn(student, z0, target, **cond)
+        torch.manual_seed(seed)
+        s_hi, s_lo = loss_fn.pairs(3, z0.device, z0.dtype)
+        eps = torch.randn_like(z0)
+        with torch.no_grad():
+            pos = {k: v for k, v in cond.items() if not k.startswith("negative")}
+            neg = {"prompt_embeds": cond["negative_prompt_embeds"],
+                   "pooled_prompt_embeds": cond["negative_pooled_prompt_embeds"],
+                   **{k: v for k, v in cond.items() if k == "zero_token_repeats"}}
+            rows = []
+            for i in range(3):
+                one = {k: v[i:i + 1] for k, v in pos.items()}
+                un = {k: v[i:i + 1] for k, v in neg.items()}
+                inf = torch.isinf(s_hi[i])
+                x = eps[i:i + 1] if inf else z0[i:i + 1] + s_hi[i] * eps[i:i + 1]
+                d_w = teacher(x, s_hi[i], **un) + 3.0 * (teacher(x, s_hi[i], **one) - teacher(x, s_hi[i], **un))
+                x_lo = d_w + s_lo[i] * eps[i:i + 1] if inf else d_w + s_lo[i] * (x - d_w) / s_hi[i]
+                rows.append((student(x, s_hi[i], **one) - target(x_lo, s_lo[i], **one)).pow(2).mean())
+        torch.testing.assert_close(loss, torch.stack(rows).mean(), rtol=1e-4, atol=1e-6)
+
+
+def _data():
+    from cmkit.data.fashion_colours import paint
+
+    g = torch.Generator().manual_seed(0)
+    gray = torch.rand(24, 1, 32, 32, generator=g) * 2 - 1
+    colours = torch.arange(24) % 3
+    caps = [f"a {['red', 'green', 'blue'][c]} {['sneaker', 'bag'][i % 2]}" for i, c in enumerate(colours.tolist())]
+    x = paint(gray, colours)
+    return Dataset("tiny-captions", x[:20], x[20:], train_captions=caps[:20], test_captions=caps[20:])
+
+
+def test_a_short_run_brings_one_step_toward_the_teachers_solution(tmp_path, monkeypatch):
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    folder, teacher = _teacher("sd3", tmp_path)
+    teacher.prompt_encoder.max_sequence_length = 256  # as the run reads the folder
+    recipe = load_recipe(None, ['objective.kind="flow_cd"', "objective.num_grid_steps=4", "objective.w_min=2.0",
+                                "objective.w_max=2.0", "objective.target_ema=0.0", "train.batch_size=8",
+                                "train.steps=60", "train.lr=1e-3", "train.log_every=20", "train.checkpoint_every=60",
+                                "train.ema_rates=[]"])
+    run_job("distill", recipe, tmp_path / "run", str(folder), progress=False, data=_data())
+    student = cmkit.load_model(tmp_path / "run" / "model")
+    prompts = ["a red sneaker", "a blue bag"] * 4
+    latents = torch.randn(8, *teacher.sample_shape, generator=torch.Generator().manual_seed(3))
+    ref = cmkit.text_to_image(teacher, prompts, steps=4, solver="euler", guidance_scale=2.0, latents=latents,
+                              spacing=None, output="latent")
+    before = cmkit.text_to_image(teacher, prompts, steps=1, solver="euler", guidance_scale=2.0, latents=latents,
+                                 spacing=None, output="latent")
+    after = cmkit.text_to_image(student, prompts, steps=1, solver="euler", guidance_scale=1.0, latents=latents,
+                                spacing=None, output="latent")
+    err = lambda x: (x - ref).pow(2).mean().item()  # noqa: E731
+    assert err(after) < 0.8 * err(before), (err(before), err(after))
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    from cmkit.objectives.base import BuildContext
+    from cmkit.objectives.flow_cd import build
+
+    teacher = tiny_sd3_pipeline()
+    ctx = BuildContext(make_backbone=lambda: None, train_steps=1, teacher=teacher, data=_data())
+    with pytest.raises(ValueError, match="w_min"):
+        build(FlowCDConfig(w_min=0.5), ctx)
+    with pytest.raises(ValueError, match="step solver"):
+        build(FlowCDConfig(solver="dpmpp_2m"), ctx)
+    unet = BuildContext(make_backbone=lambda: None, train_steps=1, teacher=cmkit.latent.builders.tiny_pipeline(),
+                        data=_data())
+    with pytest.raises(ValueError, match="kind 'lcm'"):
+        build(FlowCDConfig(), unet)
+    student = FlowConsistencyModel(teacher.denoiser, teacher)
+    with pytest.raises(ValueError, match="no negative prompt"):
+        cmkit.text_to_image(student, ["a red bag"], steps=1, negative_prompts=["a blue bag"])
