@@ -93,6 +93,11 @@ def _teacher(recipe: Recipe, data: Dataset, teacher_path: str | None, echo):
         from ..latent.builders import tiny_pipeline
 
         return tiny_pipeline("sdxl" if layout == "sdxl" else "sd", texts=data.train_captions, image_size=shape[-1])
+    pipeline = getattr(recipe.objective, "teacher_pipeline", None)
+    if pipeline is not None:  # a flow-teacher kind: a tiny random pipeline of the recipe's class
+        from ..latent.builders import tiny_of_class
+
+        return tiny_of_class(pipeline, texts=data.train_captions, image_size=shape[-1])
     classes = data.num_classes if recipe.model.class_conditional else None
     if len(shape) == 1:
         return EDMDenoiser(TimeMLP(dim=shape[0], num_classes=classes))

@@ -158,3 +158,15 @@ def sd3_text_side(bpe: dict, hidden: int = 64, layers: int = 2, heads: int = 4, 
     encs = [small_text_encoder(len(toks[i]), hidden, layers, heads, max_length, projection_dim, seed=seed + i)
             .requires_grad_(False) for i in range(2)]
     return SD3PromptEncoder([*encs, None], [*toks, None], 2 * hidden, max_sequence_length).eval()
+
+
+def tiny_of_class(pipeline: str, texts: list[str] | None = None, image_size: int = 32, seed: int = 0):
+    """A tiny random model of a pipeline class (``"any"``: SD3), as dry runs stand it in for weights not here."""
+    build = {"StableDiffusionPipeline": lambda: tiny_pipeline("sd", texts=texts, seed=seed, image_size=image_size),
+             "StableDiffusionXLPipeline": lambda: tiny_pipeline("sdxl", texts=texts, seed=seed, image_size=image_size),
+             "StableDiffusion3Pipeline": lambda: tiny_sd3_pipeline(texts, seed=seed, image_size=image_size),
+             "any": lambda: tiny_sd3_pipeline(texts, seed=seed, image_size=image_size),
+             "FluxPipeline": lambda: tiny_flux_pipeline(texts, seed=seed, image_size=image_size)}
+    if pipeline not in build:
+        raise ValueError(f"no tiny stand-in for pipeline class {pipeline!r} (known: {', '.join(build)})")
+    return build[pipeline]()

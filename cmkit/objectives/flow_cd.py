@@ -45,6 +45,7 @@ class FlowCDConfig(ObjectiveConfig):
     huber_c: float = 0.001
     target_ema: float = 0.95           # 0: the student itself under stop-gradient
     sample_steps: int = 4              # the step count recorded as the student's default
+    teacher_pipeline: str = "any"      # the pipeline class the recipe was written for (checked), or "any"
 
 
 @dataclass
@@ -119,6 +120,9 @@ def _prepare(cfg: FlowCDConfig, ctx: BuildContext):
     if not isinstance(teacher, TextToImageModel) or not isinstance(teacher.denoiser, FlowDenoiser):
         raise ValueError(f"objective.kind {cfg.kind!r} distils a flow-matching text-to-image teacher (an SD3 or Flux "
                          "pipeline folder, or cmkit:tiny-sd3); for SD / SDXL UNets use kind 'lcm'")
+    if cfg.teacher_pipeline not in ("any", teacher.family.name):
+        raise ValueError(f"this recipe is for a {cfg.teacher_pipeline} teacher but the teacher given is a "
+                         f"{teacher.family.name}; use the recipe written for it")
     if cfg.solver not in SOLVERS or SOLVERS[cfg.solver].step is None:
         raise ValueError(f"objective.solver must be a step solver ({', '.join(step_solvers())}), got {cfg.solver!r}")
     if not (1 <= cfg.w_min <= cfg.w_max and math.isfinite(cfg.w_max)):
