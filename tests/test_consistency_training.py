@@ -1,5 +1,6 @@
 """CT / iCT / ECT: schedules pinned to their formulas, the discretised lognormal sampler against its
-probabilities, shared dropout masks, no gradient through the target, and the objectives' errors."""
+probabilities, shared dropout masks, no gradient through the target, and the objectives' errors; CD's target pinned
+to a teacher step written out by hand on Gaussian data."""
 
 import math
 
@@ -126,6 +127,65 @@ def test_ect_late_stages_stay_finite():
     assert ect.stage(10**6) == ect.max_stage == 9
     loss = ect(cm, torch.randn(256, 3), target=cm, step=10**6)
     assert torch.isfinite(loss)
+
+
+class Recorded(torch.nn.Module):
+    """A stand-in network ``f(x, sigma) = x * scale(sigma)`` that records each call's inputs."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale, self.calls = scale, []
+
+    def forward(self, x, sigma):
+        self.calls.append((x.clone(), sigma.clone()))
+        return x * self.scale(sigma)[:, None]
+
+
+def hand_step(mu, s2, x, s_from, s_to, solver):
+    """One step of dx/dsigma = (x - D(x, sigma)) / sigma for N(mu, s2) data, D(x, s) = mu + s2 / (s2 + s^2) (x - mu),
+    written out: Euler, or Heun's trapezoid with the drift at Euler's endpoint."""
+    den = lambda v, s: mu + s2 / (s2 + s[:, None] ** 2) * (v - mu)  # noqa: E731
+    drift = lambda v, s: (v - den(v, s)) / s[:, None]  # noqa: E731
+    h = (s_to - s_from)[:, None]
+    d0 = drift(x, s_from)
+    euler = x + h * d0
+    return euler if solver == "euler" else x + h * (d0 + drift(euler, s_to)) / 2
+
+
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+@pytest.mark.parametrize("weighting", ["uniform", "inverse_gap"])
+def test_cd_target_is_one_teacher_step_then_the_target_network(gaussian_denoiser, solver, weighting):
+    """CD on Gaussian data: the online network sees x_{n+1} = x0 + sigma_{n+1} z at a point of the 6-point Karras grid
+    (rho = 7, written out here); the target network sees the teacher's step from there to the grid point below,
+    computed here by hand; the loss is lambda * mean((f(x_{n+1}) - f_target(x_n))^2)."""
+    from cmkit.objectives import ConsistencyDistillation
+
+    mu, s2, smin, smax, n_points = 0.3, 0.25, 0.002, 80.0, 6
+    obj = ConsistencyDistillation(gaussian_denoiser(mu, s2**0.5), n_points, solver, "l2", weighting, target_mu=0.9)
+    online, target = Recorded(lambda s: 1 / (1 + s)), Recorded(lambda s: torch.cos(s))
+    x0 = torch.randn(512, 2, dtype=torch.float64)
+    torch.manual_seed(0)
+    loss = obj(online, x0, target=target)
+    (x_hi, s_hi), = online.calls
+    (x_lo, s_lo), = target.calls
+    ramp = torch.linspace(0, 1, n_points, dtype=torch.float64)
+    grid = (smin ** (1 / 7) + ramp * (smax ** (1 / 7) - smin ** (1 / 7))) ** 7  # ascending, grid[0] = sigma_min
+    i = (s_hi[:, None] - grid).abs().argmin(1)
+    torch.testing.assert_close(s_hi, grid[i], rtol=1e-6, atol=0)  # the grid is built in float32
+    assert i.min() == 1 and i.max() == n_points - 1  # every pair (n, n + 1) is drawn
+    torch.testing.assert_close(s_lo, grid[i - 1], rtol=1e-6, atol=0)
+    z = (x_hi - x0) / s_hi[:, None]
+    assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
+    torch.testing.assert_close(x_lo, hand_step(mu, s2, x_hi, s_hi, s_lo, solver), rtol=1e-10, atol=1e-10)
+    lam = torch.ones_like(s_hi) if weighting == "uniform" else 1 / (s_hi - s_lo)
+    f_on, f_tgt = x_hi / (1 + s_hi[:, None]), x_lo * torch.cos(s_lo)[:, None]
+    torch.testing.assert_close(loss, (lam * (f_on - f_tgt).pow(2).mean(1)).mean(), rtol=1e-10, atol=0)
+    # no target network: the online network, under no_grad, gives the target
+    online.calls.clear()
+    torch.manual_seed(0)
+    obj(online, x0)
+    (x_lo2, s_lo2), (x_hi2, s_hi2) = online.calls
+    assert torch.equal(x_lo2, x_lo) and torch.equal(s_lo2, s_lo) and torch.equal(x_hi2, x_hi)
 
 
 def vp_denoiser(prediction_type="epsilon"):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torchdiffeq import odeint
 
@@ -266,7 +267,7 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     weighting (averaged by the trainer) stay in sync, so both ranks hold the same weights after training."""
     script = tmp_path / "ddp_scm.py"
     script.write_text(
-        "import sys, torch\n"
+        "import os, sys, torch\n"
         "from accelerate import Accelerator\n"
         "from safetensors.torch import save_file\n"
         "from cmkit.cli.recipes import load_recipe\n"
@@ -277,6 +278,9 @@ def test_two_processes_end_with_identical_weights(tmp_path):
         "data = dataset_for(recipe)\n"
         "model, objective = build_run(recipe, data)\n"
         "acc = Accelerator(cpu=True)\n"
+        "os.makedirs(out, exist_ok=True)\n"
+        "init = {f'm.{k}': v.detach().clone().contiguous() for k, v in model.state_dict().items()}\n"
+        "save_file(init, f'{out}/init{acc.process_index}.safetensors', {'model': type(model).__name__})\n"
         "def batches(n, device):\n"
         "    return data.train[torch.randint(0, len(data.train), (n,))].to(device), {}\n"
         "train(model, objective, batches, recipe.train, out, progress=False, accelerator=acc)\n"
@@ -293,8 +297,14 @@ def test_two_processes_end_with_identical_weights(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         a, b = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        start = MeanFlowModel if "meanflow" in name else TrigFlowConsistencyModel
-        assert start  # the run trained: the weights left their initialisation
+        # the run trained the model meant: every weight tensor left rank 0's initialisation (which DDP gives both
+        # ranks; three optimiser steps move each parameter that gets a gradient)
+        with safe_open(out / "init0.safetensors", "pt") as f:
+            assert f.metadata()["model"] == ("MeanFlowModel" if "meanflow" in name else "TrigFlowConsistencyModel")
+        init = load_file(out / "init0.safetensors")
+        weights = [k for k in init if k.endswith(".weight")]
+        moved = [k for k in weights if not torch.equal(a[k], init[k])]
+        assert weights and moved == weights, sorted(set(weights) - set(moved))[:5]
         assert any(k.startswith("o.") for k in a) == ("sct" in name)
 
 

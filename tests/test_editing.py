@@ -1,5 +1,7 @@
 """Zero-shot editing: orthogonal operators, known pixels / coefficients kept, and the one-sigma reduction."""
 
+import math
+
 import pytest
 import torch
 
@@ -93,3 +95,63 @@ def test_denoise_interpolate_sdedit_shapes_and_errors():
     assert cmkit.sdedit(cm, x, 2.0, sigmas=[2.0, 0.5]).shape == x.shape
     with pytest.raises(ValueError, match="image model"):
         cmkit.inpaint(cmkit.ConsistencyModel(cmkit.TimeMLP(dim=2, hidden=8, depth=1)), torch.zeros(1, 2), 1)
+
+
+class GaussianCM(torch.nn.Module):
+    """The exact consistency function of N(0, s2 I) data: x_sigma / sqrt(s2 + sigma^2) is constant along a PF-ODE
+    trajectory, so f(x, sigma) = x sqrt((s2 + sigma_min^2) / (s2 + sigma^2)) (+ ``shift``, a condition to pass
+    through). In training mode it answers 2 f, as a dropout network would answer differently."""
+
+    sigma_min, sigma_max, sample_shape = 0.002, 80.0, (3, 8, 8)
+
+    def __init__(self, s2=0.3):
+        super().__init__()
+        self.s2 = s2
+        # editing reads the device and dtype off a parameter
+        self.dummy = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x, sigma, shift=0.0):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        f = x * ((self.s2 + self.sigma_min**2) / (self.s2 + sigma**2)).sqrt() + shift
+        return 2 * f if self.training else f
+
+
+def exact_f(x, sigma, s2=0.3, shift=0.0):
+    return x * math.sqrt((s2 + 0.002**2) / (s2 + sigma**2)) + shift
+
+
+def test_denoise_is_one_evaluation_of_the_consistency_function_in_eval_mode():
+    cm = GaussianCM().train()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for sigma in (0.002, 0.5, 80.0):
+        torch.testing.assert_close(cmkit.denoise(cm, x, sigma), exact_f(x, sigma), rtol=1e-12, atol=0)
+    torch.testing.assert_close(cmkit.denoise(cm, x, 1.5, shift=0.25), exact_f(x, 1.5, shift=0.25), rtol=1e-12, atol=0)
+    assert cm.training  # the caller's mode comes back
+    # a real consistency model: f(x, sigma_min) = x exactly, and elsewhere one eval-mode pass of the network
+    real = cm_rgb().train()
+    y = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.equal(cmkit.denoise(real, y, real.sigma_min), y)
+    with torch.no_grad():
+        torch.testing.assert_close(cmkit.denoise(real, y, 0.7), real.eval()(y, 0.7), rtol=0, atol=0)
+
+
+def test_sdedit_noises_the_guide_to_sigma_start_then_runs_algorithm_1():
+    from cmkit.sampling import per_sample_noise
+
+    cm = GaussianCM().train()
+    guide = torch.rand(3, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    # default: one step, f(guide + sigma_start z_0, sigma_start)
+    out = cmkit.sdedit(cm, guide, 2.0, generator=torch.Generator().manual_seed(5), shift=0.1)
+    z = per_sample_noise(3, 1, (3, 8, 8), torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(out, exact_f(guide + 2.0 * z[0], 2.0, shift=0.1), rtol=1e-12, atol=1e-12)
+    # a chain: after each denoise, re-noise to the next sigma with sqrt(sigma^2 - sigma_min^2) z_k, denoise again
+    sig = [2.0, 0.5, 0.1]
+    out = cmkit.sdedit(cm, guide, 2.0, sigmas=sig, generator=torch.Generator().manual_seed(5))
+    z = per_sample_noise(3, 3, (3, 8, 8), torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = exact_f(guide + 2.0 * z[0], 2.0)
+    for k, s in enumerate(sig[1:], 1):
+        x = exact_f(x + math.sqrt(s**2 - 0.002**2) * z[k], s)
+    torch.testing.assert_close(out, x, rtol=1e-12, atol=1e-12)
+    assert cm.training
+    with pytest.raises(ValueError, match="must start at sigma_start"):
+        cmkit.sdedit(cm, guide, 2.0, sigmas=[1.0, 0.5])

@@ -1,5 +1,6 @@
 """LCM and LCM-LoRA distillation through the real job path on a tiny random teacher: resume is exact, two processes
-train, a v-prediction teacher distils, and bad recipes get one-line errors."""
+train, a v-prediction teacher distils, and bad recipes get one-line errors; the skipping-step loss is pinned to its
+equation on a closed-form teacher."""
 
 from __future__ import annotations
 
@@ -101,6 +102,99 @@ def test_v_prediction_teacher_distils_to_beat_it_at_two_passes(setup, tmp_path, 
     assert (passes, our_passes) == (2, 1)
     err_teacher, err_lcm = (one - ref).square().mean().item(), (ours - ref).square().mean().item()
     assert err_lcm < 0.9 * err_teacher, (err_lcm, err_teacher)
+
+
+class ClosedFormUNet(torch.nn.Module):
+    """A stand-in UNet predicting x0 ("sample") in closed form: ``gain (1 + t / 20) x_t + mean(prompt embedding)``."""
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain, self.config = gain, {"time_cond_proj_dim": None}
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    @property
+    def dtype(self):
+        return torch.float32
+
+    def forward(self, x, t, encoder_hidden_states=None, added_cond_kwargs=None, timestep_cond=None):
+        from types import SimpleNamespace
+
+        shape = (-1, *[1] * (x.ndim - 1))
+        return SimpleNamespace(sample=self.gain * (1 + t / 20).reshape(shape) * x +
+                               encoder_hidden_states.mean((1, 2)).reshape(shape))
+
+
+class Recorded(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.calls = fn, []
+
+    def forward(self, z, sigma, **cond):
+        self.calls.append((z.clone(), sigma.clone(), dict(cond)))
+        return self.fn(z, sigma, **cond)
+
+
+def test_skipping_step_target_is_the_guided_ddim_step_then_the_boundary_scaled_target():
+    """LCM's loss on a 20-step VP table with k = 4 (t_n in {3, 7, 11, 15, 19}), written out by hand: the guided teacher
+    x0_w = D(neg) + (1 + w)(D(pos) - D(neg)), the DDIM step z_lo = x0_w + (sigma_lo / sigma_hi)(z_hi - x0_w) from t_n
+    to max(t_n - k, 0), and f = c_skip z / sqrt(1 + sigma^2) + c_out D(z) with c_skip = sd^2 / ((10 t)^2 + sd^2),
+    c_out = 10 t / sqrt((10 t)^2 + sd^2), sd = 0.5, on the target network at t_lo and the online one at t_n."""
+    from diffusers import DDPMScheduler
+
+    from cmkit.latent.denoiser import LatentDenoiser
+    from cmkit.latent.lcm import LCMFunction
+    from cmkit.objectives.lcm import LatentConsistencyDistillation, LCMConfig
+
+    sched = DDPMScheduler(num_train_timesteps=20)
+    table = ((1 - sched.alphas_cumprod.double()) / sched.alphas_cumprod.double()).sqrt()
+    gains = {"teacher": 0.9, "online": 0.5, "target": 0.7}
+    den = {k: LatentDenoiser(ClosedFormUNet(g), sched, prediction_type="sample") for k, g in gains.items()}
+    online, target = Recorded(LCMFunction(den["online"])), Recorded(LCMFunction(den["target"]))
+    cfg = LCMConfig(num_ddim_timesteps=5, w_min=1.0, w_max=3.0, target_ema=0.9)
+    obj = LatentConsistencyDistillation(den["teacher"], None, None, cfg)
+    n, g = 64, torch.Generator().manual_seed(0)
+    z0 = torch.randn(n, 2, 2, 2, generator=g)
+    pos, neg = torch.randn(n, 3, 4, generator=g), torch.randn(n, 3, 4, generator=g)
+    torch.manual_seed(0)
+    loss = obj(online, z0, target=target, prompt_embeds=pos, negative_prompt_embeds=neg)
+    (z_hi, s_hi, c_on), = online.calls
+    (z_lo, s_lo, c_tgt), = target.calls
+    # the draws: a skipping-step timestep, a guidance in [w_min, w_max], the student's conditioning without negatives
+    t_hi = (s_hi.double()[:, None] - table).abs().argmin(1)
+    assert set(t_hi.tolist()) == {3, 7, 11, 15, 19}
+    t_lo = (t_hi - 4).clamp_min(0)
+    torch.testing.assert_close(s_hi.double(), table[t_hi], rtol=1e-6, atol=0)
+    torch.testing.assert_close(s_lo.double(), table[t_lo], rtol=1e-6, atol=0)
+    w = c_on["guidance_scale"] - 1
+    assert 1.0 <= w.min() and w.max() <= 3.0 and w.std() > 0.3
+    for c in (c_on, c_tgt):
+        assert set(c) == {"prompt_embeds", "guidance_scale"} and torch.equal(c["prompt_embeds"], pos)
+    assert torch.equal(c_tgt["guidance_scale"], c_on["guidance_scale"])
+    eps = (z_hi - z0) / s_hi[:, None, None, None]
+    assert abs(eps.mean()) < 0.1 and abs(eps.std() - 1) < 0.1
+
+    def bc(v):
+        return v.double().reshape(-1, 1, 1, 1)
+
+    def d(name, z, t, emb):  # the closed-form x0 at the table point t (sigma = table[t])
+        return gains[name] * (1 + bc(t) / 20) * z.double() / (1 + bc(table[t]) ** 2).sqrt() + bc(emb.mean((1, 2)))
+
+    def f(name, z, t):
+        st = 10 * bc(t)
+        c_skip, c_out = 0.25 / (st**2 + 0.25), st / (st**2 + 0.25).sqrt()
+        return c_skip * z.double() / (1 + bc(table[t]) ** 2).sqrt() + c_out * d(name, z, t, pos)
+
+    x0_w = d("teacher", z_hi, t_hi, neg) + bc(1 + w) * (d("teacher", z_hi, t_hi, pos) - d("teacher", z_hi, t_hi, neg))
+    step = x0_w + bc(table[t_lo] / table[t_hi]) * (z_hi.double() - x0_w)
+    torch.testing.assert_close(z_lo.double(), step, rtol=1e-5, atol=1e-5)
+    expected = (f("online", z_hi, t_hi) - f("target", step, t_lo)).pow(2).flatten(1).mean(1).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+    # no target network (LCM-LoRA): the online function, under no_grad, gives the target from the same step
+    online.calls.clear()
+    torch.manual_seed(0)
+    obj(online, z0, prompt_embeds=pos, negative_prompt_embeds=neg)
+    (z_hi2, _, _), (z_lo2, s_lo2, _) = online.calls
+    assert torch.equal(z_hi2, z_hi) and torch.equal(z_lo2, z_lo) and torch.equal(s_lo2, s_lo)
 
 
 def test_bad_recipes_get_one_line_errors(setup, tmp_path):
