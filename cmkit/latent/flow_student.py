@@ -27,6 +27,7 @@ from torch import nn
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiserView, TextToImageModel
+from .students import SharedPartsStudent
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SAMPLERS = ("euler",)  # FlowMatchEulerDiscreteScheduler: deterministic multistep consistency sampling
@@ -47,7 +48,7 @@ def add_transformer_lora(transformer, rank: int, alpha: float, targets) -> None:
 
 
 @MODEL_KINDS.register("flow_cm")
-class FlowConsistencyModel(LatentDenoiserView, nn.Module):
+class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
     """A few-step student of a flow teacher with the pipeline it samples in (see the module docstring).
     ``steps``: the step count it was distilled for (its default); ``guidance_scale``: the teacher guidance folded
     in (recorded); ``sampler``: the scheduler its export samples with."""
@@ -63,15 +64,6 @@ class FlowConsistencyModel(LatentDenoiserView, nn.Module):
         self.__dict__["parts"] = parts
         self.steps, self.guidance_scale, self.sampler = int(steps), float(guidance_scale), sampler
         self.lora, self.base = bool(lora), base
-
-    def __deepcopy__(self, memo):
-        """Copies (EMAs, the target network) share the teacher's parts instead of copying them."""
-        memo[id(self.parts)] = self.parts
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = copy.deepcopy(v, memo)
-        return new
 
     # --- the consistency function: the student's flow denoiser, unguided
     def forward(self, z, sigma, guidance_scale=1.0, **cond):
@@ -115,18 +107,6 @@ class FlowConsistencyModel(LatentDenoiserView, nn.Module):
 
     def encode(self, images):
         return self.parts.encode(images)
-
-    # --- checkpoints hold what trains
-    def state_dict(self, *args, **kwargs):
-        full = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in full.items() if "lora_" in k} if self.lora else full
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if not self.lora:
-            return super().load_state_dict(state_dict, strict, assign)
-        if set(state_dict) != set(self.state_dict()):
-            raise ValueError("the LoRA weights do not fit this adapter (other rank, targets or base transformer)")
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     # --- files
     def student_scheduler(self):

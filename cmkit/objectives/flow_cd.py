@@ -29,6 +29,7 @@ from ..latent.denoiser import TextToImageModel
 from ..latent.families.flow import FlowDenoiser
 from ..latent.flow_student import FlowConsistencyModel, add_transformer_lora
 from ..latent.latent_cache import encode_set
+from ..latent.students import adapters_off
 from ..solvers import SOLVERS, ode_step, step_solvers
 from .base import BuildContext, ObjectiveConfig, register_objective
 from .distances import make_distance
@@ -101,18 +102,7 @@ class FlowConsistencyDistillation:
 
     def _teacher_weights(self):
         """A LoRA student: the teacher is the student's own transformer with its adapter switched off."""
-        if not self.lora:
-            return contextlib.nullcontext()
-        net = self.teacher.network
-
-        @contextlib.contextmanager
-        def off():
-            net.disable_adapters()
-            try:
-                yield
-            finally:
-                net.enable_adapters()
-        return off()
+        return adapters_off(self.teacher.network) if self.lora else contextlib.nullcontext()
 
 
 def _prepare(cfg: FlowCDConfig, ctx: BuildContext):
