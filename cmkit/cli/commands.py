@@ -4,11 +4,15 @@ one line on stderr and a non-zero exit code, never a traceback (set CMKIT_DEBUG=
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import os
 import sys
 from pathlib import Path
 
-from .text2image import add_bench_t2i, add_generate, run_bench_t2i, run_generate
+from .. import __version__
+from .streams import guarded_output, signals_interrupt
+from .text2image import add_bench_t2i, add_generate, named_folders, run_bench_t2i, run_generate
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 TRAINING_JOBS = ("train-teacher", "distill", "train")
@@ -16,6 +20,13 @@ TRAINING_JOBS = ("train-teacher", "distill", "train")
 
 class CliError(Exception):
     pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors (argparse prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, out_help: str = "output folder (default runs/<recipe name>)"):
@@ -38,7 +49,8 @@ def _default_out(recipe: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cmkit", description="Consistency models: distil, train, sample, measure.")
+    parser = Parser(prog="cmkit", description="Consistency models: distil, train, sample, measure.")
+    parser.add_argument("--version", action="version", version=f"cmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     q = sub.add_parser("quickstart", help="teacher -> distil -> sample -> quality-vs-steps table + plot (S-curve)")
@@ -120,9 +132,24 @@ def _add_bench(sub) -> None:
 
 
 def _kinds(job: str) -> str:
-    from ..objectives import kinds_for
+    return ", ".join(registered_kinds().get(job, []))
 
-    return ", ".join(kinds_for(job))
+
+@functools.cache
+def registered_kinds() -> dict[str, list[str]]:
+    """job -> the objective kinds it runs, for the help text: read from the ``@register_objective(KIND, ...,
+    job=JOB)`` lines of ``cmkit/objectives/*.py`` without importing them (which would import torch for ``--help``;
+    tests/test_hardening.py checks the result against ``cmkit.objectives.kinds_for``)."""
+    kinds: dict[str, list[str]] = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "objectives").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "register_objective"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                continue
+            job = next((k.value.value for k in node.keywords if k.arg == "job" and isinstance(k.value, ast.Constant)),
+                       None)
+            kinds.setdefault(job, []).append(node.args[0].value)
+    return {job: sorted(names) for job, names in kinds.items()}
 
 
 def _parse_sigmas(text: str) -> list[float]:
@@ -151,13 +178,14 @@ def run_quickstart(args: argparse.Namespace) -> None:
 
 
 def run_training(args: argparse.Namespace) -> None:
-    from .dryrun import dry_run
     from .jobs import SAVES, run_job
     from .recipes import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
     teacher = getattr(args, "teacher", None)
     if args.dry_run:
+        from .dryrun import dry_run
+
         dry_run(recipe, args.command, teacher)
         return
     summary = run_job(args.command, recipe, args.out or _default_out(args.recipe), teacher, _progress(args),
@@ -199,16 +227,11 @@ def run_bench(args: argparse.Namespace) -> None:
     from .jobs import check_data_matches, dataset_for
     from .recipes import load_recipe
 
+    folders = named_folders(args.model)
     recipe = load_recipe(args.recipe, args.set)
     teacher_path = args.teacher or recipe.teacher.path
     if not teacher_path:
         raise CliError("no teacher: pass --teacher PATH or set teacher.path in the recipe")
-    folders = {}
-    for item in args.model:
-        if "=" not in item:
-            raise CliError(f"--model wants NAME=FOLDER, got {item!r}")
-        name, folder = item.split("=", 1)
-        folders[name] = folder
     models = {name: ConsistencyModel.from_pretrained(folder) for name, folder in folders.items()}
     teacher = load_teacher(teacher_path)
     data = dataset_for(recipe)
@@ -220,6 +243,9 @@ def run_bench(args: argparse.Namespace) -> None:
                                 extra={"teacher": str(teacher_path), "models": folders})
     except ImportError as e:
         raise CliError(str(e)) from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted; the finished rows are kept in {Path(out) / 'partial'}: run the same "
+                                "command again to go on from them") from None
     print(written["header"] + written["table"])
 
 
@@ -294,27 +320,39 @@ def run_edit(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..training import TrainingInterrupted
+    # stdout / stderr that can no longer be written (a closed pipe, a dropped terminal) never stop a command;
+    # SIGTERM and SIGHUP end one as Ctrl-C does (a training run installs its own handlers: save, then stop)
+    with guarded_output(), signals_interrupt():
+        try:
+            return run(args)
+        except BaseException as e:  # noqa: BLE001 - sorted into exit codes and one line each by _failed
+            return _failed(e)
 
-    try:
-        return run(args)
-    except TrainingInterrupted as e:
+
+def _interrupted(e: BaseException) -> bool:
+    """A ``TrainingInterrupted`` (looked up only when the trainer was imported: parsing never imports torch)."""
+    stop = sys.modules.get("cmkit.training.stop")
+    return stop is not None and isinstance(e, stop.TrainingInterrupted)
+
+
+def _failed(e: BaseException) -> int:
+    if _interrupted(e):
         print(f"cmkit: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("cmkit: interrupted", file=sys.stderr)
+    if isinstance(e, KeyboardInterrupt):
+        print(f"cmkit: {_one_line(e) if str(e) else 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (CliError, ValueError, OSError, FloatingPointError) as e:
-        if os.environ.get("CMKIT_DEBUG"):
-            raise
+    if not isinstance(e, Exception):  # SystemExit, GeneratorExit: as they were
+        raise e
+    if os.environ.get("CMKIT_DEBUG"):
+        raise e
+    if isinstance(e, (CliError, ValueError, OSError, FloatingPointError)):
         print(f"cmkit: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as e:  # noqa: BLE001 - the last line of defence keeps the promise of one line, no traceback
-        if os.environ.get("CMKIT_DEBUG"):
-            raise
-        print(f"cmkit: internal error: {type(e).__name__}: {_one_line(e)} (set CMKIT_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+    # the last line of defence keeps the promise of one line, no traceback
+    print(f"cmkit: internal error: {type(e).__name__}: {_one_line(e)} (set CMKIT_DEBUG=1 for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 def _one_line(e: BaseException) -> str:

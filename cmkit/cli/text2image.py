@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -15,7 +16,8 @@ def add_generate(sub) -> None:
     g.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default 4)")
     g.add_argument("--steps", type=int, default=None, help="solver steps (default 25; 4 for an LCM)")
     g.add_argument("--solver", default="ddim", help="ddim, dpmpp_2m, euler, heun, ... (default ddim)")
-    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    g.add_argument("--guidance", type=guidance_scale, default=4.0,
+                   help="classifier-free guidance scale, 1 or more (1: no guidance; default 4)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="generated.png", help="output .png grid or .npy batch (default generated.png)")
 
@@ -24,7 +26,7 @@ def add_bench_t2i(bsub) -> None:
     b = bsub.add_parser("text-to-image", help="a text-to-image teacher's solvers at 1-50 steps on the coloured "
                                               "Fashion-MNIST prompts (item / colour accuracy, Frechet distance)")
     b.add_argument("--teacher", default="cmkit:tiny-t2i", help="teacher folder (default cmkit:tiny-t2i)")
-    b.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default 4)")
+    b.add_argument("--guidance", type=guidance_scale, default=4.0, help="guidance scale, 1 or more (default 4)")
     b.add_argument("--num", type=int, default=1000, help="samples per setting and seed (default 1000)")
     b.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     b.add_argument("--steps", default="1,2,4,8,16,25,50", help="comma-separated step counts")
@@ -34,6 +36,37 @@ def add_bench_t2i(bsub) -> None:
     b.add_argument("--model-steps", default="1,2,4,8", help="comma-separated steps for --model rows")
     b.add_argument("--out", default="benchmarks/results/text-to-image", help="output folder")
     b.add_argument("--no-progress", action="store_true")
+
+
+def guidance_scale(text: str) -> float:
+    """A ``--guidance`` value: a finite number >= 1. Classifier-free guidance mixes ``eps_u + w (eps_c - eps_u)``
+    only for ``w > 1`` (diffusers' convention, which the teachers follow), so a value below 1 would silently sample
+    at 1, and NaN or inf gives NaN latents (a black image)."""
+    try:
+        w = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants a number, got {text!r}") from None
+    if not math.isfinite(w) or w < 1:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 1 (1 = no guidance), got {text!r}")
+    return w
+
+
+def named_folders(items: list[str]) -> dict[str, str]:
+    """``--model NAME=FOLDER`` values as ``{name: folder}``. A name becomes part of file names under ``--out``
+    (finished rows are kept as ``OUT/partial/NAME-NFE.json``), so one that could reach outside it is refused."""
+    folders = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ValueError(f"--model wants NAME=FOLDER, got {item!r}")
+        bad = [c for c in name if c in '/\\\0' or not c.isprintable()]
+        if bad or name.strip(". ") == "":
+            raise ValueError(f"--model {item!r}: the name {name!r} becomes a file name under --out, so it may not "
+                             "hold '/', '\\', control characters or be only dots; name it e.g. LCM-4step")
+        if name in folders:
+            raise ValueError(f"--model {name!r} is given twice; give each model its own name")
+        folders[name] = folder
+    return folders
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -54,8 +87,8 @@ def _is_lcm(path: str) -> bool:
 
 
 def _t2i_teacher(path: str):
+    from ..latent.denoiser import TextToImageModel
     from ..models import load_model, load_teacher
-    from ..models.latent import TextToImageModel
 
     if _is_lcm(path):
         return load_model(path)
@@ -97,18 +130,20 @@ def run_bench_t2i(args: argparse.Namespace) -> None:
     from ..eval.t2i_bench import lcm_rows, text_to_image_benchmark
     from ..models.loading import resolve
 
+    folders = named_folders(args.model)  # before anything is loaded
     teacher = _t2i_teacher(args.teacher)
     ev = EvalSettings(num_samples=args.num, seeds=_ints(args.seeds, "--seeds"))
     models = {}
-    for item in args.model:
-        if "=" not in item:
-            raise ValueError(f"--model wants NAME=FOLDER, got {item!r}")
-        name, folder = item.split("=", 1)
+    for name, folder in folders.items():
         if not _is_lcm(folder):
             raise ValueError(f"--model {folder}: not an LCM or LCM-LoRA folder cmkit wrote (no cmkit.json of kind lcm)")
         models[name] = lcm_rows(_t2i_teacher(folder), _ints(args.model_steps, "--model-steps"), args.guidance)
-    written = text_to_image_benchmark(teacher, resolve(args.teacher), ev, args.out,
-                                      solvers=[s for s in args.solvers.split(",") if s],
-                                      steps=_ints(args.steps, "--steps"), guidance_scale=args.guidance,
-                                      models=models, progress=not args.no_progress)
+    try:
+        written = text_to_image_benchmark(teacher, resolve(args.teacher), ev, args.out,
+                                          solvers=[s for s in args.solvers.split(",") if s],
+                                          steps=_ints(args.steps, "--steps"), guidance_scale=args.guidance,
+                                          models=models, progress=not args.no_progress)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: the rows finished so far are kept
+        raise KeyboardInterrupt(f"interrupted; the finished rows are kept in {Path(args.out) / 'partial'}: run the "
+                                "same command again to go on from them") from None
     print(written["header"] + written["table"])

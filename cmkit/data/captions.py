@@ -5,37 +5,87 @@ same-name ``.txt`` caption beside it, or a Hugging Face image folder with a ``me
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
 from .dataset import Dataset, _split
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, read_image
 
 METADATA = "metadata.jsonl"
 
 
 def has_captions(path) -> bool:
-    """Whether an image folder is captioned (a ``metadata.jsonl``, or ``.txt`` files beside the images)."""
+    """Whether an image folder is captioned (a ``metadata.jsonl``, or ``.txt`` files beside the images). A caption
+    file cmkit does not read (``metadata.csv``, a ``metadata.jsonl`` in a subfolder) is an error saying what to do."""
     root = Path(path)
     if (root / METADATA).is_file():
         return True
-    return any(p.with_suffix(".txt").is_file() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if any(p.with_suffix(".txt").is_file() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        return True
+    _refuse_unread_metadata(root)
+    return False
 
 
-def _captions_from_metadata(root: Path) -> dict[Path, str]:
-    meta = root / METADATA
-    out = {}
-    for i, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+def _refuse_unread_metadata(root: Path) -> None:
+    csv = sorted(root.rglob("metadata.csv"))
+    if csv:
+        raise ValueError(f"{csv[0]}: cmkit reads captions from a {METADATA} (one JSON object a line, "
+                         '{"file_name": "a.png", "text": "a caption"}) or a .txt beside each image, not from CSV; '
+                         f"convert it to {root / METADATA}")
+    nested = sorted(root.rglob(METADATA))
+    if nested:
+        raise ValueError(f"{nested[0]}: cmkit reads the {METADATA} at the top of data.path only; set data.path to "
+                         f"{nested[0].parent}")
+
+
+def _metadata_image(root: Path, meta: Path, i: int, name) -> Path:
+    """The image a ``metadata.jsonl`` row names: a relative path that stays inside ``root`` (through symlinks too)."""
+    where = f"{meta} line {i}: file_name {name!r}"
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise ValueError(f"{where} is not a file name; give the image's path relative to {root}")
+    if Path(name).is_absolute() or PureWindowsPath(name).is_absolute() or name.startswith(("/", "\\")):
+        raise ValueError(f"{where} is an absolute path; file names are relative to {root}: copy the image there")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"{where} leaves the folder through '..'; file names must name images inside {root}")
+    path = root / name
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise ValueError(f"{where} resolves to {real}, outside {root} (through a symlink); copy the image into "
+                         "the folder")
+    return path
+
+
+def _metadata_rows(meta: Path):
+    """``(line number, row)`` of each non-blank line; a BOM (Windows editors write one) is dropped."""
+    try:
+        text = meta.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{meta} is not UTF-8 text ({e.reason}); save it as UTF-8") from None
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
             if not isinstance(row["text"], str):
                 raise TypeError
-            out[root / row["file_name"]] = row["text"]
+            row["file_name"]  # noqa: B018 - present
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f"{meta} line {i}: expected a JSON object with 'file_name' and 'text'") from None
+        yield i, row
+
+
+def _captions_from_metadata(root: Path) -> dict[Path, str]:
+    meta = root / METADATA
+    out, lines = {}, {}
+    for i, row in _metadata_rows(meta):
+        path = _metadata_image(root, meta, i, row["file_name"])
+        key = path.resolve()
+        if key in lines:
+            raise ValueError(f"{meta} line {i}: file_name {row['file_name']!r} is the image of line {lines[key]} "
+                             "too; keep one row per image")
+        lines[key] = i
+        out[path] = row["text"]
     missing = [p.name for p in out if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{meta} names {len(missing)} images that are not there (first: {missing[0]})")
@@ -52,7 +102,7 @@ def _captions_from_txt(root: Path) -> dict[Path, str]:
                                 f"{missing[0].name} needs {missing[0].with_suffix('.txt').name}); add them or write "
                                 f"a {METADATA}")
     try:
-        return {p: p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in files}
+        return {p: p.with_suffix(".txt").read_text(encoding="utf-8-sig").strip() for p in files}  # BOM dropped
     except UnicodeDecodeError as e:
         raise ValueError(f"a caption under {root} is not UTF-8 text ({e.reason}); save the captions as UTF-8") from None
 
@@ -60,21 +110,13 @@ def _captions_from_txt(root: Path) -> dict[Path, str]:
 def load_caption_folder(path, size: int = 0, test_fraction: float = 0.1) -> Dataset:
     """A captioned image folder as RGB images in [-1, 1] with ``train_captions`` / ``test_captions``; ``size``
     resizes to size x size (images must agree in size otherwise)."""
-    from PIL import Image
-
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"caption folder {str(root)!r} does not exist")
     captions = _captions_from_metadata(root) if (root / METADATA).is_file() else _captions_from_txt(root)
     if len(captions) < 2:
         raise ValueError(f"{root} holds {len(captions)} captioned image; need at least 2 (one is held out)")
-    arrays = []
-    for p in captions:
-        try:
-            im = Image.open(p).convert("RGB")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{p} is not a readable image ({type(e).__name__}); remove or replace it") from None
-        arrays.append(np.asarray(im.resize((size, size), Image.BICUBIC) if size else im, dtype=np.float32))
+    arrays = [read_image(p, "RGB", size) for p in captions]
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:
         raise ValueError(f"images under {root} differ in size ({shapes[0]} and {shapes[1]} ...); set data.image_size")

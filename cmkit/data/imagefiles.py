@@ -35,12 +35,16 @@ def load_images(path, channels: int | None = None, pixels: bool = True) -> torch
         return torch.from_numpy(arr)
     from PIL import Image
 
+    from .images import GREY_MODES, read_image
+
     try:
-        im = Image.open(path)
+        with Image.open(path) as im:
+            grey = im.mode in (*GREY_MODES, "LA")
+    except Image.DecompressionBombError:
+        grey = False  # read_image says so in one line
     except OSError as e:
         raise ValueError(f"{path} is not an image PIL can read ({e})") from None
-    mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in ("L", "1", "I;16", "LA") else "RGB")
-    arr = np.asarray(im.convert(mode), dtype=np.float32) / 127.5 - 1
+    arr = read_image(path, {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if grey else "RGB")) / 127.5 - 1
     arr = arr[None, None] if arr.ndim == 2 else arr.transpose(2, 0, 1)[None]
     return torch.from_numpy(np.ascontiguousarray(arr))
 

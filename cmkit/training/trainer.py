@@ -39,7 +39,7 @@ from .checkpoints import (
 )
 from .ema import EMA, frozen_copy
 from .settings import TrainSettings
-from .stop import StopRequest, TrainingInterrupted
+from .stop import QuietStream, StopRequest, TrainingInterrupted, quietly
 
 Batches = Callable[[int, torch.device], tuple[torch.Tensor, dict]]
 MAX_NONFINITE_RUN = 10  # this many non-finite steps in a row stop a run: it diverged, skipping will not save it
@@ -129,7 +129,7 @@ class Trainer:
             clean_partial_writes(self.out, OUT_NAMES.__contains__)
         self.acc.wait_for_everyone()
         state = resume_newest(self.ckpt_root, lambda f: load_checkpoint(f, self.nets, self.optimizer),
-                              warn if main else lambda message: None)
+                              (lambda message: quietly(warn, message)) if main else lambda message: None)
         if state is None:
             if (self.out / "model").exists():
                 raise CheckpointError(f"{self.out} holds a trained model/ but no checkpoint to go on from; rather "
@@ -207,7 +207,8 @@ class Trainer:
         self._bad.zero_()
         self._longest.copy_(self._run)
         if bad and self.acc.is_main_process:
-            warn(f"{bad} step(s) up to step {self.step_no} had a non-finite loss or gradients and were not applied")
+            quietly(warn, f"{bad} step(s) up to step {self.step_no} had a non-finite loss or gradients and were not "
+                    "applied")
         if longest >= MAX_NONFINITE_RUN:
             last = latest_checkpoint(self.ckpt_root)
             raise FloatingPointError(
@@ -282,7 +283,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             _truncate_log(self.out / "log.jsonl", start)
         if start >= s.steps:
-            self.acc.print(f"{self.out}: already at step {start} of {s.steps}; nothing to train")
+            quietly(self.acc.print, f"{self.out}: already at step {start} of {s.steps}; nothing to train")
         t0 = time.perf_counter()
         self._loop(start, t0)
         if self.step_no > start or latest_checkpoint(self.ckpt_root) is None:
@@ -294,8 +295,9 @@ class Trainer:
     def _loop(self, start: int, t0: float) -> None:
         s = self.s
         log_t0, log_step0 = t0, start
+        # the bar writes through QuietStream: a closed pipe or a hung-up terminal never stops the run
         bar = tqdm(total=s.steps, initial=start, disable=not (self.progress and self.acc.is_main_process),
-                   desc="train", dynamic_ncols=True)
+                   desc="train", dynamic_ncols=True, file=QuietStream())
         stop = StopRequest(self.acc, s.log_every)
         try:
             while self.step_no < s.steps and not stop.requested(self.step_no):
@@ -307,15 +309,15 @@ class Trainer:
                     log_t0, log_step0 = time.perf_counter(), self.step_no
                 if self.step_no % s.checkpoint_every == 0 and self.step_no < s.steps:
                     self.checkpoint()
+            if stop.stopped and start < self.step_no < s.steps:
+                self.checkpoint()  # first, with the stop handlers still on (a repeated SIGTERM / SIGHUP waits)
         except KeyboardInterrupt:  # a second Ctrl-C, or one raised by code: no checkpoint mid-step
-            raise TrainingInterrupted(f"stopped at once during step {self.step_no + 1}; the run resumes from the "
-                                      f"last checkpoint in {self.ckpt_root}") from None
+            raise TrainingInterrupted(f"stopped at once at step {self.step_no}; the run resumes from the last "
+                                      f"checkpoint in {self.ckpt_root}") from None
         finally:
             stop.restore()
             bar.close()
         if stop.stopped and self.step_no < s.steps:
-            if self.step_no > start:
-                self.checkpoint()
             raise TrainingInterrupted(f"interrupted at step {self.step_no}; checkpoint saved in {self.ckpt_root}, "
                                       "run the same command again to resume")
 
