@@ -191,3 +191,24 @@ def test_bad_inputs_name_the_problem(tmp_path):
     student = FlowConsistencyModel(teacher.denoiser, teacher)
     with pytest.raises(ValueError, match="no negative prompt"):
         cmkit.text_to_image(student, ["a red bag"], steps=1, negative_prompts=["a blue bag"])
+
+
+def test_generate_samples_a_flow_student_at_guidance_1_and_refuses_more(tmp_path, capsys):
+    from cmkit.cli.commands import main
+
+    teacher = tiny_sd3_pipeline(seed=3)
+    FlowConsistencyModel(_perturbed(teacher.denoiser), teacher, steps=2, guidance_scale=4.0).save_pretrained(
+        tmp_path / "student")
+    out = tmp_path / "g.npy"
+    assert main(["generate", str(tmp_path / "student"), "--prompt", "a red bag", "--num-per-prompt", "2",
+                 "--out", str(out)]) == 0
+    import numpy as np
+
+    images = torch.from_numpy(np.load(out))
+    student = cmkit.load_model(tmp_path / "student")
+    ref = cmkit.text_to_image(student, ["a red bag"] * 2, steps=2, solver="euler", guidance_scale=1.0, spacing=None,
+                              generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    assert images.shape == ref.shape and (images - ref).abs().max() < 1e-4  # its own 2 steps, at guidance 1
+    assert main(["generate", str(tmp_path / "student"), "--prompt", "a red bag", "--guidance", "4",
+                 "--out", str(out)]) != 0
+    assert "folds guidance in" in capsys.readouterr().err

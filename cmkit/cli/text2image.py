@@ -16,8 +16,9 @@ def add_generate(sub) -> None:
     g.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default 4)")
     g.add_argument("--steps", type=int, default=None, help="solver steps (default 25; 4 for an LCM)")
     g.add_argument("--solver", default="ddim", help="ddim, dpmpp_2m, euler, heun, ... (default ddim)")
-    g.add_argument("--guidance", type=guidance_scale, default=4.0,
-                   help="classifier-free guidance scale, 1 or more (1: no guidance; default 4)")
+    g.add_argument("--guidance", type=guidance_scale, default=None,
+                   help="classifier-free guidance scale, 1 or more (1: no guidance; default 4 for a teacher or an LCM, "
+                        "1 for a student that folds guidance in: an LCM-LoRA, a flow student)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default="generated.png", help="output .png grid or .npy batch (default generated.png)")
 
@@ -79,18 +80,24 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
-def _is_lcm(path: str) -> bool:
+STUDENT_KINDS = ("lcm", "flow_cm")  # distilled text-to-image models cmkit writes (cmkit.json's kind)
+
+
+def _student_kind(path: str) -> str | None:
     from ..models.folder import read_meta
     from ..models.loading import resolve
 
-    return Path(resolve(path)).is_dir() and (read_meta(resolve(path)) or {}).get("kind") == "lcm"
+    if not Path(resolve(path)).is_dir():
+        return None
+    kind = (read_meta(resolve(path)) or {}).get("kind")
+    return kind if kind in STUDENT_KINDS else None
 
 
 def _t2i_teacher(path: str):
     from ..latent.denoiser import TextToImageModel
     from ..models import load_model, load_teacher
 
-    if _is_lcm(path):
+    if _student_kind(path):
         return load_model(path)
     teacher = load_teacher(path)
     if not isinstance(teacher, TextToImageModel):
@@ -105,29 +112,41 @@ def run_generate(args: argparse.Namespace) -> None:
     from ..data.imagefiles import save_images
     from ..sampling.text2image import lcm_sample, text_to_image
 
-    lcm = _is_lcm(args.model)
-    args.steps = args.steps if args.steps is not None else (4 if lcm else 25)
-    if args.num_per_prompt < 1 or args.steps < 1:
-        raise ValueError("--num-per-prompt and --steps must be >= 1")
+    kind = _student_kind(args.model)
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
         raise ValueError(f"--out must end in .npy or .png, got {out.name!r}")
     model = _t2i_teacher(args.model)
+    args.steps = args.steps if args.steps is not None else (getattr(model, "steps", 4) if kind else 25)
+    if args.num_per_prompt < 1 or args.steps < 1:
+        raise ValueError("--num-per-prompt and --steps must be >= 1")
+    w = _default_guidance(model, kind, args.guidance)
     prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
     gen = torch.Generator().manual_seed(args.seed)
-    if lcm:
-        x = lcm_sample(model, prompts, args.steps, guidance_scale=args.guidance, negative_prompts=args.negative_prompt,
+    if kind == "lcm":
+        x = lcm_sample(model, prompts, args.steps, guidance_scale=w, negative_prompts=args.negative_prompt,
                        generator=gen)
-    else:
-        x = text_to_image(model, prompts, steps=args.steps, solver=args.solver, guidance_scale=args.guidance,
-                          negative_prompts=args.negative_prompt, generator=gen)
+    else:  # a teacher, or a flow student: Euler over its own grid is what its exported scheduler runs
+        solver = "euler" if kind == "flow_cm" else args.solver
+        x = text_to_image(model, prompts, steps=args.steps, solver=solver, guidance_scale=w,
+                          negative_prompts=args.negative_prompt, generator=gen, spacing=None if kind else "trailing")
     save_images(x.clamp(-1, 1), out)
     print(f"wrote {len(prompts)} images ({args.num_per_prompt} per prompt) to {out}")
 
 
+def _default_guidance(model, kind: str | None, given: float | None) -> float:
+    """``--guidance``, or the model's own default: 4 for a teacher and a full LCM (through its embedding), 1 for a
+    student that folds guidance in (an LCM-LoRA, a flow student), where any other value is refused."""
+    folded = kind == "flow_cm" or (kind == "lcm" and not model.fn.denoiser.embeds_guidance)
+    if folded and given not in (None, 1.0):
+        raise ValueError(f"{type(model).__name__} folds guidance in and samples at --guidance 1 (one pass a step); "
+                         f"--guidance {given:g} would guide on top of it. Leave --guidance out")
+    return (1.0 if folded else 4.0) if given is None else given
+
+
 def run_bench_t2i(args: argparse.Namespace) -> None:
     from ..eval.bench import EvalSettings
-    from ..eval.t2i_bench import lcm_rows, text_to_image_benchmark
+    from ..eval.t2i_bench import flow_student_rows, lcm_rows, text_to_image_benchmark
     from ..models.loading import resolve
 
     folders = named_folders(args.model)  # before anything is loaded
@@ -135,9 +154,12 @@ def run_bench_t2i(args: argparse.Namespace) -> None:
     ev = EvalSettings(num_samples=args.num, seeds=_ints(args.seeds, "--seeds"))
     models = {}
     for name, folder in folders.items():
-        if not _is_lcm(folder):
-            raise ValueError(f"--model {folder}: not an LCM or LCM-LoRA folder cmkit wrote (no cmkit.json of kind lcm)")
-        models[name] = lcm_rows(_t2i_teacher(folder), _ints(args.model_steps, "--model-steps"), args.guidance)
+        kind, steps = _student_kind(folder), _ints(args.model_steps, "--model-steps")
+        if kind is None:
+            raise ValueError(f"--model {folder}: not a distilled text-to-image model cmkit wrote (no cmkit.json of "
+                             f"kind {' or '.join(STUDENT_KINDS)})")
+        student = _t2i_teacher(folder)
+        models[name] = lcm_rows(student, steps, args.guidance) if kind == "lcm" else flow_student_rows(student, steps)
     try:
         written = text_to_image_benchmark(teacher, resolve(args.teacher), ev, args.out,
                                           solvers=[s for s in args.solvers.split(",") if s],

@@ -74,6 +74,20 @@ def lcm_rows(model, steps=(1, 2, 4, 8), guidance_scale: float = 4.0) -> list[tup
     return [row(k) for k in steps]
 
 
+def flow_student_rows(model, steps=(1, 2, 4, 8)) -> list[tuple]:
+    """``(nfe, model, run)`` rows of a few-step student of a flow teacher: Euler over its own grid (what its
+    exported ``FlowMatchEulerDiscreteScheduler`` runs), guidance folded in (one pass a step)."""
+    def row(k):
+        def run(n, g, c):
+            prompts = prompt_list(n)
+            noise = torch.randn(n, *model.sample_shape, generator=g)
+            return _batched(lambda a, b: text_to_image(model, prompts[a:b], steps=k, solver="euler",
+                                                       guidance_scale=1.0, latents=noise[a:b], spacing=None,
+                                                       return_nfe=True), n)
+        return (k, model, run)
+    return [row(k) for k in steps]
+
+
 def pipeline_job(teacher, folder, steps: int = 25, guidance_scale: float = 4.0) -> tuple:
     """diffusers' own pipeline for ``folder`` (``StableDiffusionPipeline`` or the SDXL one, with the folder's
     scheduler and spacing), on the teacher's device."""
