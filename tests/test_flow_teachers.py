@@ -215,3 +215,23 @@ def test_bad_inputs_name_the_problem(tmp_path):
         timestep_sigmas(sd3, 4, "leading")
     with pytest.warns(UserWarning, match="truncated"):
         sd3.encode_prompt(["a red sneaker " * 10])
+
+
+def test_the_shipped_flow_teacher_samples_in_its_own_pipeline_as_cmkit_samples_it():
+    """cmkit:tiny-sd3 opens in StableDiffusion3Pipeline (no T5: the documented text_encoder_3=None call) and its
+    scheduler there gives cmkit's Euler solve over the folder's grid (cmkit with the collapsed zero tokens, the
+    pipeline with all 256); it stays within the ~20 MB a shipped text-to-image teacher may take."""
+    import diffusers
+
+    folder = cmkit.models.asset_path("tiny-sd3")
+    assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 20 * 2**20
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    teacher = cmkit.load_teacher("cmkit:tiny-sd3")
+    assert type(teacher.family).__name__ == "StableDiffusion3" and teacher.prompt_encoder.t5 is None
+    latents = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
+    ours = cmkit.text_to_image(teacher, PROMPTS, steps=3, solver="euler", guidance_scale=4.0, latents=latents,
+                               spacing=None, output="latent")
+    theirs = pipe(prompt=PROMPTS, latents=latents, num_inference_steps=3, guidance_scale=4.0,
+                  output_type="latent").images
+    assert (ours - theirs).abs().max() < 1e-4
