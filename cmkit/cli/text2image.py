@@ -136,9 +136,10 @@ def run_generate(args: argparse.Namespace) -> None:
 
 def _default_guidance(model, kind: str | None, given: float | None) -> float:
     """``--guidance``, or the model's own default: 4 for a teacher and a full LCM (through its embedding), 1 for a
-    student that folds guidance in (an LCM-LoRA, a flow student), where any other value is refused."""
+    student that folds guidance in (an LCM-LoRA, which may still be guided on top; a flow student, which takes no
+    guidance at all, so another value is refused)."""
     folded = kind == "flow_cm" or (kind == "lcm" and not model.fn.denoiser.embeds_guidance)
-    if folded and given not in (None, 1.0):
+    if kind == "flow_cm" and given not in (None, 1.0):
         raise ValueError(f"{type(model).__name__} folds guidance in and samples at --guidance 1 (one pass a step); "
                          f"--guidance {given:g} would guide on top of it. Leave --guidance out")
     return (1.0 if folded else 4.0) if given is None else given
