@@ -17,6 +17,7 @@ from ..core.files import atomic_write_text, folder_lock
 from ..core.memory import check_fits, training_bytes
 from ..data import Dataset, load_dataset
 from ..eval.metrics import sliced_wasserstein
+from ..latent.latent_cache import weights_digest
 from ..models import BACKBONES, ConsistencyModel, load_teacher, num_classes_of
 from ..objectives import OBJECTIVES, BuildContext, kinds_for
 from ..sampling import class_condition, search_schedule
@@ -87,6 +88,7 @@ def check_resume(recipe: Recipe, out: Path, saved: dict | None, extra: dict | No
     current = {**recipe.to_dict(), **(extra or {})}
     current.pop("eval", None)
     if saved is not None:
+        check_same_teacher(out, saved, current)
         changed = {(sec, k): (saved[sec][k], v) for sec, body in current.items() if isinstance(body, dict)
                    for k, v in body.items() if k in saved.get(sec, {}) and _jsonish(saved[sec][k]) != _jsonish(v)}
         horizon = run_constants(saved).get("total_steps")
@@ -107,6 +109,16 @@ def check_resume(recipe: Recipe, out: Path, saved: dict | None, extra: dict | No
                 warn(f"resuming {out} with {sec}.{k} changed from {old} to {new}")
     if write:
         atomic_write_text(out / RECIPE_FILE, json.dumps({**current, "run_constants": constants or {}}, indent=2))
+
+
+def check_same_teacher(out: Path, saved: dict, current: dict) -> None:
+    """Refuse to resume a run whose teacher (same path) now has other weights than when the run started: the
+    checkpoints were distilled from the old one (an LCM-LoRA's adapter sits on its base's weights)."""
+    old, new = saved.get("teacher_hash"), current.get("teacher_hash")
+    if old and new and old != new and saved.get("teacher_path") == current.get("teacher_path"):
+        raise ValueError(f"{out} holds a run distilled from {current.get('teacher_path')}, whose weights have changed "
+                         f"since it started (teacher_hash {old} in {out / RECIPE_FILE}, now {new}); restore that "
+                         "teacher, or use another --out (or --restart) to train on the new one")
 
 
 def _jsonish(v):
@@ -142,6 +154,28 @@ def check_training_fits(model, batch_size: int, device) -> None:
         return
     check_fits(training_bytes(model, batch_size), f"train.batch_size={batch_size}",
                "set a smaller train.batch_size", device)
+
+
+def check_first_step(model, objective, batches, acc: Accelerator, kind: str, out: Path) -> None:
+    """Evaluate the objective once on a batch of 2 (no update; torch's generators are left as they were), so a
+    recipe whose network and objective disagree (``model.times = 2`` for sCT) or whose settings fail on the first
+    step is refused in one line before anything is written to ``out``, and the corrected command can run there."""
+    device = acc.device
+    model.to(device)
+    if isinstance(objective, torch.nn.Module):
+        objective.to(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" \
+        else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            x0, cond = batches(2, device)
+            with acc.autocast():
+                objective(model, x0, target=None, step=0, **cond)
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ValueError(f"objective.kind {kind!r} fails on its first training step with this recipe "
+                             f"({type(e).__name__}: {first}); nothing was written to {out}: fix the recipe (the "
+                             "model.* keys must fit the objective) and run the command again") from None
 
 
 def check_job(recipe: Recipe, job: str) -> None:
@@ -189,21 +223,23 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
     data = data if data is not None else dataset_for(recipe)
     teacher, path = _teacher_for(recipe, job, teacher_path, teacher)
     acc = Accelerator(cpu=recipe.train.cpu, mixed_precision=recipe.train.mixed_precision)
+    extra = {"teacher_path": path} if path else {}
     if teacher is not None:
         check_data_matches(data, teacher, "teacher")
         teacher.requires_grad_(False).eval().to(acc.device)
+        extra["teacher_hash"] = weights_digest(teacher)  # a resumed run is refused if the teacher changed since
     torch.manual_seed(recipe.seed)
     saved = None if restart else saved_recipe(out)
     model, objective = build_run(recipe, data, teacher, distance, run_constants(saved), path)
     del teacher  # what the objective needs it holds itself; a tuned student copied what it needs
     check_training_fits(model, recipe.train.batch_size, acc.device)
-    extra = {"teacher_path": path} if path else {}
     constants = getattr(objective, "run_constants", {})
     if not restart:
         check_out(out, saved)
         check_resume(recipe, out, saved, extra, constants, write=False)
     batches = getattr(objective, "batches", None) or data.batches(conditional=num_classes_of(model) is not None,
                                                                   hflip=recipe.data.hflip)
+    check_first_step(model, objective, batches, acc, recipe.objective.kind, out)
     with folder_lock(out) if acc.is_main_process else nullcontext():
         if restart and acc.is_main_process:
             set_aside(out)

@@ -26,8 +26,23 @@ def _umask() -> int:
     return mask
 
 
+def umask_modes(path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes ``open()`` and ``mkdir()`` would under the
+    process's umask: ``mkstemp`` / ``mkdtemp`` and the libraries that write through them (safetensors' ``save_file``,
+    diffusers' and transformers' ``save_pretrained``) leave files 0600 and folders 0700. Links are left alone."""
+    path, mask = Path(path), _umask()
+    entries = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        mode = entry.stat().st_mode
+        full = 0o777 if entry.is_dir() or mode & 0o111 else 0o666
+        os.chmod(entry, full & ~mask)
+
+
 def atomic_write(path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` to fill a temporary file beside ``path``, flush it to disk and rename it to ``path``."""
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, flush it to disk and rename it to ``path``
+    (with the mode the umask gives, whatever mode ``write`` left)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -35,6 +50,7 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode open() would
     try:
         write(Path(tmp))
+        umask_modes(tmp)  # a writer that replaces the file (safetensors' save_file) leaves it 0600 again
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -58,6 +74,7 @@ def atomic_dir(folder) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: give it the mode mkdir() would
     try:
         yield tmp
+        umask_modes(tmp)  # what diffusers / transformers / safetensors wrote inside is 0600 / 0700
         old = None
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -98,6 +115,25 @@ def clean_partial_writes(folder, owned: Callable[[str], bool]) -> list[str]:
     return done
 
 
+def note(message: str) -> None:
+    """A one-line ``cmkit: ...`` note on stderr; a closed or broken stream costs nothing but the note."""
+    import sys
+
+    try:
+        print(f"cmkit: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def cache_write(path, write: Callable[[Path], None]) -> Path:
+    """``atomic_write`` into a cache folder shared by runs: under the folder's lock (waited for), after removing what
+    a killed earlier write left there (its ``.NAME.XXXX.tmp`` files), so no temporary file outlives the next write."""
+    path = Path(path)
+    with folder_lock(path.parent, wait=True):
+        clean_partial_writes(path.parent, lambda name: name != LOCK_FILE)
+        return atomic_write(path, write)
+
+
 LOCK_FILE = ".cmkit.lock"
 _HELD: dict[str, list] = {}  # lock path -> [open file, depth]: a process may take its own lock again
 
@@ -114,10 +150,11 @@ def _pid_in(path: Path) -> str:
 
 
 @contextmanager
-def folder_lock(folder) -> Iterator[Path]:
+def folder_lock(folder, wait: bool = False) -> Iterator[Path]:
     """``with folder_lock(out):`` hold ``out/.cmkit.lock`` (created with ``out``), which names this process's pid.
     The lock is an advisory ``flock`` on that file, so the kernel drops it when its holder dies, however it dies: a
-    lock file left by a dead process is taken over, and a live holder is refused with one line naming its pid."""
+    lock file left by a dead process is taken over, and a live holder is refused with one line naming its pid
+    (``wait``: waited for instead, as a shared cache's short writes are)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
@@ -128,7 +165,7 @@ def folder_lock(folder) -> Iterator[Path]:
         f = open(path, "a+")  # noqa: SIM115 - held open for as long as the lock is
         try:
             if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             f.close()
             raise FolderInUse(f"{folder} is in use by process {_pid_in(path)} (lock {path}); wait for it to finish "
@@ -172,3 +209,20 @@ def check_weights_file(path, what: str, sha256_prefix: str | None = None) -> Pat
                          f"{' '.join(str(e).split())[:120]}); it could run code when unpickled, so it is not loaded: "
                          "delete it and put the original there") from None
     return path
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickles(folder, what: str) -> None:
+    """Refuse, in one line, a model component folder that holds its weights only as a pickle
+    (``pytorch_model.bin``, ``diffusion_pytorch_model.bin``, ...): cmkit never unpickles a file from a folder a user
+    was given (unpickling can run code), so it reads safetensors only. A folder with safetensors weights passes."""
+    folder = Path(folder)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{folder / pickles[0]} is a pickle ({what} weights), which cmkit never unpickles (it could "
+                         "run code); convert it to safetensors where you trust it (from_pretrained, then "
+                         "save_pretrained(folder, safe_serialization=True)) and try again")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.files import atomic_write, atomic_write_text
+from ..core.files import cache_write, note
 from .metrics import frechet_distance, precision_recall
 
 RECOGNISED = 0.5  # a sample counts as recognised when the classifier gives its top class at least this probability
@@ -78,11 +78,16 @@ def load_or_train_classifier(data, progress: bool = True) -> tuple[SmallCNN, dic
     wfile, ifile = folder / f"{key}.safetensors", folder / f"{key}.json"
     net = SmallCNN(data.train.shape[1], data.num_classes)
     if wfile.is_file() and ifile.is_file():
-        net.load_state_dict(load_file(wfile))
-        return net.eval(), json.loads(ifile.read_text())
+        try:
+            net.load_state_dict(load_file(wfile))
+            return net.eval(), json.loads(ifile.read_text())
+        except Exception as e:  # noqa: BLE001 - a truncated file: safetensors' own error, JSON's, or a shape mismatch
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+            note(f"classifier cache {wfile} is unreadable ({type(e).__name__}: {first}; truncated?); training it "
+                 "again")
     net, info = train_classifier(data, progress=progress)
-    atomic_write(wfile, lambda tmp: save_file(net.state_dict(), tmp))
-    atomic_write_text(ifile, json.dumps(info))
+    cache_write(wfile, lambda tmp: save_file(net.state_dict(), tmp))
+    cache_write(ifile, lambda tmp: tmp.write_text(json.dumps(info)))
     return net, info
 
 

@@ -11,6 +11,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from ..core.files import umask_modes
+
 
 def latent_normalisation(vae) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """``(offset, scale)`` with ``z_model = (z_vae - offset) * scale``: per-channel ``latents_mean`` /
@@ -82,4 +84,5 @@ class VAETrainee(nn.Module):
 
     def save_pretrained(self, folder) -> Path:
         self.vae.save_pretrained(folder, safe_serialization=True)
+        umask_modes(folder)  # diffusers leaves its safetensors 0600
         return Path(folder)

@@ -1,5 +1,5 @@
 """Reading a diffusers pipeline folder's parts: ``model_index.json``, which components it names, and each component
-through its own library's ``from_pretrained`` (diffusers or transformers only, never remote code)."""
+through its own library's ``from_pretrained`` (diffusers or transformers only, never remote code, never a pickle)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from ..core.files import refuse_pickles
 
 # pipelines with a text encoder that are not text-to-image denoisers of plain latents
 UNSUPPORTED = {
@@ -50,10 +52,36 @@ def _load_component(path: str, name: str, entry, load_kw: dict):
     cls = getattr(importlib.import_module(library), class_name, None)
     if cls is None:
         raise ValueError(f"{path}: unknown {library} class {class_name!r} for {name}/")
+    kw = safe_load_kw(library, cls, load_kw)
+    refuse_pickles(Path(path) / name, f"the {name}")
+    try:
+        return cls.from_pretrained(path, subfolder=name, **kw)
+    except ValueError as e:
+        if "custom code" in str(e):  # transformers' refusal of an auto_map into a .py file, over several lines
+            raise ValueError(f"{path}: {name}/ asks for custom code (an auto_map into a .py file), and cmkit never "
+                             f"runs code from a model folder; name a {library} class for it in model_index.json and "
+                             f"{name}/'s config") from None
+        raise
+    except OSError as e:
+        if kw.get("use_safetensors") and "safetensors" in str(e):
+            raise ValueError(f"{path}: {name}/ has no .safetensors weights (cmkit never unpickles a .bin, which could "
+                             "run code); convert it to safetensors where you trust it and try again") from None
+        raise
+
+
+def safe_load_kw(library: str, cls, load_kw: dict) -> dict:
+    """``from_pretrained`` keywords that keep a folder a user was given from running code: transformers classes
+    never trust remote code, and networks (diffusers ``ModelMixin``, transformers ``PreTrainedModel``) read
+    safetensors only, never a pickle."""
+    import importlib
+
     kw = dict(load_kw)
-    if library == "transformers":  # no code from a folder a user was given runs, and no pickle is read
+    if library == "transformers":
         kw.setdefault("trust_remote_code", False)
-    return cls.from_pretrained(path, subfolder=name, **kw)
+    base = "ModelMixin" if library == "diffusers" else "PreTrainedModel"
+    if isinstance(cls, type) and issubclass(cls, getattr(importlib.import_module(library), base)):
+        kw.setdefault("use_safetensors", True)
+    return kw
 
 
 def load_parts(path: str, index: dict, names: list[str], load_kw: dict) -> dict:

@@ -47,7 +47,7 @@ class PipelineFamily:
 
         index = read_model_index(folder)
         absent = {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
-        return diffusers.DiffusionPipeline.from_pretrained(folder, **absent)
+        return diffusers.DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **absent)
 
     def pipeline_latents(self, model, latents):
         """Latents of ``model.sample_shape`` as the pipeline's ``latents=`` takes them."""

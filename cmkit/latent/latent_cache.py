@@ -1,6 +1,8 @@
 """A dataset encoded once: VAE posteriors of every image and the prompt embedding of every distinct caption, cached
 on disk as safetensors under a key made of the VAE's weights, the text encoders' weights and the data itself, so a
-second run (or a resumed one, or a distillation of the same teacher on the same data) reads instead of encodes."""
+second run (or a resumed one, or a distillation of the same teacher on the same data) reads instead of encodes. The
+key is stored inside the file too: a file whose key or shapes do not match (swapped, copied from another data set),
+or that cannot be read (truncated), is encoded again with a one-line note."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..core.files import atomic_write
+from ..core.files import cache_write, note
+
+CACHE_KEY = "cmkit_cache_key"  # the file's own key, in its safetensors metadata
 
 
 @dataclass
@@ -74,9 +79,21 @@ def cache_root() -> Path:
 
 
 def _weights_hash(h, module: torch.nn.Module) -> None:
-    for name, t in sorted(module.state_dict().items()):
+    """Feed ``module``'s weights to ``h``. A LoRA adapter's tensors are left out and peft's ``base_layer`` names
+    read as the plain ones, so a base network with an adapter on it hashes as the base alone."""
+    state = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
+    for name, t in sorted(state.items()):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def weights_digest(*modules: torch.nn.Module) -> str:
+    """A short SHA-256 of the modules' weights (adapters left out): what a model trained on a base records of it,
+    so a base whose weights changed since (same shapes) is noticed."""
+    h = hashlib.sha256()
+    for module in modules:
+        _weights_hash(h, module)
+    return h.hexdigest()[:24]
 
 
 def cache_key(vae, prompt_encoder, images: torch.Tensor, captions: list[str]) -> str:
@@ -100,12 +117,13 @@ def encode_set(vae, prompt_encoder, images: torch.Tensor, captions: list[str],
     if len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions for {len(images)} images; every image needs one caption")
     images = images.contiguous()
-    path = cache_root() / f"{cache_key(vae, prompt_encoder, images, captions)}.safetensors"
+    key = cache_key(vae, prompt_encoder, images, captions)
+    path = cache_root() / f"{key}.safetensors"
     distinct = sorted(set(captions))
     if cache and path.is_file():
-        t = load_file(path)
-        embeds = {k[len("embeds."):]: v for k, v in t.items() if k.startswith("embeds.")}
-        return EncodedSet(t["mean"], t["std"], t["caption_index"], distinct, embeds)
+        found = read_cached(path, key, len(images), len(distinct))
+        if found is not None:
+            return EncodedSet(found["mean"], found["std"], found["caption_index"], distinct, found["embeds"])
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch_size), desc="encode images", disable=not progress,
                   dynamic_ncols=True):
@@ -121,5 +139,29 @@ def encode_set(vae, prompt_encoder, images: torch.Tensor, captions: list[str],
     if cache:
         tensors = {"mean": out.mean.contiguous(), "std": out.std.contiguous(), "caption_index": index,
                    **{f"embeds.{k}": v.contiguous() for k, v in embeds.items()}}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        cache_write(path, lambda tmp: save_file(tensors, tmp, metadata={CACHE_KEY: key}))
     return out
+
+
+def read_cached(path: Path, key: str, n_images: int, n_captions: int) -> dict | None:
+    """The tensors of cache file ``path`` if it is the encoding of key ``key`` (``n_images`` images,
+    ``n_captions`` distinct captions); None, with a one-line note, where it is unreadable or holds something else."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = (f.metadata() or {}).get(CACHE_KEY)
+        t = load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error (or OSError) for a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        note(f"latent cache {path} is unreadable ({type(e).__name__}: {first}; truncated?); encoding the data "
+             "again")
+        return None
+    embeds = {k[len("embeds."):]: v for k, v in t.items() if k.startswith("embeds.")}
+    rows = [v.shape[0] for k, v in embeds.items() if not k.startswith("negative_")]
+    fits = (all(k in t for k in ("mean", "std", "caption_index")) and len(t["mean"]) == len(t["std"]) == n_images
+            and tuple(t["caption_index"].shape) == (n_images,) and rows and all(r == n_captions for r in rows))
+    if stored != key or not fits:
+        why = (f"the key {stored}" if stored else "no key") if stored != key else "tensors of other shapes"
+        note(f"latent cache {path} holds {why}, not the encoding of this data and these encoders "
+             "(swapped or copied from elsewhere); encoding the data again")
+        return None
+    return {"mean": t["mean"], "std": t["std"], "caption_index": t["caption_index"], "embeds": embeds}

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core import append_dims, as_batch_sigma
-from ..core.files import atomic_dir
+from ..core.files import atomic_dir, note
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiser, LatentDenoiserView, TextToImageModel, guidance_embedding  # noqa: F401
+from .latent_cache import weights_digest
 
 LCM_SIGMA_DATA = 0.5
 
@@ -110,11 +112,13 @@ class LatentConsistencyModel(LatentDenoiserView, nn.Module):
     kind = "lcm"
 
     def __init__(self, fn: LCMFunction, parts, num_ddim_timesteps: int = 50, lora: bool = False,
-                 base: str | None = None):
+                 base: str | None = None, base_hash: str | None = None):
         super().__init__()
         self.fn = fn
         self.__dict__["parts"] = parts
         self.num_ddim_timesteps, self.lora, self.base = int(num_ddim_timesteps), bool(lora), base
+        # the base's weights hash: None = ``parts`` is the base (hashed when saved); "" = not known (an older folder)
+        self.base_hash = base_hash
 
     def __deepcopy__(self, memo):
         """Copies (EMAs, the target network, the exported copy) share the teacher's parts instead of copying them.
@@ -172,7 +176,9 @@ class LatentConsistencyModel(LatentDenoiserView, nn.Module):
     # --- files
     def save_pretrained(self, folder) -> Path:
         meta = {"kind": self.kind, "lora": self.lora, "timestep_scaling": self.fn.timestep_scaling,
-                "num_ddim_timesteps": self.num_ddim_timesteps, "base": self.base}
+                "num_ddim_timesteps": self.num_ddim_timesteps, "base": self.base,
+                # the base's weights (the teacher, its adapter left out), so a base that changed since is noticed
+                "base_hash": self.base_hash if self.base_hash is not None else weights_digest(self.parts)}
         if self.lora:
             return self._save_lora(folder, meta)
         den = LatentDenoiser(self.unet, self.lcm_scheduler())
@@ -197,39 +203,163 @@ class LatentConsistencyModel(LatentDenoiserView, nn.Module):
     @classmethod
     def from_pretrained(cls, folder, base=None) -> LatentConsistencyModel:
         """An LCM pipeline folder, or an LCM-LoRA folder on its base teacher (``base``: a loaded
-        ``TextToImageModel``, or by default the folder or hub id recorded when it was trained)."""
-        from ..models.loading import load_teacher
-
+        ``TextToImageModel``, or by default the folder or hub id recorded when it was trained, refused in one line
+        if its weights changed since)."""
         meta = read_meta(folder) or {}
         if not meta.get("lora"):
             model = TextToImageModel.from_pretrained(str(folder))
-            fn = LCMFunction(model.denoiser, meta.get("timestep_scaling",
-                                                      model.scheduler.config.get("timestep_scaling", 10.0)))
-            steps = meta.get("num_ddim_timesteps", model.scheduler.config.get("original_inference_steps", 50))
-            return cls(fn, model, steps, base=meta.get("base"))
-        base = base if base is not None else load_teacher(meta["base"])
-        add_lora(base.unet, meta["lora_config"]["r"], meta["lora_config"]["lora_alpha"],
-                 meta["lora_config"]["target_modules"])
+            if not isinstance(model.denoiser, LatentDenoiser):
+                raise ValueError(f"{folder} is a {model.config.get('pipeline')} folder, not an LCM (an SD / SDXL "
+                                 "UNet pipeline with LCMScheduler); open it with cmkit.load_teacher")
+            sched = model.scheduler.config
+            meta = {"timestep_scaling": sched.get("timestep_scaling", 10.0),
+                    "num_ddim_timesteps": sched.get("original_inference_steps", 50), **meta}
+            check_lcm_meta(folder, meta)
+            fn = LCMFunction(model.denoiser, meta["timestep_scaling"])
+            return cls(fn, model, meta["num_ddim_timesteps"], base=meta.get("base"),
+                       base_hash=meta.get("base_hash", ""))
+        check_lcm_meta(folder, meta, lora=True)
+        base, given = lora_base(folder, meta, base)
+        cfg = meta["lora_config"]
+        add_lora(base.unet, cfg["r"], cfg["lora_alpha"], cfg["target_modules"])
         model = cls(LCMFunction(base.denoiser, meta["timestep_scaling"]), base, meta["num_ddim_timesteps"],
-                    lora=True, base=meta.get("base"))
+                    lora=True, base=meta.get("base"), base_hash=meta.get("base_hash"))
         model.load_lora(folder)
+        check_base_hash(folder, meta, base, given)
         return model
 
     def load_lora(self, folder) -> None:
-        """Read ``pytorch_lora_weights.safetensors`` into this model's adapter (one-line error if it does not fit)."""
+        """Read ``pytorch_lora_weights.safetensors`` into this model's adapter: refused in one line where the file
+        cannot be read, holds other parts' tensors (a text-encoder LoRA), non-finite values, tensors that do not
+        fit this base UNet, or only part of the adapter (only the A or the B matrices, some layers)."""
         from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        state = load_file(Path(folder) / LORA_FILE)
-        state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-        try:
-            result = set_peft_model_state_dict(self.unet, state)
-        except RuntimeError:  # tensors of other shapes
-            result = type("Mismatch", (), {"unexpected_keys": list(state)})()
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected or not state:
-            raise ValueError(f"{folder}/{LORA_FILE} does not fit this base UNet ({len(unexpected)} of its "
-                             f"{len(state)} tensors have no place here); it was trained on another base")
+        path = Path(folder) / LORA_FILE
+        state = read_lora_file(path)
+        own = {k: v.shape for k, v in lora_state_dict(self.unet).items()}
+        misfit = [k for k, v in state.items() if k not in own or own[k] != v.shape]
+        if misfit or not state:
+            raise ValueError(f"{path} does not fit this base UNet ({len(misfit)} of its {len(state)} tensors have "
+                             "no place here); it was trained on another base")
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise ValueError(f"{path} holds {len(state)} of the adapter's {len(own)} tensors (missing {missing[0]} "
+                             f"and {len(missing) - 1} more): the file is partial; export the LCM-LoRA again")
+        set_peft_model_state_dict(self.unet, state)
+
+
+def read_lora_file(path: Path) -> dict:
+    """The UNet tensors of an LCM-LoRA file (``unet.`` keys, the prefix dropped), with one-line errors for a missing,
+    unreadable or truncated file, tensors for other parts and non-finite values."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: an LCM-LoRA folder holds its adapter there; export it again")
+    try:
+        state = load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type for a damaged file, OSError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {first}); it is truncated "
+                         "or not a LoRA file: export the LCM-LoRA again") from None
+    others = sorted({k.split(".", 1)[0] for k in state if not k.startswith("unet.")})
+    if others:
+        n = sum(not k.startswith("unet.") for k in state)
+        raise ValueError(f"{path} holds {n} tensors for {', '.join(others)} (e.g. a text-encoder LoRA), which cmkit "
+                         "does not apply, so sampling would silently differ; use a UNet-only LoRA (as cmkit writes)")
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} of its {len(state)} tensors hold NaN or inf values (e.g. {bad[0]}); "
+                         "the adapter is damaged: export it again, or train again with a lower train.lr")
+    return {k[len("unet."):]: v for k, v in state.items()}
+
+
+def check_lcm_meta(folder, meta: dict, lora: bool = False) -> None:
+    """One-line errors for an LCM folder's ``cmkit.json`` without the keys an LCM-LoRA needs, or with values an LCM
+    cannot sample with."""
+    path = Path(folder) / META_FILE
+    need = ("timestep_scaling", "num_ddim_timesteps") + (("lora_config",) if lora else ())
+    missing = [k for k in need if k not in meta]
+    cfg = meta.get("lora_config")
+    if lora and not missing and not (isinstance(cfg, dict) and {"r", "lora_alpha", "target_modules"} <= set(cfg)):
+        missing = ["lora_config's r, lora_alpha and target_modules"]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)} (an LCM{'-LoRA' if lora else ''} folder records them "
+                         "when saved); export the model folder again")
+    scale, steps = meta["timestep_scaling"], meta["num_ddim_timesteps"]
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{path}: timestep_scaling must be a finite number > 0, got {scale!r}; export it again")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"{path}: num_ddim_timesteps must be an integer >= 1, got {steps!r}; export it again")
+
+
+def lora_base(folder, meta: dict, base):
+    """The base teacher of an LCM-LoRA folder (``base`` when given, else the one it records) and whether it was
+    given; one-line errors where there is none or it is not an SD / SDXL text-to-image teacher."""
+    from ..models.loading import load_teacher
+
+    given = base is not None
+    if not given:
+        if not meta.get("base"):
+            raise ValueError(f"{Path(folder) / META_FILE} records no base teacher; pass the teacher it was trained "
+                             "on as base=")
+        base = load_teacher(meta["base"])
+    if not isinstance(base, TextToImageModel) or not isinstance(base.denoiser, LatentDenoiser):
+        what = meta.get("base") if not given else type(base).__name__
+        raise ValueError(f"{folder}: the base {what!r} is not a text-to-image teacher with an SD / SDXL UNet; an "
+                         "LCM-LoRA applies to the teacher it was trained on")
+    return base, given
+
+
+def check_base_hash(folder, meta: dict, base, given: bool) -> None:
+    """Refuse (or, for a base the caller chose, note) a base whose weights are not those the adapter was trained
+    on (same shapes, other values: the teacher folder was retrained or replaced since)."""
+    recorded = meta.get("base_hash")
+    if not recorded:
+        return
+    now = weights_digest(base)
+    if now == recorded:
+        return
+    if given:
+        note(f"{folder}: applying the LCM-LoRA to a base other than the one it was trained on (weights hash {now}, "
+             f"trained on {recorded})")
+        return
+    raise ValueError(f"{folder}: its base teacher {meta.get('base')} has changed since the LCM-LoRA was trained on "
+                     f"it (weights hash {now}, recorded {recorded}); restore that teacher, or pass base= to apply the "
+                     "adapter to another one deliberately")
+
+
+# the guidance scale an LCM samples at when none is given: one with a guidance embedding (trained on scales
+# 1 + w, w in [w_min, w_max]) at 4, as ``cmkit generate`` and the benchmark sample it; an LCM-LoRA, which folds the
+# teacher's guidance in, unguided (guidance on top of it costs two passes a step and over-saturates)
+EMBEDDED_GUIDANCE = 4.0
+
+
+def lcm_sampling_guidance(model, steps, timesteps, guidance_scale, negative_prompts, solver) -> float:
+    """The guidance scale ``lcm_sample`` uses (``None``: the model's default, above), after one-line errors for
+    what an LCM would silently ignore or cannot do: a solver (an LCM takes its own ``LCMScheduler`` steps), a
+    negative prompt it does not use (a guidance embedding, or no guidance), more steps or timesteps than its
+    skipping-step schedule (``num_ddim_timesteps``) has, a guidance scale that is not a finite number >= 1, and a
+    model that is not an LCM."""
+    if not isinstance(model, LatentConsistencyModel):
+        raise ValueError(f"lcm_sample samples a latent consistency model (cmkit.load_model of an LCM / LCM-LoRA "
+                         f"folder), got a {type(model).__name__}; sample a teacher with text_to_image")
+    if solver is not None:
+        raise ValueError(f"an LCM samples with its own LCMScheduler steps, not a solver ({solver!r}); drop --solver "
+                         "(it is for teachers)")
+    n = model.num_ddim_timesteps
+    count = len(timesteps) if timesteps is not None else steps
+    if isinstance(count, int) and count > n:
+        raise ValueError(f"{count} steps is more than this LCM's schedule of {n} timesteps (num_ddim_timesteps, "
+                         f"fixed in training); use --steps 1 to {n}")
+    embeds = model.denoiser.embeds_guidance
+    w = (EMBEDDED_GUIDANCE if embeds else 1.0) if guidance_scale is None else guidance_scale
+    if not torch.is_tensor(w) and not (math.isfinite(float(w)) and float(w) >= 1):
+        raise ValueError(f"guidance_scale must be a finite number >= 1 (1 = no guidance), got {w!r}")
+    if negative_prompts is not None and (embeds or not torch.is_tensor(w) and float(w) <= 1):
+        why = "takes guidance through its embedding" if embeds else "samples unguided at guidance 1"
+        raise ValueError(f"this LCM {why} and would ignore the negative prompt; drop --negative-prompt"
+                         + ("" if embeds else ", or give a guidance scale above 1"))
+    return w
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

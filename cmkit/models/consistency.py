@@ -23,6 +23,7 @@ from ..core import (
     karras_index,
     karras_steps,
 )
+from ..core.files import refuse_pickles, umask_modes
 from .backbones import network_of
 from .denoisers import DiffusersDenoiser
 from .folder import MODEL_KINDS, read_meta, read_model_folder, write_model_folder
@@ -120,7 +121,8 @@ class ConsistencyModel(Preconditioned):
         if index.get("_class_name") != "ConsistencyModelPipeline":
             raise ValueError(f"{str(folder)!r} holds a {index.get('_class_name')}, not a ConsistencyModelPipeline")
         sched = CMStochasticIterativeScheduler.from_pretrained(folder, subfolder="scheduler")
-        unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+        refuse_pickles(folder / "unet", "the unet")
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
         c = sched.config
         return cls(unet, c.sigma_min, c.sigma_max, c.sigma_data)
 
@@ -141,6 +143,7 @@ class ConsistencyModel(Preconditioned):
                                                clip_denoised=False)
         folder = Path(folder)
         ConsistencyModelPipeline(unet=self.backbone, scheduler=sched).save_pretrained(folder, safe_serialization=True)
+        umask_modes(folder)  # diffusers leaves its safetensors 0600
         return folder
 
     def pipeline_timesteps(self, steps: int, num_train_timesteps: int = 40) -> list[int]:

@@ -23,6 +23,7 @@ from ..core import (
     edm_scalings,
     schedule_of,
 )
+from ..core.files import umask_modes
 from .backbones import backbone_forward, sample_shape
 from .folder import MODEL_KINDS, read_model_folder, write_model_folder
 from .precond import Preconditioned
@@ -127,4 +128,5 @@ class DiffusersDenoiser(nn.Module):
 
         folder = Path(folder)
         DDPMPipeline(unet=self.unet, scheduler=self.scheduler).save_pretrained(folder, safe_serialization=True)
+        umask_modes(folder)  # diffusers leaves its safetensors 0600
         return folder

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..core import Registry
-from ..core.files import atomic_dir
+from ..core.files import atomic_dir, refuse_pickles
 from .backbones import backbone_class
 
 META_FILE = "cmkit.json"
@@ -57,8 +57,9 @@ def read_model_folder(folder, expected_kind: str):
     if missing:
         raise ValueError(f"{folder / META_FILE} lacks {', '.join(missing)}; export the model folder again")
     cls = backbone_class(meta["backbone"])
+    refuse_pickles(folder, f"the {meta['backbone']}")
     try:
-        backbone = cls.from_pretrained(folder)
+        backbone = cls.from_pretrained(folder, use_safetensors=True)
     except Exception as e:  # noqa: BLE001 - diffusers / safetensors raise many kinds for a damaged file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{folder}: could not read the {meta['backbone']} weights and config ({type(e).__name__}: "

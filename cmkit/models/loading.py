@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..core.files import refuse_pickles
 from .folder import MODEL_KINDS, read_meta
 
 ASSET_PREFIX = "cmkit:"
@@ -48,7 +49,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _load_diffusers(path: str, clip_x0: float | None = None, **load_kw):
     import diffusers
 
-    from ..latent.components import is_text_to_image, read_model_index
+    from ..latent.components import is_text_to_image, read_model_index, safe_load_kw
     from ..latent.denoiser import TextToImageModel
     from .denoisers import DiffusersDenoiser
 
@@ -71,7 +72,8 @@ def _load_diffusers(path: str, clip_x0: float | None = None, **load_kw):
         cls = getattr(diffusers, name, None)
         if cls is None:
             raise ValueError(f"{path}: unknown diffusers class {name!r} in {sub}/")
-        return cls.from_pretrained(path, subfolder=sub, **load_kw)
+        refuse_pickles(Path(path) / sub, f"the {sub}")
+        return cls.from_pretrained(path, subfolder=sub, **safe_load_kw("diffusers", cls, load_kw))
 
     return DiffusersDenoiser(load("unet"), load("scheduler"), clip_x0=clip_x0)
 
@@ -127,6 +129,7 @@ def load_teacher(path_or_hub_id, clip_x0: float | None = None):
 def load_model(folder):
     """Any model folder cmkit writes, as the class its ``cmkit.json`` names (or a diffusers
     ``ConsistencyModelPipeline`` folder, as a ``ConsistencyModel``)."""
+    from .. import latent  # noqa: F401  (registers the latent kinds: "lcm", the flow students)
     from .consistency import ConsistencyModel
 
     folder = Path(resolve(folder))

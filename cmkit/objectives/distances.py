@@ -128,6 +128,8 @@ for _name, _net in (("lpips", "vgg"), ("lpips-vgg", "vgg"), ("lpips-alex", "alex
 
 def make_distance(name: str, huber_c: float | None = None):
     """A per-sample distance ``(x, y) -> (batch,)`` by name; LPIPS variants build their network once."""
+    if huber_c is not None and not (math.isfinite(huber_c) and huber_c > 0):
+        raise ValueError(f"objective.huber_c must be a finite number > 0 (or unset: 0.00054 sqrt(d)), got {huber_c}")
     return DISTANCES[name](huber_c)
 
 

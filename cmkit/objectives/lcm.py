@@ -16,6 +16,7 @@ student itself under stop-gradient (LCM-LoRA).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -60,10 +61,29 @@ def elementwise_huber(x, y, c: float):
     return ((x - y).float().pow(2) + c * c).sqrt().sub(c).flatten(1).mean(1)
 
 
+def check_config(cfg: LCMConfig) -> None:
+    """One-line errors for values an LCM run cannot train with, before anything is loaded or encoded (NaN fails
+    every comparison, so each check is written to refuse it)."""
+    if not 0 <= cfg.w_min <= cfg.w_max or not math.isfinite(cfg.w_max):
+        raise ValueError(f"objective.w_min ({cfg.w_min}) must be >= 0 and <= objective.w_max ({cfg.w_max})")
+    if not (math.isfinite(cfg.timestep_scaling) and cfg.timestep_scaling > 0):
+        raise ValueError(f"objective.timestep_scaling must be a finite number > 0 (LCM's 10), got "
+                         f"{cfg.timestep_scaling}")
+    if not 0 <= cfg.target_ema < 1:
+        raise ValueError(f"objective.target_ema must lie in [0, 1) (0: the student itself under stop-gradient; "
+                         f"LCM's 0.95), got {cfg.target_ema}")
+    if not (math.isfinite(cfg.huber_c) and cfg.huber_c > 0):
+        raise ValueError(f"objective.huber_c must be a finite number > 0 (LCM's 0.001), got {cfg.huber_c}")
+    if not cfg.num_ddim_timesteps >= 1:
+        raise ValueError(f"objective.num_ddim_timesteps must be >= 1 and divide the teacher's timesteps (LCM's "
+                         f"50), got {cfg.num_ddim_timesteps}")
+    if cfg.w_embedding_dim < 0:
+        raise ValueError(f"objective.w_embedding_dim must be >= 0, got {cfg.w_embedding_dim}")
+
+
 class LatentConsistencyDistillation:
     def __init__(self, teacher: LatentDenoiser, encoded, normalisation, cfg: LCMConfig, lora: bool = False):
-        if not 0 <= cfg.w_min <= cfg.w_max:
-            raise ValueError(f"objective.w_min ({cfg.w_min}) must be >= 0 and <= objective.w_max ({cfg.w_max})")
+        check_config(cfg)
         table = teacher.log_sigmas.exp().float()
         num_train = len(table)
         if not 1 <= cfg.num_ddim_timesteps <= num_train or num_train % cfg.num_ddim_timesteps:
@@ -140,9 +160,8 @@ def _prepare(cfg: LCMConfig, ctx: BuildContext):
 @register_objective("lcm", LCMConfig, job="distill", teacher="required")
 def build(cfg: LCMConfig, ctx: BuildContext):
     """LCM: a student UNet (the teacher's, plus a guidance embedding) trained in full."""
+    check_config(cfg)
     teacher, encoded, norm = _prepare(cfg, ctx)
-    if cfg.w_embedding_dim < 0:
-        raise ValueError(f"objective.w_embedding_dim must be >= 0, got {cfg.w_embedding_dim}")
     den = LatentDenoiser(student_unet(teacher.unet, cfg.w_embedding_dim or None), teacher.scheduler)
     model = LatentConsistencyModel(LCMFunction(den, cfg.timestep_scaling), teacher, cfg.num_ddim_timesteps,
                                    base=ctx.teacher_path)
@@ -154,13 +173,14 @@ def build_lora(cfg: LCMLoRAConfig, ctx: BuildContext):
     """LCM-LoRA: a LoRA adapter on the teacher's UNet; the base with adapters off is the teacher."""
     from ..latent.lcm import add_lora
 
-    teacher, encoded, norm = _prepare(cfg, ctx)
+    check_config(cfg)
     if cfg.target_ema != 0:
         raise ValueError("objective.target_ema must be 0 for lcm_lora: the adapter's target is itself under "
                          "stop-gradient (a copy would need a second UNet)")
     if cfg.w_embedding_dim:
         raise ValueError("objective.w_embedding_dim must be 0 for lcm_lora: the adapter leaves the UNet's inputs "
                          "as they are")
+    teacher, encoded, norm = _prepare(cfg, ctx)
     add_lora(teacher.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     if not ctx.teacher_path:
         raise ValueError("lcm_lora records its base teacher for loading the adapter later; give it by path "

@@ -15,6 +15,7 @@ so the network regresses onto the right-hand side with its own stop-gradient der
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +60,9 @@ class MeanFlowLoss:
         check_tangent_method(tangent, fd_step)
         if not power > 0:
             raise ValueError(f"objective.power (the adaptive weight's p) must be > 0, got {power}")
-        if not 0 <= r_neq_t <= 1 or not c > 0 or not p_std > 0:
-            raise ValueError(f"objective.r_neq_t must lie in [0, 1], objective.c and objective.p_std be > 0; got "
-                             f"{r_neq_t}, {c}, {p_std}")
+        if not 0 <= r_neq_t <= 1 or not c > 0 or not p_std > 0 or not math.isfinite(p_mean):
+            raise ValueError(f"objective.r_neq_t must lie in [0, 1], objective.c and objective.p_std be > 0 and "
+                             f"objective.p_mean finite; got {r_neq_t}, {c}, {p_std}, {p_mean}")
         self.p_mean, self.p_std, self.r_neq_t, self.power, self.c = p_mean, p_std, r_neq_t, power, c
         self.tangent, self.fd_step = tangent, fd_step
 
@@ -92,5 +93,8 @@ def build(cfg: MeanFlowConfig, ctx: BuildContext):
     """MeanFlow: one- and few-step generation from a two-time average-velocity network, no teacher."""
     if ctx.teacher is not None:
         raise ValueError("objective.kind 'meanflow' trains without a teacher, but one is given; remove teacher.path")
+    if not (math.isfinite(cfg.sigma_max) and cfg.sigma_max > 0):
+        raise ValueError(f"objective.sigma_max must be a finite number > 0 (sampling starts at flow time "
+                         f"sigma_max / (1 + sigma_max); MeanFlow's 999), got {cfg.sigma_max}")
     model = MeanFlowModel(ctx.make_backbone(), SIGMA_MIN, cfg.sigma_max, SIGMA_DATA)
     return model, MeanFlowLoss(cfg.p_mean, cfg.p_std, cfg.r_neq_t, cfg.power, cfg.c, cfg.tangent, cfg.fd_step)

@@ -17,6 +17,7 @@ comes from the proposal ``sd tan t = e^tau``, ``tau ~ N(P_mean, P_std^2)``.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +103,13 @@ class SCMLoss(nn.Module):
                  fd_step: float = 1e-3):
         super().__init__()
         check_tangent_method(tangent, fd_step)
-        if tangent_warmup < 0 or tangent_norm_c < 0 or p_std <= 0:
-            raise ValueError("objective.tangent_warmup and objective.tangent_norm_c must be >= 0 and objective.p_std "
-                             f"> 0, got {tangent_warmup}, {tangent_norm_c}, {p_std}")
+        # written so that NaN fails each check (NaN passes every `x < 0` test, and trains nothing but skipped steps)
+        if not (tangent_warmup >= 0 and math.isfinite(tangent_norm_c) and tangent_norm_c >= 0
+                and math.isfinite(p_std) and p_std > 0):
+            raise ValueError("objective.tangent_warmup and objective.tangent_norm_c must be finite numbers >= 0 and "
+                             f"objective.p_std > 0, got {tangent_warmup}, {tangent_norm_c}, {p_std}")
+        if not math.isfinite(p_mean):
+            raise ValueError(f"objective.p_mean must be a finite number (sCT's -1.0, sCD's -0.8), got {p_mean}")
         self.__dict__["teacher"] = teacher  # not a submodule: never optimised, never checkpointed
         self.sd, self.p_mean, self.p_std = sigma_data, p_mean, p_std
         self.t_min, self.t_max = (float(sigma_to_trig(torch.tensor(s, dtype=torch.float64), sigma_data))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..latent.families.unet import timestep_sigmas as unet_timestep_sigmas
+from ..latent.lcm import lcm_sampling_guidance
 from ..solvers import ode_solve
 from .samplers import _device_dtype, _to_device, eval_mode, per_sample_noise
 
@@ -71,14 +72,17 @@ def text_to_image(model, prompts, steps: int = 25, solver: str = "ddim", guidanc
 
 
 @torch.no_grad()
-def lcm_sample(model, prompts, steps: int | None = 4, guidance_scale: float = 1.0, timesteps=None,
+def lcm_sample(model, prompts, steps: int | None = 4, guidance_scale: float | None = None, timesteps=None,
                negative_prompts=None, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               output: str = "image", return_nfe: bool = False):
+               output: str = "image", return_nfe: bool = False, solver: str | None = None):
     """Images (or latents) from a latent consistency model in ``steps`` evaluations, or at explicit descending
     ``timesteps``, exactly as diffusers' ``LCMScheduler`` samples: evaluate ``f`` at each timestep, then re-noise to
     the next one, ``z <- f + sigma_next eps`` (in the VP sample, ``sqrt(abar') f + sqrt(1 - abar') eps``), with
     ``eps`` drawn from ``generator`` in the scheduler's order. ``guidance_scale`` goes to the guidance embedding
-    (LCM) or to classifier-free guidance when above 1 (LCM-LoRA)."""
+    (LCM; default 4) or to classifier-free guidance when above 1 (LCM-LoRA; default 1, its guidance is folded in).
+    One-line errors for what an LCM would ignore: a ``solver``, a negative prompt it does not use, more steps than
+    its schedule's ``num_ddim_timesteps``."""
+    guidance_scale = lcm_sampling_guidance(model, steps, timesteps, guidance_scale, negative_prompts, solver)
     sched = model.lcm_scheduler()
     if timesteps is not None:
         sched.set_timesteps(timesteps=[int(t) for t in timesteps])
