@@ -23,8 +23,8 @@ _EXPORTS = {
     **dict.fromkeys(("ConsistencyModel", "Denoiser", "DenoiserConsistencyModel", "DiffusersDenoiser", "EDMDenoiser",
                      "MeanFlowModel", "TimeMLP", "TrigFlowConsistencyModel", "load_model", "load_teacher"), "models"),
     **dict.fromkeys(("LatentConsistencyModel", "LatentDenoiser", "TextToImageModel"), "latent"),
-    **dict.fromkeys(("colorize", "denoise", "inpaint", "interpolate", "sample", "sample_teacher", "sdedit",
-                     "superres", "text_to_image"), "sampling"),
+    **dict.fromkeys(("colorize", "denoise", "inpaint", "interpolate", "lcm_sample", "sample", "sample_teacher",
+                     "sdedit", "superres", "text_to_image"), "sampling"),
     **dict.fromkeys(("ode_solve", "ode_step", "pf_ode_drift", "teacher_grid"), "solvers"),
 }
 
@@ -34,6 +34,7 @@ __all__ = [
     "ode_step", "pf_ode_drift", "sample", "sample_teacher", "teacher_grid", "inpaint", "colorize", "superres",
     "denoise", "interpolate", "sdedit", "LatentDenoiser", "TextToImageModel", "text_to_image", "MeanFlowModel",
     "TrigFlowConsistencyModel", "sigma_to_flow", "sigma_to_trig", "trig_to_sigma", "LatentConsistencyModel",
+    "lcm_sample",
 ]
 
 
@@ -75,6 +76,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
         denoise,
         inpaint,
         interpolate,
+        lcm_sample,
         sample,
         sample_teacher,
         sdedit,

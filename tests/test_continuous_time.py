@@ -255,10 +255,11 @@ def test_meanflow_learns_the_exact_one_step_map_of_gaussian_data():
     torch.manual_seed(0)
     model = MeanFlowModel(TimeMLP(1, 64, 2, 32, second_time=True))
     start = _gaussian_consistency_error(model, s2)
-    _fit(model, MeanFlowLoss(), lambda: math.sqrt(s2) * torch.randn(256, 1), 800)
+    _fit(model, MeanFlowLoss(), lambda: math.sqrt(s2) * torch.randn(256, 1), 1600)
     # MeanFlow starts at sigma_max = 999 in sampling; from 80 its one jump is as good a test of u(z, 0, t). Its long
-    # jumps (r = 0, t near 1) are a rare draw of the (r, t) sampler and converge slowly: after 800 steps the error is
-    # under half the start's (0.23 against 0.55 here), where sCD's is under a fifth
+    # jumps (r = 0, t near 1) are a rare draw of the (r, t) sampler and converge slowly: on this machine's current
+    # install 800 steps reach 0.33 against 0.55 at the start (0.23 on an earlier one), 1600 steps 0.19, where sCD's
+    # error is under a fifth
     assert start > 0.5 and _gaussian_consistency_error(model, s2) < 0.5 * start
 
 

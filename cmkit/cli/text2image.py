@@ -15,7 +15,8 @@ def add_generate(sub) -> None:
     g.add_argument("--negative-prompt", default=None, help="one negative prompt for every prompt (default \"\")")
     g.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default 4)")
     g.add_argument("--steps", type=int, default=None, help="solver steps (default 25; 4 for an LCM)")
-    g.add_argument("--solver", default="ddim", help="ddim, dpmpp_2m, euler, heun, ... (default ddim)")
+    g.add_argument("--solver", default=None, help="ddim, dpmpp_2m, euler, heun, ... (default ddim; an LCM and a flow "
+                                                  "student take none: they sample with their own schedulers)")
     g.add_argument("--guidance", type=guidance_scale, default=None,
                    help="classifier-free guidance scale, 1 or more (1: no guidance; default 4 for a teacher or an LCM, "
                         "1 for a student that folds guidance in: an LCM-LoRA, a flow student)")
@@ -125,9 +126,12 @@ def run_generate(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     if kind == "lcm":
         x = lcm_sample(model, prompts, args.steps, guidance_scale=w, negative_prompts=args.negative_prompt,
-                       generator=gen)
+                       generator=gen, solver=args.solver)
     else:  # a teacher, or a flow student: Euler over its own grid is what its exported scheduler runs
-        solver = "euler" if kind == "flow_cm" else args.solver
+        if kind == "flow_cm" and args.solver not in (None, "euler"):
+            raise ValueError(f"a flow student samples with Euler over its own grid (its exported scheduler); "
+                             f"--solver {args.solver} does not apply. Leave --solver out")
+        solver = "euler" if kind == "flow_cm" else args.solver or "ddim"
         x = text_to_image(model, prompts, steps=args.steps, solver=solver, guidance_scale=w,
                           negative_prompts=args.negative_prompt, generator=gen, spacing=None if kind else "trailing")
     save_images(x.clamp(-1, 1), out)
