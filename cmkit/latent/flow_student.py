@@ -21,13 +21,13 @@ import copy
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiserView, TextToImageModel
-from .students import SharedPartsStudent
+from .latent_cache import weights_digest
+from .students import SharedPartsStudent, check_base_hash, check_lora_fits, read_lora_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SAMPLERS = ("euler",)  # FlowMatchEulerDiscreteScheduler: deterministic multistep consistency sampling
@@ -118,7 +118,7 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
     def meta(self) -> dict:
         return {"kind": self.kind, "steps": self.steps, "guidance_scale": self.guidance_scale, "sampler": self.sampler,
                 "sample_at_guidance_scale": 1.0, "lora": self.lora, "base": self.base,
-                "pipeline": self.parts.config["pipeline"]}
+                "pipeline": self.parts.config["pipeline"], "base_hash": weights_digest(self.parts)}
 
     def save_pretrained(self, folder) -> Path:
         meta = self.meta()
@@ -154,25 +154,28 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         if not meta.get("lora"):
             model = TextToImageModel.from_pretrained(str(folder))
             return cls(model.denoiser, model, base=meta.get("base"), **kw)
-        base = base if base is not None else load_teacher(meta["base"])
-        lc = meta["lora_config"]
+        given = base is not None
+        if not given and not meta.get("base"):
+            raise ValueError(f"{Path(folder) / META_FILE} records no base teacher; pass the one it was trained on "
+                             "as base=")
+        base = base if given else load_teacher(meta["base"])
+        lc = meta.get("lora_config")
+        if not (isinstance(lc, dict) and {"r", "lora_alpha", "target_modules"} <= set(lc)):
+            raise ValueError(f"{Path(folder) / META_FILE} lacks lora_config's r, lora_alpha and target_modules; "
+                             "export the LoRA student again")
         add_transformer_lora(base.network, lc["r"], lc["lora_alpha"], lc["target_modules"])
         model = cls(base.denoiser, base, lora=True, base=meta.get("base"), **kw)
         model.load_lora(folder)
+        check_base_hash(folder, meta, base, given, "LoRA student")
         return model
 
     def load_lora(self, folder) -> None:
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        """Read the LoRA file into this model's adapter: refused in one line where it cannot be read, holds other
+        parts' tensors, non-finite values, tensors that do not fit, or only part of the adapter."""
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-        state = load_file(Path(folder) / LORA_FILE)
-        state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
-        own = {k for k in self.state_dict()}
-        if not state or len(state) != len(own):
-            raise ValueError(f"{folder}/{LORA_FILE} holds {len(state)} transformer tensors, this adapter {len(own)}; "
-                             "it was trained on another base or with other LoRA settings")
-        if not all(torch.isfinite(v).all() for v in state.values()):
-            raise ValueError(f"{folder}/{LORA_FILE} holds non-finite values; it cannot be sampled")
-        result = set_peft_model_state_dict(self.network, state)
-        if getattr(result, "unexpected_keys", []):
-            raise ValueError(f"{folder}/{LORA_FILE} does not fit this base transformer")
+        path = Path(folder) / LORA_FILE
+        state = read_lora_file(path, "transformer")
+        check_lora_fits(path, state, {k: v.shape for k, v in get_peft_model_state_dict(self.network).items()},
+                        "transformer")
+        set_peft_model_state_dict(self.network, state)

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from ..core import append_dims, as_batch_sigma
-from ..core.files import atomic_dir, note
+from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiser, LatentDenoiserView, TextToImageModel, guidance_embedding  # noqa: F401
 from .latent_cache import weights_digest
+from .students import check_base_hash, check_lora_fits, read_lora_file
 
 LCM_SIGMA_DATA = 0.5
 
@@ -225,7 +226,7 @@ class LatentConsistencyModel(LatentDenoiserView, nn.Module):
         model = cls(LCMFunction(base.denoiser, meta["timestep_scaling"]), base, meta["num_ddim_timesteps"],
                     lora=True, base=meta.get("base"), base_hash=meta.get("base_hash"))
         model.load_lora(folder)
-        check_base_hash(folder, meta, base, given)
+        check_base_hash(folder, meta, base, given, "LCM-LoRA")
         return model
 
     def load_lora(self, folder) -> None:
@@ -235,42 +236,9 @@ class LatentConsistencyModel(LatentDenoiserView, nn.Module):
         from peft.utils import set_peft_model_state_dict
 
         path = Path(folder) / LORA_FILE
-        state = read_lora_file(path)
-        own = {k: v.shape for k, v in lora_state_dict(self.unet).items()}
-        misfit = [k for k, v in state.items() if k not in own or own[k] != v.shape]
-        if misfit or not state:
-            raise ValueError(f"{path} does not fit this base UNet ({len(misfit)} of its {len(state)} tensors have "
-                             "no place here); it was trained on another base")
-        missing = sorted(set(own) - set(state))
-        if missing:
-            raise ValueError(f"{path} holds {len(state)} of the adapter's {len(own)} tensors (missing {missing[0]} "
-                             f"and {len(missing) - 1} more): the file is partial; export the LCM-LoRA again")
+        state = read_lora_file(path, "unet")
+        check_lora_fits(path, state, {k: v.shape for k, v in lora_state_dict(self.unet).items()}, "UNet")
         set_peft_model_state_dict(self.unet, state)
-
-
-def read_lora_file(path: Path) -> dict:
-    """The UNet tensors of an LCM-LoRA file (``unet.`` keys, the prefix dropped), with one-line errors for a missing,
-    unreadable or truncated file, tensors for other parts and non-finite values."""
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: an LCM-LoRA folder holds its adapter there; export it again")
-    try:
-        state = load_file(path)
-    except Exception as e:  # noqa: BLE001 - safetensors' own error type for a damaged file, OSError, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
-        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {first}); it is truncated "
-                         "or not a LoRA file: export the LCM-LoRA again") from None
-    others = sorted({k.split(".", 1)[0] for k in state if not k.startswith("unet.")})
-    if others:
-        n = sum(not k.startswith("unet.") for k in state)
-        raise ValueError(f"{path} holds {n} tensors for {', '.join(others)} (e.g. a text-encoder LoRA), which cmkit "
-                         "does not apply, so sampling would silently differ; use a UNet-only LoRA (as cmkit writes)")
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} of its {len(state)} tensors hold NaN or inf values (e.g. {bad[0]}); "
-                         "the adapter is damaged: export it again, or train again with a lower train.lr")
-    return {k[len("unet."):]: v for k, v in state.items()}
 
 
 def check_lcm_meta(folder, meta: dict, lora: bool = False) -> None:
@@ -308,24 +276,6 @@ def lora_base(folder, meta: dict, base):
         raise ValueError(f"{folder}: the base {what!r} is not a text-to-image teacher with an SD / SDXL UNet; an "
                          "LCM-LoRA applies to the teacher it was trained on")
     return base, given
-
-
-def check_base_hash(folder, meta: dict, base, given: bool) -> None:
-    """Refuse (or, for a base the caller chose, note) a base whose weights are not those the adapter was trained
-    on (same shapes, other values: the teacher folder was retrained or replaced since)."""
-    recorded = meta.get("base_hash")
-    if not recorded:
-        return
-    now = weights_digest(base)
-    if now == recorded:
-        return
-    if given:
-        note(f"{folder}: applying the LCM-LoRA to a base other than the one it was trained on (weights hash {now}, "
-             f"trained on {recorded})")
-        return
-    raise ValueError(f"{folder}: its base teacher {meta.get('base')} has changed since the LCM-LoRA was trained on "
-                     f"it (weights hash {now}, recorded {recorded}); restore that teacher, or pass base= to apply the "
-                     "adapter to another one deliberately")
 
 
 # the guidance scale an LCM samples at when none is given: one with a guidance embedding (trained on scales

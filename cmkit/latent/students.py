@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from pathlib import Path
+
+import torch
+
+from ..core.files import note
+from .latent_cache import weights_digest
 
 
 class SharedPartsStudent:
@@ -45,3 +51,60 @@ def adapters_off(network):
         yield network
     finally:
         network.enable_adapters()
+
+
+def read_lora_file(path: Path, prefix: str) -> dict:
+    """The ``prefix`` network's tensors of a LoRA file (``unet.`` / ``transformer.`` keys, the prefix dropped), with
+    one-line errors for a missing, unreadable or truncated file, tensors for other parts and non-finite values."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a LoRA student's folder holds its adapter there; export it again")
+    try:
+        state = load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type for a damaged file, OSError, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {first}); it is truncated "
+                         "or not a LoRA file: export the LoRA student again") from None
+    others = sorted({k.split(".", 1)[0] for k in state if not k.startswith(prefix + ".")})
+    if others:
+        n = sum(not k.startswith(prefix + ".") for k in state)
+        raise ValueError(f"{path} holds {n} tensors for {', '.join(others)} (e.g. a text-encoder LoRA), which cmkit "
+                         f"does not apply, so sampling would silently differ; use a LoRA of the {prefix} alone "
+                         "(as cmkit writes)")
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} of its {len(state)} tensors hold NaN or inf values (e.g. {bad[0]}); "
+                         "the adapter is damaged: export it again, or train again with a lower train.lr")
+    return {k[len(prefix) + 1:]: v for k, v in state.items()}
+
+
+def check_lora_fits(path: Path, state: dict, own: dict, what: str) -> None:
+    """Refuse a LoRA state that does not fit the adapter (``own``: its tensors' shapes) or holds only part of it
+    (only the A or the B matrices, some layers)."""
+    misfit = [k for k, v in state.items() if k not in own or own[k] != v.shape]
+    if misfit or not state:
+        raise ValueError(f"{path} does not fit this base {what} ({len(misfit)} of its {len(state)} tensors have no "
+                         "place here); it was trained on another base")
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"{path} holds {len(state)} of the adapter's {len(own)} tensors (missing {missing[0]} and "
+                         f"{len(missing) - 1} more): the file is partial; export the LoRA student again")
+
+
+def check_base_hash(folder, meta: dict, base, given: bool, what: str) -> None:
+    """Refuse (or, for a base the caller chose, note) a base whose weights are not those the adapter was trained
+    on (same shapes, other values: the teacher folder was retrained or replaced since)."""
+    recorded = meta.get("base_hash")
+    if not recorded:
+        return
+    now = weights_digest(base)
+    if now == recorded:
+        return
+    if given:
+        note(f"{folder}: applying the {what} to a base other than the one it was trained on (weights hash {now}, "
+             f"trained on {recorded})")
+        return
+    raise ValueError(f"{folder}: its base teacher {meta.get('base')} has changed since the {what} was trained on "
+                     f"it (weights hash {now}, recorded {recorded}); restore that teacher, or pass base= to apply the "
+                     "adapter to another one deliberately")
