@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..latent.autoencoder import latent_normalisation
+from ..latent.builders import small_cond_unet
 from ..latent.denoiser import LatentDenoiser
 from ..latent.latent_cache import encode_set
-from ..latent.builders import small_cond_unet
 from ..latent.text_encoders import PromptEncoder, clip_tokenizer, learn_bpe, small_text_encoder
 from .base import BuildContext, ObjectiveConfig, register_objective
 from .ddpm import DDPMLoss
