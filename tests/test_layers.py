@@ -4,7 +4,8 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "cmkit"
-LAYERS = {"core": 1, "models": 2, "latent": 2, "solvers": 3, "objectives": 4, "training": 5, "sampling": 5, "data": 6, "eval": 6,
+LAYERS = {"core": 1, "models": 2, "latent": 2, "solvers": 3, "objectives": 4, "training": 5, "sampling": 5, "data": 6,
+          "eval": 6,
           "cli": 7}
 TOP = 8  # cmkit/__init__.py and __main__.py re-export and run everything
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from cmkit import load_model, load_teacher
+from cmkit.latent.builders import tiny_pipeline
 from cmkit.latent.denoiser import LatentDenoiser
 from cmkit.latent.lcm import LatentConsistencyModel, LCMFunction, add_lora, student_unet
-from cmkit.latent.builders import tiny_pipeline
 from cmkit.sampling.text2image import lcm_sample
 
 PROMPTS = ["a red sneaker", "a green bag"]
