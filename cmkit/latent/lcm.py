@@ -11,7 +11,6 @@ LCM-LoRA has none and is sampled with plain (usually no) classifier-free guidanc
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiser, LatentDenoiserView, TextToImageModel, guidance_embedding  # noqa: F401
 from .latent_cache import weights_digest
-from .students import check_base_hash, check_lora_fits, read_lora_file
+from .students import SharedPartsStudent, check_base_hash, check_lora_fits, read_lora_file
 
 LCM_SIGMA_DATA = 0.5
 
@@ -101,7 +100,7 @@ def lora_state_dict(unet) -> dict:
 
 
 @MODEL_KINDS.register("lcm")
-class LatentConsistencyModel(LatentDenoiserView, nn.Module):
+class LatentConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
     """A distilled latent consistency model with the pipeline it samples in: ``fn`` (an ``LCMFunction``, the only
     part that trains) and the teacher's VAE and prompt encoder (``parts``, a ``TextToImageModel``, shared and never
     copied or checkpointed). ``lora``: ``fn``'s UNet is the teacher's with a LoRA adapter, and only the adapter is
@@ -120,17 +119,6 @@ class LatentConsistencyModel(LatentDenoiserView, nn.Module):
         self.num_ddim_timesteps, self.lora, self.base = int(num_ddim_timesteps), bool(lora), base
         # the base's weights hash: None = ``parts`` is the base (hashed when saved); "" = not known (an older folder)
         self.base_hash = base_hash
-
-    def __deepcopy__(self, memo):
-        """Copies (EMAs, the target network, the exported copy) share the teacher's parts instead of copying them.
-        An LCM-LoRA's function lives in the teacher's UNet, so its copies share that too: it keeps no EMA or target
-        network (``build_lora`` refuses them)."""
-        memo[id(self.parts)] = self.parts
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for k, v in self.__dict__.items():
-            new.__dict__[k] = copy.deepcopy(v, memo)
-        return new
 
     # --- the consistency function
     def forward(self, z, sigma, **cond):
@@ -160,19 +148,6 @@ class LatentConsistencyModel(LatentDenoiserView, nn.Module):
 
     def encode(self, images):
         return self.parts.encode(images)
-
-    # --- checkpoints hold what trains
-    def state_dict(self, *args, **kwargs):
-        full = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in full.items() if "lora_" in k} if self.lora else full
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if not self.lora:
-            return super().load_state_dict(state_dict, strict, assign)
-        own = set(self.state_dict())
-        if set(state_dict) != own:
-            raise ValueError("the LoRA weights do not fit this adapter (other rank, targets or base UNet)")
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     # --- files
     def save_pretrained(self, folder) -> Path:

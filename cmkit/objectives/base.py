@@ -128,3 +128,16 @@ def _draws_randomness(net: nn.Module) -> bool:
         flag = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
         net.__dict__["_cmkit_has_dropout"] = flag
     return flag
+
+
+class GuidedLatentBatches:
+    """The batch source of a distillation from a guided latent teacher (LCM, flow CD): latents drawn from the cached
+    VAE posteriors (``self.encoded``, normalised by ``self.normalisation``), their prompts' conditioning, and the
+    negatives the teacher's guidance takes; the target EMA the config names."""
+
+    def target_ema(self, step: int) -> float:
+        return self.cfg.target_ema
+
+    def batches(self, n: int, device):
+        z, cond = self.encoded.batch(n, device, self.normalisation)
+        return z, {**cond, **{k: v.to(device) for k, v in self.encoded.negatives(n).items()}}

@@ -31,7 +31,7 @@ from ..latent.flow_student import FlowConsistencyModel, add_transformer_lora
 from ..latent.latent_cache import encode_set
 from ..latent.students import adapters_off
 from ..solvers import SOLVERS, ode_step, step_solvers
-from .base import BuildContext, ObjectiveConfig, register_objective
+from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, register_objective
 from .distances import make_distance
 
 
@@ -64,20 +64,13 @@ def pseudo_huber(x, y, c: float):
     return ((x - y).float().pow(2) + c * c).sqrt().sub(c).flatten(1).mean(1)
 
 
-class FlowConsistencyDistillation:
+class FlowConsistencyDistillation(GuidedLatentBatches):
     def __init__(self, teacher: TextToImageModel, encoded, cfg: FlowCDConfig, lora: bool = False):
         self.grid = torch.tensor(teacher.grid(cfg.num_grid_steps, None), dtype=torch.float64)
         self.teacher, self.encoded, self.cfg, self.lora = teacher, encoded, cfg, lora
         self.normalisation = latent_normalisation(teacher.vae)
         self.distance = (lambda x, y: pseudo_huber(x, y, cfg.huber_c)) if cfg.distance == "huber" \
             else make_distance(cfg.distance)
-
-    def target_ema(self, step: int) -> float:
-        return self.cfg.target_ema
-
-    def batches(self, n: int, device):
-        z, cond = self.encoded.batch(n, device, self.normalisation)
-        return z, {**cond, **{k: v.to(device) for k, v in self.encoded.negatives(n).items()}}
 
     def pairs(self, n: int, device, dtype):
         """Adjacent (sigma_hi, sigma_lo) of the teacher's grid, one per sample."""

@@ -26,7 +26,7 @@ from ..latent.autoencoder import latent_normalisation
 from ..latent.denoiser import LatentDenoiser, TextToImageModel
 from ..latent.latent_cache import encode_set
 from ..latent.lcm import LatentConsistencyModel, LCMFunction, student_unet
-from .base import BuildContext, ObjectiveConfig, register_objective
+from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, register_objective
 from .distances import make_distance
 
 
@@ -81,7 +81,7 @@ def check_config(cfg: LCMConfig) -> None:
         raise ValueError(f"objective.w_embedding_dim must be >= 0, got {cfg.w_embedding_dim}")
 
 
-class LatentConsistencyDistillation:
+class LatentConsistencyDistillation(GuidedLatentBatches):
     def __init__(self, teacher: LatentDenoiser, encoded, normalisation, cfg: LCMConfig, lora: bool = False):
         check_config(cfg)
         table = teacher.log_sigmas.exp().float()
@@ -95,13 +95,6 @@ class LatentConsistencyDistillation:
         self.encoded, self.normalisation = encoded, normalisation
         self.distance = (lambda x, y: elementwise_huber(x, y, cfg.huber_c)) if cfg.distance == "huber" \
             else make_distance(cfg.distance)
-
-    def target_ema(self, step: int) -> float:
-        return self.cfg.target_ema
-
-    def batches(self, n: int, device):
-        z, cond = self.encoded.batch(n, device, self.normalisation)
-        return z, {**cond, **{k: v.to(device) for k, v in self.encoded.negatives(n).items()}}
 
     def __call__(self, model, z0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
         n, dev = z0.shape[0], z0.device
