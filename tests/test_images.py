@@ -164,3 +164,26 @@ def test_shipped_teachers_load_and_denoise_held_out_digits(name):
     with torch.no_grad():
         err = (den.eval()(noisy, 0.3) - x).pow(2).mean()
     assert err < 0.25 * (noisy - x).pow(2).mean()
+
+
+def test_outputs_are_written_to_a_temporary_name_then_renamed(tmp_path, monkeypatch):
+    """Two writers of one --out file never leave a mix of both: the bytes go to a temporary file beside it, which
+    is renamed over the destination only once complete (an earlier file stays whole until then)."""
+    import numpy as np
+
+    from cmkit.data import imagefiles
+
+    out = tmp_path / "x.npy"
+    imagefiles.save_images(torch.zeros(2, 3), out)
+    seen = []
+    real = imagefiles._save
+
+    def spy(x, path, suffix):
+        seen.append(Path(path))
+        assert np.load(out).sum() == 0  # the old file is untouched while the new one is written
+        real(x, path, suffix)
+
+    monkeypatch.setattr(imagefiles, "_save", spy)
+    imagefiles.save_images(torch.ones(2, 3), out)
+    assert seen and seen[0] != out and seen[0].parent == out.parent and not seen[0].exists()
+    assert np.load(out).sum() == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.files import atomic_write
+
 
 def load_images(path, channels: int | None = None, pixels: bool = True) -> torch.Tensor:
     """A ``.npy`` batch (B, C, H, W) or (C, H, W) in [-1, 1], or one PNG/JPEG image scaled to [-1, 1]. ``pixels``
@@ -54,16 +56,19 @@ def save_images(x: torch.Tensor, path) -> Path:
     path = Path(path)
     if path.suffix not in (".npy", ".png"):
         raise ValueError(f"output must end in .npy or .png, got {path.name!r}")
-    try:
-        _save(x, path)
+    try:  # to a temporary name, then renamed: two writers of one file never leave a mix of both (a device or a link
+        # to one, such as /dev/stdout, is written as it is)
+        if path.exists() and not path.is_file():
+            _save(x, path, path.suffix)
+        else:
+            atomic_write(path, lambda tmp: _save(x, tmp, path.suffix))
     except OSError as e:  # a full disk, a read-only folder: name the file, never a success line
         raise OSError(f"could not write {path}: {e.strerror or e}; free space or choose another --out") from None
     return path
 
 
-def _save(x: torch.Tensor, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".npy":
+def _save(x: torch.Tensor, path: Path, suffix: str) -> None:
+    if suffix == ".npy":
         with open(path, "wb") as f:  # a file object: np.save given a name would add ".npy" to one that lacks it
             np.save(f, x.detach().cpu().numpy())
     else:

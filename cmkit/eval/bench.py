@@ -188,11 +188,18 @@ def _measure(method, nfe, model, run, score, ev: EvalSettings, bar) -> tuple[dic
 
 
 def model_fingerprint(model) -> str:
-    """A hash of a model's weights, so saved results are reused only for the very same model."""
+    """A hash of a model's weights, so saved results are reused only for the very same model. A student that holds
+    its teacher's parts apart (an LCM, a LoRA student: its state dict is the adapter alone) hashes those too, so a row
+    of a LoRA applied to another base is measured again."""
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    parts = getattr(model, "parts", None)
+    if parts is not None:
+        from ..latent.latent_cache import weights_digest
+
+        h.update(weights_digest(parts).encode())
     return h.hexdigest()[:16]
 
 
