@@ -69,3 +69,13 @@ def test_tinted_digits_are_colourings_of_the_digits():
     assert ((design @ coef).squeeze(-1) - vals).abs().max() < 1e-5
     assert (coef[..., 0, 0] <= 0.35 + 1e-6).all()  # dark backgrounds (HSV value <= 0.35)
     assert torch.equal(load_dataset("tinted_digits").test, tinted.test)
+
+
+def test_an_image_size_a_named_set_ignores_is_refused():
+    from cmkit.data.dataset import load_dataset
+
+    with pytest.raises(ValueError, match="data.image_size = 16, but data.name 'digits' comes at 8x8"):
+        load_dataset("digits", image_size=16)
+    assert load_dataset("digits", image_size=8).sample_shape == (1, 8, 8)  # its own size is accepted
+    with pytest.raises(ValueError, match="comes at no image size"):
+        load_dataset("s_curve", image_size=8)

@@ -119,4 +119,10 @@ def load_dataset(name: str | None = None, path: str | None = None, image_size: i
         loader = DATASETS[name]
     except ValueError as e:
         raise ValueError(f"{e}; or set data.path to a .npy file or an image folder") from None
-    return loader()
+    data = loader()
+    size = data.sample_shape[-1] if len(data.sample_shape) == 3 else None
+    if image_size and image_size != size:  # a named set comes at its own size: silently ignoring the key misleads
+        raise ValueError(f"data.image_size = {image_size}, but data.name {name!r} comes at "
+                         f"{f'{size}x{size}' if size else 'no image size'} and is not resized; remove "
+                         "data.image_size (it resizes image folders given as data.path)")
+    return data
