@@ -212,3 +212,7 @@ def test_generate_samples_a_flow_student_at_guidance_1_and_refuses_more(tmp_path
     assert main(["generate", str(tmp_path / "student"), "--prompt", "a red bag", "--guidance", "4",
                  "--out", str(out)]) != 0
     assert "folds guidance in" in capsys.readouterr().err
+    # a batch past memory is refused before anything is allocated (it hung before)
+    assert main(["generate", str(tmp_path / "student"), "--prompt", "a red bag", "--num-per-prompt", "1000000000",
+                 "--out", str(out)]) != 0
+    assert "lower --num-per-prompt" in capsys.readouterr().err

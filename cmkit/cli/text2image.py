@@ -122,6 +122,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.num_per_prompt < 1 or args.steps < 1:
         raise ValueError("--num-per-prompt and --steps must be >= 1")
     w = _default_guidance(model, kind, args.guidance)
+    _check_memory(model, len(args.prompt) * args.num_per_prompt)
     prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
     gen = torch.Generator().manual_seed(args.seed)
     if kind == "lcm":
@@ -136,6 +137,19 @@ def run_generate(args: argparse.Namespace) -> None:
                           negative_prompts=args.negative_prompt, generator=gen, spacing=None if kind else "trailing")
     save_images(x.clamp(-1, 1), out)
     print(f"wrote {len(prompts)} images ({args.num_per_prompt} per prompt) to {out}")
+
+
+def _check_memory(model, num: int) -> None:
+    """Refuse, before anything is allocated, a batch whose decoded images, latents and their two guided copies
+    alone exceed the memory there is (a lower bound: the networks' activations come on top)."""
+    import math
+
+    from ..core.memory import FLOAT_BYTES, check_fits
+
+    image = getattr(model, "image_shape", None) or model.parts.image_shape
+    per = math.prod(image) * 2 + math.prod(model.sample_shape) * 6
+    check_fits(int(num * per * FLOAT_BYTES), f"generating {num} images", "lower --num-per-prompt or give fewer "
+               "--prompt")
 
 
 def _default_guidance(model, kind: str | None, given: float | None) -> float:

@@ -94,6 +94,10 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
     def sample_shape(self) -> tuple[int, ...]:
         return self.parts.sample_shape
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self.parts.image_shape
+
     def grid(self, steps: int, spacing=None) -> list[float]:
         return self.family.grid(self, int(steps), spacing)
 
