@@ -183,3 +183,13 @@ def test_hub_id_fails_fast_offline(monkeypatch):
     with pytest.raises(FileNotFoundError, match="could not load teacher 'someone/sd-model'"):
         load_teacher("someone/sd-model")
     assert time.perf_counter() - t0 < 10
+
+
+def test_a_malformed_tokenizer_file_is_named_in_one_line(tmp_path):
+    from cmkit.latent.builders import tiny_pipeline
+
+    folder = tmp_path / "p"
+    tiny_pipeline().save_pretrained(folder)
+    (folder / "tokenizer" / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": [1, 2')
+    with pytest.raises(ValueError, match=r"tokenizer/ could not be read \(JSONDecodeError.*tokenizer.json"):
+        load_teacher(str(folder))

@@ -56,6 +56,10 @@ def _load_component(path: str, name: str, entry, load_kw: dict):
     refuse_pickles(Path(path) / name, f"the {name}")
     try:
         return cls.from_pretrained(path, subfolder=name, **kw)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:  # a damaged config or tokenizer
+        files = ", ".join(sorted(p.name for p in (Path(path) / name).glob("*.json"))) or "its files"
+        raise ValueError(f"{path}: {name}/ could not be read ({type(e).__name__}: {str(e)[:80]}); one of {files} is "
+                         "damaged or not what its config names: copy the folder again") from None
     except ValueError as e:
         if "custom code" in str(e):  # transformers' refusal of an auto_map into a .py file, over several lines
             raise ValueError(f"{path}: {name}/ asks for custom code (an auto_map into a .py file), and cmkit never "
