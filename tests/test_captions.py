@@ -84,7 +84,7 @@ def test_latent_cache_reads_back_and_keys_on_weights(tmp_path, monkeypatch):
     x = torch.rand(6, 3, 32, 32) * 2 - 1
     caps = ["a red sneaker", "a green bag"] * 3
     first = encode_set(model.vae, model.prompt_encoder, x, caps, progress=False)
-    assert len(list(cache_root().iterdir())) == 1
+    assert len(list(cache_root().glob("*.safetensors"))) == 1
     assert first.embeds["prompt_embeds"].shape[0] == 2  # one row per distinct caption
     calls = []
     hook = model.vae.encoder.register_forward_hook(lambda *a: calls.append(1))
@@ -96,6 +96,6 @@ def test_latent_cache_reads_back_and_keys_on_weights(tmp_path, monkeypatch):
         model.vae.decoder.conv_out.bias.add_(1.0)  # other VAE weights: another key
     encode_set(model.vae, model.prompt_encoder, x, caps, progress=False)
     hook.remove()
-    assert calls and len(list(cache_root().iterdir())) == 2
+    assert calls and len(list(cache_root().glob("*.safetensors"))) == 2
     with pytest.raises(ValueError, match="5 captions for 6 images"):
         encode_set(model.vae, model.prompt_encoder, x, caps[:5], progress=False)
