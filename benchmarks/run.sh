@@ -61,3 +61,8 @@ for job in lcm lcm-lora; do
 done
 $CMKIT bench text-to-image --teacher cmkit:tiny-t2i --model LCM=runs/tiny-t2i-lcm/model \
   --model LCM-LoRA=runs/tiny-t2i-lcm-lora/model --out $R/text-to-image --no-progress
+
+# --- the shipped flow teacher (SD3 layout, no T5): solvers from t = 1 and its own pipeline, one seed of 400 ---
+$CMKIT bench text-to-image --teacher cmkit:tiny-sd3 --solvers euler,heun,dpmpp_2m --steps 1,2,4,8,25,50 --num 400 \
+  --seeds 0 --out $R/text-to-image-sd3 --no-progress
+$PY benchmarks/sd3_zero_tokens.py > $R/sd3-zero-tokens/result.json   # collapsed zero tokens against the pipeline's
