@@ -60,10 +60,12 @@ class SD3Denoiser(FlowDenoiser):
         from diffusers.models.attention_processor import JointAttnProcessor2_0
 
         repeats = cond.get("zero_token_repeats")
-        ours = isinstance(next(iter(self.transformer.attn_processors.values())), RepeatedTokenAttention)
+        # which processors are set is kept here: reading transformer.attn_processors walks every module
+        ours = self.__dict__.get("_repeated_attention", False)
         if (repeats is not None) != ours:
             self.transformer.set_attn_processor(RepeatedTokenAttention() if repeats is not None
                                                 else JointAttnProcessor2_0())
+            self.__dict__["_repeated_attention"] = repeats is not None
         # the count is the same for every sample (max_sequence_length); kept on the device, no sync
         extra = {} if repeats is None else {"joint_attention_kwargs": {"log_repeats": repeats[:1].log()}}
         return self.transformer(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond["prompt_embeds"],
