@@ -28,3 +28,17 @@ def gaussian_denoiser():
 
 CLI = [sys.executable, "-m", "cmkit"]
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def caption_data(size: int = 16, items=("bag", "boot")):
+    """24 coloured random images with captions "a {colour} {item}" (20 to train on, 4 held out), the small
+    captioned set the text-to-image training tests run on."""
+    from cmkit.data import Dataset
+    from cmkit.data.fashion_colours import paint
+
+    g = torch.Generator().manual_seed(0)
+    gray = torch.rand(24, 1, size, size, generator=g) * 2 - 1
+    colours = torch.arange(24) % 3
+    caps = [f"a {['red', 'green', 'blue'][c]} {items[i % 2]}" for i, c in enumerate(colours.tolist())]
+    x = paint(gray, colours)
+    return Dataset("tiny-captions", x[:20], x[20:], train_captions=caps[:20], test_captions=caps[20:])

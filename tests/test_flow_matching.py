@@ -9,25 +9,18 @@ import math
 
 import pytest
 import torch
+from conftest import caption_data
 from safetensors.torch import load_file
 
 import cmkit
 from cmkit.cli.jobs import run_job
 from cmkit.cli.recipes import load_recipe
-from cmkit.data import Dataset
 from cmkit.latent.builders import tiny_sd3_pipeline
 from cmkit.objectives.flow_matching import FlowMatchingLoss
 
 
 def _data():
-    from cmkit.data.fashion_colours import paint
-
-    g = torch.Generator().manual_seed(0)
-    gray = torch.rand(24, 1, 16, 16, generator=g) * 2 - 1
-    colours = torch.arange(24) % 3
-    caps = [f"a {['red', 'green', 'blue'][c]} {['bag', 'boot'][i % 2]}" for i, c in enumerate(colours.tolist())]
-    x = paint(gray, colours)
-    return Dataset("tiny-captions", x[:20], x[20:], train_captions=caps[:20], test_captions=caps[20:])
+    return caption_data()
 
 
 def test_loss_is_the_velocity_error_at_shifted_logit_normal_times():

@@ -9,11 +9,11 @@ import copy
 
 import pytest
 import torch
+from conftest import caption_data
 
 import cmkit
 from cmkit.cli.jobs import run_job
 from cmkit.cli.recipes import load_recipe
-from cmkit.data import Dataset
 from cmkit.latent.builders import tiny_flux_pipeline, tiny_sd3_pipeline
 from cmkit.latent.families.flux import pack, unpack
 from cmkit.latent.flow_student import FlowConsistencyModel, add_transformer_lora
@@ -142,14 +142,7 @@ def test_the_distillation_target_is_one_guided_teacher_step_then_the_target_netw
 
 
 def _data():
-    from cmkit.data.fashion_colours import paint
-
-    g = torch.Generator().manual_seed(0)
-    gray = torch.rand(24, 1, 32, 32, generator=g) * 2 - 1
-    colours = torch.arange(24) % 3
-    caps = [f"a {['red', 'green', 'blue'][c]} {['sneaker', 'bag'][i % 2]}" for i, c in enumerate(colours.tolist())]
-    x = paint(gray, colours)
-    return Dataset("tiny-captions", x[:20], x[20:], train_captions=caps[:20], test_captions=caps[20:])
+    return caption_data(32, ("sneaker", "bag"))
 
 
 def test_a_short_run_brings_one_step_toward_the_teachers_solution(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import caption_data
 from safetensors.torch import load_file
 
 from cmkit.cli.jobs import run_job
@@ -13,14 +14,7 @@ from cmkit.data import Dataset
 
 
 def _data():
-    from cmkit.data.fashion_colours import paint
-
-    g = torch.Generator().manual_seed(0)
-    gray = torch.rand(24, 1, 16, 16, generator=g) * 2 - 1
-    colours = torch.arange(24) % 3
-    caps = [f"a {['red', 'green', 'blue'][c]} {['bag', 'boot'][i % 2]}" for i, c in enumerate(colours.tolist())]
-    x = paint(gray, colours)
-    return Dataset("tiny-captions", x[:20], x[20:], train_captions=caps[:20], test_captions=caps[20:])
+    return caption_data()
 
 
 VAE = ['objective.kind="vae"', "objective.sample_size=16", "objective.channels=[16,16]", "objective.norm_num_groups=8",
