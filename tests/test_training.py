@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmkit.cli.jobs import distill, train_teacher
+from cmkit.cli.jobs import distill, train_consistency, train_teacher
 from cmkit.cli.recipes import load_recipe
 from cmkit.training import TrainingInterrupted
 
@@ -176,3 +176,47 @@ def test_a_finished_ict_run_extends_with_the_same_curriculum(tmp_path):
     summary = train_consistency(load_recipe("s_curve-ict", [*base, "train.steps=20", "objective.total_steps=10"]),
                                 tmp_path, progress=False)
     assert (summary["start_step"], summary["end_step"]) == (15, 20)
+
+
+@pytest.mark.parametrize("export, ema, steps, want", [
+    ("auto", "[0.9]", 10, "online"),      # 0.9**10 = 0.35 of the starting weights left: too young
+    ("auto", "[0.9, 0.5]", 40, "ema-0.9"),  # both have forgotten the start (0.015, 1e-12): the slower one
+    ("ema", "[0.9]", 10, "ema-0.9"),
+    ("target", "[0.9]", 10, "target"),
+    ("online", "[0.5]", 40, "online"),
+])
+def test_the_exported_weights_are_the_ones_named_and_cmkit_json_says_which(tmp_path, small_teacher, export, ema,
+                                                                          steps, want):
+    cd = ["objective.kind=\"cd\"", f"teacher.path=\"{small_teacher}\"", "train.checkpoint_every=1000",
+          f"train.steps={steps}", f"train.ema_rates={ema}", f"train.export=\"{export}\""]
+    distill(load_recipe("quickstart-cd", SMALL + cd), tmp_path, progress=False)
+    meta = json.loads((tmp_path / "model" / "cmkit.json").read_text())["exported_weights"]
+    assert meta["weights"] == want and meta["step"] == steps
+    ckpt = tmp_path / "checkpoints" / f"step-{steps:08d}"
+    source = load_file(ckpt / f"{'model' if want == 'online' else want}.safetensors")
+    exported = weights(tmp_path / "model")
+    others = [load_file(f) for f in ckpt.glob("*.safetensors") if f.stem not in (want if want != "online" else "model",
+                                                                                  "optimizer", "objective")]
+    for k, v in exported.items():
+        assert torch.equal(v, source[next(s for s in source if s.endswith(k))]), k
+    # and not some other copy's: every other kept network differs somewhere
+    assert all(any(not torch.equal(v, o[next(s for s in o if s.endswith(k))]) for k, v in exported.items())
+               for o in others)
+
+
+@pytest.mark.parametrize("export, ema, message", [
+    ("target", "[0.9]", None), ("ema", "[]", "train.ema_rates is empty"),
+    ("ema-0.99", "[0.9]", "not one of the kept EMAs"), ("best", "[0.9]", "train.export must be"),
+])
+def test_an_export_that_names_weights_the_run_does_not_keep_fails_before_training(tmp_path, small_teacher, export,
+                                                                                  ema, message):
+    overrides = SMALL + ["objective.kind=\"cd\"", f"teacher.path=\"{small_teacher}\"", "train.steps=2",
+                         f"train.ema_rates={ema}", f"train.export=\"{export}\""]
+    if message is None:  # a CT run keeps no target network
+        overrides = SMALL + ["train.steps=2", f"train.ema_rates={ema}", f"train.export=\"{export}\""]
+        with pytest.raises(ValueError, match="keeps no target network"):
+            train_consistency(load_recipe("s_curve-ict", overrides), tmp_path, progress=False)
+    else:
+        with pytest.raises(ValueError, match=message):
+            distill(load_recipe("quickstart-cd", overrides), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()

@@ -19,6 +19,7 @@ from ..data import Dataset, load_dataset
 from ..eval.metrics import sliced_wasserstein
 from ..latent.latent_cache import weights_digest
 from ..models import BACKBONES, ConsistencyModel, load_teacher, num_classes_of
+from ..models.folder import annotate_meta, read_meta
 from ..objectives import OBJECTIVES, BuildContext, kinds_for
 from ..sampling import class_condition, search_schedule
 from ..training import Trainer
@@ -285,6 +286,9 @@ def tune_schedule(recipe: Recipe, model_dir: Path, data: Dataset, progress: bool
     found = search_schedule(cm, data.train, _sliced_w2, max_steps=ev.schedule_max_steps,
                             candidates=ev.schedule_candidates, num=ev.schedule_num_samples, progress=progress,
                             **class_condition(cm, ev.schedule_num_samples))
+    kept = read_meta(model_dir) or {}
     cm.cpu().save_pretrained(model_dir)
+    if "exported_weights" in kept:
+        annotate_meta(model_dir, exported_weights=kept["exported_weights"])
     atomic_write_text(model_dir.parent / "schedule_search.json", json.dumps(found, indent=2))
     return found

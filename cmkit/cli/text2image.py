@@ -128,11 +128,13 @@ def run_generate(args: argparse.Namespace) -> None:
     if kind == "lcm":
         x = lcm_sample(model, prompts, args.steps, guidance_scale=w, negative_prompts=args.negative_prompt,
                        generator=gen, solver=args.solver)
-    else:  # a teacher, or a flow student: Euler over its own grid is what its exported scheduler runs
-        if kind == "flow_cm" and args.solver not in (None, "euler"):
-            raise ValueError(f"a flow student samples with Euler over its own grid (its exported scheduler); "
-                             f"--solver {args.solver} does not apply. Leave --solver out")
-        solver = "euler" if kind == "flow_cm" else args.solver or "ddim"
+    else:  # a teacher, or a flow student: its sampler over its own grid is what its exported scheduler runs
+        if kind == "flow_cm" and args.solver not in (None, model.sampler):
+            raise ValueError(f"a flow student samples with its own sampler ({model.sampler}, what its exported "
+                             f"scheduler runs); --solver {args.solver} does not apply. Leave --solver out")
+        if kind == "flow_cm":
+            torch.manual_seed(args.seed)  # the re-noising sampler draws from torch's generator, as the pipeline does
+        solver = model.sampler if kind == "flow_cm" else args.solver or "ddim"
         x = text_to_image(model, prompts, steps=args.steps, solver=solver, guidance_scale=w,
                           negative_prompts=args.negative_prompt, generator=gen, spacing=None if kind else "trailing")
     save_images(x.clamp(-1, 1), out)

@@ -75,13 +75,15 @@ def lcm_rows(model, steps=(1, 2, 4, 8), guidance_scale: float = 4.0) -> list[tup
 
 
 def flow_student_rows(model, steps=(1, 2, 4, 8)) -> list[tuple]:
-    """``(nfe, model, run)`` rows of a few-step student of a flow teacher: Euler over its own grid (what its
-    exported ``FlowMatchEulerDiscreteScheduler`` runs), guidance folded in (one pass a step)."""
+    """``(nfe, model, run)`` rows of a few-step student of a flow teacher: its sampler over its own grid (what its
+    exported scheduler runs: Euler, or re-noising with noise from torch's generator, seeded from ``g`` here),
+    guidance folded in (one pass a step)."""
     def row(k):
         def run(n, g, c):
             prompts = prompt_list(n)
             noise = torch.randn(n, *model.sample_shape, generator=g)
-            return _batched(lambda a, b: text_to_image(model, prompts[a:b], steps=k, solver="euler",
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+            return _batched(lambda a, b: text_to_image(model, prompts[a:b], steps=k, solver=model.sampler,
                                                        guidance_scale=1.0, latents=noise[a:b], spacing=None,
                                                        return_nfe=True), n)
         return (k, model, run)

@@ -26,6 +26,11 @@ from .components import UNSUPPORTED, read_model_index
 from .family import FAMILIES, family_of
 
 
+def time_dtype(z: torch.Tensor) -> torch.dtype:
+    """The dtype a network's time input is passed in: float32, as the pipelines pass it, or float64 in a float64 run."""
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """The sinusoidal embedding of ``1000 w`` that guidance-embedding UNets (LCM's) take as ``timestep_cond`` (VDM's;
     diffusers' ``get_guidance_scale_embedding``): ``[sin(1000 w f_i), cos(1000 w f_i)]``,
@@ -135,7 +140,7 @@ class LatentDenoiser(GuidedDenoiser, DiffusersDenoiser):
         if self.embeds_guidance and timestep_cond is None:
             timestep_cond = guidance_embedding(w - 1, self.unet.config.time_cond_proj_dim)
         # timesteps in float32: half precision would round 999 to 1000
-        out = self.unet(self.schedule.to_native(z, s).to(dt), self.sigma_to_t(sigma).float(),
+        out = self.unet(self.schedule.to_native(z, s).to(dt), self.sigma_to_t(sigma).to(time_dtype(z)),
                         encoder_hidden_states=at(cond["prompt_embeds"]), added_cond_kwargs=added,
                         timestep_cond=at(timestep_cond)).sample
         return self.to_x0(z, s, out.to(z.dtype), clip=False)

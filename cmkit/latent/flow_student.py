@@ -5,8 +5,8 @@ velocity ``v_s``, and its consistency function is the flow denoiser itself,
     f(x_t, t) = x_t - t v_s(x_t, t),        f(x, 0) = x exactly,
 
 so ``FlowMatchEulerDiscreteScheduler``'s step ``x_t + (t' - t) v_s = (1 - t') f + t' eps_hat`` is a deterministic
-multistep consistency sample (no re-noising; ``FlowMatchLCMScheduler``'s re-noising ``(1 - t') f + t' eps_new`` is
-not exported yet). Guidance is folded in: the student takes no negative prompt and samples at ``guidance_scale = 1``
+multistep consistency sample (sampler ``euler``), and ``FlowMatchLCMScheduler``'s ``(1 - t') f + t' eps_new`` the
+re-noising one (sampler ``consistency``, cmkit's solver of that name). Guidance is folded in: the student takes no negative prompt and samples at ``guidance_scale = 1``
 (one pass a step); a Flux-dev student's guidance embedding is fed 1.
 
 ``FlowConsistencyModel`` holds the student denoiser (the only part that trains; an adapter's weights alone for a LoRA
@@ -30,7 +30,8 @@ from .latent_cache import weights_digest
 from .students import SharedPartsStudent, check_base_hash, check_lora_fits, read_lora_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
-SAMPLERS = ("euler",)  # FlowMatchEulerDiscreteScheduler: deterministic multistep consistency sampling
+# the student's sampler -> the scheduler its export samples with: deterministic, or re-noising with fresh noise
+SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler", "consistency": "FlowMatchLCMScheduler"}
 
 
 def add_transformer_lora(transformer, rank: int, alpha: float, targets) -> None:
@@ -59,7 +60,7 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
                  sampler: str = "euler", lora: bool = False, base: str | None = None):
         super().__init__()
         if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+            raise ValueError(f"a flow student's sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         self.denoiser = denoiser
         self.__dict__["parts"] = parts
         self.steps, self.guidance_scale, self.sampler = int(steps), float(guidance_scale), sampler
@@ -115,9 +116,13 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
     # --- files
     def student_scheduler(self):
         """The scheduler the export samples with: the teacher's grid, deterministic or re-noising."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        import inspect
 
-        return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        import diffusers
+
+        cls = getattr(diffusers, SAMPLERS[self.sampler])
+        takes = inspect.signature(cls.__init__).parameters  # the keys only the other class has are left behind
+        return cls.from_config({k: v for k, v in self.scheduler.config.items() if k in takes})
 
     def meta(self) -> dict:
         return {"kind": self.kind, "steps": self.steps, "guidance_scale": self.guidance_scale, "sampler": self.sampler,

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..core import Registry
-from ..core.files import atomic_dir, refuse_pickles
+from ..core.files import atomic_dir, atomic_write_text, refuse_pickles
 from .backbones import backbone_class
 
 META_FILE = "cmkit.json"
@@ -27,6 +27,13 @@ def write_model_folder(folder, backbone, meta: dict) -> Path:
         meta = {**meta, "backbone": type(backbone).__name__}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return Path(folder)
+
+
+def annotate_meta(folder, **entries) -> None:
+    """Add ``entries`` to a folder's ``cmkit.json`` in place (atomically); a folder without one is left as it is."""
+    meta = read_meta(folder)
+    if meta is not None:
+        atomic_write_text(Path(folder) / META_FILE, json.dumps({**meta, **entries}, indent=2, sort_keys=True))
 
 
 def read_meta(folder) -> dict | None:

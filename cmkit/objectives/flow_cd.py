@@ -46,6 +46,7 @@ class FlowCDConfig(ObjectiveConfig):
     huber_c: float = 0.001
     target_ema: float = 0.95           # 0: the student itself under stop-gradient
     sample_steps: int = 4              # the step count recorded as the student's default
+    sampler: str = "euler"             # what the export samples with: euler (deterministic) | consistency (re-noising)
     teacher_pipeline: str = "any"      # the pipeline class the recipe was written for (checked), or "any"
 
 
@@ -123,17 +124,28 @@ def _prepare(cfg: FlowCDConfig, ctx: BuildContext):
     return teacher, encode_set(teacher.vae, teacher.prompt_encoder, data.train, data.train_captions)
 
 
-def _student_args(cfg: FlowCDConfig, ctx: BuildContext) -> dict:
-    return {"steps": cfg.sample_steps, "guidance_scale": (cfg.w_min + cfg.w_max) / 2, "base": ctx.teacher_path}
+def flow_student(teacher: TextToImageModel, ctx: BuildContext, steps: int, guidance_scale: float,
+                 lora: dict | None = None, sampler: str = "euler") -> FlowConsistencyModel:
+    """The few-step student of a flow teacher: a full copy of its transformer, or (``lora``: rank, alpha, targets)
+    a LoRA adapter on the teacher's own, whose base with the adapter off stays the teacher."""
+    if lora is None:
+        student = copy.deepcopy(teacher.denoiser).requires_grad_(True)
+        teacher.denoiser.requires_grad_(False)
+        return FlowConsistencyModel(student, teacher, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                                    base=ctx.teacher_path)
+    if not ctx.teacher_path:
+        raise ValueError("a LoRA student records its base teacher for loading the adapter later; give it by path "
+                         "(teacher.path or --teacher)")
+    add_transformer_lora(teacher.network, lora["rank"], lora["alpha"], lora["targets"])
+    return FlowConsistencyModel(teacher.denoiser, teacher, lora=True, steps=steps, guidance_scale=guidance_scale,
+                                sampler=sampler, base=ctx.teacher_path)
 
 
 @register_objective("flow_cd", FlowCDConfig, job="distill", teacher="required")
 def build(cfg: FlowCDConfig, ctx: BuildContext):
     """Consistency distillation of a flow teacher: a full copy of its transformer, initialised from it."""
     teacher, encoded = _prepare(cfg, ctx)
-    student = copy.deepcopy(teacher.denoiser).requires_grad_(True)
-    teacher.denoiser.requires_grad_(False)
-    model = FlowConsistencyModel(student, teacher, **_student_args(cfg, ctx))
+    model = flow_student(teacher, ctx, cfg.sample_steps, (cfg.w_min + cfg.w_max) / 2, sampler=cfg.sampler)
     return model, FlowConsistencyDistillation(teacher, encoded, cfg)
 
 
@@ -144,9 +156,6 @@ def build_lora(cfg: FlowCDLoRAConfig, ctx: BuildContext):
     if cfg.target_ema != 0:
         raise ValueError("objective.target_ema must be 0 for flow_cd_lora: the adapter's target is itself under "
                          "stop-gradient (a copy would need a second transformer)")
-    if not ctx.teacher_path:
-        raise ValueError("flow_cd_lora records its base teacher for loading the adapter later; give it by path "
-                         "(teacher.path or --teacher)")
-    add_transformer_lora(teacher.network, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    model = FlowConsistencyModel(teacher.denoiser, teacher, lora=True, **_student_args(cfg, ctx))
+    model = flow_student(teacher, ctx, cfg.sample_steps, (cfg.w_min + cfg.w_max) / 2,
+                         {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets}, cfg.sampler)
     return model, FlowConsistencyDistillation(teacher, encoded, cfg, lora=True)

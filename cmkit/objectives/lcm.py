@@ -150,22 +150,40 @@ def _prepare(cfg: LCMConfig, ctx: BuildContext):
     return teacher, encoded, latent_normalisation(teacher.vae)
 
 
+def lcm_student(teacher: TextToImageModel, ctx: BuildContext, num_ddim_timesteps: int, timestep_scaling: float,
+                w_embedding_dim: int = 0, lora: dict | None = None) -> LatentConsistencyModel:
+    """A latent consistency model of a UNet teacher: a student UNet (the teacher's, plus a guidance embedding of
+    ``w_embedding_dim`` when > 0) trained in full, or (``lora``: rank, alpha, targets) a LoRA adapter on the
+    teacher's own UNet, whose base with the adapter off stays the teacher."""
+    from ..latent.lcm import add_lora
+
+    if lora is None:
+        den = LatentDenoiser(student_unet(teacher.unet, w_embedding_dim or None), teacher.scheduler)
+        return LatentConsistencyModel(LCMFunction(den, timestep_scaling), teacher, num_ddim_timesteps,
+                                      base=ctx.teacher_path)
+    if w_embedding_dim:
+        raise ValueError("objective.w_embedding_dim must be 0 for a LoRA student: the adapter leaves the UNet's "
+                         "inputs as they are")
+    if not ctx.teacher_path:
+        raise ValueError("a LoRA student records its base teacher for loading the adapter later; give it by path "
+                         "(teacher.path or --teacher)")
+    add_lora(teacher.unet, lora["rank"], lora["alpha"], lora["targets"])
+    return LatentConsistencyModel(LCMFunction(teacher.denoiser, timestep_scaling), teacher, num_ddim_timesteps,
+                                  lora=True, base=ctx.teacher_path)
+
+
 @register_objective("lcm", LCMConfig, job="distill", teacher="required")
 def build(cfg: LCMConfig, ctx: BuildContext):
     """LCM: a student UNet (the teacher's, plus a guidance embedding) trained in full."""
     check_config(cfg)
     teacher, encoded, norm = _prepare(cfg, ctx)
-    den = LatentDenoiser(student_unet(teacher.unet, cfg.w_embedding_dim or None), teacher.scheduler)
-    model = LatentConsistencyModel(LCMFunction(den, cfg.timestep_scaling), teacher, cfg.num_ddim_timesteps,
-                                   base=ctx.teacher_path)
+    model = lcm_student(teacher, ctx, cfg.num_ddim_timesteps, cfg.timestep_scaling, cfg.w_embedding_dim)
     return model, LatentConsistencyDistillation(teacher.denoiser, encoded, norm, cfg)
 
 
 @register_objective("lcm_lora", LCMLoRAConfig, job="distill", teacher="required")
 def build_lora(cfg: LCMLoRAConfig, ctx: BuildContext):
     """LCM-LoRA: a LoRA adapter on the teacher's UNet; the base with adapters off is the teacher."""
-    from ..latent.lcm import add_lora
-
     check_config(cfg)
     if cfg.target_ema != 0:
         raise ValueError("objective.target_ema must be 0 for lcm_lora: the adapter's target is itself under "
@@ -174,10 +192,6 @@ def build_lora(cfg: LCMLoRAConfig, ctx: BuildContext):
         raise ValueError("objective.w_embedding_dim must be 0 for lcm_lora: the adapter leaves the UNet's inputs "
                          "as they are")
     teacher, encoded, norm = _prepare(cfg, ctx)
-    add_lora(teacher.unet, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    if not ctx.teacher_path:
-        raise ValueError("lcm_lora records its base teacher for loading the adapter later; give it by path "
-                         "(teacher.path or --teacher)")
-    model = LatentConsistencyModel(LCMFunction(teacher.denoiser, cfg.timestep_scaling), teacher,
-                                   cfg.num_ddim_timesteps, lora=True, base=ctx.teacher_path)
+    model = lcm_student(teacher, ctx, cfg.num_ddim_timesteps, cfg.timestep_scaling,
+                        lora={"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets})
     return model, LatentConsistencyDistillation(teacher.denoiser, encoded, norm, cfg, lora=True)

@@ -76,3 +76,14 @@ def dpm2(den, x: torch.Tensor, sigma_from, sigma_to, **cond) -> torch.Tensor:
     x_mid = x + append_dims(s_mid - s0, x.ndim) * d0
     x2 = x + append_dims(s1 - s0, x.ndim) * pf_ode_drift(den, x_mid, s_mid, **cond)
     return torch.where(append_dims(nonzero, x.ndim), x2, x1)
+
+
+@step_solver("consistency", evals_per_step=1)
+def consistency(den, x: torch.Tensor, sigma_from, sigma_to, **cond) -> torch.Tensor:
+    """Multistep consistency sampling: denoise, then re-noise with fresh noise, ``D(x, sigma_from) + sigma_to eps``
+    (``eps`` from torch's global generator, as ``FlowMatchLCMScheduler`` draws it when a pipeline passes none).
+    A consistency model's sampler; on a diffusion model it is a stochastic (and poor) one."""
+    x0 = den(x, as_batch_sigma(sigma_from, x), **cond)
+    if _to_zero(sigma_to):
+        return x0
+    return x0 + append_dims(as_batch_sigma(sigma_to, x), x.ndim) * torch.randn_like(x0)

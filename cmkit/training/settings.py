@@ -18,6 +18,10 @@ class TrainSettings:
     ema_rates: list[float] = field(default_factory=lambda: [0.999])
     checkpoint_every: int = 500
     log_every: int = 50
+    # which weights become out/model: auto | online | target | ema (the first of ema_rates) | ema-<rate>;
+    # auto takes the slowest output EMA that has forgotten its start (rate**steps <= START_LEFT), else the online
+    # weights: a 0.999 EMA after 600 steps still holds 55% of the weights the run started from
+    export: str = "auto"
     mixed_precision: str = "no"      # no | fp16 | bf16
     cpu: bool = False                # force CPU even where a GPU is present
 
@@ -38,5 +42,8 @@ class TrainSettings:
         bad = [r for r in self.ema_rates if not 0 <= r < 1]
         if bad:
             raise ValueError(f"train.ema_rates must lie in [0, 1), got {bad[0]}")
+        if not isinstance(self.export, str) or not (
+                self.export in ("auto", "online", "target", "ema") or self.export.startswith("ema-")):
+            raise ValueError(f"train.export must be auto, online, target, ema or ema-<rate>, got {self.export!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"train.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")

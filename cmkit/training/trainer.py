@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.files import atomic_write_text, clean_partial_writes
+from ..models.folder import annotate_meta
 from .checkpoints import (
     CheckpointError,
     clean_checkpoints,
@@ -42,6 +43,7 @@ from .settings import TrainSettings
 from .stop import QuietStream, StopRequest, TrainingInterrupted, quietly
 
 Batches = Callable[[int, torch.device], tuple[torch.Tensor, dict]]
+START_LEFT = 0.05  # train.export=auto: an EMA still holding more of its starting weights than this is too young
 MAX_NONFINITE_RUN = 10  # this many non-finite steps in a row stop a run: it diverged, skipping will not save it
 OUT_NAMES = ("model", "checkpoints", "log.jsonl", "recipe.json", "schedule_search.json")  # what cmkit writes in out
 
@@ -91,12 +93,17 @@ class Trainer:
         self.target = frozen_copy(model) if objective.target_ema(0) > 0 else None
         # an objective may own trainable parameters (sCM's learnt loss weighting): optimised and checkpointed with
         # the model, not exported with it
+        # (a fake-score network, rCM's) at its own learning-rate scale (``objective.lr_groups()``)
         self.extra = [p for p in objective.parameters() if p.requires_grad] if isinstance(objective, nn.Module) else []
-        self.optimizer = make_optimizer([*model.parameters(), *self.extra], settings)
+        groups = objective.lr_groups() if hasattr(objective, "lr_groups") else [(self.extra, 1.0)]
+        self.optimizer = make_optimizer(
+            [{"params": list(model.parameters()), "lr_scale": 1.0}]
+            + [{"params": ps, "lr": settings.lr * scale, "lr_scale": scale} for ps, scale in groups if ps], settings)
         self.nets = {"model": model, **self.emas, **({"target": self.target} if self.target is not None else {}),
                      **({"objective": objective} if self.extra else {})}
         self.ckpt_root = self.out / "checkpoints"
         self.step_no = self.resume()
+        self.export_choice()  # a train.export that names weights this run does not keep fails now, not at the end
         for m in list(self.emas.values()) + ([self.target] if self.target is not None else []):
             m.to(self.acc.device)
         if isinstance(objective, nn.Module):
@@ -137,7 +144,7 @@ class Trainer:
             return 0
         self._scaler_state = state.get("scaler")
         for g in self.optimizer.param_groups:  # the recipe's learning rate, which may differ from the saved one's
-            g["lr"] = self.lr_at(state["step"])
+            g["lr"] = self.lr_at(state["step"]) * g.get("lr_scale", 1.0)
         return state["step"]
 
     def _counters(self) -> None:
@@ -158,7 +165,7 @@ class Trainer:
         x0, cond = self.batches(self.local_bs, self.acc.device)
         if self.s.warmup and step <= self.s.warmup:
             for g in self.optimizer.param_groups:
-                g["lr"] = self.lr_at(step)
+                g["lr"] = self.lr_at(step) * g.get("lr_scale", 1.0)
         with self.acc.autocast():
             target = self.target if self.target is not None else self.online
             loss = self.objective(self.wrapped, x0, target=target, step=step, **cond)
@@ -266,14 +273,50 @@ class Trainer:
                             {"seed": self.seed, "scaler": scaler, **self.run_info})
         acc.wait_for_everyone()
 
+    def export_choice(self) -> tuple[str, str]:
+        """``(name, why)`` of the weights ``train.export`` names for a run that has reached ``self.step_no``."""
+        choice, steps = self.s.export, self.step_no
+        if choice == "online":
+            return "online", "train.export = online"
+        if choice == "target":
+            if self.target is None:
+                raise ValueError("train.export = target, but this objective keeps no target network "
+                                 "(objective.target_ema is 0); export online or an output EMA")
+            return "target", "train.export = target"
+        if choice.startswith("ema"):
+            if not self.emas:
+                raise ValueError(f"train.export = {choice}, but train.ema_rates is empty; add a rate or export online")
+            if choice == "ema":
+                return next(iter(self.emas)), "train.export = ema (the first of train.ema_rates)"
+            if choice not in self.emas:
+                raise ValueError(f"train.export = {choice} is not one of the kept EMAs ({', '.join(self.emas)}); "
+                                 f"name one of them, or add its rate to train.ema_rates")
+            return choice, f"train.export = {choice}"
+        # auto: an EMA started from the initial weights and after n steps still gives them weight rate**n
+        grown = {k: r for k, r in self.rates.items() if r**steps <= START_LEFT}
+        if grown:
+            key = max(grown, key=grown.get)
+            return key, (f"train.export = auto: the slowest output EMA whose starting weights have decayed below "
+                         f"{START_LEFT:g} after {steps} steps ({self.rates[key]}**{steps} = "
+                         f"{self.rates[key] ** steps:.2g})")
+        if not self.rates:
+            return "online", "train.export = auto: no output EMA is kept"
+        young = ", ".join(f"{r}**{steps} = {r**steps:.2g}" for r in self.rates.values())
+        return "online", (f"train.export = auto: every output EMA still holds its starting weights after {steps} "
+                          f"steps ({young} > {START_LEFT:g})")
+
     def export(self) -> Path:
-        """Write the first output EMA (the online weights when no EMA is kept) as ``out/model``."""
-        final = next(iter(self.emas.values()), self.online)
+        """Write the weights ``train.export`` names as ``out/model``, and which they were in its ``cmkit.json``."""
+        name, why = self.export_choice()
+        final = {"online": self.online, "target": self.target}.get(name) or self.emas[name]
         self._check_finite_state(str(self.out / "model"))
         if self.acc.is_main_process:
             export = copy.deepcopy(self.online).cpu()
             export.load_state_dict({k: v.cpu() for k, v in final.state_dict().items()})
             export.save_pretrained(self.out / "model")
+            # a teacher family's pipeline folder has no cmkit.json: the line below says it there
+            annotate_meta(self.out / "model", exported_weights={"weights": name, "step": self.step_no, "why": why})
+            quietly(self.acc.print, f"exported the {name} weights at step {self.step_no} ({why})")
         self.acc.wait_for_everyone()
         return self.out / "model"
 

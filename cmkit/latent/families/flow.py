@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...core import FlowMatchSchedule, append_dims, flux_mu
-from ..denoiser import GuidedDenoiser
+from ..denoiser import GuidedDenoiser, time_dtype
 from ..family import PipelineFamily
 
 FLOW_SPACINGS = (None, "trailing")  # the pipeline's own grid already starts at the last training time
@@ -39,8 +39,9 @@ class FlowDenoiser(GuidedDenoiser, nn.Module):
     def _denoise(self, z, sigma, w, cond: dict) -> torch.Tensor:
         s = append_dims(sigma, z.ndim)
         x_n = self.schedule.to_native(z, s)
-        # the time in float64 from sigma, then float32 as the pipelines pass it
-        t = (self.schedule.time(sigma.double()) * self.timestep_scale).float()
+        # the time in float64 from sigma, then float32 as the pipelines pass it (float64 in a float64 run: a tangent
+        # through the time input would lose its digits in the cast)
+        t = (self.schedule.time(sigma.double()) * self.timestep_scale).to(time_dtype(z))
         dt = self.transformer.dtype
         cond = {k: v.to(z.device, dt) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
         v = self._velocity(x_n.to(dt), t, w, cond).to(z.dtype)

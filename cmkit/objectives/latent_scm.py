@@ -1,0 +1,321 @@
+"""sCD (Lu & Song 2024) and rCM (Zheng et al. 2026) on latent text-to-image teachers, UNet and flow alike.
+
+Any teacher's schedule is mapped to TrigFlow by matching signal-to-noise ratios: cmkit's sigma-space state
+``x = x0 + sigma eps`` at ``sigma = sd tan t`` is the TrigFlow state ``x_t = cos(t) x``. The student keeps the
+parameterisation its teacher's pipeline samples (a flow student ``x_t - t v``, an LCM's boundary scalings) and is
+read in TrigFlow through its sigma-space consistency function ``D_theta``:
+
+    F_theta(x_t, t) = (cos(t) x_t - D_theta(x_t / cos t, sd tan t)) / (sd sin t),   so f = cos t x_t - sd sin t F.
+
+The tangent is sCM's (``objectives.scm``): the teacher's guided PF-ODE velocity
+``dx_t/dt = (cos t x_t - D_w(x_t / cos t, sd tan t)) / sin t`` (classifier-free guidance with ``w ~ U[w_min, w_max]``
+folded into the student; Flux-dev's guidance embedding in one pass), one JVP of ``F^-`` through the student (math
+attention kernel) or a central finite difference, ``g / (||g|| + c)``, ``||F_theta - F^- - g||^2`` with the learnt
+weighting ``w_phi(t)`` or none.
+
+rCM adds the reverse divergence (DMD) on the student's own samples. After ``tangent_warmup`` steps, one step in
+``student_update_every`` updates the student, the others a fake-score network (a trainable copy of the teacher,
+this objective's own module: optimised, checkpointed, all-reduced) by denoising score matching on the student's
+samples. The student's sample ``G`` comes from 1-``dmd_max_steps`` steps (the last with gradients) from pure noise;
+noised to ``x = G + s eps`` at ``s`` from the flow-shifted proposal, the regulariser is
+
+    grad = (D_fake(x, s) - D_w(x, s)) / mean|G - D_w(x, s)|,      loss_dmd = ||G - sg(G - grad)||^2 / D,
+
+whose gradient in ``G`` is ``2 grad / D`` (the KL's: fake score minus real score, DMD's normalisation), weighted
+``dmd_weight`` against the sCM term (rCM's 1 : 100); the fake score's loss is ``||G - D_fake(x, s)||^2 / sin^2 t``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core import append_dims
+from ..latent.autoencoder import latent_normalisation
+from ..latent.denoiser import TextToImageModel
+from ..latent.families.flow import FlowDenoiser
+from ..latent.latent_cache import encode_set
+from ..latent.students import adapters_off
+from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, register_objective, replaying_draws, unwrapped
+from .flow_cd import FlowCDLoRAConfig, flow_student
+from .lcm import LCMLoRAConfig, lcm_student
+from .scm import AdaptiveWeight, adaptive_weighted_loss, normalise_tangent, scm_tangent
+from .tangents import check_tangent_method
+
+
+@dataclass
+class LatentSCDConfig(ObjectiveConfig):
+    kind: str = "latent_scd"
+    sigma_data: float = 1.0            # the VAE-normalised latents' scale (rCM's 1.0)
+    sigma_min: float = 0.002           # the TrigFlow times' range, cut to the teacher's
+    sigma_max: float = 80.0
+    p_mean: float = -0.8               # sCD's proposal: log(sd tan t) ~ N(p_mean, p_std^2)
+    p_std: float = 1.6
+    tangent_warmup: int = 1000         # steps over which the tangent's second term is ramped in (0: none)
+    tangent_norm_c: float = 0.1
+    adaptive_weight: bool = True       # sCM's learnt w_phi(t)
+    weight_embed_dim: int = 128
+    tangent: str = "jvp"               # jvp | finite_difference
+    fd_step: float = 1e-3
+    w_min: float = 4.0                 # the teacher's guidance scale w ~ U[w_min, w_max] (pipeline convention)
+    w_max: float = 4.0
+    sample_steps: int = 4              # a flow student's recorded default step count
+    sampler: str = "consistency"       # a flow student's export: consistency (re-noising, as sCM samples) | euler
+    w_embedding_dim: int = 256         # a full UNet student's guidance embedding (0: guidance folded in)
+    timestep_scaling: float = 10.0     # a UNet student's LCM boundary scalings
+    num_ddim_timesteps: int = 50       # a UNet student's LCMScheduler grid
+    teacher_pipeline: str = "any"      # the pipeline class the recipe was written for (checked), or "any"
+
+
+@dataclass
+class LatentSCDLoRAConfig(LatentSCDConfig):
+    kind: str = "latent_scd_lora"
+    w_embedding_dim: int = 0
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=list)  # empty: the teacher network's defaults (flow / UNet)
+
+
+@dataclass
+class LatentRCMConfig(LatentSCDConfig):
+    kind: str = "latent_rcm"
+    adaptive_weight: bool = False      # rCM trains with a fixed weighting
+    dmd_weight: float = 0.01           # the DMD term against the sCM term (rCM: 1 against 100)
+    student_update_every: int = 5      # after the warm-up, one student step in this many; the rest train the fake score
+    fake_lr_scale: float = 0.2         # the fake score's learning rate over the student's (rCM: 4e-7 / 2e-6)
+    dmd_max_steps: int = 4             # the student's DMD samples take 1..this many steps
+    dmd_shift: float = 5.0             # DMD noise: flow time s = shift u / (1 + (shift - 1) u), sigma = s / (1 - s)
+
+
+@dataclass
+class LatentRCMLoRAConfig(LatentRCMConfig):
+    kind: str = "latent_rcm_lora"
+    w_embedding_dim: int = 0
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=list)
+
+
+class TrigFlowView:
+    """``F(x_t / sd, t)`` of a sigma-space consistency function (module docstring), the call ``scm_tangent`` takes."""
+
+    def __init__(self, fn, sigma_data: float):
+        self.fn, self.sd = fn, sigma_data
+
+    def __call__(self, x_scaled: torch.Tensor, raw_time: torch.Tensor, **cond) -> torch.Tensor:
+        x_t = x_scaled * self.sd
+        cos, sin = (append_dims(v, x_t.ndim) for v in (torch.cos(raw_time), torch.sin(raw_time)))
+        d = self.fn(x_t / cos, self.sd * torch.tan(raw_time), **cond)
+        return (cos * x_t - d) / (self.sd * sin)
+
+
+def dmd_loss(g: torch.Tensor, x_fake: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
+    """Per sample ``||G - sg(G - grad)||^2 / D`` with ``grad = (x_fake - x_real) / mean|G - x_real|``: its gradient
+    in ``G`` is ``2 grad / D``."""
+    with torch.no_grad():
+        scale = (g - x_real).abs().flatten(1).mean(1).clamp_min(1e-5)
+        grad = (x_fake - x_real) / append_dims(scale, g.ndim)
+    return (g - (g - grad).detach()).pow(2).flatten(1).mean(1)
+
+
+def _twice(cond: dict, n: int) -> dict:
+    return {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v for k, v in cond.items()}
+
+
+class LatentSCM(GuidedLatentBatches, nn.Module):
+    """sCD, or rCM when ``fake`` (the fake-score denoiser) is given (module docstring)."""
+
+    def __init__(self, teacher: TextToImageModel, encoded, cfg: LatentSCDConfig, lora: bool = False, fake=None,
+                 student_takes_w: bool = False):
+        nn.Module.__init__(self)
+        self.__dict__.update(teacher=teacher, encoded=encoded)  # never optimised, never checkpointed
+        self.cfg, self.lora, self.sd = cfg, lora, float(cfg.sigma_data)
+        self.normalisation = latent_normalisation(teacher.vae)
+        self.sigma_lo = max(cfg.sigma_min, float(teacher.sigma_min))
+        self.sigma_hi = min(cfg.sigma_max, float(teacher.sigma_max))
+        self.t_min, self.t_max = math.atan(self.sigma_lo / self.sd), math.atan(self.sigma_hi / self.sd)
+        self.weight = AdaptiveWeight(cfg.weight_embed_dim) if cfg.adaptive_weight else None
+        self.fake, self.student_takes_w = fake, student_takes_w
+        self.sigma_start = float(teacher.sigma_max)  # the student samples from here (inf: the state is the noise)
+
+    def target_ema(self, step: int) -> float:
+        return 0.0  # sCM's target is the student itself under stop-gradient
+
+    def lr_groups(self) -> list[tuple[list, float]]:
+        """The objective's trainable parameters by learning-rate scale (the fake score trains slower)."""
+        fake = [p for p in self.fake.parameters() if p.requires_grad] if self.fake is not None else []
+        weight = list(self.weight.parameters()) if self.weight is not None else []
+        return [(weight, 1.0), (fake, getattr(self.cfg, "fake_lr_scale", 1.0))]
+
+    # --- what each step draws
+    def times(self, n: int, device) -> torch.Tensor:
+        tau = self.cfg.p_mean + self.cfg.p_std * torch.randn(n, device=device)
+        return torch.atan(tau.exp() / self.sd).clamp(self.t_min, self.t_max)
+
+    def dmd_sigmas(self, n: int, device) -> torch.Tensor:
+        u, shift = torch.rand(n, device=device, dtype=torch.float64), self.cfg.dmd_shift
+        s = shift * u / (1 + (shift - 1) * u)
+        return (s / (1 - s)).clamp(self.sigma_lo, self.sigma_hi)
+
+    def student_cond(self, pos: dict, w: torch.Tensor) -> dict:
+        """A student with a guidance embedding (a full LCM) is told ``w``; the rest have it folded in."""
+        return {**pos, "guidance_scale": w} if self.student_takes_w else pos
+
+    def _teacher_weights(self):
+        return adapters_off(self.teacher.network) if self.lora else contextlib.nullcontext()
+
+    def _real(self, x, sigma, w, cond):
+        with torch.no_grad(), self._teacher_weights():
+            return self.teacher(x, sigma, guidance_scale=w, **cond)
+
+    # --- phases
+    def student_phase(self, step: int) -> bool:
+        c = self.cfg
+        return self.fake is None or step < c.tangent_warmup or (step - c.tangent_warmup) % c.student_update_every == 0
+
+    def _counts(self, step: int) -> tuple[int, int]:
+        """(student updates, fake-score updates) before ``step``: they pick the DMD samples' step counts, as rCM."""
+        c = self.cfg
+        if step < c.tangent_warmup:
+            return step, 0
+        students = c.tangent_warmup + (step - c.tangent_warmup) // c.student_update_every
+        return students, step - students - 1
+
+    def student_sample(self, net, z0: torch.Tensor, scond: dict, no_grad_steps: int):
+        """``(x, sigma)`` after ``no_grad_steps`` consistency steps from pure noise, re-noised at DMD times."""
+        n = z0.shape[0]
+        sigma = torch.full((n,), self.sigma_start, device=z0.device, dtype=z0.dtype)
+        eps = torch.randn_like(z0)
+        x = eps if math.isinf(self.sigma_start) else self.sigma_start * eps
+        for _ in range(no_grad_steps):
+            with torch.no_grad():
+                x0 = net(x, sigma, **scond)
+            sigma = torch.minimum(self.dmd_sigmas(n, z0.device).to(z0.dtype), sigma)
+            x = x0 + append_dims(sigma, z0.ndim) * torch.randn_like(z0)
+        return x, sigma
+
+    def forward(self, model, z0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
+        c, n = self.cfg, z0.shape[0]
+        w = c.w_min + (c.w_max - c.w_min) * torch.rand(n, device=z0.device)
+        pos = {k: v for k, v in cond.items() if not k.startswith("negative_")}
+        scond = self.student_cond(pos, w)
+        if not self.student_phase(step):
+            return self.fake_score_loss(unwrapped(model), z0, scond, pos, step)
+        t = self.times(n, z0.device).to(z0.dtype)
+        cos, sin = (append_dims(v, z0.ndim) for v in (torch.cos(t), torch.sin(t)))
+        x_t = cos * z0 + sin * (self.sd * torch.randn_like(z0))
+        sigma = self.sd * torch.tan(t)
+        dxdt = (cos * x_t - self._real(x_t / cos, sigma, w, cond)) / sin
+        net = TrigFlowView(unwrapped(model) if target is None else target, self.sd)
+        replay = replaying_draws(unwrapped(model), z0.device)
+        r = min(1.0, step / c.tangent_warmup) if c.tangent_warmup else 1.0
+        f_minus, g = scm_tangent(net, x_t, t, dxdt, self.sd, r, c.tangent, c.fd_step, replay, **scond)
+        g = normalise_tangent(g, c.tangent_norm_c).to(z0.dtype)
+        dmd = self.fake is not None and step > c.tangent_warmup
+        with replay():
+            if dmd:  # the sCM pass and the DMD sample's last step in one batch (one pass through a DDP wrapper)
+                x_g, s_g = self.student_sample(unwrapped(model), z0, scond, self._counts(step)[0] % c.dmd_max_steps)
+                d_online, g_x0 = model(torch.cat([x_t / cos, x_g]), torch.cat([sigma, s_g]),
+                                       **_twice(scond, n)).chunk(2)
+            else:
+                d_online = model(x_t / cos, sigma, **scond)
+        f_online = (cos * x_t - d_online) / (self.sd * sin)
+        sq = (f_online - f_minus.to(z0.dtype) - g).pow(2).flatten(1).sum(1)
+        dim = z0[0].numel()
+        loss = sq / dim if self.weight is None else adaptive_weighted_loss(sq, self.weight(t), dim)
+        if dmd:
+            loss = loss + c.dmd_weight * self.dmd_term(g_x0, w, pos, cond)
+        return loss.mean()
+
+    def dmd_term(self, g_x0: torch.Tensor, w, pos: dict, cond: dict) -> torch.Tensor:
+        s = self.dmd_sigmas(g_x0.shape[0], g_x0.device).to(g_x0.dtype)
+        x = (g_x0 + append_dims(s, g_x0.ndim) * torch.randn_like(g_x0)).detach()
+        with torch.no_grad():
+            x_fake = self.fake(x, s, **pos)
+        return dmd_loss(g_x0, x_fake, self._real(x, s, w, cond))
+
+    def fake_score_loss(self, student, z0: torch.Tensor, scond: dict, pos: dict, step: int) -> torch.Tensor:
+        """Denoising score matching of the fake score on the student's own samples, ``1 / sin^2 t`` weighted."""
+        with torch.no_grad():
+            x_g, s_g = self.student_sample(student, z0, scond, self._counts(step)[1] % self.cfg.dmd_max_steps)
+            g_x0 = student(x_g, s_g, **scond)
+        s = self.dmd_sigmas(z0.shape[0], z0.device).to(z0.dtype)
+        x = g_x0 + append_dims(s, z0.ndim) * torch.randn_like(z0)
+        inv_sin2 = append_dims((self.sd**2 + s**2) / s**2, z0.ndim)
+        return ((g_x0 - self.fake(x, s, **pos)).pow(2) * inv_sin2).flatten(1).mean(1).mean()
+
+
+def _check(cfg: LatentSCDConfig) -> None:
+    check_tangent_method(cfg.tangent, cfg.fd_step)
+    if not (1 <= cfg.w_min <= cfg.w_max and math.isfinite(cfg.w_max)):
+        raise ValueError(f"objective.w_min ({cfg.w_min}) must be >= 1 and <= objective.w_max ({cfg.w_max})")
+    if not (0 < cfg.sigma_min < cfg.sigma_max and cfg.sigma_data > 0 and cfg.p_std > 0 and math.isfinite(cfg.p_mean)):
+        raise ValueError("objective.sigma_min < sigma_max, sigma_data > 0, p_std > 0 and a finite p_mean are needed, "
+                         f"got {cfg.sigma_min}, {cfg.sigma_max}, {cfg.sigma_data}, {cfg.p_std}, {cfg.p_mean}")
+    if not (cfg.tangent_warmup >= 0 and cfg.tangent_norm_c >= 0 and cfg.sample_steps >= 1):
+        raise ValueError("objective.tangent_warmup and tangent_norm_c must be >= 0 and sample_steps >= 1")
+    if isinstance(cfg, LatentRCMConfig) and not (
+            cfg.dmd_weight >= 0 and cfg.student_update_every >= 1 and cfg.fake_lr_scale > 0 and cfg.dmd_max_steps >= 1
+            and cfg.dmd_shift > 0):
+        raise ValueError("objective.dmd_weight >= 0, student_update_every >= 1, fake_lr_scale > 0, dmd_max_steps >= 1 "
+                         f"and dmd_shift > 0 are needed, got {cfg.dmd_weight}, {cfg.student_update_every}, "
+                         f"{cfg.fake_lr_scale}, {cfg.dmd_max_steps}, {cfg.dmd_shift}")
+
+
+def _build(cfg: LatentSCDConfig, ctx: BuildContext, lora: bool, rcm: bool):
+    _check(cfg)
+    teacher = ctx.teacher
+    if not isinstance(teacher, TextToImageModel):
+        raise ValueError(f"objective.kind {cfg.kind!r} distils a text-to-image teacher (a diffusers SD / SDXL / SD3 / "
+                         "Flux folder, cmkit:tiny-t2i or cmkit:tiny-sd3); the teacher given is not one")
+    if cfg.teacher_pipeline not in ("any", teacher.family.name):
+        raise ValueError(f"this recipe is for a {cfg.teacher_pipeline} teacher but the teacher given is a "
+                         f"{teacher.family.name}; use the recipe written for it")
+    data = ctx.data
+    if data is None or data.train_captions is None:
+        raise ValueError(f"objective.kind {cfg.kind!r} trains on captioned images: set data.name = "
+                         "'fashion_colours' or data.path to a caption folder")
+    encoded = encode_set(teacher.vae, teacher.prompt_encoder, data.train, data.train_captions)
+    flow = isinstance(teacher.denoiser, FlowDenoiser)
+    # the fake score starts as the teacher, copied before a LoRA student's adapter goes onto the teacher's network
+    fake = copy.deepcopy(teacher.denoiser).requires_grad_(True) if rcm else None
+    spec = None
+    if lora:
+        default = FlowCDLoRAConfig().lora_targets if flow else LCMLoRAConfig().lora_targets
+        spec = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets or default}
+    if flow:
+        model = flow_student(teacher, ctx, cfg.sample_steps, (cfg.w_min + cfg.w_max) / 2, spec, cfg.sampler)
+    else:
+        model = lcm_student(teacher, ctx, cfg.num_ddim_timesteps, cfg.timestep_scaling,
+                            0 if lora else cfg.w_embedding_dim, spec)
+    takes_w = not flow and model.denoiser.embeds_guidance
+    return model, LatentSCM(teacher, encoded, cfg, lora=lora, fake=fake, student_takes_w=takes_w)
+
+
+@register_objective("latent_scd", LatentSCDConfig, job="distill", teacher="required")
+def build(cfg: LatentSCDConfig, ctx: BuildContext):
+    """sCD of a latent text-to-image teacher (UNet or flow): a full student initialised from the teacher."""
+    return _build(cfg, ctx, lora=False, rcm=False)
+
+
+@register_objective("latent_scd_lora", LatentSCDLoRAConfig, job="distill", teacher="required")
+def build_lora(cfg: LatentSCDLoRAConfig, ctx: BuildContext):
+    """sCD into a LoRA adapter on the teacher's own network (the teacher's pass with the adapter off)."""
+    return _build(cfg, ctx, lora=True, rcm=False)
+
+
+@register_objective("latent_rcm", LatentRCMConfig, job="distill", teacher="required")
+def build_rcm(cfg: LatentRCMConfig, ctx: BuildContext):
+    """rCM: sCD plus the DMD regulariser, with a fake-score network trained on the student's samples."""
+    return _build(cfg, ctx, lora=False, rcm=True)
+
+
+@register_objective("latent_rcm_lora", LatentRCMLoRAConfig, job="distill", teacher="required")
+def build_rcm_lora(cfg: LatentRCMLoRAConfig, ctx: BuildContext):
+    """rCM with a LoRA student (the fake score is a full copy of the teacher's network)."""
+    return _build(cfg, ctx, lora=True, rcm=True)
