@@ -6,8 +6,9 @@ velocity ``v_s``, and its consistency function is the flow denoiser itself,
 
 so ``FlowMatchEulerDiscreteScheduler``'s step ``x_t + (t' - t) v_s = (1 - t') f + t' eps_hat`` is a deterministic
 multistep consistency sample (sampler ``euler``), and ``FlowMatchLCMScheduler``'s ``(1 - t') f + t' eps_new`` the
-re-noising one (sampler ``consistency``, cmkit's solver of that name). Guidance is folded in: the student takes no negative prompt and samples at ``guidance_scale = 1``
-(one pass a step); a Flux-dev student's guidance embedding is fed 1.
+re-noising one (sampler ``consistency``, cmkit's solver of that name). Guidance is folded in: the student takes no
+negative prompt and samples at ``guidance_scale = 1`` (one pass a step); a Flux-dev student's guidance embedding is
+fed 1.
 
 ``FlowConsistencyModel`` holds the student denoiser (the only part that trains; an adapter's weights alone for a LoRA
 student) and shares the teacher's VAE and prompt encoder, never copying or checkpointing them; it is saved as a
