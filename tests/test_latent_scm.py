@@ -25,7 +25,6 @@ from cmkit.objectives.latent_scm import LatentRCMConfig, LatentSCDConfig, Latent
 from cmkit.objectives.scm import scm_tangent
 
 PROMPTS = ["a red sneaker", "a green bag", "a blue dress"]
-LR = 3e-4
 
 
 def _perturbed(net, seed):
@@ -134,38 +133,40 @@ def test_rcm_trains_the_fake_score_on_its_own_steps_at_its_own_learning_rate(tmp
     assert all(torch.equal(a, b) for a, b in zip(fake0, loss.fake.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("kind, teacher_kind", [("latent_scd", "sd3"), ("latent_scd_lora", "sd3"),
-                                                ("latent_rcm", "sd3"), ("latent_scd", "sd")])
-def test_a_short_run_brings_one_step_toward_the_teachers_solution(kind, teacher_kind, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind, teacher_path", [("latent_scd", "cmkit:tiny-sd3"), ("latent_scd_lora", "cmkit:tiny-sd3"),
+                                                ("latent_rcm", "cmkit:tiny-sd3"), ("latent_scd", "cmkit:tiny-t2i")])
+def test_a_short_run_brings_one_step_toward_the_teachers_solution(kind, teacher_path, tmp_path, monkeypatch):
+    """On the shipped teachers, whose one-step sample is far from their ODE solution (a random tiny teacher's is
+    not: its map is nearly the identity)."""
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "teacher"
-    (tiny_sd3_pipeline(seed=7) if teacher_kind == "sd3" else tiny_pipeline(seed=7)).save_pretrained(folder)
-    teacher = cmkit.load_teacher(str(folder))
-    sets = [f'objective.kind="{kind}"', "objective.w_min=2.0", "objective.w_max=2.0", "objective.tangent_warmup=10",
-            "train.batch_size=8", "train.steps=40", f"train.lr={LR}", "train.log_every=20",
-            "train.checkpoint_every=40", "train.ema_rates=[]"]
+    flow = teacher_path.endswith("sd3")
+    sets = [f'objective.kind="{kind}"', "objective.w_min=3.0", "objective.w_max=3.0", "objective.tangent_warmup=10",
+            "train.batch_size=8", "train.steps=50", f"train.lr={3e-4 if kind.endswith('lora') else 3e-5}",
+            "train.log_every=25", "train.checkpoint_every=50", "train.ema_rates=[]"]
     if kind == "latent_rcm":
         sets += ["objective.student_update_every=2", "objective.dmd_max_steps=2"]
     if kind.endswith("lora"):
         sets += ["objective.lora_rank=8", "objective.lora_alpha=8.0"]
-    run_job("distill", load_recipe(None, sets), tmp_path / "run", str(folder), progress=False, data=_data())
-    student = cmkit.load_model(tmp_path / "run" / "model")
+    if not flow:
+        sets += ["objective.w_embedding_dim=8"]
+    run_job("distill", load_recipe(None, sets), tmp_path / "run", teacher_path, progress=False, data=_data())
     meta = json.loads((tmp_path / "run" / "model" / "cmkit.json").read_text())
     assert meta["exported_weights"]["weights"] == "online"
     if kind == "latent_rcm":  # the fake score is the objective's, checkpointed with the run
         from safetensors.torch import load_file
 
-        saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000040" / "objective.safetensors")
+        saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000050" / "objective.safetensors")
         assert any(k.startswith("fake.") for k in saved)
+    teacher, student = cmkit.load_teacher(teacher_path), cmkit.load_model(tmp_path / "run" / "model")
     prompts = ["a red sneaker", "a blue bag"] * 4
-    g = torch.Generator().manual_seed(3)
-    latents = torch.randn(8, *teacher.sample_shape, generator=g)
-    student_guidance = 2.0 if teacher_kind == "sd" and kind == "latent_scd" else 1.0  # a full LCM embeds w
-    ref = cmkit.text_to_image(teacher, prompts, steps=16, solver="euler", guidance_scale=2.0, latents=latents,
-                              output="latent")
-    before = cmkit.text_to_image(teacher, prompts, steps=1, solver="euler", guidance_scale=2.0, latents=latents,
-                                 output="latent")
-    after = cmkit.text_to_image(student, prompts, steps=1, solver="euler", guidance_scale=student_guidance,
-                                latents=latents, output="latent")
+    latents = torch.randn(8, *teacher.sample_shape, generator=torch.Generator().manual_seed(3))
+    kw = dict(latents=latents, output="latent", spacing=None if flow else "trailing")
+    ref = cmkit.text_to_image(teacher, prompts, steps=25, solver="euler", guidance_scale=3.0, **kw)
+    before = cmkit.text_to_image(teacher, prompts, steps=1, solver="euler", guidance_scale=3.0, **kw)
+    torch.manual_seed(0)
+    if flow:
+        after = cmkit.text_to_image(student, prompts, steps=1, solver=student.sampler, guidance_scale=1.0, **kw)
+    else:  # a full LCM embeds w
+        after = cmkit.lcm_sample(student, prompts, 1, guidance_scale=3.0, latents=latents, output="latent")
     err = lambda x: (x - ref).pow(2).mean().item()  # noqa: E731
-    assert math.isfinite(err(after)) and err(after) < 0.8 * err(before), (err(before), err(after))
+    assert math.isfinite(err(after)) and err(after) < 0.7 * err(before), (err(before), err(after))
