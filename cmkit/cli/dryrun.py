@@ -25,7 +25,7 @@ def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=prin
     for images), LPIPS backbone weights (a random backbone, inputs upsampled to 64 instead of 224)."""
     check_job(recipe, job)
     small = dataclasses.replace(recipe.train, steps=1, batch_size=2, checkpoint_every=1, log_every=1, cpu=True,
-                                mixed_precision="no")
+                                mixed_precision="no", micro_batch_size=min(recipe.train.micro_batch_size, 1))
     recipe = dataclasses.replace(recipe, train=small, eval=dataclasses.replace(recipe.eval, schedule_max_steps=0))
     data = _subset(_data(recipe, echo))
     teacher = _teacher(recipe, data, teacher_path, echo) if OBJECTIVES[recipe.objective.kind].teacher != "none" \

@@ -24,7 +24,7 @@ from ..objectives import OBJECTIVES, BuildContext, kinds_for
 from ..sampling import class_condition, search_schedule
 from ..training import Trainer
 from ..training.checkpoints import warn
-from ..training.trainer import OUT_NAMES
+from ..training.trainer import OUT_NAMES, make_accelerator
 from .recipes import Recipe
 
 RECIPE_FILE = "recipe.json"
@@ -133,6 +133,26 @@ def check_data_matches(data: Dataset, model, what: str) -> None:
                          "the teacher was trained on")
 
 
+def validator(model):
+    """``validate(net, prompts) -> images``: the sampler a text-to-image kind exports with, at its default steps
+    (one seed, so grids of different steps compare); a one-line error for models that take no prompts."""
+    from ..latent.lcm import LatentConsistencyModel
+    from ..sampling import lcm_sample, text_to_image
+
+    if not hasattr(model, "encode_prompt"):
+        raise ValueError("train.validate_every draws validation_prompts: it needs a text-to-image model; set it to 0")
+
+    def validate(net, prompts):
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        if isinstance(net, LatentConsistencyModel):
+            return lcm_sample(net, prompts, 4, generator=g)
+        sampler = getattr(net, "sampler", "euler")
+        steps, w = (net.steps, 1.0) if hasattr(net, "sampler") else (25, 4.0)
+        return text_to_image(net, prompts, steps=steps, solver=sampler, guidance_scale=w, generator=g)
+    return validate
+
+
 def _teacher_for(recipe: Recipe, job: str, teacher_path: str | None, teacher):
     """The loaded teacher a kind needs (None for kinds without one) and the path recorded for it."""
     spec = OBJECTIVES[recipe.objective.kind]
@@ -145,7 +165,8 @@ def _teacher_for(recipe: Recipe, job: str, teacher_path: str | None, teacher):
     if teacher is None:
         if not path:
             raise ValueError(f"objective.kind {spec.kind!r} needs a teacher: pass --teacher PATH or set teacher.path")
-        teacher = load_teacher(path, clip_x0=recipe.teacher.clip_x0)
+        teacher = load_teacher(path, clip_x0=recipe.teacher.clip_x0,
+                               dtype=getattr(torch, recipe.train.weight_dtype))
     return teacher, str(path)
 
 
@@ -223,7 +244,7 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
     out = Path(out)
     data = data if data is not None else dataset_for(recipe)
     teacher, path = _teacher_for(recipe, job, teacher_path, teacher)
-    acc = Accelerator(cpu=recipe.train.cpu, mixed_precision=recipe.train.mixed_precision)
+    acc = make_accelerator(recipe.train, out)
     extra = {"teacher_path": path} if path else {}
     if teacher is not None:
         check_data_matches(data, teacher, "teacher")
@@ -247,7 +268,7 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
         acc.wait_for_everyone()
         trainer = Trainer(model, objective, batches, recipe.train, out, seed=recipe.seed, progress=progress,
                           run_info={"job": job if job != "train" else f"train-{recipe.objective.kind}", **extra},
-                          accelerator=acc)
+                          accelerator=acc, validate=validator(model) if recipe.train.validate_every else None)
         check_resume(recipe, out, saved, extra, constants, write=acc.is_main_process)
         summary = trainer.run()
         if job != "train-teacher" and acc.is_main_process and hasattr(model, "sigmas_for_steps"):

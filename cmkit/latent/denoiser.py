@@ -270,4 +270,12 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         if name in UNSUPPORTED:
             raise ValueError(f"{path} is a {name} ({UNSUPPORTED[name]}); cmkit takes text-to-image pipelines ("
                              f"{', '.join(FAMILIES.names())})")
-        return family_of(name, path).load(str(path), index, dtype, clip_x0, load_kw)
+        model = family_of(name, path).load(str(path), index, torch.float32, clip_x0, load_kw)
+        if dtype != torch.float32:
+            # what students record of their base is the weights as stored, whatever they are held in here
+            from .latent_cache import weights_digest
+
+            model.__dict__["source_digest"] = weights_digest(model)
+            model.denoiser.network.to(dtype)
+            model.prompt_encoder.to(dtype)
+        return model

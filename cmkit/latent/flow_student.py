@@ -47,6 +47,9 @@ def add_transformer_lora(transformer, rank: int, alpha: float, targets) -> None:
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
                                        init_lora_weights="gaussian"))
+    for p in transformer.parameters():  # the adapter trains in float32 on a base held in bf16 / fp16
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 @MODEL_KINDS.register("flow_cm")

@@ -89,7 +89,10 @@ def _weights_hash(h, module: torch.nn.Module) -> None:
 
 def weights_digest(*modules: torch.nn.Module) -> str:
     """A short SHA-256 of the modules' weights (adapters left out): what a model trained on a base records of it,
-    so a base whose weights changed since (same shapes) is noticed."""
+    so a base whose weights changed since (same shapes) is noticed. A model loaded into bf16 / fp16 answers with
+    the digest of its weights as stored (``source_digest``, taken when it was read)."""
+    if len(modules) == 1 and "source_digest" in modules[0].__dict__:
+        return modules[0].__dict__["source_digest"]
     h = hashlib.sha256()
     for module in modules:
         _weights_hash(h, module)

@@ -88,6 +88,9 @@ def add_lora(unet, rank: int, alpha: float, targets: list[str]) -> None:
         raise ValueError(f"none of objective.lora_targets {targets} names a module of the UNet")
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian"))
+    for p in unet.parameters():  # the adapter trains in float32 on a base held in bf16 / fp16
+        if p.requires_grad:
+            p.data = p.data.float()
 
 
 def lora_state_dict(unet) -> dict:

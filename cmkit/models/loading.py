@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..core.files import refuse_pickles
 from .folder import MODEL_KINDS, read_meta
 
@@ -46,7 +48,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _load_diffusers(path: str, clip_x0: float | None = None, **load_kw):
+def _load_diffusers(path: str, clip_x0: float | None = None, dtype=None, **load_kw):
     import diffusers
 
     from ..latent.components import is_text_to_image, read_model_index, safe_load_kw
@@ -55,7 +57,7 @@ def _load_diffusers(path: str, clip_x0: float | None = None, **load_kw):
 
     index = _model_index(path, lambda p: read_model_index(p, **load_kw))
     if index is not None and is_text_to_image(index):
-        return TextToImageModel.from_pretrained(path, clip_x0=clip_x0, **load_kw)
+        return TextToImageModel.from_pretrained(path, clip_x0=clip_x0, dtype=dtype or torch.float32, **load_kw)
 
     if index is not None and not (Path(path) / "unet").is_dir() and Path(path).is_dir():
         raise ValueError(f"{path!r} is a diffusers pipeline folder without unet/ and without a text encoder; a pixel "
@@ -89,12 +91,13 @@ def _model_index(path: str, read) -> dict | None:
         return None
 
 
-def load_teacher(path_or_hub_id, clip_x0: float | None = None):
+def load_teacher(path_or_hub_id, clip_x0: float | None = None, dtype=None):
     """A teacher denoiser from a cmkit teacher folder, a diffusers pipeline folder (``unet/`` + ``scheduler/``: a
     pixel UNet as a ``DiffusersDenoiser``; a text-to-image pipeline of a class cmkit has an adapter for, SD 1.x /
     2.x, SDXL, SD3 or Flux, a ``TextToImageModel``), a shipped teacher (``"cmkit:digits-ddpm"``,
     ``"cmkit:tiny-t2i"``) or a hub id (the real ``from_pretrained`` call; needs network access, and fails in
-    seconds without it)."""
+    seconds without it). ``dtype``: a text-to-image teacher's network and text encoders are held in it (the VAE
+    stays float32); pixel teachers stay float32."""
     from .denoisers import EDMDenoiser
 
     if not str(path_or_hub_id):
@@ -108,7 +111,7 @@ def load_teacher(path_or_hub_id, clip_x0: float | None = None):
                 raise ValueError(f"{path!r} holds a {meta.get('kind')!r}, not a teacher; give a teacher folder")
             return EDMDenoiser.from_pretrained(p)
         if (p / "unet").is_dir() and (p / "scheduler").is_dir() or (p / "model_index.json").is_file():
-            return _load_diffusers(path, clip_x0)
+            return _load_diffusers(path, clip_x0, dtype)
         raise ValueError(f"{path!r} is neither a cmkit teacher folder (cmkit.json) nor a diffusers pipeline folder "
                          "(unet/ + scheduler/)")
     looks_like_hub_id = (path.count("/") == 1 and not path.startswith((".", "/", "~"))
@@ -119,7 +122,7 @@ def load_teacher(path_or_hub_id, clip_x0: float | None = None):
     # offline, only the local hub cache can answer, and it answers at once
     load_kw = {} if hub_reachable() else {"local_files_only": True}
     try:
-        return _load_diffusers(path, clip_x0, **load_kw)
+        return _load_diffusers(path, clip_x0, dtype, **load_kw)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(f"could not load teacher {path!r}: no such folder here, and as a hub id ({first}); "

@@ -129,7 +129,8 @@ def flow_student(teacher: TextToImageModel, ctx: BuildContext, steps: int, guida
     """The few-step student of a flow teacher: a full copy of its transformer, or (``lora``: rank, alpha, targets)
     a LoRA adapter on the teacher's own, whose base with the adapter off stays the teacher."""
     if lora is None:
-        student = copy.deepcopy(teacher.denoiser).requires_grad_(True)
+        student = copy.deepcopy(teacher.denoiser).float().requires_grad_(True)  # trained in float32 whatever the
+        # teacher is held in
         teacher.denoiser.requires_grad_(False)
         return FlowConsistencyModel(student, teacher, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                                     base=ctx.teacher_path)

@@ -283,7 +283,7 @@ def _build(cfg: LatentSCDConfig, ctx: BuildContext, lora: bool, rcm: bool):
     encoded = encode_set(teacher.vae, teacher.prompt_encoder, data.train, data.train_captions)
     flow = isinstance(teacher.denoiser, FlowDenoiser)
     # the fake score starts as the teacher, copied before a LoRA student's adapter goes onto the teacher's network
-    fake = copy.deepcopy(teacher.denoiser).requires_grad_(True) if rcm else None
+    fake = copy.deepcopy(teacher.denoiser).float().requires_grad_(True) if rcm else None
     spec = None
     if lora:
         default = FlowCDLoRAConfig().lora_targets if flow else LCMLoRAConfig().lora_targets

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclass
 class TrainSettings:
@@ -22,7 +24,19 @@ class TrainSettings:
     # auto takes the slowest output EMA that has forgotten its start (rate**steps <= START_LEFT), else the online
     # weights: a 0.999 EMA after 600 steps still holds 55% of the weights the run started from
     export: str = "auto"
-    mixed_precision: str = "no"      # no | fp16 | bf16
+    # no | fp16 | bf16; unset (None): accelerate's own choice, so `accelerate launch --mixed_precision bf16` (or its
+    # config file) decides, else no
+    mixed_precision: str | None = None
+    # per-process micro-batch (0: the whole per-process share in one pass); batch_size stays the global batch and
+    # each step accumulates batch_size / (processes x micro_batch_size) micro-batches
+    micro_batch_size: int = 0
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (diffusers networks)
+    # the frozen text-to-image teacher's network and text encoders are held in this (float32 | bfloat16 | float16);
+    # the VAE, the student, its EMAs and optimiser state stay float32
+    weight_dtype: str = "float32"
+    log_with: str = ""               # "" | tensorboard | wandb: accelerate's trackers, beside log.jsonl
+    validate_every: int = 0          # 0: off; else a grid of validation_prompts every this many steps
+    validation_prompts: list[str] = field(default_factory=list)
     cpu: bool = False                # force CPU even where a GPU is present
 
     def check(self) -> None:
@@ -45,5 +59,14 @@ class TrainSettings:
         if not isinstance(self.export, str) or not (
                 self.export in ("auto", "online", "target", "ema") or self.export.startswith("ema-")):
             raise ValueError(f"train.export must be auto, online, target, ema or ema-<rate>, got {self.export!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.micro_batch_size < 0:
+            raise ValueError(f"train.micro_batch_size must be >= 0 (0: no accumulation), got {self.micro_batch_size}")
+        if self.log_with not in ("", "tensorboard", "wandb"):
+            raise ValueError(f"train.log_with must be tensorboard, wandb or empty, got {self.log_with!r}")
+        if self.validate_every < 0 or (self.validate_every and not self.validation_prompts):
+            raise ValueError("train.validate_every needs train.validation_prompts (a list of prompts) and must be "
+                             f">= 0, got {self.validate_every} with {len(self.validation_prompts)} prompt(s)")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"train.weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.weight_dtype!r}")
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"train.mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")

@@ -15,6 +15,7 @@ checkpoint stays the last good one. No checkpoint or model folder is written wit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -63,6 +64,31 @@ def make_optimizer(params, s: TrainSettings):
     return kinds[s.optimizer](params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay, **impl)
 
 
+def make_accelerator(settings: TrainSettings, out) -> Accelerator:
+    """accelerate's Accelerator for a run: the device, the precision (the recipe's, else the launcher's) and the
+    trackers ``train.log_with`` names, writing under ``out``."""
+    if settings.log_with == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ValueError("train.log_with = tensorboard needs the tensorboard package: pip install "
+                             "'cmkit[track]' (or tensorboard)") from None
+    return Accelerator(cpu=settings.cpu, mixed_precision=settings.mixed_precision,
+                       log_with=settings.log_with or None, project_dir=str(out))
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on diffusers' activation checkpointing in every network of ``model`` that trains; a one-line error
+    where none can (cmkit's MLPs keep every activation: they are small)."""
+    nets = [m for m in model.modules() if getattr(m, "_supports_gradient_checkpointing", False)
+            and any(p.requires_grad for p in m.parameters())]
+    if not nets:
+        raise ValueError("train.gradient_checkpointing: no network of this model supports it (diffusers UNets and "
+                         "transformers do); set it to false")
+    for net in nets:
+        net.enable_gradient_checkpointing()
+
+
 def seed_step(seed: int, device: torch.device) -> None:
     """Seed the generators a step draws from. ``torch.manual_seed`` would also queue lazy seeds for every
     accelerator backend torch knows (formatting a stack trace for each, about 0.5 ms a step); only the CPU generator
@@ -78,16 +104,25 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, objective, batches: Batches, settings: TrainSettings, out,
                  seed: int = 0, run_info: dict | None = None, progress: bool = True,
-                 accelerator: Accelerator | None = None):
+                 accelerator: Accelerator | None = None, validate: Callable | None = None):
         settings.check()
         self.s, self.objective, self.batches, self.seed = settings, objective, batches, seed
         self.out, self.run_info, self.progress = Path(out), run_info or {}, progress
-        self.acc = accelerator or Accelerator(cpu=settings.cpu, mixed_precision=settings.mixed_precision)
+        self.acc = accelerator or make_accelerator(settings, out)
+        # validate(model, prompts) -> images in [-1, 1]: the job layer knows how its kind samples
+        self.validate = validate
         world = self.acc.num_processes
         if settings.batch_size % world:
             raise ValueError(f"train.batch_size {settings.batch_size} is not divisible by the {world} processes")
         self.local_bs = settings.batch_size // world
+        self.micro = settings.micro_batch_size or self.local_bs
+        if self.local_bs % self.micro:
+            raise ValueError(f"train.batch_size {settings.batch_size} over {world} process(es) is {self.local_bs} "
+                             f"each, which train.micro_batch_size {self.micro} does not divide; pick a divisor of it")
+        self.accumulate = self.local_bs // self.micro
         model.train()
+        if settings.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.rates = {f"ema-{r!r}": float(r) for r in settings.ema_rates}  # repr keeps every digit: 0.9999999 != 1
         self.emas = {key: frozen_copy(model) for key in self.rates}
         self.target = frozen_copy(model) if objective.target_ema(0) > 0 else None
@@ -166,10 +201,13 @@ class Trainer:
         if self.s.warmup and step <= self.s.warmup:
             for g in self.optimizer.param_groups:
                 g["lr"] = self.lr_at(step) * g.get("lr_scale", 1.0)
-        with self.acc.autocast():
-            target = self.target if self.target is not None else self.online
-            loss = self.objective(self.wrapped, x0, target=target, step=step, **cond)
-        self.acc.backward(loss)
+        target = self.target if self.target is not None else self.online
+        if self.accumulate == 1:
+            with self.acc.autocast():
+                loss = self.objective(self.wrapped, x0, target=target, step=step, **cond)
+            self.acc.backward(loss)
+        else:
+            loss = self._accumulated(x0, cond, target, step)
         if self.extra and self.acc.num_processes > 1:
             self._sync_extra_grads()
         loss = loss.detach()
@@ -187,6 +225,21 @@ class Trainer:
         for ema, rate in self._ema_updates:
             ema.update(rate)
         return loss
+
+    def _accumulated(self, x0: torch.Tensor, cond: dict, target, step: int) -> torch.Tensor:
+        """The step's batch as ``accumulate`` micro-batches: each loss over ``accumulate`` backpropagated, gradients
+        all-reduced once, on the last (the mean of equal parts' means is the whole batch's mean)."""
+        k, n = self.accumulate, x0.shape[0]
+        parts = [x0.chunk(k), *[v.chunk(k) if torch.is_tensor(v) and v.ndim and v.shape[0] == n else [v] * k
+                                for v in cond.values()]]
+        total = torch.zeros((), device=x0.device)
+        for i, (x, *values) in enumerate(zip(*parts, strict=True)):
+            sync = contextlib.nullcontext() if i == k - 1 else self.acc.no_sync(self.wrapped)
+            with sync, self.acc.autocast():
+                loss = self.objective(self.wrapped, x, target=target, step=step, **dict(zip(cond, values, strict=True)))
+                self.acc.backward(loss / k)
+            total = total + loss.detach() / k
+        return total
 
     def _finite(self, loss: torch.Tensor) -> torch.Tensor:
         """A device flag: the loss and the gradients' norm are finite (clipping, when on, happens here)."""
@@ -260,7 +313,31 @@ class Trainer:
         if self.acc.is_main_process:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.s.log_with:
+                self.acc.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
         return mean_loss
+
+    def validation_grid(self) -> Path | None:
+        """A grid of ``train.validation_prompts`` from the weights the run would export now, written as
+        ``out/validation/step-N.png`` and sent to the trackers (main process only)."""
+        if self.validate is None or not self.acc.is_main_process:
+            return None
+        name, _ = self.export_choice()
+        net = {"online": self.online, "target": self.target}.get(name) or self.emas[name]
+        images = self.validate(net, list(self.s.validation_prompts)).float().cpu().clamp(-1, 1)
+        path = self.out / "validation" / f"step-{self.step_no:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from ..data.imagefiles import save_images
+
+        save_images(images, path)
+        if self.s.log_with:
+            grid = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()  # NHWC, as the trackers take images
+            for tracker in self.acc.trackers:  # tensorboard takes the batch, wandb a list of images
+                if tracker.name == "tensorboard":
+                    tracker.log_images({"validation": grid}, step=self.step_no, dataformats="NHWC")
+                else:
+                    tracker.log_images({"validation": list(grid)}, step=self.step_no)
+        return path
 
     def checkpoint(self) -> None:
         acc = self.acc
@@ -327,8 +404,19 @@ class Trainer:
             _truncate_log(self.out / "log.jsonl", start)
         if start >= s.steps:
             quietly(self.acc.print, f"{self.out}: already at step {start} of {s.steps}; nothing to train")
+        else:
+            quietly(self.acc.print, f"batch {s.batch_size} = {self.acc.num_processes} process(es) x micro-batch "
+                    f"{self.micro} x {self.accumulate} accumulation step(s); mixed precision "
+                    f"{self.acc.mixed_precision}" + ("; gradient checkpointing" if s.gradient_checkpointing else ""))
+        if s.log_with and self.acc.is_main_process:
+            self.acc.init_trackers("cmkit", config={k: v for k, v in vars(s).items()
+                                                    if isinstance(v, int | float | str | bool)})
         t0 = time.perf_counter()
-        self._loop(start, t0)
+        try:
+            self._loop(start, t0)
+        finally:
+            if s.log_with:
+                self.acc.end_training()
         if self.step_no > start or latest_checkpoint(self.ckpt_root) is None:
             self.checkpoint()
         model_dir = self.export()
@@ -352,6 +440,8 @@ class Trainer:
                     log_t0, log_step0 = time.perf_counter(), self.step_no
                 if self.step_no % s.checkpoint_every == 0 and self.step_no < s.steps:
                     self.checkpoint()
+                if s.validate_every and (self.step_no % s.validate_every == 0 or self.step_no == s.steps):
+                    self.validation_grid()
             if stop.stopped and start < self.step_no < s.steps:
                 self.checkpoint()  # first, with the stop handlers still on (a repeated SIGTERM / SIGHUP waits)
         except KeyboardInterrupt:  # a second Ctrl-C, or one raised by code: no checkpoint mid-step

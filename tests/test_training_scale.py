@@ -1,0 +1,170 @@
+"""What real model sizes need from the trainer: accumulation over micro-batches gives the whole batch's update,
+gradient checkpointing the same loss and gradients, and `accelerate launch --mixed_precision` is honoured where the
+recipe leaves the precision unset (and loses to a recipe that sets it)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cmkit.training import Trainer
+from cmkit.training.settings import TrainSettings
+from cmkit.training.trainer import enable_gradient_checkpointing
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Regression:
+    """A per-sample-mean loss on a fixed batch (no randomness): what accumulation must reproduce exactly."""
+
+    def target_ema(self, step):
+        return 0.0
+
+    def __call__(self, model, x0, target=None, step=0, y=None):
+        return (model(x0) - y).pow(2).mean()
+
+
+def _weights_after(tmp_path, micro: int, steps: int = 3):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 4, generator=g, dtype=torch.float64), torch.randn(32, 2, generator=g, dtype=torch.float64)
+    settings = TrainSettings(steps=steps, batch_size=32, lr=1e-2, ema_rates=[], micro_batch_size=micro, cpu=True)
+    trainer = Trainer(model, Regression(), lambda n, device: (x[:n], {"y": y[:n]}), settings, tmp_path / f"m{micro}",
+                      progress=False)
+    assert trainer.accumulate == (32 // micro if micro else 1)
+    losses = [trainer.step().item() for _ in range(steps)]
+    return [p.detach().clone() for p in trainer.online.parameters()], losses
+
+
+def test_accumulated_micro_batches_give_the_whole_batchs_update(tmp_path):
+    whole, whole_losses = _weights_after(tmp_path, 0)
+    parts, part_losses = _weights_after(tmp_path, 8)
+    for a, b in zip(whole, parts, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.tensor(whole_losses), torch.tensor(part_losses), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="micro_batch_size 5 does not divide"):
+        _weights_after(tmp_path, 5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    from cmkit.latent.builders import tiny_pipeline
+    from cmkit.latent.denoiser import LatentDenoiser
+    from cmkit.latent.lcm import LatentConsistencyModel, LCMFunction, student_unet
+
+    teacher = tiny_pipeline(seed=3).double()
+    model = LatentConsistencyModel(LCMFunction(LatentDenoiser(student_unet(teacher.unet, 8).double(),
+                                                              teacher.scheduler)), teacher).train()
+    checkpointed = copy.deepcopy(model)
+    enable_gradient_checkpointing(checkpointed)
+    assert checkpointed.unet.is_gradient_checkpointing and not model.unet.is_gradient_checkpointing
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, *teacher.sample_shape, generator=g, dtype=torch.float64)
+    cond = teacher.encode_prompt(["a red bag", "a blue boot", "a green bag"])
+    cond.pop("guidance_scale", None)
+    cond = {k: v for k, v in cond.items() if not k.startswith("negative_")}
+    grads, losses = [], []
+    for m in (model, checkpointed):
+        m.zero_grad(set_to_none=True)
+        loss = m(z, torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64), guidance_scale=3.0, **cond).pow(2).mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="no network of this model supports it"):
+        enable_gradient_checkpointing(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("recipe_sets, want", [([], "bf16"), (["train.mixed_precision=\"no\""], "no")])
+def test_accelerate_launch_mixed_precision_wins_over_a_recipe_that_leaves_it_unset(tmp_path, recipe_sets, want):
+    sets = ["model.hidden=16", "model.depth=1", "train.batch_size=16", "train.steps=2", "train.cpu=true",
+            "train.micro_batch_size=4", "train.log_every=1", "train.checkpoint_every=2", "eval.schedule_max_steps=0",
+            *recipe_sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # on a machine without GPUs accelerate starts several processes only under --multi_gpu (torchrun underneath);
+    # train.cpu keeps them on the CPU, over gloo
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "29541",
+           "-m", "cmkit", "train", "s_curve-ict", "--out", str(tmp_path / "run"), "--no-progress",
+           *[f"--set={s}" for s in sets]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # two processes x micro-batch 4 x 2 accumulation steps = the recipe's global batch of 16
+    assert f"batch 16 = 2 process(es) x micro-batch 4 x 2 accumulation step(s); mixed precision {want}" in proc.stdout
+
+
+@pytest.mark.parametrize("kind", ["flow_cd", "lcm_lora"])
+def test_the_frozen_teacher_and_text_encoders_are_held_in_the_weight_dtype(kind, tmp_path, monkeypatch):
+    from conftest import caption_data
+
+    import cmkit
+    from cmkit.cli import jobs
+    from cmkit.cli.recipes import load_recipe
+    from cmkit.latent.builders import tiny_pipeline, tiny_sd3_pipeline
+
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "teacher"
+    (tiny_sd3_pipeline(seed=1) if kind == "flow_cd" else tiny_pipeline(seed=1)).save_pretrained(folder)
+    seen = {}
+
+    class Recording(jobs.Trainer):
+        def __init__(self, model, objective, *args, **kwargs):
+            seen.update(model=model, objective=objective)
+            super().__init__(model, objective, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "Trainer", Recording)
+    sets = [f'objective.kind="{kind}"', 'train.weight_dtype="bfloat16"', "train.batch_size=4", "train.steps=2",
+            "train.log_every=1", "train.checkpoint_every=2", "train.ema_rates=[]"]
+    if kind == "lcm_lora":
+        sets += ["objective.lora_rank=2", "objective.lora_alpha=2.0"]
+    jobs.run_job("distill", load_recipe(None, sets), tmp_path / "run", str(folder), progress=False,
+                 data=caption_data(32))
+    teacher = seen["objective"].teacher
+    teacher = getattr(teacher, "parts", None) or teacher  # LCM keeps the teacher's denoiser; its parts hold the rest
+    parts = seen["model"].parts
+    frozen = [p for p in parts.denoiser.network.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    encoders = [p for m in parts.prompt_encoder.modules() for p in m.parameters(recurse=False)]
+    assert encoders and all(p.dtype == torch.bfloat16 for p in encoders)
+    assert all(p.dtype == torch.float32 for p in parts.vae.parameters())
+    trained = [p for p in seen["model"].parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert cmkit.load_model(tmp_path / "run" / "model") is not None
+
+
+def test_tensorboard_events_and_validation_grids_appear_at_the_configured_steps(tmp_path, monkeypatch):
+    from conftest import caption_data
+
+    from cmkit.cli.jobs import run_job
+    from cmkit.cli.recipes import load_recipe
+    from cmkit.latent.builders import tiny_pipeline
+
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    tiny_pipeline(seed=1).save_pretrained(tmp_path / "teacher")
+    sets = ['objective.kind="lcm_lora"', "objective.lora_rank=2", "objective.lora_alpha=2.0", "train.batch_size=4",
+            "train.steps=4", "train.log_every=1", "train.checkpoint_every=4", "train.ema_rates=[]",
+            'train.log_with="tensorboard"', "train.validate_every=2",
+            'train.validation_prompts=["a red bag", "a blue boot"]']
+    run_job("distill", load_recipe(None, sets), tmp_path / "run", str(tmp_path / "teacher"), progress=False,
+            data=caption_data(32))
+    grids = sorted(p.name for p in (tmp_path / "run" / "validation").iterdir())
+    assert grids == ["step-00000002.png", "step-00000004.png"]
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Images("validation")] == [2, 4]
+    with pytest.raises(ValueError, match="validation_prompts"):
+        load_recipe(None, ["train.validate_every=2"]).train.check()
