@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.files import atomic_write_text, clean_partial_writes
+from ..core.files import atomic_write, atomic_write_text, clean_partial_writes
 from ..models.folder import annotate_meta
 from .checkpoints import (
     CheckpointError,
@@ -327,9 +327,10 @@ class Trainer:
         images = self.validate(net, list(self.s.validation_prompts)).float().cpu().clamp(-1, 1)
         path = self.out / "validation" / f"step-{self.step_no:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        from ..data.imagefiles import save_images
+        from torchvision.utils import save_image
 
-        save_images(images, path)
+        atomic_write(path, lambda tmp: save_image((images + 1) / 2, tmp, nrow=max(1, int(len(images) ** 0.5)),
+                                                  padding=1, pad_value=1, format="png"))
         if self.s.log_with:
             grid = ((images + 1) / 2).permute(0, 2, 3, 1).numpy()  # NHWC, as the trackers take images
             for tracker in self.acc.trackers:  # tensorboard takes the batch, wandb a list of images
