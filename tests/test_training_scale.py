@@ -167,3 +167,17 @@ def test_tensorboard_events_and_validation_grids_appear_at_the_configured_steps(
     assert [e.step for e in acc.Images("validation")] == [2, 4]
     with pytest.raises(ValueError, match="validation_prompts"):
         load_recipe(None, ["train.validate_every=2"]).train.check()
+
+
+def test_a_run_saved_before_the_precision_default_changed_resumes_and_micro_batch_may_change(tmp_path, capsys):
+    from cmkit.cli.jobs import train_consistency
+    from cmkit.cli.recipes import load_recipe
+
+    base = ["model.hidden=16", "model.depth=1", "train.batch_size=16", "train.checkpoint_every=2",
+            "eval.schedule_max_steps=0"]
+    train_consistency(load_recipe("s_curve-ict", [*base, "train.steps=2", 'train.mixed_precision="no"']), tmp_path,
+                      progress=False)
+    summary = train_consistency(load_recipe("s_curve-ict", [*base, "train.steps=4", "train.micro_batch_size=8"]),
+                                tmp_path, progress=False)
+    assert summary["start_step"] == 2 and summary["end_step"] == 4
+    assert "micro_batch_size changed from 0 to 8" in capsys.readouterr().err

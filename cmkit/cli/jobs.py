@@ -31,9 +31,13 @@ RECIPE_FILE = "recipe.json"
 # Keys that may change between a run and its resumption (extending a run is the point of resuming; a run that
 # diverged goes on from its last good checkpoint with a lower learning rate, a longer warm-up or clipping).
 RESUMABLE_CHANGES = {("train", "steps"), ("train", "checkpoint_every"), ("train", "log_every"), ("train", "lr"),
-                     ("train", "warmup"), ("train", "grad_clip")}
+                     ("train", "warmup"), ("train", "grad_clip"), ("train", "export"), ("train", "log_with"),
+                     ("train", "validate_every"), ("train", "validation_prompts"),
+                     # how the same step is computed: a run may move to a smaller device or another launcher
+                     ("train", "micro_batch_size"), ("train", "gradient_checkpointing"), ("train", "mixed_precision")}
 # changes that alter the training from the resumed step on: reported when a run resumes with them
-REPORTED_CHANGES = {("train", "lr"), ("train", "warmup"), ("train", "grad_clip")}
+REPORTED_CHANGES = {("train", "lr"), ("train", "warmup"), ("train", "grad_clip"), ("train", "micro_batch_size"),
+                    ("train", "mixed_precision")}
 # what each command says it saved
 SAVES = {"train-teacher": "teacher", "distill": "consistency model", "train": "consistency model"}
 
