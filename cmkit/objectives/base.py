@@ -141,3 +141,15 @@ class GuidedLatentBatches:
     def batches(self, n: int, device):
         z, cond = self.encoded.batch(n, device, self.normalisation)
         return z, {**cond, **{k: v.to(device) for k, v in self.encoded.negatives(n).items()}}
+
+
+def encoded_captions(kind: str, ctx: BuildContext, teacher):
+    """The run's captioned images as the teacher's VAE latents and prompt embeddings (cached), for a kind that
+    distils a text-to-image teacher; a one-line error for data without captions."""
+    from ..latent.latent_cache import encode_set
+
+    data = ctx.data
+    if data is None or data.train_captions is None:
+        raise ValueError(f"objective.kind {kind!r} trains on captioned images: set data.name = "
+                         "'fashion_colours' or data.path to a caption folder")
+    return encode_set(teacher.vae, teacher.prompt_encoder, data.train, data.train_captions)

@@ -28,10 +28,9 @@ from ..latent.autoencoder import latent_normalisation
 from ..latent.denoiser import TextToImageModel
 from ..latent.families.flow import FlowDenoiser
 from ..latent.flow_student import FlowConsistencyModel, add_transformer_lora
-from ..latent.latent_cache import encode_set
 from ..latent.students import adapters_off
 from ..solvers import SOLVERS, ode_step, step_solvers
-from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, register_objective
+from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, encoded_captions, register_objective
 from .distances import make_distance
 
 
@@ -117,11 +116,7 @@ def _prepare(cfg: FlowCDConfig, ctx: BuildContext):
         raise ValueError(f"objective.target_ema must be in [0, 1), got {cfg.target_ema}")
     if cfg.distance == "huber" and not cfg.huber_c > 0:
         raise ValueError(f"objective.huber_c must be > 0, got {cfg.huber_c}")
-    data = ctx.data
-    if data is None or data.train_captions is None:
-        raise ValueError(f"objective.kind {cfg.kind!r} trains on captioned images: set data.name = "
-                         "'fashion_colours' or data.path to a caption folder")
-    return teacher, encode_set(teacher.vae, teacher.prompt_encoder, data.train, data.train_captions)
+    return teacher, encoded_captions(cfg.kind, ctx, teacher)
 
 
 def flow_student(teacher: TextToImageModel, ctx: BuildContext, steps: int, guidance_scale: float,

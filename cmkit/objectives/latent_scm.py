@@ -39,9 +39,16 @@ from ..core import append_dims
 from ..latent.autoencoder import latent_normalisation
 from ..latent.denoiser import TextToImageModel
 from ..latent.families.flow import FlowDenoiser
-from ..latent.latent_cache import encode_set
 from ..latent.students import adapters_off
-from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, register_objective, replaying_draws, unwrapped
+from .base import (
+    BuildContext,
+    GuidedLatentBatches,
+    ObjectiveConfig,
+    encoded_captions,
+    register_objective,
+    replaying_draws,
+    unwrapped,
+)
 from .flow_cd import FlowCDLoRAConfig, flow_student
 from .lcm import LCMLoRAConfig, lcm_student
 from .scm import AdaptiveWeight, adaptive_weighted_loss, normalise_tangent, scm_tangent
@@ -73,12 +80,17 @@ class LatentSCDConfig(ObjectiveConfig):
 
 
 @dataclass
-class LatentSCDLoRAConfig(LatentSCDConfig):
-    kind: str = "latent_scd_lora"
-    w_embedding_dim: int = 0
+class LoRAKeys:
+    """A LoRA student's keys (sCD and rCM alike)."""
+    w_embedding_dim: int = 0           # the adapter leaves the teacher's inputs as they are
     lora_rank: int = 32
     lora_alpha: float = 32.0
     lora_targets: list[str] = field(default_factory=list)  # empty: the teacher network's defaults (flow / UNet)
+
+
+@dataclass
+class LatentSCDLoRAConfig(LoRAKeys, LatentSCDConfig):
+    kind: str = "latent_scd_lora"
 
 
 @dataclass
@@ -93,12 +105,8 @@ class LatentRCMConfig(LatentSCDConfig):
 
 
 @dataclass
-class LatentRCMLoRAConfig(LatentRCMConfig):
+class LatentRCMLoRAConfig(LoRAKeys, LatentRCMConfig):
     kind: str = "latent_rcm_lora"
-    w_embedding_dim: int = 0
-    lora_rank: int = 32
-    lora_alpha: float = 32.0
-    lora_targets: list[str] = field(default_factory=list)
 
 
 class TrigFlowView:
@@ -276,11 +284,7 @@ def _build(cfg: LatentSCDConfig, ctx: BuildContext, lora: bool, rcm: bool):
     if cfg.teacher_pipeline not in ("any", teacher.family.name):
         raise ValueError(f"this recipe is for a {cfg.teacher_pipeline} teacher but the teacher given is a "
                          f"{teacher.family.name}; use the recipe written for it")
-    data = ctx.data
-    if data is None or data.train_captions is None:
-        raise ValueError(f"objective.kind {cfg.kind!r} trains on captioned images: set data.name = "
-                         "'fashion_colours' or data.path to a caption folder")
-    encoded = encode_set(teacher.vae, teacher.prompt_encoder, data.train, data.train_captions)
+    encoded = encoded_captions(cfg.kind, ctx, teacher)
     flow = isinstance(teacher.denoiser, FlowDenoiser)
     # the fake score starts as the teacher, copied before a LoRA student's adapter goes onto the teacher's network
     fake = copy.deepcopy(teacher.denoiser).float().requires_grad_(True) if rcm else None

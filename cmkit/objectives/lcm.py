@@ -24,9 +24,8 @@ import torch
 from ..core import append_dims
 from ..latent.autoencoder import latent_normalisation
 from ..latent.denoiser import LatentDenoiser, TextToImageModel
-from ..latent.latent_cache import encode_set
 from ..latent.lcm import LatentConsistencyModel, LCMFunction, student_unet
-from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, register_objective
+from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, encoded_captions, register_objective
 from .distances import make_distance
 
 
@@ -142,11 +141,7 @@ def _prepare(cfg: LCMConfig, ctx: BuildContext):
     if cfg.teacher_layout not in ("any", layout):
         raise ValueError(f"this recipe is for an {cfg.teacher_layout.upper()} teacher but the teacher given has the "
                          f"{layout.upper()} layout; use the recipe written for it")
-    data = ctx.data
-    if data is None or data.train_captions is None:
-        raise ValueError(f"objective.kind {cfg.kind!r} trains on captioned images: set data.name = "
-                         "'fashion_colours' or data.path to a caption folder")
-    encoded = encode_set(teacher.vae, teacher.prompt_encoder, data.train, data.train_captions)
+    encoded = encoded_captions(cfg.kind, ctx, teacher)
     return teacher, encoded, latent_normalisation(teacher.vae)
 
 
