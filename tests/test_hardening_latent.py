@@ -289,7 +289,7 @@ def test_latent_cache_that_does_not_match_its_key_or_is_truncated_is_rebuilt(fol
     os.replace(files[0], tmp), os.replace(files[1], files[0]), os.replace(tmp, files[1])
     got = _encode(teacher, a, CAPTIONS)
     err = _notes(capsys.readouterr().err)
-    assert len(err) == 1 and "holds the key" in err[0] and "encoding the data again" in err[0], err
+    assert len(err) == 1 and "holds the key" in err[0] and "encoding it again" in err[0], err
     assert torch.equal(got.mean, want_a.mean) and got.captions == want_a.captions
     assert torch.equal(_encode(teacher, b, CAPTIONS[:2] * 2).mean, want_b.mean)
     capsys.readouterr()
@@ -299,7 +299,7 @@ def test_latent_cache_that_does_not_match_its_key_or_is_truncated_is_rebuilt(fol
             h.truncate(64)
     assert torch.equal(_encode(teacher, a, CAPTIONS).mean, want_a.mean)
     err = _notes(capsys.readouterr().err)
-    assert len(err) == 1 and "is unreadable (SafetensorError" in err[0] and "encoding the data again" in err[0], err
+    assert len(err) == 1 and "is unreadable (" in err[0] and "encoding it again" in err[0], err
     assert torch.equal(_encode(teacher, a, CAPTIONS).mean, want_a.mean) and _notes(capsys.readouterr().err) == []
 
 

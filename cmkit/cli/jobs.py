@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from ..core.files import atomic_write_text, folder_lock
 from ..core.memory import check_fits, training_bytes
-from ..data import Dataset, load_dataset
+from ..data import Dataset, StreamedCaptions, load_dataset, open_caption_stream
 from ..eval.metrics import sliced_wasserstein
 from ..latent.latent_cache import weights_digest
 from ..models import BACKBONES, ConsistencyModel, load_teacher, num_classes_of
@@ -42,9 +42,11 @@ REPORTED_CHANGES = {("train", "lr"), ("train", "warmup"), ("train", "grad_clip")
 SAVES = {"train-teacher": "teacher", "distill": "consistency model", "train": "consistency model"}
 
 
-def dataset_for(recipe: Recipe) -> Dataset:
+def dataset_for(recipe: Recipe) -> Dataset | StreamedCaptions:
+    """The recipe's data: a set held in memory, or captioned shards streamed into the latent cache."""
     d = recipe.data
-    return load_dataset(d.name, d.path or None, d.image_size, d.channels)
+    d.check()
+    return open_caption_stream(d, recipe.seed) or load_dataset(d.name, d.path or None, d.image_size, d.channels)
 
 
 def build_backbone(recipe: Recipe, data: Dataset) -> torch.nn.Module:
@@ -62,7 +64,8 @@ def build_run(recipe: Recipe, data: Dataset, teacher=None, distance=None, resume
     ctx = BuildContext(make_backbone=lambda: build_backbone(recipe, data),
                        train_steps=recipe.train.steps, teacher=teacher, student=recipe.model.student,
                        distance=distance, resumed=resumed or {}, data=data, seed=recipe.seed,
-                       teacher_path=teacher_path)
+                       teacher_path=teacher_path, encode_batch_size=recipe.data.encode_batch_size,
+                       encode_workers=recipe.data.workers)
     return OBJECTIVES[recipe.objective.kind].build(recipe.objective, ctx)
 
 

@@ -28,6 +28,27 @@ class DataSection:
     image_size: int = 0                 # image folders: resize to this size (0 = keep)
     channels: int = 0                   # image folders: 1 or 3 (0 = as the first image)
     hflip: bool = False                 # random horizontal flips of training images
+    # captioned sets streamed from shards (text-to-image kinds): data.path a folder of webdataset .tar files or a
+    # pattern such as "shards/{00000..00099}.tar", or data.hf_dataset ("imagefolder" reads data.path through
+    # datasets' image-folder builder; else a hub name or a local dataset folder)
+    hf_dataset: str = ""
+    split: str = "train"                # hf_dataset's split
+    image_column: str = "image"         # hf_dataset's columns
+    caption_column: str = "text"
+    streaming: bool = False             # hf_dataset read as it streams (large sets), in its own file shards
+    shard_size: int = 10000             # hf_dataset held on disk: rows a latent-cache shard takes
+    crop: str = "center"                # streamed images: short side resized to image_size, then "center" / "random"
+    workers: int = 0                    # dataloader workers reading (decoding, cropping) streamed shards
+    encode_batch_size: int = 256        # latent kinds: images per VAE / text-encoder batch when building the cache
+
+    def check(self) -> None:
+        if self.crop not in ("center", "random"):
+            raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
+        for key in ("shard_size", "encode_batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
 
 
 @dataclass

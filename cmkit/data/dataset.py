@@ -34,6 +34,14 @@ class Dataset:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.train.shape[1:])
 
+    def caption_source(self):
+        """The captioned images as a source of latent-cache shards (None for a set without captions)."""
+        if self.train_captions is None:
+            return None
+        from ..latent.caption_sources import ArraySource  # the latent stack loads on use
+
+        return ArraySource(self.train, self.train_captions, self.name)
+
     def batches(self, conditional: bool = False, hflip: bool = False):
         """A batch source for the trainer: ``(n, device) -> (x0, cond)``, drawn with torch's global generator.
         ``hflip`` mirrors a random half of each image batch."""

@@ -1,63 +1,143 @@
-"""A dataset encoded once: VAE posteriors of every image and the prompt embedding of every distinct caption, cached
-on disk as safetensors under a key made of the VAE's weights, the text encoders' weights and the data itself, so a
-second run (or a resumed one, or a distillation of the same teacher on the same data) reads instead of encodes. The
-key is stored inside the file too: a file whose key or shapes do not match (swapped, copied from another data set),
-or that cannot be read (truncated), is encoded again with a one-line note."""
+"""Captioned images encoded once: the VAE posterior of every image and the prompt embedding of every distinct caption,
+cached on disk as safetensors shards, one per source shard (a caption source lists its shards: see
+``cmkit.data.caption_sources``), each under a key made of the VAE's weights, the text encoders' weights and the
+shard's own identity. A second run, a resumed one or another distillation of the same teacher on the same data reads
+instead of encodes; a killed encode keeps every shard it finished (each written atomically). Under several processes
+each encodes its own share of the missing shards, the others wait, and then every process maps all of them.
+
+Shards are memory-mapped (``core.mapped``), never loaded whole: a batch copies its own rows. The key is stored inside
+each file too: a file whose key or shapes do not match (swapped, copied from another data set), or that cannot be read
+(truncated), is encoded again with a one-line note. Samples a source could not read are counted in the shard and
+reported on every run."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..core.files import cache_write, note
+from ..core.mapped import map_safetensors
 
 CACHE_KEY = "cmkit_cache_key"  # the file's own key, in its safetensors metadata
+# a shard's tensors: per image (mean, std, caption_index, and SDXL's add_time_ids when the encoder gives them)
+IMAGE_KEYS = ("mean", "std", "caption_index")
 
 
-@dataclass
+class CacheShard:
+    """One mapped shard: rows of latents, each row's caption index into the shard's own embeddings."""
+
+    def __init__(self, path: Path, tensors: dict, meta: dict):
+        self.path, self.t = path, tensors
+        self.rows = int(meta.get("rows", 0))
+        self.captions = json.loads(meta.get("captions", "[]"))
+        self.skipped = json.loads(meta.get("skipped", "[]"))
+        self.embed_keys = sorted(k[len("embeds."):] for k in tensors if k.startswith("embeds."))
+
+
 class EncodedSet:
-    mean: torch.Tensor        # (n, C, h, w) VAE posterior means, unscaled
-    std: torch.Tensor         # (n, C, h, w) posterior standard deviations
-    caption_index: torch.Tensor  # (n,) row of each image's caption in ``embeds``
-    captions: list[str]       # the distinct captions, in ``embeds`` order
-    embeds: dict              # the prompt encoder's output for every distinct caption (negatives: one row)
+    """The cached encoding of a caption source, read row by row from its mapped shards."""
+
+    def __init__(self, shards: list[CacheShard]):
+        self.shards = [s for s in shards if s.rows]
+        if not self.shards:
+            raise ValueError("no readable captioned images in the data (every sample was skipped)")
+        self.starts = np.cumsum([0] + [s.rows for s in self.shards])
+        self.skipped = [why for s in shards for why in s.skipped]
+        self.per_image_time_ids = "add_time_ids" in self.shards[0].t
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.shards[0].t["mean"].shape[1:]
+
+    def _split(self, rows: torch.Tensor):
+        """``(shard, where in rows, local rows)`` for each shard a set of global ``rows`` touches."""
+        rows = rows.numpy()
+        owner = np.searchsorted(self.starts, rows, side="right") - 1
+        for s in np.unique(owner):
+            where = np.nonzero(owner == s)[0]
+            yield self.shards[s], torch.from_numpy(where), rows[where] - self.starts[s]
+
+    def _gather(self, rows: torch.Tensor, pick) -> dict:
+        """``{name: tensor}`` over global ``rows``, each shard's part from ``pick(shard, local rows)``."""
+        out = {}
+        for shard, where, local in self._split(rows):
+            for name, part in pick(shard, local).items():
+                if name not in out:
+                    out[name] = torch.empty((len(rows), *part.shape[1:]), dtype=part.dtype)
+                out[name][where] = part
+        return out
+
+    def _cond_of(self, shard: CacheShard, local) -> dict:
+        idx = shard.t["caption_index"].rows(local).numpy()
+        cond = {k: shard.t[f"embeds.{k}"].rows(idx) for k in shard.embed_keys if not k.startswith("negative_")}
+        if self.per_image_time_ids:
+            cond["add_time_ids"] = shard.t["add_time_ids"].rows(local).to(cond["prompt_embeds"].dtype)
+        return cond
 
     def cond(self, rows: torch.Tensor) -> dict:
         """Positive conditioning for images ``rows``: embeddings (and SDXL's pooled embeddings and time ids)."""
-        idx = self.caption_index[rows]
-        return {k: v[idx] for k, v in self.embeds.items() if not k.startswith("negative_")}
+        return self._gather(rows, self._cond_of)
 
     def batch(self, n: int, device, normalisation, prompt_dropout: float = 0.0) -> tuple[torch.Tensor, dict]:
         """``n`` training examples drawn with torch's global generator: latents sampled from their posteriors and
         normalised as the model sees them (``normalisation``: ``(offset, scale)`` of
         ``autoencoder.latent_normalisation``), and their prompts' conditioning, a ``prompt_dropout`` share of it
-        unconditional."""
-        rows = torch.randint(0, len(self.mean), (n,))
-        z = self.mean[rows] + self.std[rows] * torch.randn(self.mean[rows].shape)
+        unconditional (SDXL's time ids, which describe the image, are kept)."""
+        rows = torch.randint(0, len(self), (n,))
+        moments = self._gather(rows, lambda s, local: {"mean": s.t["mean"].rows(local), "std": s.t["std"].rows(local)})
+        z = moments["mean"] + moments["std"] * torch.randn(moments["mean"].shape)
         cond = self.cond(rows)
         if prompt_dropout > 0:
             drop = torch.rand(n) < prompt_dropout
             for key, uncond in self.unconditional(n).items():
+                if key == "add_time_ids" and self.per_image_time_ids:
+                    continue
                 cond[key] = torch.where(drop.view(-1, *[1] * (uncond.ndim - 1)), uncond, cond[key])
         offset, scale = normalisation
         return ((z - offset) * scale).to(device), {k: v.to(device) for k, v in cond.items()}
 
+    def _first_rows(self) -> dict:
+        return {k: self.shards[0].t[f"embeds.{k}"].rows([0]) for k in self.shards[0].embed_keys}
+
     def negatives(self, n: int) -> dict:
         """The negative conditioning for ``n`` samples, under the negative keys (for a guided teacher)."""
-        return {k: v[:1].expand(n, *v.shape[1:]) for k, v in self.embeds.items() if k.startswith("negative_")}
+        return {k: v.expand(n, *v.shape[1:]) for k, v in self._first_rows().items() if k.startswith("negative_")}
 
     def unconditional(self, n: int) -> dict:
         """The negative ("" or zeros) conditioning for ``n`` samples, under the positive keys."""
+        first = self._first_rows()
         # keys without a negative (SDXL's time ids) are the same for every prompt
-        return {k: self.embeds.get("negative_" + k, v)[:1].expand(n, *v.shape[1:]) for k, v in self.embeds.items()
+        return {k: first.get("negative_" + k, v).expand(n, *v.shape[1:]) for k, v in first.items()
                 if not k.startswith("negative_")}
+
+    # whole-set views, for the small sets a teacher is trained on and for tests: these load every shard
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.cat([s.t["mean"].all() for s in self.shards])
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.cat([s.t["std"].all() for s in self.shards])
+
+    @property
+    def captions(self) -> list[str]:
+        return [c for s in self.shards for c in s.captions]
+
+    @property
+    def embeds(self) -> dict:
+        keys = self.shards[0].embed_keys
+        return {k: (torch.cat([s.t[f"embeds.{k}"].all() for s in self.shards]) if not k.startswith("negative_")
+                    else self.shards[0].t[f"embeds.{k}"].all()) for k in keys}
 
 
 def _embed_captions(prompt_encoder, captions: list[str], batch_size: int) -> dict:
@@ -99,7 +179,9 @@ def weights_digest(*modules: torch.nn.Module) -> str:
     return h.hexdigest()[:24]
 
 
-def cache_key(vae, prompt_encoder, images: torch.Tensor, captions: list[str]) -> str:
+def encoders_key(vae, prompt_encoder) -> str:
+    """What decides an encoding besides the data: the VAE's and text encoders' weights and configs, the tokenizers
+    and the prompt encoder's settings."""
     h = hashlib.sha256()
     _weights_hash(h, vae)
     _weights_hash(h, prompt_encoder)
@@ -108,63 +190,134 @@ def cache_key(vae, prompt_encoder, images: torch.Tensor, captions: list[str]) ->
         if tok is not None:
             h.update(repr((sorted(tok.get_vocab().items()), tok.model_max_length)).encode())
     h.update(repr(prompt_encoder.settings()).encode())
-    h.update(images.cpu().numpy().tobytes())
-    h.update("\n".join(captions).encode())
     return h.hexdigest()[:24]
 
 
+def shard_key(encoders: str, source_key: str) -> str:
+    return hashlib.sha256(f"{encoders}|{source_key}".encode()).hexdigest()[:24]
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _rank_world()[1] > 1:
+        torch.distributed.barrier()
+
+
 @torch.no_grad()
-def encode_set(vae, prompt_encoder, images: torch.Tensor, captions: list[str],
-               batch_size: int = 256, progress: bool = True, cache: bool = True) -> EncodedSet:
-    """Encode ``images`` (in [-1, 1]) and ``captions`` (one per image), or read them from the cache."""
-    if len(captions) != len(images):
-        raise ValueError(f"{len(captions)} captions for {len(images)} images; every image needs one caption")
-    images = images.contiguous()
-    key = cache_key(vae, prompt_encoder, images, captions)
-    path = cache_root() / f"{key}.safetensors"
-    distinct = sorted(set(captions))
-    if cache and path.is_file():
-        found = read_cached(path, key, len(images), len(distinct))
-        if found is not None:
-            return EncodedSet(found["mean"], found["std"], found["caption_index"], distinct, found["embeds"])
-    means, stds = [], []
-    for i in tqdm(range(0, len(images), batch_size), desc="encode images", disable=not progress,
-                  dynamic_ncols=True):
-        dist = vae.encode(images[i: i + batch_size].to(vae.device, torch.float32)).latent_dist
-        # the VAE's convolutions may hand back channels-last memory; a fresh encode and a cache read must give the
-        # UNet the same layout, or its convolutions round differently and a resumed run drifts from an unbroken one
-        means.append(dist.mean.cpu().contiguous())
-        stds.append(dist.std.cpu().contiguous())
-    row = {c: i for i, c in enumerate(distinct)}
-    index = torch.tensor([row[c] for c in captions], dtype=torch.long)
-    embeds = _embed_captions(prompt_encoder, distinct, batch_size)
-    out = EncodedSet(torch.cat(means), torch.cat(stds), index, distinct, embeds)
-    if cache:
-        tensors = {"mean": out.mean.contiguous(), "std": out.std.contiguous(), "caption_index": index,
-                   **{f"embeds.{k}": v.contiguous() for k, v in embeds.items()}}
-        cache_write(path, lambda tmp: save_file(tensors, tmp, metadata={CACHE_KEY: key}))
+def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: int = 0,
+                  progress: bool = True) -> EncodedSet:
+    """The cached encoding of ``source`` (a ``CaptionSource``): its missing shards encoded (this process's share of
+    them, in batches of ``batch_size`` images, read by ``workers`` dataloader workers), then every shard mapped."""
+    encoders = encoders_key(vae, prompt_encoder)
+    keys = [shard_key(encoders, k) for k in source.shard_keys()]
+    paths = [cache_root() / f"{k}.safetensors" for k in keys]
+    rank, world = _rank_world()
+    # shard i is process i % world's, whatever is cached: every process agrees on the split without talking
+    mine = [i for i in range(rank, len(keys), world) if open_shard(paths[i], keys[i], quiet=False) is None]
+    if mine:
+        from_source = {i: (paths[i], keys[i]) for i in mine}
+        _encode_shards(vae, prompt_encoder, source, from_source, batch_size, workers, progress)
+    _barrier()
+    shards = []
+    for i, (p, k) in enumerate(zip(paths, keys, strict=True)):
+        shard = open_shard(p, k, quiet=True)
+        if shard is None:
+            raise RuntimeError(f"shard {i} of {source.name} was not encoded into {p} (did another process fail?); "
+                               "run again: finished shards are kept")
+        shards.append(shard)
+    out = EncodedSet(shards)
+    if out.skipped and rank == 0:
+        note(f"{len(out.skipped)} sample(s) of {source.name} could not be read and are left out of training "
+             f"({len(out)} kept; first: {out.skipped[0]})")
     return out
 
 
-def read_cached(path: Path, key: str, n_images: int, n_captions: int) -> dict | None:
-    """The tensors of cache file ``path`` if it is the encoding of key ``key`` (``n_images`` images,
-    ``n_captions`` distinct captions); None, with a one-line note, where it is unreadable or holds something else."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            stored = (f.metadata() or {}).get(CACHE_KEY)
-        t = load_file(path)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error (or OSError) for a damaged file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
-        note(f"latent cache {path} is unreadable ({type(e).__name__}: {first}; truncated?); encoding the data "
-             "again")
+def _encode_shards(vae, prompt_encoder, source, todo: dict, batch_size: int, workers: int, progress: bool) -> None:
+    """Encode the shards ``todo`` (index -> (path, key)) and write each as it completes."""
+    from .caption_sources import read_shards
+
+    parts: dict[int, dict] = {}
+    bar = tqdm(total=len(todo), desc=f"encode {source.name} shards", unit="shard", disable=not progress,
+               dynamic_ncols=True)
+    for chunk in read_shards(source, sorted(todo), batch_size, workers):
+        acc = parts.setdefault(chunk.shard, {"mean": [], "std": [], "captions": [], "sizes": [], "skipped": []})
+        if len(chunk.captions):
+            dist = vae.encode(chunk.images.to(vae.device, torch.float32)).latent_dist
+            # the VAE's convolutions may hand back channels-last memory; a fresh encode and a cache read must give
+            # the UNet the same layout, or its convolutions round differently and a resumed run drifts
+            acc["mean"].append(dist.mean.float().cpu().contiguous())
+            acc["std"].append(dist.std.float().cpu().contiguous())
+            acc["captions"] += chunk.captions
+            acc["sizes"].append(chunk.sizes)
+        acc["skipped"] += chunk.skipped
+        if chunk.last:
+            path, key = todo[chunk.shard]
+            _write_shard(path, key, parts.pop(chunk.shard), prompt_encoder, batch_size, source.image_size)
+            bar.update()
+    bar.close()
+
+
+def _write_shard(path: Path, key: str, acc: dict, prompt_encoder, batch_size: int, image_size: int) -> None:
+    meta = {CACHE_KEY: key, "rows": str(len(acc["captions"])), "skipped": json.dumps(acc["skipped"])}
+    tensors = {}
+    if acc["captions"]:
+        distinct = sorted(set(acc["captions"]))
+        row = {c: i for i, c in enumerate(distinct)}
+        embeds = _embed_captions(prompt_encoder, distinct, batch_size)
+        tensors = {"mean": torch.cat(acc["mean"]), "std": torch.cat(acc["std"]),
+                   "caption_index": torch.tensor([row[c] for c in acc["captions"]], dtype=torch.long),
+                   **{f"embeds.{k}": v.contiguous() for k, v in embeds.items()}}
+        if "add_time_ids" in embeds:  # SDXL: each image's own original size and crop, at the training size
+            sizes = torch.cat(acc["sizes"])
+            target = torch.tensor([image_size, image_size]).expand(len(sizes), 2)
+            tensors["add_time_ids"] = torch.cat([sizes, target], 1).contiguous()
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"encoding gave non-finite values in {', '.join(bad)} (a VAE or text encoder in fp16 "
+                             "overflowing?); nothing was cached: encode in float32")
+        meta["captions"] = json.dumps(distinct)
+    cache_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def open_shard(path: Path, key: str, quiet: bool = False) -> CacheShard | None:
+    """The mapped shard at ``path`` if it is the encoding of key ``key``; None where it is missing, or (with a
+    one-line note unless ``quiet``) unreadable or holding something else."""
+    if not path.is_file():
         return None
-    embeds = {k[len("embeds."):]: v for k, v in t.items() if k.startswith("embeds.")}
-    rows = [v.shape[0] for k, v in embeds.items() if not k.startswith("negative_")]
-    fits = (all(k in t for k in ("mean", "std", "caption_index")) and len(t["mean"]) == len(t["std"]) == n_images
-            and tuple(t["caption_index"].shape) == (n_images,) and rows and all(r == n_captions for r in rows))
+    try:
+        tensors, meta = map_safetensors(path)
+        shard = CacheShard(path, tensors, meta)
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        if not quiet:
+            note(f"latent cache {path} is unreadable ({str(e).removeprefix(f'{path}: ').splitlines()[0][:120]}); "
+                 "encoding it again")
+        return None
+    stored = meta.get(CACHE_KEY)
+    n = shard.rows
+    fits = (n == 0 or (all(k in tensors for k in IMAGE_KEYS) and len(tensors["mean"]) == len(tensors["std"]) == n
+                       and tensors["caption_index"].shape == (n,) and shard.embed_keys
+                       and all(len(tensors[f"embeds.{k}"]) == len(shard.captions) for k in shard.embed_keys
+                               if not k.startswith("negative_"))))
     if stored != key or not fits:
         why = (f"the key {stored}" if stored else "no key") if stored != key else "tensors of other shapes"
-        note(f"latent cache {path} holds {why}, not the encoding of this data and these encoders "
-             "(swapped or copied from elsewhere); encoding the data again")
+        if not quiet:
+            note(f"latent cache {path} holds {why}, not the encoding of this data and these encoders "
+                 "(swapped or copied from elsewhere); encoding it again")
         return None
-    return {"mean": t["mean"], "std": t["std"], "caption_index": t["caption_index"], "embeds": embeds}
+    return shard
+
+
+def encode_set(vae, prompt_encoder, images: torch.Tensor, captions: list[str], batch_size: int = 256,
+               progress: bool = True, shard_size: int = 4096) -> EncodedSet:
+    """Encode ``images`` (in [-1, 1], held in memory) and ``captions`` (one per image), or read them from the
+    cache."""
+    from .caption_sources import ArraySource
+
+    return encode_source(vae, prompt_encoder, ArraySource(images, captions, shard_size=shard_size), batch_size,
+                         progress=progress)

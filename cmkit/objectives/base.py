@@ -56,6 +56,8 @@ class BuildContext:
     data: Any = None                         # the run's Dataset (kinds that build from the data itself)
     seed: int = 0                            # the recipe's seed (kinds that initialise parts deterministically)
     teacher_path: str | None = None          # where the teacher came from (recorded by models that need it later)
+    encode_batch_size: int = 256             # latent kinds: images per VAE / text-encoder batch (data.*)
+    encode_workers: int = 0                  # latent kinds: dataloader workers reading the source (data.workers)
 
 
 @dataclass(frozen=True)
@@ -144,12 +146,13 @@ class GuidedLatentBatches:
 
 
 def encoded_captions(kind: str, ctx: BuildContext, teacher):
-    """The run's captioned images as the teacher's VAE latents and prompt embeddings (cached), for a kind that
-    distils a text-to-image teacher; a one-line error for data without captions."""
-    from ..latent.latent_cache import encode_set
+    """The run's captioned images (held in memory or streamed from shards) as the teacher's VAE latents and prompt
+    embeddings, from the on-disk cache (encoded where missing), for a kind that distils a text-to-image teacher; a
+    one-line error for data without captions."""
+    from ..latent.latent_cache import encode_source
 
-    data = ctx.data
-    if data is None or data.train_captions is None:
+    source = ctx.data.caption_source() if hasattr(ctx.data, "caption_source") else None
+    if source is None:
         raise ValueError(f"objective.kind {kind!r} trains on captioned images: set data.name = "
-                         "'fashion_colours' or data.path to a caption folder")
-    return encode_set(teacher.vae, teacher.prompt_encoder, data.train, data.train_captions)
+                         "'fashion_colours', data.path to a caption folder or webdataset shards, or data.hf_dataset")
+    return encode_source(teacher.vae, teacher.prompt_encoder, source, ctx.encode_batch_size, ctx.encode_workers)

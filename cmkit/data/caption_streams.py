@@ -1,0 +1,49 @@
+"""Captioned image sets read from shards rather than held in memory (webdataset tars, Hugging Face datasets): the
+registry of their readers (``CAPTION_STREAMS``: one module each, registering an opener ``(data section, seed) ->
+CaptionSource``) and ``StreamedCaptions``, what the job layer hands a text-to-image kind in place of a ``Dataset``.
+Nothing is decoded here: the latent cache reads the source once, shard by shard, and training reads the cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..core import Registry
+
+CAPTION_STREAMS: Registry[Callable] = Registry("caption stream")
+
+
+@dataclass
+class StreamedCaptions:
+    source: object          # a cmkit.latent.caption_sources.CaptionSource
+    train_captions = None   # not known before the source is read: kinds that need every caption up front refuse it
+    test_captions = None
+    num_classes = None
+    train_labels = None
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (3, self.source.image_size, self.source.image_size)
+
+    def caption_source(self):
+        return self.source
+
+    def batches(self, conditional: bool = False, hflip: bool = False):
+        raise ValueError(f"{self.name} is streamed caption data: it trains the latent text-to-image kinds (lcm, "
+                         "flow_cd, latent_scd, ...), which read it through the latent cache")
+
+
+def open_caption_stream(d, seed: int = 0) -> StreamedCaptions | None:
+    """The streamed set a data section names (``data.hf_dataset``, or a ``data.path`` of webdataset tars), or None
+    where it names data held in memory."""
+    from .tar_shards import is_tar_pattern
+
+    if d.hf_dataset:
+        return StreamedCaptions(CAPTION_STREAMS["hf"](d, seed))
+    if d.path and is_tar_pattern(d.path):
+        return StreamedCaptions(CAPTION_STREAMS["webdataset"](d, seed))
+    return None

@@ -1,0 +1,159 @@
+"""Captioned images as shards, the unit the latent cache encodes and keys on: a source lists its shards (one
+identity string each: what a cached shard is keyed on) and reads any of them as chunks of images in [-1, 1] with their
+captions. The sources: a ``Dataset`` held in memory (``ArraySource``, fixed-size chunks of its rows), webdataset tar
+shards and Hugging Face datasets (``cmkit.data.tar_shards`` / ``hf_captions``, registered in
+``cmkit.data.caption_streams``), read as diffusers' training scripts read them: the shorter side resized to
+``data.image_size``, then a centre or random crop, the original size and crop offset kept (SDXL's time ids). A sample
+that cannot be read is skipped and reported with its key, never a crash mid-encode.
+
+``read_shards`` hands a process's shards to dataloader workers (whole shards per worker, so a shard's rows stay in
+order and its cached encoding does not depend on the worker count)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Chunk:
+    """Up to a batch of one shard's samples."""
+    shard: int                 # the shard's index in ``source.shard_keys()``
+    images: torch.Tensor       # (b, 3, H, W) float32 in [-1, 1]
+    captions: list[str]
+    sizes: torch.Tensor        # (b, 4) int64: original height, width, crop top, crop left
+    skipped: list[str] = field(default_factory=list)  # "key: why" of this chunk's samples that could not be read
+    last: bool = False         # the shard's final chunk
+
+
+class CaptionSource:
+    """What the latent cache reads: ``name``, ``image_size``, ``shard_keys()`` and ``read(shard, batch)``."""
+    name: str = "captions"
+    image_size: int = 0
+
+    def shard_keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def read(self, shard: int, batch: int) -> Iterator[Chunk]:
+        raise NotImplementedError
+
+
+class ArraySource(CaptionSource):
+    """Images already in memory ((n, 3, H, W) in [-1, 1]) with one caption each, as shards of ``shard_size`` rows;
+    a shard's key hashes its pixels and captions, so a cached shard is found again whatever data it sits in."""
+
+    def __init__(self, images: torch.Tensor, captions: list[str], name: str = "captions", shard_size: int = 4096):
+        if len(captions) != len(images):
+            raise ValueError(f"{len(captions)} captions for {len(images)} images; every image needs one caption")
+        self.images, self.captions, self.name = images.contiguous(), list(captions), name
+        self.image_size, self.shard_size = int(images.shape[-1]), shard_size
+        self._keys = None
+
+    def _rows(self, shard: int) -> slice:
+        return slice(shard * self.shard_size, min(len(self.images), (shard + 1) * self.shard_size))
+
+    def shard_keys(self) -> list[str]:
+        if self._keys is None:
+            keys = []
+            for i in range(-(-len(self.images) // self.shard_size)):
+                h = hashlib.sha256(self.images[self._rows(i)].numpy().tobytes())
+                h.update("\n".join(self.captions[self._rows(i)]).encode())
+                keys.append(f"array:{h.hexdigest()[:32]}")
+            self._keys = keys
+        return self._keys
+
+    def read(self, shard: int, batch: int) -> Iterator[Chunk]:
+        rows = self._rows(shard)
+        h, w = self.images.shape[-2:]
+        for start in range(rows.start, rows.stop, batch):
+            stop = min(rows.stop, start + batch)
+            sizes = torch.tensor([[h, w, 0, 0]] * (stop - start), dtype=torch.long)
+            yield Chunk(shard, self.images[start:stop], self.captions[start:stop], sizes, last=stop == rows.stop)
+
+
+def fit_image(data: bytes, size: int, crop: str, seed: int, key: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """An encoded image as an RGB ``(size, size, 3)`` uint8 array, as diffusers' scripts prepare one: the shorter
+    side resized to ``size`` (bilinear), then a centre crop or a random one (drawn from ``seed`` and the sample's
+    ``key``, so a re-encode crops the same). Returns the array and (original height, width, crop top, crop left)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        rgb = img.convert("RGB")
+    w, h = rgb.size
+    if min(w, h) < 1:
+        raise ValueError("empty image")
+    # torchvision's Resize(size) for an int: the short side becomes size, the long side int(size * long / short)
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if (nw, nh) != (w, h):
+        rgb = rgb.resize((nw, nh), Image.BILINEAR)
+    if crop == "center":  # torchvision's CenterCrop rounding
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    else:
+        digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+        rng = np.random.default_rng([seed, digest])
+        top, left = int(rng.integers(0, nh - size + 1)), int(rng.integers(0, nw - size + 1))
+    arr = np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return arr, (h, w, top, left)
+
+
+def to_chunk(shard: int, samples: list, skipped: list[str], last: bool, size: int) -> Chunk:
+    """A chunk from ``(array, caption, sizes)`` samples (arrays from ``fit_image``)."""
+    if samples:
+        x = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    else:
+        x = torch.zeros(0, 3, size, size)
+    sizes = torch.tensor([s[2] for s in samples], dtype=torch.long).reshape(-1, 4)
+    return Chunk(shard, x.contiguous(), [s[1] for s in samples], sizes, skipped, last)
+
+
+def _why(e: Exception) -> str:
+    first = str(e).splitlines()[0][:80] if str(e).strip() else ""
+    return first or type(e).__name__
+
+
+def decoded_chunks(source, shard: int, items, batch: int) -> Iterator[Chunk]:
+    """Chunks of ``batch`` samples from ``items``, ``(key, read)`` pairs whose ``read()`` gives the sample's
+    encoded image and caption; a sample whose read or decode fails is skipped with its key and why."""
+    samples, skipped = [], []
+    for key, read in items:
+        try:
+            data, caption = read()
+            if not isinstance(caption, str):
+                raise ValueError(f"caption is {type(caption).__name__}, not text")
+            arr, sizes = fit_image(data, source.image_size, source.crop, source.seed, key)
+        except Exception as e:  # noqa: BLE001 - PIL, tarfile and json raise many types for a damaged sample
+            skipped.append(f"{key}: {_why(e)}")
+            continue
+        samples.append((arr, caption.strip(), sizes))
+        if len(samples) == batch:
+            yield to_chunk(shard, samples, skipped, False, source.image_size)
+            samples, skipped = [], []
+    yield to_chunk(shard, samples, skipped, True, source.image_size)
+
+
+class _Shards(torch.utils.data.IterableDataset):
+    def __init__(self, source: CaptionSource, shards: list[int], batch: int):
+        self.source, self.shards, self.batch = source, shards, batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        for shard in mine:
+            yield from self.source.read(shard, self.batch)
+
+
+def read_shards(source: CaptionSource, shards: list[int], batch: int, workers: int = 0) -> Iterator[Chunk]:
+    """Chunks of ``shards`` (whole shards per worker; chunks of different shards may interleave)."""
+    if workers <= 0 or len(shards) <= 1:
+        for shard in shards:
+            yield from source.read(shard, batch)
+        return
+    loader = torch.utils.data.DataLoader(_Shards(source, shards, batch), batch_size=None,
+                                         num_workers=min(workers, len(shards)))
+    yield from loader
