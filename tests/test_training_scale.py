@@ -181,3 +181,53 @@ def test_a_run_saved_before_the_precision_default_changed_resumes_and_micro_batc
                                 tmp_path, progress=False)
     assert summary["start_step"] == 2 and summary["end_step"] == 4
     assert "micro_batch_size changed from 0 to 8" in capsys.readouterr().err
+
+
+def _regression_trainer(out, **kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))  # 8-bit state needs >= 4096-element blocks
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 64, generator=g), torch.randn(32, 2, generator=g)
+    settings = TrainSettings(batch_size=32, lr=1e-2, ema_rates=[0.9], cpu=True, checkpoint_every=2, **kw)
+    return Trainer(model, Regression(), lambda n, device: (x[:n], {"y": y[:n]}), settings, out, progress=False)
+
+
+def test_adamw8bit_keeps_8_bit_moments_learns_and_resumes_exactly(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    def steps(trainer, n):
+        for _ in range(n):
+            trainer.step()
+        trainer.checkpoint()
+    whole = _regression_trainer(tmp_path / "whole", steps=4, optimizer="adamw8bit")
+    x, cond = whole.batches(32, "cpu")
+    before = Regression()(whole.online, x, **cond).item()
+    steps(whole, 4)
+    steps(_regression_trainer(tmp_path / "split", steps=4, optimizer="adamw8bit"), 2)
+    again = _regression_trainer(tmp_path / "split", steps=4, optimizer="adamw8bit")
+    assert again.step_no == 2
+    steps(again, 2)
+    for a, b in zip(whole.online.parameters(), again.online.parameters(), strict=True):
+        assert torch.equal(a, b)
+    state = load_file(tmp_path / "whole" / "checkpoints" / "step-00000004" / "optimizer.safetensors")
+    moments = [v for k, v in state.items() if k.endswith("state1") or k.endswith("state2")]
+    assert moments and all(v.dtype == torch.uint8 for v in moments if v.numel() >= 4096)
+    assert Regression()(whole.online, x, **cond).item() < 0.9 * before
+
+
+def test_an_ema_held_apart_from_the_online_weights_updates_as_one_held_beside_them():
+    from cmkit.training.ema import EMA
+
+    torch.manual_seed(0)
+    online = nn.Linear(8, 8)
+    beside, apart = copy.deepcopy(online), copy.deepcopy(online)
+    with torch.no_grad():
+        online.weight.add_(1.0)
+    plain, staged = EMA(beside, online), EMA(apart, online)
+    staged._stage = [torch.empty_like(e) for e in staged._e]  # the path a CPU EMA of GPU weights takes
+    for rate in (0.9, 0.5):
+        plain.update(rate), staged.update(rate)
+    for a, b in zip(beside.parameters(), apart.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(beside.weight, online.weight)

@@ -34,7 +34,8 @@ RESUMABLE_CHANGES = {("train", "steps"), ("train", "checkpoint_every"), ("train"
                      ("train", "warmup"), ("train", "grad_clip"), ("train", "export"), ("train", "log_with"),
                      ("train", "validate_every"), ("train", "validation_prompts"),
                      # how the same step is computed: a run may move to a smaller device or another launcher
-                     ("train", "micro_batch_size"), ("train", "gradient_checkpointing"), ("train", "mixed_precision")}
+                     ("train", "micro_batch_size"), ("train", "gradient_checkpointing"), ("train", "mixed_precision"),
+                     ("train", "ema_device")}
 # changes that alter the training from the resumed step on: reported when a run resumes with them
 REPORTED_CHANGES = {("train", "lr"), ("train", "warmup"), ("train", "grad_clip"), ("train", "micro_batch_size"),
                     ("train", "mixed_precision")}

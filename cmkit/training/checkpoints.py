@@ -40,22 +40,33 @@ def warn(message: str) -> None:
 
 
 def _optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimiser state dict into safetensors-able tensors and a JSON-able rest."""
+    """Split an optimiser state dict into safetensors-able tensors and a JSON-able rest. Nested state (bitsandbytes
+    keeps its quantisation state in a dict per parameter) is flattened with ``/`` between the levels."""
     tensors, plain = {}, {}
+
+    def put(key: str, v) -> None:
+        if isinstance(v, dict):
+            for k, sub in v.items():
+                put(f"{key}/{k}", sub)
+        elif torch.is_tensor(v):
+            tensors[key] = v.detach().cpu().contiguous()
+        else:
+            plain[key] = v
     for pid, pstate in state["state"].items():
         for k, v in pstate.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                plain[f"{pid}.{k}"] = v
+            put(f"{pid}.{k}", v)
     return tensors, {"param_groups": state["param_groups"], "plain": plain}
 
 
 def _optimizer_from_flat(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     state: dict[int, dict] = {}
     for key, v in list(tensors.items()) + list(rest["plain"].items()):
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
+        pid, path = key.split(".", 1)
+        *parents, leaf = path.split("/")
+        node = state.setdefault(int(pid), {})
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = v
     return {"state": state, "param_groups": rest["param_groups"]}
 
 

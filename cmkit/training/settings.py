@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adam", "radam", "adamw", "adamw8bit")
 
 
 @dataclass
@@ -12,12 +13,13 @@ class TrainSettings:
     steps: int = 1000
     batch_size: int = 256
     lr: float = 1e-3
-    optimizer: str = "adam"          # adam | radam | adamw
+    optimizer: str = "adam"          # adam | radam | adamw | adamw8bit (bitsandbytes: pip install 'cmkit[bnb]')
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup: int = 0                  # linear lr warm-up steps; the schedule never depends on `steps`, so runs extend
     grad_clip: float = 0.0           # 0 = off
     ema_rates: list[float] = field(default_factory=lambda: [0.999])
+    ema_device: str = ""             # "": the training device; "cpu": output EMAs held (and updated) in host memory
     checkpoint_every: int = 500
     log_every: int = 50
     # which weights become out/model: auto | online | target | ema (the first of ema_rates) | ema-<rate>;
@@ -46,8 +48,10 @@ class TrainSettings:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or self.lr == float("inf"):
             raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
-        if self.optimizer not in ("adam", "radam", "adamw"):
-            raise ValueError(f"unknown train.optimizer {self.optimizer!r}; choose one of adam, radam, adamw")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown train.optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.ema_device not in ("", "cpu"):
+            raise ValueError(f"train.ema_device must be '' (the training device) or 'cpu', got {self.ema_device!r}")
         for name in ("warmup", "grad_clip", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")

@@ -53,10 +53,20 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
 
 
+def _adamw8bit():
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ImportError("train.optimizer = 'adamw8bit' needs bitsandbytes: pip install 'cmkit[bnb]'") from None
+    return bnb.optim.AdamW8bit
+
+
 def make_optimizer(params, s: TrainSettings):
     kinds = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam, "adamw": torch.optim.AdamW}
+    if s.optimizer == "adamw8bit":  # AdamW with 8-bit block-quantised moments: a quarter of AdamW's state memory
+        return _adamw8bit()(params, lr=s.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
     if s.optimizer not in kinds:
-        raise ValueError(f"unknown train.optimizer {s.optimizer!r}; choose one of {', '.join(kinds)}")
+        raise ValueError(f"unknown train.optimizer {s.optimizer!r}; choose one of {', '.join(kinds)}, adamw8bit")
     # Adam and AdamW run fused (one kernel for the whole update, CPU and GPU alike: 3x faster than the per-tensor
     # loop torch picks on a CPU by default, the same maths rounded differently); RAdam has no fused kernel and runs
     # foreach (one kernel per operation over all tensors), which is bit-identical to the loop
@@ -139,12 +149,17 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.step_no = self.resume()
         self.export_choice()  # a train.export that names weights this run does not keep fails now, not at the end
-        for m in list(self.emas.values()) + ([self.target] if self.target is not None else []):
-            m.to(self.acc.device)
+        # output EMAs may live in host memory (train.ema_device = "cpu"); the target network is used every step
+        ema_device = settings.ema_device or self.acc.device
+        for m in self.emas.values():
+            m.to(ema_device)
+        if self.target is not None:
+            self.target.to(self.acc.device)
         if isinstance(objective, nn.Module):
             objective.to(self.acc.device)
         self.wrapped, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.online = self.acc.unwrap_model(self.wrapped)
+        self.online_device = next(self.online.parameters()).device
         # without a loss scaler, accelerate's optimizer wrapper adds only per-step checks (package look-ups) to the
         # plain step and zero_grad; gradients are already all-reduced by the wrapped model's backward
         plain = self.acc.scaler is None
@@ -324,6 +339,8 @@ class Trainer:
             return None
         name, _ = self.export_choice()
         net = {"online": self.online, "target": self.target}.get(name) or self.emas[name]
+        if next(net.parameters()).device != self.online_device:  # an EMA held on the CPU samples on the device
+            net = copy.deepcopy(net).to(self.online_device)
         images = self.validate(net, list(self.s.validation_prompts)).float().cpu().clamp(-1, 1)
         path = self.out / "validation" / f"step-{self.step_no:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
