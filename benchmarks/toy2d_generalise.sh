@@ -11,7 +11,8 @@ R=benchmarks/results/toy2d-generalise
 SETS=${*:-swiss_roll moons checkerboard eight_gaussians}
 for set in $SETS; do
   for job in ict sct meanflow; do
-    $CMKIT train s_curve-$job --set data.name=$set --out runs/toy2d-$set-$job --no-progress
+    [ -f runs/toy2d-$set-$job/model/cmkit.json ] || \
+      $CMKIT train s_curve-$job --set data.name=$set --out runs/toy2d-$set-$job --no-progress
   done
   $CMKIT bench quality-vs-steps s_curve-ict --set data.name=$set --no-progress --out $R/$set \
     --model iCT=runs/toy2d-$set-ict/model --model sCT=runs/toy2d-$set-sct/model \

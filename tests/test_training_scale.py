@@ -231,3 +231,33 @@ def test_an_ema_held_apart_from_the_online_weights_updates_as_one_held_beside_th
     for a, b in zip(beside.parameters(), apart.parameters(), strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(beside.weight, online.weight)
+
+
+def test_fsdp_over_two_cpu_processes_matches_ddp_shards_the_optimiser_and_resumes(tmp_path):
+    """torch's FSDP2 on gloo: a 4-step run sharded over two processes, stopped at step 2 and resumed, ends where
+    the same run under DDP ends (to float rounding), its checkpoints hold full weights and half-size moments."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    def launch(out, steps, fsdp):
+        sets = [f"--set={s}" for s in (f"train.steps={steps}", "train.checkpoint_every=2", "train.batch_size=64",
+                                       "model.hidden=32", "model.depth=2", "eval.schedule_max_steps=0",
+                                       "train.cpu=true", "train.grad_clip=1.0", f"train.fsdp={str(fsdp).lower()}")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+               "-m", "cmkit", "train", "s_curve-ict", "--out", str(tmp_path / out), "--no-progress", *sets]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+    launch("ddp", 4, False)
+    launch("fsdp", 2, True)
+    launch("fsdp", 4, True)
+    ddp, fsdp = (tmp_path / run / "checkpoints" / "step-00000004" for run in ("ddp", "fsdp"))
+    for name in ("model", "ema-0.995"):
+        a, b = load_file(ddp / f"{name}.safetensors"), load_file(fsdp / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    whole = load_file(ddp / "optimizer.safetensors")
+    halves = [load_file(fsdp / f"optimizer-rank-{r}-of-2.safetensors") for r in (0, 1)]
+    moments = [k for k in whole if k.endswith("exp_avg")]
+    assert moments and all(sum(h[k].shape[0] for h in halves) == whole[k].shape[0] for k in moments)

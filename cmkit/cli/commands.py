@@ -230,17 +230,19 @@ def run_bench(args: argparse.Namespace) -> None:
     folders = named_folders(args.model)
     recipe = load_recipe(args.recipe, args.set)
     teacher_path = args.teacher or recipe.teacher.path
-    if not teacher_path:
-        raise CliError("no teacher: pass --teacher PATH or set teacher.path in the recipe")
+    if not teacher_path and not folders:
+        raise CliError("nothing to benchmark: pass --teacher PATH (or set teacher.path in the recipe) and/or "
+                       "--model NAME=FOLDER")
     models = {name: ConsistencyModel.from_pretrained(folder) for name, folder in folders.items()}
-    teacher = load_teacher(teacher_path)
+    teacher = load_teacher(teacher_path) if teacher_path else None  # no teacher: the models' rows alone
     data = dataset_for(recipe)
-    check_data_matches(data, teacher, "teacher")
+    for name, net in ([("teacher", teacher)] if teacher is not None else []) + list(models.items()):
+        check_data_matches(data, net, f"model {name}" if name != "teacher" else "teacher")
     out = args.out or Path("benchmarks/results") / Path(args.recipe).stem
     try:
         written = run_benchmark(teacher, models, data, recipe.eval, out, fid=args.fid,
                                 inception_weights=args.inception_weights, progress=_progress(args),
-                                extra={"teacher": str(teacher_path), "models": folders})
+                                extra={"teacher": str(teacher_path or ""), "models": folders})
     except ImportError as e:
         raise CliError(str(e)) from None
     except KeyboardInterrupt:

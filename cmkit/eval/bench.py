@@ -105,8 +105,10 @@ def _gen(seed: int) -> torch.Generator:
 
 def teacher_jobs(teacher, ev: EvalSettings) -> list[tuple]:
     """(method, nfe, model, run(n, generator, cond) -> (samples, counted nfe or None)) for every teacher setting;
-    solvers that cannot reach an NFE exactly (heun reaches only odd NFE) skip it."""
+    solvers that cannot reach an NFE exactly (heun reaches only odd NFE) skip it. No teacher (None): no rows."""
     jobs = []
+    if teacher is None:
+        return jobs
     for solver in ev.teacher_solvers:
         for nfe in ev.teacher_nfe:
             if SOLVERS[solver].evals_per_step == 2 and nfe % 2 == 0:

@@ -221,6 +221,9 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
     # shard i is process i % world's, whatever is cached: every process agrees on the split without talking
     mine = [i for i in range(rank, len(keys), world) if open_shard(paths[i], keys[i], quiet=False) is None]
     if mine:
+        who = f" (process {rank} of {world}: its share)" if world > 1 else ""
+        note(f"latent cache: encoding {len(mine)} of the {len(keys)} shard(s) of {source.name}{who}; finished "
+             "shards are kept if this is stopped")
         from_source = {i: (paths[i], keys[i]) for i in mine}
         _encode_shards(vae, prompt_encoder, source, from_source, batch_size, workers, progress)
     _barrier()

@@ -74,13 +74,18 @@ def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def _write_files(tmp: Path, nets: dict[str, torch.nn.Module], optimizer, state: dict) -> None:
+def _write_files(tmp: Path, nets: dict, optimizer, state: dict) -> None:
     """Every file of a checkpoint, then its manifest: the hashes are of the bytes in memory, so reading the folder
-    back checks what reached the disk."""
-    opt_tensors, opt_rest = _optimizer_to_flat(optimizer.state_dict())
-    blobs = {f"{key}.safetensors": save(_weights(net)) for key, net in nets.items()}
-    blobs["optimizer.safetensors"] = save(opt_tensors)
-    blobs["optimizer.json"] = json.dumps(opt_rest).encode()
+    back checks what reached the disk. ``nets`` values are modules or (a sharded run's gathered) state dicts;
+    ``optimizer`` an optimiser, or a sharded run's list of every process's optimiser shard."""
+    blobs = {f"{key}.safetensors": save(_weights(net) if isinstance(net, torch.nn.Module) else net)
+             for key, net in nets.items()}
+    shards = optimizer if isinstance(optimizer, list) else [optimizer.state_dict()]
+    for rank, opt_state in enumerate(shards):
+        name = "optimizer" if len(shards) == 1 else f"optimizer-rank-{rank}-of-{len(shards)}"
+        opt_tensors, opt_rest = _optimizer_to_flat(opt_state)
+        blobs[f"{name}.safetensors"] = save(opt_tensors)
+        blobs[f"{name}.json"] = json.dumps(opt_rest).encode()
     blobs["state.json"] = json.dumps(state, indent=2).encode()
     for name, data in blobs.items():
         (tmp / name).write_bytes(data)
@@ -158,16 +163,36 @@ def latest_checkpoint(root) -> Path | None:
     return next((p for p in step_folders(root) if verify_checkpoint(p) is None), None)
 
 
+def _optimizer_file(path: Path, rank: int, world: int) -> str:
+    """The optimiser file of process ``rank`` of ``world``: one for every process of a sharded run, else one."""
+    sharded = sorted(path.glob("optimizer-rank-*-of-*.safetensors"))
+    if not sharded:
+        return "optimizer"
+    saved = int(sharded[0].stem.rsplit("-", 1)[1])
+    if saved != world:
+        raise ValueError(f"checkpoint {path} holds the optimiser sharded over {saved} processes (train.fsdp); "
+                         f"resume it on {saved} processes, not {world}")
+    return f"optimizer-rank-{rank}-of-{world}"
+
+
 def load_checkpoint(path, nets: dict[str, torch.nn.Module], optimizer) -> dict:
-    """Load weights into ``nets`` and the optimiser in place; returns the state dict (with ``step``)."""
+    """Load weights into ``nets`` (sharded ones from the full weights) and the optimiser (a sharded run: this
+    process's shard) in place; returns the state dict (with ``step``)."""
+    from .sharding import is_sharded, load_full_state, reshard_optimizer_state
+
     path = Path(path)
     for key, net in nets.items():
         file = path / f"{key}.safetensors"
         if not file.is_file():
             raise FileNotFoundError(f"checkpoint {path} has no {file.name}; it was written by a different recipe")
-        net.load_state_dict(load_file(file))
-    rest = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_from_flat(load_file(path / "optimizer.safetensors"), rest))
+        load_full_state(net, load_file(file)) if is_sharded(net) else net.load_state_dict(load_file(file))
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    name = _optimizer_file(path, rank, world)
+    rest = json.loads((path / f"{name}.json").read_text())
+    optimizer.load_state_dict(_optimizer_from_flat(load_file(path / f"{name}.safetensors"), rest))
+    if name != "optimizer":
+        reshard_optimizer_state(optimizer)
     return json.loads((path / "state.json").read_text())
 
 

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from .sharding import local
+
 
 def frozen_copy(model: nn.Module) -> nn.Module:
     c = copy.deepcopy(model)
@@ -30,8 +32,9 @@ class EMA:
 
     def __init__(self, ema: nn.Module, online: nn.Module):
         self.module = ema
-        self._e = list(ema.parameters())
-        self._o = [p.detach() for p in online.parameters()]
+        # a sharded EMA (train.fsdp) is updated on each process's own shards of it and of the online weights
+        self._e = [local(p) for p in ema.parameters()]
+        self._o = [local(p.detach()) for p in online.parameters()]
         self._buffers = [(eb, ob) for eb, ob in zip(ema.buffers(), online.buffers(), strict=True)]
         apart = bool(self._e) and self._e[0].device != self._o[0].device
         pin = apart and self._o[0].device.type == "cuda"

@@ -20,6 +20,7 @@ class TrainSettings:
     grad_clip: float = 0.0           # 0 = off
     ema_rates: list[float] = field(default_factory=lambda: [0.999])
     ema_device: str = ""             # "": the training device; "cpu": output EMAs held (and updated) in host memory
+    fsdp: bool = False               # shard the trained network, its EMAs and target over the processes (FSDP2)
     checkpoint_every: int = 500
     log_every: int = 50
     # which weights become out/model: auto | online | target | ema (the first of ema_rates) | ema-<rate>;

@@ -41,6 +41,7 @@ from .checkpoints import (
 )
 from .ema import EMA, frozen_copy
 from .settings import TrainSettings
+from .sharding import all_agree, full_state, gathered_optimizer_states, is_sharded, local, shard_network
 from .stop import QuietStream, StopRequest, TrainingInterrupted, quietly
 
 Batches = Callable[[int, torch.device], tuple[torch.Tensor, dict]]
@@ -136,6 +137,8 @@ class Trainer:
         self.rates = {f"ema-{r!r}": float(r) for r in settings.ema_rates}  # repr keeps every digit: 0.9999999 != 1
         self.emas = {key: frozen_copy(model) for key in self.rates}
         self.target = frozen_copy(model) if objective.target_ema(0) > 0 else None
+        self.sharded = settings.fsdp
+        self._plain = self._shard(model) if self.sharded else None
         # an objective may own trainable parameters (sCM's learnt loss weighting): optimised and checkpointed with
         # the model, not exported with it
         # (a fake-score network, rCM's) at its own learning-rate scale (``objective.lr_groups()``)
@@ -157,7 +160,10 @@ class Trainer:
             self.target.to(self.acc.device)
         if isinstance(objective, nn.Module):
             objective.to(self.acc.device)
-        self.wrapped, self.optimizer = self.acc.prepare(model, self.optimizer)
+        if self.sharded:  # FSDP2 reduces the gradients itself: no DDP wrapper around it
+            self.wrapped, self.optimizer = model, self.acc.prepare(self.optimizer)
+        else:
+            self.wrapped, self.optimizer = self.acc.prepare(model, self.optimizer)
         self.online = self.acc.unwrap_model(self.wrapped)
         self.online_device = next(self.online.parameters()).device
         # without a loss scaler, accelerate's optimizer wrapper adds only per-step checks (package look-ups) to the
@@ -174,6 +180,19 @@ class Trainer:
         # bound after prepare(), which may move the online weights to another device
         self._ema_updates = [(EMA(e, self.online), self.rates[k]) for k, e in self.emas.items()]
         self._target_update = EMA(self.target, self.online) if self.target is not None else None
+
+    def _shard(self, model: nn.Module) -> nn.Module | None:
+        """Shard the online network, its EMAs and the target over the processes (``train.fsdp``); returns the main
+        process's unsharded host copy, which exports and validation load the gathered weights into."""
+        if self.acc.num_processes < 2:
+            raise ValueError("train.fsdp shards over processes: launch 2 or more (accelerate launch "
+                             "--num_processes N -m cmkit ...), or set it to false")
+        if self.s.ema_device:
+            raise ValueError("train.fsdp shards the EMAs beside the model; remove train.ema_device")
+        plain = copy.deepcopy(model).cpu() if self.acc.is_main_process else None
+        for net in [model, *self.emas.values(), *([self.target] if self.target is not None else [])]:
+            shard_network(net.to(self.acc.device), self.acc.device)
+        return plain
 
     def resume(self) -> int:
         """Load the newest intact checkpoint into the networks and optimiser (newer broken ones are reported and
@@ -262,11 +281,13 @@ class Trainer:
         if self.s.grad_clip > 0:
             norm = self.acc.clip_grad_norm_(self._params, self.s.grad_clip)
         elif self.acc.scaler is None:
-            grads = [p.grad for p in self._params if p.grad is not None]
+            grads = [local(p.grad) for p in self._params if p.grad is not None]
             norm = torch.stack(torch._foreach_norm(grads)).sum() if grads else None
         else:
             norm = None  # scaled gradients: the loss scaler checks them
-        return ok & torch.isfinite(norm) if norm is not None and self.acc.scaler is None else ok
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # clipping a sharded network's
+        ok = ok & torch.isfinite(norm) if norm is not None and self.acc.scaler is None else ok
+        return all_agree(ok) if self.sharded else ok  # shards differ: one bad shard skips the step everywhere
 
     def _tally(self, loss: torch.Tensor, ok: torch.Tensor) -> None:
         bad = ~ok
@@ -296,8 +317,9 @@ class Trainer:
         named = [(f"{k}.safetensors", t) for k, net in self.nets.items() for t in net.state_dict().values()]
         named += [("optimizer.safetensors", v) for st in self._raw_opt.state.values() for v in st.values()
                   if torch.is_tensor(v)]
-        named = [(n, t) for n, t in named if t.is_floating_point()]
-        flags = torch.stack([torch.isfinite(t).all().to(self.acc.device) for _, t in named]).tolist()
+        named = [(n, local(t)) for n, t in named if t.is_floating_point()]
+        flags = torch.stack([torch.isfinite(t).all().to(self.acc.device) for _, t in named])
+        flags = (torch.stack([all_agree(f) for f in flags]) if self.sharded else flags).tolist()
         bad = sorted({n for (n, _), f in zip(named, flags, strict=True) if not f})
         if bad:
             raise FloatingPointError(f"{', '.join(bad)} would hold non-finite values at step {self.step_no}; "
@@ -335,10 +357,19 @@ class Trainer:
     def validation_grid(self) -> Path | None:
         """A grid of ``train.validation_prompts`` from the weights the run would export now, written as
         ``out/validation/step-N.png`` and sent to the trackers (main process only)."""
-        if self.validate is None or not self.acc.is_main_process:
+        if self.validate is None:
             return None
         name, _ = self.export_choice()
         net = {"online": self.online, "target": self.target}.get(name) or self.emas[name]
+        if self.sharded:  # every process gathers; the main one samples from an unsharded copy
+            state = full_state(net)
+            if not self.acc.is_main_process:
+                return None
+            net = copy.deepcopy(self._plain)
+            net.load_state_dict(state)
+            net.to(self.online_device)
+        elif not self.acc.is_main_process:
+            return None
         if next(net.parameters()).device != self.online_device:  # an EMA held on the CPU samples on the device
             net = copy.deepcopy(net).to(self.online_device)
         images = self.validate(net, list(self.s.validation_prompts)).float().cpu().clamp(-1, 1)
@@ -362,9 +393,13 @@ class Trainer:
         acc.wait_for_everyone()
         self._health()
         self._check_finite_state(f"checkpoint step-{self.step_no:08d}")
+        nets, optimizer = self.nets, self.optimizer
+        if self.sharded:  # gathered by every process: the full weights and each process's optimiser shard
+            nets = {k: full_state(net) if is_sharded(net) else net for k, net in nets.items()}
+            optimizer = gathered_optimizer_states(self._raw_opt)
         if acc.is_main_process:
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            save_checkpoint(self.ckpt_root, self.step_no, self.nets, self.optimizer,
+            save_checkpoint(self.ckpt_root, self.step_no, nets, optimizer,
                             {"seed": self.seed, "scaler": scaler, **self.run_info})
         acc.wait_for_everyone()
 
@@ -405,9 +440,10 @@ class Trainer:
         name, why = self.export_choice()
         final = {"online": self.online, "target": self.target}.get(name) or self.emas[name]
         self._check_finite_state(str(self.out / "model"))
+        state = full_state(final) if self.sharded else None
         if self.acc.is_main_process:
-            export = copy.deepcopy(self.online).cpu()
-            export.load_state_dict({k: v.cpu() for k, v in final.state_dict().items()})
+            export = self._plain if self.sharded else copy.deepcopy(self.online).cpu()
+            export.load_state_dict(state if self.sharded else {k: v.cpu() for k, v in final.state_dict().items()})
             export.save_pretrained(self.out / "model")
             # a teacher family's pipeline folder has no cmkit.json: the line below says it there
             annotate_meta(self.out / "model", exported_weights={"weights": name, "step": self.step_no, "why": why})
