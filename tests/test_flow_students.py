@@ -181,9 +181,17 @@ def test_bad_inputs_name_the_problem(tmp_path):
                         data=_data())
     with pytest.raises(ValueError, match="kind 'lcm'"):
         build(FlowCDConfig(), unet)
-    student = FlowConsistencyModel(teacher.denoiser, teacher)
+    student = FlowConsistencyModel(teacher.denoiser, teacher, guidance_scale=4.0)
     with pytest.raises(ValueError, match="no negative prompt"):
         cmkit.text_to_image(student, ["a red bag"], steps=1, negative_prompts=["a blue bag"])
+    with pytest.raises(ValueError, match="folds guidance 4.0 in and samples at guidance_scale=1"):
+        cmkit.text_to_image(student, ["a red bag"], steps=1, guidance_scale=4.0)  # guidance on top of guidance
+    # a LoRA student on a base of another family: its adapter has no place there
+    lora = FlowConsistencyModel(teacher.denoiser, teacher, lora=True)
+    add_transformer_lora(teacher.network, 2, 2.0, ["to_q", "to_v"])
+    lora.save_pretrained(tmp_path / "lora")
+    with pytest.raises(ValueError, match="does not fit this base"):
+        FlowConsistencyModel.from_pretrained(tmp_path / "lora", base=tiny_flux_pipeline())
 
 
 def test_generate_samples_a_flow_student_at_guidance_1_and_refuses_more(tmp_path, capsys):

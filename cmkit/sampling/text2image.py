@@ -52,15 +52,27 @@ def _prepare(model, prompts, negative_prompts, guidance_scale, latents, generato
     return cond, latents.to(device, dtype)
 
 
+def _flow_guidance(model, given: float | None) -> float:
+    if getattr(model, "kind", None) != "flow_cm":
+        return 5.0 if given is None else given
+    if given not in (None, 1.0):
+        raise ValueError(f"{type(model).__name__} folds guidance {getattr(model, 'guidance_scale', '')} in and samples "
+                         f"at guidance_scale=1 (one pass a step); guidance_scale={given:g} would guide on top of it: "
+                         "leave it out")
+    return 1.0
+
+
 @torch.no_grad()
-def text_to_image(model, prompts, steps: int = 25, solver: str = "ddim", guidance_scale: float = 5.0,
+def text_to_image(model, prompts, steps: int = 25, solver: str = "ddim", guidance_scale: float | None = None,
                   negative_prompts=None, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
                   spacing: str | None = "trailing", sigmas=None, output: str = "image", return_nfe: bool = False):
     """Images in [-1, 1] (``output="latent"``: latents) for ``prompts`` from a text-to-image teacher, solving the
     guided PF-ODE with ``solver`` (any cmkit solver or torchdiffeq method) over ``timestep_sigmas(steps, spacing)``
     or explicit ``sigmas``. ``latents``: unit-variance starting noise, one per prompt (as diffusers pipelines take
     it); by default drawn per sample from ``generator``. With ``return_nfe`` also the network passes (a guided
-    evaluation counts two)."""
+    evaluation counts two). ``guidance_scale`` defaults to 5 for a teacher and 1 for a flow student, which folds its
+    guidance in (another value would guide on top of it: refused)."""
+    guidance_scale = _flow_guidance(model, guidance_scale)
     cond, latents = _prepare(model, prompts, negative_prompts, guidance_scale, latents, generator, output)
     sig = timestep_sigmas(model, steps, spacing) if sigmas is None else [float(s) for s in sigmas]
     x, to_native = _start_and_end(model, sig, latents)
