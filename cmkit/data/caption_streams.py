@@ -1,7 +1,8 @@
 """Captioned image sets read from shards rather than held in memory (webdataset tars, Hugging Face datasets): the
-registry of their readers (``CAPTION_STREAMS``: one module each, registering an opener ``(data section, seed) ->
-CaptionSource``) and ``StreamedCaptions``, what the job layer hands a text-to-image kind in place of a ``Dataset``.
-Nothing is decoded here: the latent cache reads the source once, shard by shard, and training reads the cache."""
+registry of their readers (``CAPTION_STREAMS``: one module each, registering a ``CaptionStream``, whether it reads a
+data section and its opener ``(data section, seed) -> CaptionSource``) and ``StreamedCaptions``, what the job layer
+hands a text-to-image kind in place of a ``Dataset``. Nothing is decoded here: the latent cache reads the source
+once, shard by shard, and training reads the cache."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from dataclasses import dataclass
 
 from ..core import Registry
 
-CAPTION_STREAMS: Registry[Callable] = Registry("caption stream")
+
+@dataclass(frozen=True)
+class CaptionStream:
+    claims: Callable        # (data section) -> bool: the section names data this stream reads
+    open: Callable          # (data section, seed) -> CaptionSource
+
+
+CAPTION_STREAMS: Registry[CaptionStream] = Registry("caption stream")
 
 
 @dataclass
@@ -38,12 +46,10 @@ class StreamedCaptions:
 
 
 def open_caption_stream(d, seed: int = 0) -> StreamedCaptions | None:
-    """The streamed set a data section names (``data.hf_dataset``, or a ``data.path`` of webdataset tars), or None
-    where it names data held in memory."""
-    from .tar_shards import is_tar_pattern
-
-    if d.hf_dataset:
-        return StreamedCaptions(CAPTION_STREAMS["hf"](d, seed))
-    if d.path and is_tar_pattern(d.path):
-        return StreamedCaptions(CAPTION_STREAMS["webdataset"](d, seed))
+    """The streamed set a data section names (the first registered stream that claims it: ``data.hf_dataset``, a
+    ``data.path`` of webdataset tars), or None where it names data held in memory."""
+    for name in CAPTION_STREAMS.names():
+        stream = CAPTION_STREAMS[name]
+        if stream.claims(d):
+            return StreamedCaptions(stream.open(d, seed))
     return None

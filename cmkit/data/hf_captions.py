@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .caption_streams import CAPTION_STREAMS
+from .caption_streams import CAPTION_STREAMS, CaptionStream
 
 
 def _load(d):
@@ -83,4 +83,5 @@ class HFCaptions:  # a latent.caption_sources.CaptionSource
 
         return decoded_chunks(self, shard, self._items(shard), batch)
 
-CAPTION_STREAMS.register("hf", lambda d, seed: HFCaptions(d, seed))
+CAPTION_STREAMS.register("hf", CaptionStream(claims=lambda d: bool(d.hf_dataset),
+                                             open=lambda d, seed: HFCaptions(d, seed)))

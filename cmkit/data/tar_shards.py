@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .caption_streams import CAPTION_STREAMS
+from .caption_streams import CAPTION_STREAMS, CaptionStream
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -91,4 +91,6 @@ class TarShards:  # a latent.caption_sources.CaptionSource
         return decoded_chunks(self, shard, self._items(shard), batch)
 
 
-CAPTION_STREAMS.register("webdataset", lambda d, seed: TarShards(d.path, d.image_size, d.crop, seed))
+CAPTION_STREAMS.register("webdataset", CaptionStream(
+    claims=lambda d: bool(d.path) and not d.hf_dataset and is_tar_pattern(d.path),
+    open=lambda d, seed: TarShards(d.path, d.image_size, d.crop, seed)))
