@@ -11,7 +11,13 @@ torch; ``cmkit.sample`` and ``from cmkit import sample`` work as plain attribute
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING
+
+# diffusers imports bitsandbytes whenever it is installed (cmkit's bnb extra, for train.optimizer = "adamw8bit"), and
+# on CPUs with AVX512-BF16 bitsandbytes then warns that an optional 4-bit GEMM kernel package is missing: a line on
+# every command, about a kernel cmkit never calls. Its other warnings still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.2.0"
 
