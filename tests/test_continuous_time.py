@@ -313,7 +313,7 @@ def test_bad_inputs_get_one_line_errors(tmp_path):
     for t in (0.0, math.pi / 2, 2.0, -0.1):
         with pytest.raises(ValueError, match=r"must lie in \(0, pi/2\)"):
             trig_to_sigma(torch.tensor([0.5, t]))
-    for p in (0.0, -1.0):
+    for p in (float("nan"), -1.0):
         with pytest.raises(ValueError, match="objective.power"):
             MeanFlowLoss(power=p)
     with pytest.raises(ValueError, match="objective.tangent"):

@@ -32,7 +32,7 @@ class MeanFlowConfig(ObjectiveConfig):
     p_mean: float = -0.4                # t, r: sigmoid of N(p_mean, p_std^2)
     p_std: float = 1.0
     r_neq_t: float = 0.25               # share of pairs with r != t
-    power: float = 1.0                  # adaptive loss weight 1 / (||delta||^2 + c)^p
+    power: float = 1.0                  # adaptive loss weight 1 / (||delta||^2 + c)^p (0: plain squared L2)
     c: float = 1e-3
     tangent: str = "jvp"                # jvp | finite_difference
     fd_step: float = 1e-3
@@ -58,8 +58,9 @@ class MeanFlowLoss:
     def __init__(self, p_mean: float = -0.4, p_std: float = 1.0, r_neq_t: float = 0.25, power: float = 1.0,
                  c: float = 1e-3, tangent: str = "jvp", fd_step: float = 1e-3):
         check_tangent_method(tangent, fd_step)
-        if not power > 0:
-            raise ValueError(f"objective.power (the adaptive weight's p) must be > 0, got {power}")
+        if not power >= 0:
+            raise ValueError(f"objective.power (the adaptive weight's p; 0 is plain squared L2) must be >= 0, "
+                             f"got {power}")
         if not 0 <= r_neq_t <= 1 or not c > 0 or not p_std > 0 or not math.isfinite(p_mean):
             raise ValueError(f"objective.r_neq_t must lie in [0, 1], objective.c and objective.p_std be > 0 and "
                              f"objective.p_mean finite; got {r_neq_t}, {c}, {p_std}, {p_mean}")
