@@ -70,6 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stream-memory")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--only", choices=["lcm", "lora"], help="one part (each writes its own result file)")
     a = ap.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     shards = {n: RUNS / f"shards-{n // 1000}k" for n in (48000, 20000, 200000)}
@@ -86,11 +87,22 @@ def main() -> None:
               "threads": 1, "steps": a.steps}
 
     # 1. the tiny LCM: in memory against streamed shards of the same images
+    if a.only != "lora":
+        result["lcm"] = lcm_part(steps, shards, cache, env, shard_data)
+    if a.only != "lcm":
+        result["lcm_lora"] = lora_part(steps, shards, cache, env, shard_data)
+    a.out.mkdir(parents=True, exist_ok=True)
+    name = f"result-{a.only}.json" if a.only else "result.json"
+    (a.out / name).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def lcm_part(steps, shards, cache, env, shard_data) -> dict:
     in_ram = distill("tiny-t2i-lcm", RUNS / "lcm-ram", steps, env)
     shutil.rmtree(cache, ignore_errors=True)
     build = distill("tiny-t2i-lcm", RUNS / "lcm-shards", [*steps, *shard_data, f'data.path="{shards[48000]}"'], env)
     warm = distill("tiny-t2i-lcm", RUNS / "lcm-shards", [*steps, *shard_data, f'data.path="{shards[48000]}"'], env)
-    result["lcm"] = {
+    return {
         "in_memory": {"peak_rss_mb": in_ram["peak_rss_mb"], "sec_per_step": sec_per_step(RUNS / "lcm-ram")},
         "shards_first_run": {"peak_rss_mb": build["peak_rss_mb"], "seconds": build["seconds"],
                              "encoded_shards": encoded(build["stderr"])},
@@ -98,6 +110,8 @@ def main() -> None:
                           "encoded_shards": encoded(warm["stderr"])},
         "diffusers_script_peak_rss_mb": 1100, "diffusers_script_note": "measured in the issue, not rerun here"}
 
+
+def lora_part(steps, shards, cache, env, shard_data) -> dict:
     # 2. LCM-LoRA on 20k and 200k shard sets: cold build, a killed build resumed, a second run encoding nothing
     lora = {}
     for n in (20000, 200000):
@@ -120,10 +134,7 @@ def main() -> None:
                    second_encoded_shards=encoded(second["stderr"]),
                    sec_per_step=sec_per_step(RUNS / f"lora-{n}"), rc=[first["rc"], second["rc"]])
         lora[n] = row
-    result["lcm_lora"] = lora
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "result.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    return lora
 
 
 if __name__ == "__main__":

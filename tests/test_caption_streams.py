@@ -1,6 +1,6 @@
-"""Captioned images streamed from webdataset tars and Hugging Face datasets into the sharded, memory-mapped latent
+"""Captioned images streamed from webdataset tars and Hugging Face datasets into the sharded on-disk latent
 cache: images prepared as torchvision's transforms prepare them, corrupt samples skipped and counted, two processes
-encoding disjoint shares, a killed encode resumed without re-encoding finished shards, batches drawn from the mapped
+encoding disjoint shares, a killed encode resumed without re-encoding finished shards, batches drawn from the on-disk
 shards equal to the same draws from the whole set, and LCM runs on both sources resuming exactly."""
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def _encoders(data):
     return lc.encoders_key(t.vae, t.prompt_encoder)
 
 
-def test_batches_from_mapped_shards_equal_the_same_draws_from_the_whole_set(data, tmp_path, monkeypatch):
+def test_batches_from_cached_shards_equal_the_same_draws_from_the_whole_set(data, tmp_path, monkeypatch):
     encoded = _encode(data, _source(data, path=str(data / "shards")), monkeypatch, tmp_path)
     assert len(encoded.shards) == 3
     mean, std = encoded.mean, encoded.std

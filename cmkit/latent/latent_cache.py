@@ -3,9 +3,9 @@ cached on disk as safetensors shards, one per source shard (a caption source lis
 ``cmkit.data.caption_sources``), each under a key made of the VAE's weights, the text encoders' weights and the
 shard's own identity. A second run, a resumed one or another distillation of the same teacher on the same data reads
 instead of encodes; a killed encode keeps every shard it finished (each written atomically). Under several processes
-each encodes its own share of the missing shards, the others wait, and then every process maps all of them.
+each encodes its own share of the missing shards, the others wait, and then every process opens all of them.
 
-Shards are memory-mapped (``core.mapped``), never loaded whole: a batch copies its own rows. The key is stored inside
+Shards are never loaded whole: a batch reads its own rows from them (``core.tensor_rows``). The key is stored inside
 each file too: a file whose key or shapes do not match (swapped, copied from another data set), or that cannot be read
 (truncated), is encoded again with a one-line note. Samples a source could not read are counted in the shard and
 reported on every run."""
@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..core.files import cache_write, note
-from ..core.mapped import map_safetensors
+from ..core.tensor_rows import open_safetensors
 
 CACHE_KEY = "cmkit_cache_key"  # the file's own key, in its safetensors metadata
 # a shard's tensors: per image (mean, std, caption_index, and SDXL's add_time_ids when the encoder gives them)
@@ -31,7 +31,7 @@ IMAGE_KEYS = ("mean", "std", "caption_index")
 
 
 class CacheShard:
-    """One mapped shard: rows of latents, each row's caption index into the shard's own embeddings."""
+    """One cached shard, left on disk: rows of latents, each row's caption index into the shard's own embeddings."""
 
     def __init__(self, path: Path, tensors: dict, meta: dict):
         self.path, self.t = path, tensors
@@ -42,7 +42,7 @@ class CacheShard:
 
 
 class EncodedSet:
-    """The cached encoding of a caption source, read row by row from its mapped shards."""
+    """The cached encoding of a caption source, read row by row from its shards on disk."""
 
     def __init__(self, shards: list[CacheShard]):
         self.shards = [s for s in shards if s.rows]
@@ -213,7 +213,7 @@ def _barrier() -> None:
 def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: int = 0,
                   progress: bool = True) -> EncodedSet:
     """The cached encoding of ``source`` (a ``CaptionSource``): its missing shards encoded (this process's share of
-    them, in batches of ``batch_size`` images, read by ``workers`` dataloader workers), then every shard mapped."""
+    them, in batches of ``batch_size`` images, read by ``workers`` dataloader workers), then every shard opened."""
     encoders = encoders_key(vae, prompt_encoder)
     keys = [shard_key(encoders, k) for k in source.shard_keys()]
     paths = [cache_root() / f"{k}.safetensors" for k in keys]
@@ -289,12 +289,12 @@ def _write_shard(path: Path, key: str, acc: dict, prompt_encoder, batch_size: in
 
 
 def open_shard(path: Path, key: str, quiet: bool = False) -> CacheShard | None:
-    """The mapped shard at ``path`` if it is the encoding of key ``key``; None where it is missing, or (with a
+    """The cached shard at ``path`` if it is the encoding of key ``key``; None where it is missing, or (with a
     one-line note unless ``quiet``) unreadable or holding something else."""
     if not path.is_file():
         return None
     try:
-        tensors, meta = map_safetensors(path)
+        tensors, meta = open_safetensors(path)
         shard = CacheShard(path, tensors, meta)
     except (ValueError, OSError, json.JSONDecodeError) as e:
         if not quiet:
