@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,15 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     data = root / "captions"
     data.mkdir()
+    (root / "shards").mkdir()
     for i in range(24):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(CAPTIONS[i % 4])
+    for s in range(3):  # the same images as webdataset shards
+        with tarfile.open(root / "shards" / f"{s:05d}.tar", "w") as tar:
+            for i in range(8 * s, 8 * s + 8):
+                tar.add(data / f"{i}.png", f"{i:04d}.png")
+                tar.add(data / f"{i}.txt", f"{i:04d}.txt")
     for pred in ("epsilon", "v_prediction"):
         tiny_pipeline("sd", pred, texts=CAPTIONS, seed=1, image_size=16).save_pretrained(root / pred)
     return root
@@ -66,9 +73,9 @@ def test_lora_resume_gives_identical_adapter_weights(setup, tmp_path, monkeypatc
     assert ckpt and all("lora_" in k for k in ckpt)
 
 
-def test_two_cpu_processes_run_lcm(setup, tmp_path):
+def test_two_cpu_processes_run_lcm_encoding_disjoint_shares_of_the_shards(setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CMKIT_CACHE": str(tmp_path / "cache")}
-    sets = [f"--set={s}" for s in (f'data.path="{setup / "captions"}"', 'objective.kind="lcm"',
+    sets = [f"--set={s}" for s in (f'data.path="{setup / "shards"}"', "data.image_size=16", 'objective.kind="lcm"',
                                    "objective.w_embedding_dim=8", "train.batch_size=4", "train.steps=2",
                                    "train.cpu=true", "train.checkpoint_every=2", "train.log_every=1",
                                    "train.ema_rates=[0.9]")]
@@ -77,6 +84,10 @@ def test_two_cpu_processes_run_lcm(setup, tmp_path):
            str(tmp_path / "dd"), "--no-progress", *sets]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # shard i is process i mod 2's: process 0 encodes shards 0 and 2, process 1 shard 1, and both train on all three
+    assert "encoding 2 of the 3 shard(s) of shards (process 0 of 2" in proc.stderr, proc.stderr[-2000:]
+    assert "encoding 1 of the 3 shard(s) of shards (process 1 of 2" in proc.stderr
+    assert len(list((tmp_path / "cache" / "latents").glob("*.safetensors"))) == 3
     assert (tmp_path / "dd" / "checkpoints" / "step-00000002").is_dir()
     assert (tmp_path / "dd" / "model" / "model_index.json").is_file()
 
