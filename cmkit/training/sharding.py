@@ -34,33 +34,33 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, _dtensor()) else t
 
 
-def _blocks(net: nn.Module) -> list[nn.Module]:
-    """The units ``net`` is sharded in: its ``_no_split_modules`` blocks, innermost first, else its weighted
-    children."""
-    names = set(getattr(net, "_no_split_modules", None) or [])
-    found = [m for m in net.modules() if type(m).__name__ in names and m is not net]
-    if found:
-        return found[::-1]  # modules() lists outer blocks before the blocks inside them
+def _children_units(net: nn.Module) -> list[nn.Module]:
     out = []
     for child in net.children():  # containers have no forward of their own: their members are the units
         if isinstance(child, nn.ModuleList | nn.ModuleDict):
-            out += _blocks(child)
+            out += _children_units(child)
         elif any(True for _ in child.parameters()):
             out.append(child)
     return out
 
 
+def _units(net: nn.Module) -> list[nn.Module]:
+    """What ``net`` is sharded in, innermost first: every block whose class some diffusers network inside it names
+    in ``_no_split_modules`` (each once, though a UNet's transformer blocks sit in two such networks), else the
+    weighted children."""
+    names = {n for m in net.modules() for n in (getattr(m, "_no_split_modules", None) or [])}
+    blocks = [m for m in net.modules() if type(m).__name__ in names and m is not net]
+    return blocks[::-1] if blocks else _children_units(net)  # modules() lists outer blocks before inner ones
+
+
 def shard_network(net: nn.Module, device: torch.device) -> nn.Module:
-    """Shard ``net`` in place over every process (the blocks of each diffusers network inside it, then the root);
-    returns it."""
+    """Shard ``net`` in place over every process (its blocks, then the root); returns it."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    inner = [m for m in net.modules() if hasattr(m, "_no_split_modules")] or [net]
-    for module in inner:
-        for block in _blocks(module):
-            fully_shard(block, mesh=mesh)
+    for unit in _units(net):
+        fully_shard(unit, mesh=mesh)
     fully_shard(net, mesh=mesh)
     return net
 

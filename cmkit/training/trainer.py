@@ -189,6 +189,9 @@ class Trainer:
                              "--num_processes N -m cmkit ...), or set it to false")
         if self.s.ema_device:
             raise ValueError("train.fsdp shards the EMAs beside the model; remove train.ema_device")
+        if getattr(model, "lora", False):  # the adapter lives in the teacher's own network, which the student shares
+            raise ValueError("train.fsdp shards full students; a LoRA student trains only its adapter: run it without "
+                             "train.fsdp (train.weight_dtype = 'bfloat16' holds the frozen base in half the memory)")
         plain = copy.deepcopy(model).cpu() if self.acc.is_main_process else None
         for net in [model, *self.emas.values(), *([self.target] if self.target is not None else [])]:
             shard_network(net.to(self.acc.device), self.acc.device)
