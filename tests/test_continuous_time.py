@@ -195,7 +195,8 @@ def _recipe_run(tmp_path, name, kind_sets, steps, out, teacher=None):
 
 @pytest.mark.parametrize("name", ["s_curve-sct", "s_curve-meanflow"])
 def test_resume_gives_identical_weights(tmp_path, name):
-    sets = ["model.dropout=0.1", "objective.tangent_warmup=3"] if "sct" in name else ["model.dropout=0.1"]
+    sets = (["model.dropout=0.1", "objective.tangent_warmup=3", "objective.adaptive_weight=true"] if "sct" in name
+            else ["model.dropout=0.1"])
     _recipe_run(tmp_path, name, sets, 4, tmp_path / "whole")
     _recipe_run(tmp_path, name, sets, 2, tmp_path / "part")
     _recipe_run(tmp_path, name, sets, 4, tmp_path / "part")
@@ -275,7 +276,9 @@ def test_two_processes_end_with_identical_weights(tmp_path):
         "from cmkit.cli.jobs import build_run, dataset_for\n"
         "from cmkit.training import train\n"
         "out, name = sys.argv[1], sys.argv[2]\n"
-        "recipe = load_recipe(name, ['train.steps=3', 'train.batch_size=32', 'train.cpu=true', 'model.dropout=0.1'])\n"
+        "extra = ['objective.adaptive_weight=true'] if 'sct' in name else []  # the weighting's gradients averaged\n"
+        "recipe = load_recipe(name, ['train.steps=3', 'train.batch_size=32', 'train.cpu=true', 'model.dropout=0.1',\n"
+        "                            *extra])\n"
         "data = dataset_for(recipe)\n"
         "model, objective = build_run(recipe, data)\n"
         "acc = Accelerator(cpu=True)\n"
