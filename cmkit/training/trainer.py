@@ -152,18 +152,7 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.step_no = self.resume()
         self.export_choice()  # a train.export that names weights this run does not keep fails now, not at the end
-        # output EMAs may live in host memory (train.ema_device = "cpu"); the target network is used every step
-        ema_device = settings.ema_device or self.acc.device
-        for m in self.emas.values():
-            m.to(ema_device)
-        if self.target is not None:
-            self.target.to(self.acc.device)
-        if isinstance(objective, nn.Module):
-            objective.to(self.acc.device)
-        if self.sharded:  # FSDP2 reduces the gradients itself: no DDP wrapper around it
-            self.wrapped, self.optimizer = model, self.acc.prepare(self.optimizer)
-        else:
-            self.wrapped, self.optimizer = self.acc.prepare(model, self.optimizer)
+        self._place(model)
         self.online = self.acc.unwrap_model(self.wrapped)
         self.online_device = next(self.online.parameters()).device
         # without a loss scaler, accelerate's optimizer wrapper adds only per-step checks (package look-ups) to the
@@ -180,6 +169,21 @@ class Trainer:
         # bound after prepare(), which may move the online weights to another device
         self._ema_updates = [(EMA(e, self.online), self.rates[k]) for k, e in self.emas.items()]
         self._target_update = EMA(self.target, self.online) if self.target is not None else None
+
+    def _place(self, model: nn.Module) -> None:
+        """Networks to their devices and the model and optimiser through accelerate (``self.wrapped``)."""
+        # output EMAs may live in host memory (train.ema_device = "cpu"); the target network is used every step
+        ema_device = self.s.ema_device or self.acc.device
+        for m in self.emas.values():
+            m.to(ema_device)
+        if self.target is not None:
+            self.target.to(self.acc.device)
+        if isinstance(self.objective, nn.Module):
+            self.objective.to(self.acc.device)
+        if self.sharded:  # FSDP2 reduces the gradients itself: no DDP wrapper around it
+            self.wrapped, self.optimizer = model, self.acc.prepare(self.optimizer)
+        else:
+            self.wrapped, self.optimizer = self.acc.prepare(model, self.optimizer)
 
     def _shard(self, model: nn.Module) -> nn.Module | None:
         """Shard the online network, its EMAs and the target over the processes (``train.fsdp``); returns the main
