@@ -3,9 +3,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # the suite on both cores as two workers (README: pytest -n 2): one thread each, subprocesses included, since two
+    # processes at two threads apiece on two cores spin-wait on each other's OpenMP barriers
+    os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
+
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 # The hub is unreachable here: fail hub look-ups at once instead of after five retries (subprocesses inherit it).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,6 +32,16 @@ def gaussian_denoiser():
 
 
 CLI = [sys.executable, "-m", "cmkit"]
+
+
+def free_port() -> str:
+    """A TCP port nothing listens on, for a launcher test's rendezvous (fixed ports collide when tests run in
+    parallel)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -106,8 +106,8 @@ def _encode(data, src, monkeypatch, tmp_path, rank_world=(0, 1)):
     from cmkit import load_teacher
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(lc, "_rank_world", lambda: rank_world)
-    monkeypatch.setattr(lc, "_barrier", lambda: None)
+    monkeypatch.setattr(lc, "rank_world", lambda: rank_world)
+    monkeypatch.setattr(lc, "barrier", lambda: None)
     t = load_teacher(str(data / "teacher"))
     return lc.encode_source(t.vae, t.prompt_encoder, src, batch_size=3, progress=False)
 

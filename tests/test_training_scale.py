@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from torch import nn
 
 from cmkit.training import Trainer
@@ -92,7 +93,7 @@ def test_accelerate_launch_mixed_precision_wins_over_a_recipe_that_leaves_it_uns
     # on a machine without GPUs accelerate starts several processes only under --multi_gpu (torchrun underneath);
     # train.cpu keeps them on the CPU, over gloo
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "bf16", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "29541",
+           "--mixed_precision", "bf16", "--dynamo_backend", "no", "--multi_gpu", "--main_process_port", free_port(),
            "-m", "cmkit", "train", "s_curve-ict", "--out", str(tmp_path / "run"), "--no-progress",
            *[f"--set={s}" for s in sets]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -244,7 +245,7 @@ def test_fsdp_over_two_cpu_processes_matches_ddp_shards_the_optimiser_and_resume
         sets = [f"--set={s}" for s in (f"train.steps={steps}", "train.checkpoint_every=2", "train.batch_size=64",
                                        "model.hidden=32", "model.depth=2", "eval.schedule_max_steps=0",
                                        "train.cpu=true", "train.grad_clip=1.0", f"train.fsdp={str(fsdp).lower()}")]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                "-m", "cmkit", "train", "s_curve-ict", "--out", str(tmp_path / out), "--no-progress", *sets]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]

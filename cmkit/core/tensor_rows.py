@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,34 @@ DTYPES = {"F64": (np.float64, torch.float64), "F32": (np.float32, torch.float32)
           "BOOL": (np.bool_, torch.bool)}
 
 
+_OPEN: OrderedDict[tuple, int] = OrderedDict()  # (path, inode, mtime) -> read-only descriptor, most recent last
+MAX_OPEN = 128
+
+
+def _open_fd(path: Path, ident: tuple) -> int:
+    """A read-only descriptor of ``path``, kept open between batches (a batch touches every tensor of each shard it
+    draws from; opening the file for each read cost a syscall pair per tensor). ``preadv`` takes explicit offsets, so
+    one descriptor serves every reader, forked dataloader workers included. The least recently used is closed past
+    ``MAX_OPEN``. Keyed by the file's identity when its header was read, so a file since replaced at the same path
+    is opened afresh, not read through the old one's descriptor."""
+    fd = _OPEN.get(ident)
+    if fd is None:
+        fd = _OPEN[ident] = os.open(path, os.O_RDONLY)
+        while len(_OPEN) > MAX_OPEN:
+            os.close(_OPEN.popitem(last=False)[1])
+    else:
+        _OPEN.move_to_end(ident)
+    return fd
+
+
 class StoredTensor:
     """One tensor of a safetensors file, left on disk: ``rows(idx)`` reads rows ``idx`` (any order, repeats allowed)
     into a torch tensor, ``all()`` the whole tensor."""
 
-    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], np_dtype, dtype: torch.dtype):
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], np_dtype, dtype: torch.dtype,
+                 ident: tuple | None = None):
         self.path, self.offset, self.shape, self.np_dtype, self.dtype = path, offset, shape, np.dtype(np_dtype), dtype
+        self.ident = ident or (path,)
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.np_dtype.itemsize if shape else 0
 
     def __len__(self) -> int:
@@ -48,13 +71,10 @@ class StoredTensor:
             if idx.min() < 0 or idx.max() >= self.shape[0]:
                 raise IndexError(f"{self.path}: row {int(idx.max())} of a tensor of {self.shape[0]} rows")
             flat = out.reshape(len(idx), -1).view(np.uint8)
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                for j, i in enumerate(idx.tolist()):
-                    if os.preadv(fd, [flat[j]], self.offset + i * self.row_bytes) != self.row_bytes:
-                        raise ValueError(f"{self.path}: cut short while reading row {i} (truncated?)")
-            finally:
-                os.close(fd)
+            fd = _open_fd(self.path, self.ident)
+            for j, i in enumerate(idx.tolist()):
+                if os.preadv(fd, [flat[j]], self.offset + i * self.row_bytes) != self.row_bytes:
+                    raise ValueError(f"{self.path}: cut short while reading row {i} (truncated?)")
         return self._torch(out)
 
     def all(self) -> torch.Tensor:
@@ -68,7 +88,8 @@ def open_safetensors(path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     """``(tensors, metadata)`` of safetensors file ``path``, the tensors left on disk (only the header is read). A
     file cut short or whose header is not safetensors' raises ``ValueError`` naming the file."""
     path = Path(path)
-    size = path.stat().st_size
+    st = path.stat()
+    size, ident = st.st_size, (path, st.st_ino, st.st_mtime_ns)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -92,5 +113,5 @@ def open_safetensors(path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
         count = int(np.prod(shape, dtype=np.int64))
         if end - start != count * np.dtype(np_dtype).itemsize or base + end > size:
             raise ValueError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
-        out[name] = StoredTensor(path, base + start, shape, np_dtype, dtype)
+        out[name] = StoredTensor(path, base + start, shape, np_dtype, dtype, ident)
     return out, meta

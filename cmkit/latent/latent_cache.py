@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..core.files import cache_write, note
+from ..core.processes import barrier, rank_world
 from ..core.tensor_rows import open_safetensors
 
 CACHE_KEY = "cmkit_cache_key"  # the file's own key, in its safetensors metadata
@@ -197,18 +198,6 @@ def shard_key(encoders: str, source_key: str) -> str:
     return hashlib.sha256(f"{encoders}|{source_key}".encode()).hexdigest()[:24]
 
 
-def _rank_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if _rank_world()[1] > 1:
-        torch.distributed.barrier()
-
-
 @torch.no_grad()
 def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: int = 0,
                   progress: bool = True) -> EncodedSet:
@@ -217,19 +206,20 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
     encoders = encoders_key(vae, prompt_encoder)
     keys = [shard_key(encoders, k) for k in source.shard_keys()]
     paths = [cache_root() / f"{k}.safetensors" for k in keys]
-    rank, world = _rank_world()
+    rank, world = rank_world()
     # shard i is process i % world's, whatever is cached: every process agrees on the split without talking
-    mine = [i for i in range(rank, len(keys), world) if open_shard(paths[i], keys[i], quiet=False) is None]
+    opened = {i: open_shard(paths[i], keys[i], quiet=False) for i in range(rank, len(keys), world)}
+    mine = [i for i, shard in opened.items() if shard is None]
     if mine:
         who = f" (process {rank} of {world}: its share)" if world > 1 else ""
         note(f"latent cache: encoding {len(mine)} of the {len(keys)} shard(s) of {source.name}{who}; finished "
              "shards are kept if this is stopped")
         from_source = {i: (paths[i], keys[i]) for i in mine}
         _encode_shards(vae, prompt_encoder, source, from_source, batch_size, workers, progress)
-    _barrier()
+    barrier()
     shards = []
-    for i, (p, k) in enumerate(zip(paths, keys, strict=True)):
-        shard = open_shard(p, k, quiet=True)
+    for i, (p, k) in enumerate(zip(paths, keys, strict=True)):  # headers read once: what was cached stays open
+        shard = opened.get(i) or open_shard(p, k, quiet=True)
         if shard is None:
             raise RuntimeError(f"shard {i} of {source.name} was not encoded into {p} (did another process fail?); "
                                "run again: finished shards are kept")

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ..core.files import atomic_dir, atomic_write_text, clean_partial_writes, sha256_of
+from ..core.processes import rank_world
 
 KEEP = 2
 MANIFEST = "manifest.json"
@@ -186,8 +187,7 @@ def load_checkpoint(path, nets: dict[str, torch.nn.Module], optimizer) -> dict:
         if not file.is_file():
             raise FileNotFoundError(f"checkpoint {path} has no {file.name}; it was written by a different recipe")
         load_full_state(net, load_file(file)) if is_sharded(net) else net.load_state_dict(load_file(file))
-    dist = torch.distributed
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_world()
     name = _optimizer_file(path, rank, world)
     rest = json.loads((path / f"{name}.json").read_text())
     optimizer.load_state_dict(_optimizer_from_flat(load_file(path / f"{name}.safetensors"), rest))
