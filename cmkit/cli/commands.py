@@ -331,6 +331,20 @@ def main(argv: list[str] | None = None) -> int:
             return _failed(e)
 
 
+def entry() -> None:
+    """``cmkit`` and ``python -m cmkit``: ``main()``, then the process ends at once. By then every file a command
+    writes is closed (checkpoints and models atomically renamed into place, trackers ended); what would follow is the
+    interpreter's teardown, whose library destructors (torch's, diffusers') fault ~120 MB back into memory, the peak
+    of a whole short run (measured: ``import torch`` alone peaks at 632 MB on exit, 507 MB before it)."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
+
+
 def _interrupted(e: BaseException) -> bool:
     """A ``TrainingInterrupted`` (looked up only when the trainer was imported: parsing never imports torch)."""
     stop = sys.modules.get("cmkit.training.stop")

@@ -86,11 +86,11 @@ class FlowConsistencyDistillation(GuidedLatentBatches):
         x_hi = torch.where(append_dims(torch.isinf(s_hi), z0.ndim), eps, z0 + append_dims(s_hi, z0.ndim) * eps)
         w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand(n, device=z0.device)
         pos = {k: v for k, v in cond.items() if not k.startswith("negative_")}
-        online = model(x_hi, s_hi, **pos)
-        with torch.no_grad():
+        with torch.no_grad():  # before the student's pass: as in LCM, a lower peak with the same numbers
             with self._teacher_weights():
                 x_lo = ode_step(self.teacher, x_hi, s_hi, s_lo, solver=self.cfg.solver, **cond, guidance_scale=w)
             tgt = (model if target is None else target)(x_lo, s_lo, **pos)
+        online = model(x_hi, s_hi, **pos)
         return self.distance(online.float(), tgt.float()).mean()
 
     def _teacher_weights(self):

@@ -105,13 +105,15 @@ class LatentConsistencyDistillation(GuidedLatentBatches):
         w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand(n, device=dev)
         student = {k: v for k, v in cond.items() if not k.startswith("negative")}
         student["guidance_scale"] = 1 + w
-        online = model(z_hi, s_hi, **student)
+        # the no-grad passes first: their transient activations are then never held beside the student's, which
+        # the backward pass needs (the same numbers in either order; a lower peak in this one)
         with torch.no_grad():
             with self._teacher_weights():
                 x0 = self.teacher(z_hi, s_hi, **cond, guidance_scale=1 + w)
             r = append_dims(s_lo / s_hi, z0.ndim)
             z_lo = x0 + r * (z_hi - x0)
             tgt = (model if target is None else target)(z_lo, s_lo, **student)
+        online = model(z_hi, s_hi, **student)
         return self.distance(online.float(), tgt.float()).mean()
 
     def _teacher_weights(self):
