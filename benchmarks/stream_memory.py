@@ -102,13 +102,29 @@ def lcm_part(steps, shards, cache, env, shard_data) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     build = distill("tiny-t2i-lcm", RUNS / "lcm-shards", [*steps, *shard_data, f'data.path="{shards[48000]}"'], env)
     warm = distill("tiny-t2i-lcm", RUNS / "lcm-shards", [*steps, *shard_data, f'data.path="{shards[48000]}"'], env)
+    pairs = step_pairs(steps, shards, env, shard_data)
     return {
+        "step_pairs": pairs,
         "in_memory": {"peak_rss_mb": in_ram["peak_rss_mb"], "sec_per_step": sec_per_step(RUNS / "lcm-ram")},
         "shards_first_run": {"peak_rss_mb": build["peak_rss_mb"], "seconds": build["seconds"],
                              "encoded_shards": encoded(build["stderr"])},
         "shards_cached": {"peak_rss_mb": warm["peak_rss_mb"], "sec_per_step": sec_per_step(RUNS / "lcm-shards"),
                           "encoded_shards": encoded(warm["stderr"])},
         "diffusers_script_peak_rss_mb": 1100, "diffusers_script_note": "measured in the issue, not rerun here"}
+
+
+def step_pairs(steps, shards, env, shard_data, pairs: int = 3) -> dict:
+    """Seconds per step of the in-memory and the cached-shard runs, alternated ``pairs`` times (both sets already
+    cached, so only training is timed), and the median of each: one pair alone is within the machine's noise."""
+    times = {"in_memory": [], "shards_cached": []}
+    for _ in range(pairs):
+        distill("tiny-t2i-lcm", RUNS / "pair-ram", steps, env)
+        times["in_memory"].append(sec_per_step(RUNS / "pair-ram"))
+        distill("tiny-t2i-lcm", RUNS / "pair-shards", [*steps, *shard_data, f'data.path="{shards[48000]}"'], env)
+        times["shards_cached"].append(sec_per_step(RUNS / "pair-shards"))
+    out = {k: {"sec_per_step": v, "median": sorted(v)[len(v) // 2]} for k, v in times.items()}
+    out["ratio_of_medians"] = out["shards_cached"]["median"] / out["in_memory"]["median"]
+    return out
 
 
 def lora_part(steps, shards, cache, env, shard_data) -> dict:

@@ -170,6 +170,29 @@ def test_tensorboard_events_and_validation_grids_appear_at_the_configured_steps(
         load_recipe(None, ["train.validate_every=2"]).train.check()
 
 
+def test_the_command_line_ends_its_process_only_after_the_tracker_and_the_model_are_written(tmp_path):
+    """``cmkit`` skips the interpreter's teardown (os._exit once main returns): every tracker event and the model
+    must be on disk by then, and the exit code must be main's."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cmkit", "train", "s_curve-ict", "--out", str(out), "--no-progress",
+           *[f"--set={s}" for s in ("model.hidden=16", "model.depth=1", "train.batch_size=16", "train.steps=3",
+                                    "train.log_every=1", 'train.log_with="tensorboard"', "eval.schedule_max_steps=0")]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "saved to" in proc.stdout + proc.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list(out.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    assert (out / "model" / "cmkit.json").is_file()
+    bad = subprocess.run([*cmd[:6], str(tmp_path / "other"), "--set", "train.step=3"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert bad.returncode == 2 and "did you mean 'train.steps'" in bad.stderr
+
+
 def test_a_run_saved_before_the_precision_default_changed_resumes_and_micro_batch_may_change(tmp_path, capsys):
     from cmkit.cli.jobs import train_consistency
     from cmkit.cli.recipes import load_recipe

@@ -337,6 +337,8 @@ def entry() -> None:
     interpreter's teardown, whose library destructors (torch's, diffusers') fault ~120 MB back into memory, the peak
     of a whole short run (measured: ``import torch`` alone peaks at 632 MB on exit, 507 MB before it)."""
     code = main()
+    if "logging" in sys.modules:  # handlers a library opened (files, trackers' loggers) flushed and closed
+        sys.modules["logging"].shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
