@@ -154,6 +154,34 @@ def test_two_processes_encode_disjoint_shares_and_a_killed_encode_keeps_its_fini
     assert read[0] == []  # a second run encodes nothing
 
 
+def test_a_second_run_on_the_same_data_waits_for_the_first_encode_and_encodes_nothing(data, tmp_path, monkeypatch):
+    import threading
+
+    import cmkit.latent.latent_cache as lc
+
+    src = _source(data, path=str(data / "shards"))
+    encodes, inside, release = [], threading.Event(), threading.Event()
+    real = lc._encode_shards
+
+    def first_encode(*a, **kw):
+        encodes.append(threading.current_thread().name)
+        inside.set()
+        release.wait(10)  # the first run is mid-encode while the second starts
+        real(*a, **kw)
+    monkeypatch.setattr(lc, "_encode_shards", first_encode)
+    results = {}
+    first = threading.Thread(target=lambda: results.update(a=_encode(data, src, monkeypatch, tmp_path)), name="a")
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=lambda: results.update(b=_encode(data, src, monkeypatch, tmp_path)), name="b")
+    second.start()
+    second.join(1.0)
+    assert second.is_alive()  # waiting on the first run's lock, not encoding beside it
+    release.set()
+    first.join(60), second.join(60)
+    assert encodes == ["a"] and len(results["a"]) == len(results["b"]) == 23
+
+
 def _encoders(data):
     import cmkit.latent.latent_cache as lc
     from cmkit import load_teacher

@@ -12,6 +12,7 @@ reported on every run."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -211,11 +213,15 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
     opened = {i: open_shard(paths[i], keys[i], quiet=False) for i in range(rank, len(keys), world)}
     mine = [i for i, shard in opened.items() if shard is None]
     if mine:
-        who = f" (process {rank} of {world}: its share)" if world > 1 else ""
-        note(f"latent cache: encoding {len(mine)} of the {len(keys)} shard(s) of {source.name}{who}; finished "
-             "shards are kept if this is stopped")
-        from_source = {i: (paths[i], keys[i]) for i in mine}
-        _encode_shards(vae, prompt_encoder, source, from_source, batch_size, workers, progress)
+        with _share_lock([keys[i] for i in mine]):
+            # another run on the same data may have encoded them while this one waited
+            mine = [i for i in mine if open_shard(paths[i], keys[i], quiet=True) is None]
+            if mine:
+                who = f" (process {rank} of {world}: its share)" if world > 1 else ""
+                note(f"latent cache: encoding {len(mine)} of the {len(keys)} shard(s) of {source.name}{who}; "
+                     "finished shards are kept if this is stopped")
+                from_source = {i: (paths[i], keys[i]) for i in mine}
+                _encode_shards(vae, prompt_encoder, source, from_source, batch_size, workers, progress)
     barrier()
     shards = []
     for i, (p, k) in enumerate(zip(paths, keys, strict=True)):  # headers read once: what was cached stays open
@@ -229,6 +235,26 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
         note(f"{len(out.skipped)} sample(s) of {source.name} could not be read and are left out of training "
              f"({len(out)} kept; first: {out.skipped[0]})")
     return out
+
+
+@contextlib.contextmanager
+def _share_lock(keys: list[str]):
+    """Held while this process encodes the shards ``keys``: a second run started on the same data (same encoders,
+    same share) waits for the first instead of encoding everything again beside it. A lock file per share, not per
+    cache, so a run's processes encode their own shares side by side; the kernel drops it if its holder dies."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f".encoding-{hashlib.sha256('|'.join(keys).encode()).hexdigest()[:16]}.lock"
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        note(f"latent cache: another run is encoding the same shards (lock {path}); waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _encode_shards(vae, prompt_encoder, source, todo: dict, batch_size: int, workers: int, progress: bool) -> None:
