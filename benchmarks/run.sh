@@ -64,14 +64,14 @@ $CMKIT bench text-to-image --teacher cmkit:tiny-t2i --model LCM=runs/tiny-t2i-lc
 
 # --- the shipped flow teacher (SD3 layout, no T5): solvers from t = 1 and its own pipeline, one seed of 400 ---
 # and its few-step students (CD, sCD full and LoRA, rCM; trained once when missing, 5-15 minutes each)
-for job in cd cd-lora scd scd-lora rcm; do
+for job in cd cd-lora scd scd-lora rcm rcm-lora; do
   [ -f runs/tiny-sd3-$job/model/cmkit.json ] || \
     $CMKIT distill recipes/tiny-sd3-$job.toml --out runs/tiny-sd3-$job --no-progress
 done
 $CMKIT bench text-to-image --teacher cmkit:tiny-sd3 --solvers euler,heun,dpmpp_2m --steps 1,2,4,8,25,50 --num 400 \
   --seeds 0 --model CD=runs/tiny-sd3-cd/model --model CD-LoRA=runs/tiny-sd3-cd-lora/model \
   --model sCD=runs/tiny-sd3-scd/model --model sCD-LoRA=runs/tiny-sd3-scd-lora/model --model rCM=runs/tiny-sd3-rcm/model \
-  --out $R/text-to-image-sd3 --no-progress
+  --model rCM-LoRA=runs/tiny-sd3-rcm-lora/model --out $R/text-to-image-sd3 --no-progress
 $PY benchmarks/step_floor.py > $R/step-floor/result.json   # each kind's step against its network passes, alone
 # sCD of the UNet teacher beside the teacher's best
 [ -f runs/tiny-t2i-scd/model/cmkit.json ] || $CMKIT distill recipes/tiny-t2i-scd.toml --out runs/tiny-t2i-scd --no-progress

@@ -176,6 +176,27 @@ def _run_piped(tmp, argv, sig=None, closed=True, timeout=120):
     return p.exitcode
 
 
+def test_a_stop_signal_once_the_command_is_over_does_not_turn_into_a_traceback(tmp_path, monkeypatch):
+    """A second SIGTERM (or SIGHUP) that lands while a stopped command prints its last line or unwinds must not
+    escape main() as KeyboardInterrupt (it did, under load, in the stop-signal test below: exit 1, not 130)."""
+    import threading
+
+    import cmkit.cli.commands as commands
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are the main thread's")
+    real = commands._failed
+
+    def signalled(e):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: inside the way out
+        time.sleep(0.05)
+        return real(e)
+    monkeypatch.setattr(commands, "_failed", signalled)
+    code = main(["sample", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "x.npy")])
+    assert code == 2
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN,)  # the handlers are restored afterwards
+
+
 @pytest.mark.parametrize("closed", [True, False], ids=["pipes-closed", "to-a-file"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_stop_signals_save_at_the_step_and_resume_whatever_the_output(tmp_path, sig, closed):

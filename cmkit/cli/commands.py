@@ -324,11 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # stdout / stderr that can no longer be written (a closed pipe, a dropped terminal) never stop a command;
     # SIGTERM and SIGHUP end one as Ctrl-C does (a training run installs its own handlers: save, then stop)
-    with guarded_output(), signals_interrupt():
+    with guarded_output(), signals_interrupt() as stop:
         try:
             return run(args)
         except BaseException as e:  # noqa: BLE001 - sorted into exit codes and one line each by _failed
+            stop.ignore()
             return _failed(e)
+        finally:
+            stop.ignore()
 
 
 def entry() -> None:
