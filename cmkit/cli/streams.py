@@ -72,26 +72,25 @@ def signals_interrupt():
     """SIGTERM and SIGHUP raise ``KeyboardInterrupt`` (the default would end the process with no message, and a
     benchmark without saying that its finished rows are kept). A SIGHUP that is ignored (``nohup``) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
-        yield StopSignals(active=False)  # only the main thread may set handlers
+        yield StopSignals(())  # only the main thread may set handlers
         return
     previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS
                 if not (sig != signal.SIGTERM and signal.getsignal(sig) == signal.SIG_IGN)}
     if signal.getsignal(signal.SIGINT) is not None:  # None: set outside Python, left alone
         previous.setdefault(signal.SIGINT, signal.getsignal(signal.SIGINT))
     try:
-        yield StopSignals()
+        yield StopSignals(tuple(previous))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 class StopSignals:
-    def __init__(self, active: bool = True):
-        self.active = active
+    def __init__(self, signals: tuple):
+        self.signals = signals  # those whose handlers signals_interrupt restores on exit
 
     def ignore(self) -> None:
         """The command is over (its exit code decided): a repeated stop signal (a terminal that sends SIGHUP twice,
         Ctrl-C pressed again) must not raise in the middle of its last line or of the way out. Restored on exit."""
-        for sig in (*((signal.SIGINT,) if signal.getsignal(signal.SIGINT) is not None else ()), *STOP_SIGNALS) \
-                if self.active else ():
+        for sig in self.signals:
             signal.signal(sig, signal.SIG_IGN)
