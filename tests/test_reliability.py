@@ -134,20 +134,41 @@ def _corrupt_newest(ckpt: Path, rng: random.Random) -> None:
 
 
 def _timed_reference(tmp, out):
-    """An unbroken run; the seconds it took to start training and per step (the kills are timed from them)."""
+    """An unbroken run; the seconds it took to start training (the set-up kills are timed from it)."""
     t0 = time.perf_counter()
     p = _start(tmp, _argv(out))
     while not (tmp / "started").is_file() and p.is_alive():
         time.sleep(0.01)
-    t1 = time.perf_counter()
+    setup = time.perf_counter() - t0
     p.join(120)
     assert p.exitcode == 0, (tmp / "child.log").read_text()[-2000:]
-    return t1 - t0, (time.perf_counter() - t1) / STEPS
+    return setup
+
+
+def _newest_step(ckpt: Path) -> int:
+    steps = [int(d.name[5:]) for d in ckpt.glob("step-*")]
+    return max(steps, default=0)
+
+
+def _kill_after_steps(p, tmp: Path, ckpt: Path, ahead: int, rng: random.Random) -> None:
+    """SIGKILL ``p`` once it has resumed and written ``ahead`` more checkpoints (one a step), then a random part of a
+    step later: counted in the run's own progress, so how far each run gets does not depend on the machine's load."""
+    started = ""
+    while not started and p.is_alive():  # (the file can be seen before its text)
+        started = (tmp / "started").read_text() if (tmp / "started").is_file() else ""
+        time.sleep(0.002)
+    goal = int(started or 0) + ahead
+    t = time.perf_counter()
+    while _newest_step(ckpt) < goal and p.is_alive():
+        time.sleep(0.002)
+    time.sleep(rng.uniform(0, 1) * (time.perf_counter() - t) / max(ahead, 1))
+    if p.is_alive():
+        os.kill(p.pid, signal.SIGKILL)
 
 
 def test_sigkill_truncation_and_lost_pointer_resume_to_identical_weights(tmp_path):
     ref, out = tmp_path / "unbroken", tmp_path / "faulty"
-    setup, per_step = _timed_reference(tmp_path, ref)
+    setup = _timed_reference(tmp_path, ref)
     rng = random.Random(14)
     faults = [("write", rng.randint(1, 40)) for _ in range(4)] + [("pointer", rng.randint(1, 8)) for _ in range(2)]
     kills, checked, torn_writes = 0, 0, 0
@@ -155,10 +176,13 @@ def test_sigkill_truncation_and_lost_pointer_resume_to_identical_weights(tmp_pat
         expected = _newest_intact(out / "checkpoints")
         fault = faults.pop() if faults and kills % 4 == 1 else None
         p = _start(tmp_path, _argv(out), fault)
-        if fault is None:
-            # late in set-up, resuming, stepping or saving
-            time.sleep(rng.uniform(0.7 * setup, setup + 12 * per_step))
+        if fault is None and kills % 4 == 3:
+            deadline = time.perf_counter() + rng.uniform(0.3, 1.0) * setup  # during set-up, at the latest on resuming
+            while time.perf_counter() < deadline and not (tmp_path / "started").is_file():
+                time.sleep(0.002)
             os.kill(p.pid, signal.SIGKILL)
+        elif fault is None:
+            _kill_after_steps(p, tmp_path, out / "checkpoints", rng.randint(0, 6), rng)  # resuming, stepping, saving
         p.join(60)
         if p.exitcode == 0:
             break  # finished before the kill: the comparison below still holds
@@ -171,8 +195,7 @@ def test_sigkill_truncation_and_lost_pointer_resume_to_identical_weights(tmp_pat
         if kills % 3 == 0:
             _corrupt_newest(out / "checkpoints", rng)
     print(f"{kills} kills, {checked} resumes checked, {torn_writes} left a torn checkpoint write")
-    # (the count depends on how far each run gets between kills: on two busy cores, 16 kills before the run ended)
-    assert kills >= 12 and checked >= 8 and torn_writes >= 1, (kills, checked, torn_writes)
+    assert kills == 24 and checked >= 12 and torn_writes >= 1, (kills, checked, torn_writes)
     expected = _newest_intact(out / "checkpoints")
     assert _run(tmp_path, _argv(out)) == 0
     assert int((tmp_path / "started").read_text()) == expected
