@@ -73,8 +73,14 @@ $CMKIT bench text-to-image --teacher cmkit:tiny-sd3 --solvers euler,heun,dpmpp_2
   --model sCD=runs/tiny-sd3-scd/model --model sCD-LoRA=runs/tiny-sd3-scd-lora/model --model rCM=runs/tiny-sd3-rcm/model \
   --model rCM-LoRA=runs/tiny-sd3-rcm-lora/model --out $R/text-to-image-sd3 --no-progress
 $PY benchmarks/step_floor.py > $R/step-floor/result.json   # each kind's step against its network passes, alone
-# sCD of the UNet teacher beside the teacher's best
+# sCD of the UNet teacher beside the teacher's best; LCM, rCM and sCD at rCM's settings side by side
 [ -f runs/tiny-t2i-scd/model/cmkit.json ] || $CMKIT distill recipes/tiny-t2i-scd.toml --out runs/tiny-t2i-scd --no-progress
 $CMKIT bench text-to-image --teacher cmkit:tiny-t2i --solvers dpmpp_2m --steps 4,8,50 --num 400 --seeds 0 \
   --model sCD=runs/tiny-t2i-scd/model --out $R/text-to-image-scd --no-progress
+[ -f runs/tiny-t2i-rcm/model/cmkit.json ] || $CMKIT distill recipes/tiny-t2i-rcm.toml --out runs/tiny-t2i-rcm --no-progress
+[ -f runs/tiny-t2i-scd-b/model/cmkit.json ] || $CMKIT distill recipes/tiny-t2i-scd.toml --out runs/tiny-t2i-scd-b \
+  --set objective.p_mean=0.4 --set train.steps=1500 --set train.lr=5e-5 --no-progress
+$CMKIT bench text-to-image --teacher cmkit:tiny-t2i --solvers dpmpp_2m --steps 50 --num 800 --seeds 0,1 \
+  --model LCM=runs/tiny-t2i-lcm/model --model sCD=runs/tiny-t2i-scd-b/model --model rCM=runs/tiny-t2i-rcm/model \
+  --model-steps 1,2,4,8 --out $R/text-to-image-unet-students --no-progress
 $PY benchmarks/sd3_zero_tokens.py > $R/sd3-zero-tokens/result.json   # collapsed zero tokens against the pipeline's
