@@ -95,7 +95,7 @@ def test_trailing_grid_starts_at_the_last_timestep_and_ends_at_zero():
 
 def test_guidance_is_one_batched_pass_and_exact():
     model = tiny_pipeline("sd")
-    z = torch.randn(2, *model.sample_shape)
+    z = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0))
     cond = model.encode_prompt(PROMPTS, guidance_scale=3.0)
     calls = []
     hook = model.unet.register_forward_hook(lambda m, a, k: calls.append(a[0].shape[0]))
@@ -111,7 +111,8 @@ def test_guidance_is_one_batched_pass_and_exact():
     w = torch.tensor([1.0, 5.0])
     with torch.no_grad():
         per = model(z, 2.0, **{**cond, "guidance_scale": w})
-    assert torch.allclose(per[0], pos[0], atol=1e-5) and torch.allclose(per[1], (neg + 5 * (pos - neg))[1], atol=1e-5)
+    # float32 rounding of a batch of 4 against batches of 2, times w = 5: up to 1.2e-5 over 20 draws of z (outputs ~3.6)
+    assert torch.allclose(per[0], pos[0], atol=1e-4) and torch.allclose(per[1], (neg + 5 * (pos - neg))[1], atol=1e-4)
 
 
 def test_negative_prompts_and_sdxl_zeros():
