@@ -44,6 +44,12 @@ def test_rows_outputs_and_resume(tmp_path, models, monkeypatch):
     monkeypatch.setattr(bench, "sample", boom)
     again, _ = run(teacher, cm, tmp_path / "partial")
     assert again["rows"] == result["rows"]
+    # the same weights with another few-step schedule (a new schedule search) are measured again
+    cm.default_sigmas[2] = [cm.sigma_max, 0.3]
+    with pytest.raises(AssertionError, match="loaded from partial"):
+        run(teacher, cm, tmp_path / "partial")
+    del cm.default_sigmas[2]
+    assert run(teacher, cm, tmp_path / "partial")[0]["rows"] == result["rows"]
     # a changed model (the same object, changed in place) is measured again
     with torch.no_grad():
         next(cm.parameters()).add_(1.0)

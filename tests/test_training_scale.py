@@ -257,9 +257,11 @@ def test_an_ema_held_apart_from_the_online_weights_updates_as_one_held_beside_th
     assert not torch.equal(beside.weight, online.weight)
 
 
-def test_fsdp_over_two_cpu_processes_matches_ddp_shards_the_optimiser_and_resumes(tmp_path):
-    """torch's FSDP2 on gloo: a 4-step run sharded over two processes, stopped at step 2 and resumed, ends where
-    the same run under DDP ends (to float rounding), its checkpoints hold full weights and half-size moments."""
+def test_fsdp_over_two_cpu_processes_matches_ddp_through_a_jvp_shards_the_optimiser_and_resumes(tmp_path):
+    """torch's FSDP2 on gloo: a 4-step sCT run sharded over two processes, stopped at step 2 and resumed, ends where
+    the same run under DDP ends (to float rounding); its checkpoints hold full weights and half-size moments. sCT's
+    tangent is one forward-mode JVP through the student, so FSDP's all-gather hooks run inside that JVP too (one
+    objective covers both: each launch costs two process start-ups)."""
     from safetensors.torch import load_file
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -269,7 +271,7 @@ def test_fsdp_over_two_cpu_processes_matches_ddp_shards_the_optimiser_and_resume
                                        "model.hidden=32", "model.depth=2", "eval.schedule_max_steps=0",
                                        "train.cpu=true", "train.grad_clip=1.0", f"train.fsdp={str(fsdp).lower()}")]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-               "-m", "cmkit", "train", "s_curve-ict", "--out", str(tmp_path / out), "--no-progress", *sets]
+               "-m", "cmkit", "train", "s_curve-sct", "--out", str(tmp_path / out), "--no-progress", *sets]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -281,29 +283,10 @@ def test_fsdp_over_two_cpu_processes_matches_ddp_shards_the_optimiser_and_resume
         a, b = load_file(ddp / f"{name}.safetensors"), load_file(fsdp / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
         assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    first = load_file(tmp_path / "fsdp" / "checkpoints" / "step-00000002" / "model.safetensors")
+    final = load_file(fsdp / "model.safetensors")
+    assert any(not torch.equal(first[k], final[k]) for k in final)  # the resumed half did train
     whole = load_file(ddp / "optimizer.safetensors")
     halves = [load_file(fsdp / f"optimizer-rank-{r}-of-2.safetensors") for r in (0, 1)]
     moments = [k for k in whole if k.endswith("exp_avg")]
     assert moments and all(sum(h[k].shape[0] for h in halves) == whole[k].shape[0] for k in moments)
-
-
-def test_fsdp_runs_sct_whose_tangent_is_a_jvp_through_the_sharded_network_as_ddp_does(tmp_path):
-    """sCT's tangent is one forward-mode JVP through the student; under FSDP2 the parameters are all-gathered by
-    hooks inside that JVP. Three steps sharded over two processes end where the same run under DDP ends."""
-    from safetensors.torch import load_file
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for fsdp in (False, True):
-        sets = [f"--set={s}" for s in ("train.steps=3", "train.checkpoint_every=3", "train.batch_size=64",
-                                       "model.hidden=32", "model.depth=2", "eval.schedule_max_steps=0",
-                                       "train.cpu=true", f"train.fsdp={str(fsdp).lower()}")]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-               "-m", "cmkit", "train", "s_curve-sct", "--out", str(tmp_path / str(fsdp)), "--no-progress", *sets]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-    ddp, fsdp = (tmp_path / run / "checkpoints" / "step-00000003" for run in ("False", "True"))
-    a, b = load_file(ddp / "model.safetensors"), load_file(fsdp / "model.safetensors")
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    ema = load_file(fsdp / "ema-0.995.safetensors")
-    assert any(not torch.equal(ema[k], b[k]) for k in b)  # the weights did move in three steps
-    assert (fsdp / "optimizer-rank-1-of-2.safetensors").is_file()

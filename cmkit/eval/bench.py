@@ -190,10 +190,14 @@ def _measure(method, nfe, model, run, score, ev: EvalSettings, bar) -> tuple[dic
 
 
 def model_fingerprint(model) -> str:
-    """A hash of a model's weights, so saved results are reused only for the very same model. A student that holds
-    its teacher's parts apart (an LCM, a LoRA student: its state dict is the adapter alone) hashes those too, so a row
-    of a LoRA applied to another base is measured again."""
+    """A hash of a model's weights and of the sampling settings it carries, so saved results are reused only for
+    the very same model sampled the same way: a model whose few-step sigmas a new schedule search changed (its
+    ``config_dict``) is measured again. A student that holds its teacher's parts apart (an LCM, a LoRA student: its
+    state dict is the adapter alone) hashes those too, so a row of a LoRA applied to another base is measured again."""
     h = hashlib.sha256()
+    settings = model.config_dict() if hasattr(model, "config_dict") else \
+        {k: getattr(model, k) for k in ("steps", "sampler", "guidance_scale") if hasattr(model, k)}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
