@@ -2,7 +2,8 @@
 network built on torch's meta device from its published architecture (no weights downloaded), the LoRA adapters
 counted on the recipe's own target modules, and the bytes per parameter of what cmkit holds for the recipe:
 
-    frozen teacher network and text encoders  train.weight_dtype (2 bytes in bf16 / fp16)
+    frozen teacher network and text encoders  train.weight_dtype (2 bytes in bf16 / fp16); the text encoders only
+                                              until the latent cache is built, then on the CPU (park_prompt_encoders)
     VAE                                       float32 (4)
     trained weights                           float32 (4) + gradients (4) + AdamW moments (8; adamw8bit: 2)
     output EMAs, the LCM target network       float32 (4 each; train.ema_device = "cpu" moves EMAs off the device)
@@ -10,6 +11,9 @@ counted on the recipe's own target modules, and the bytes per parameter of what 
 
 Activations come on top and scale with the per-device micro-batch (train.micro_batch_size, gradient checkpointing);
 they are not estimated here. Per device under DDP; train.fsdp divides the trained weights' share by the processes.
+"Set-up" is what the run holds before its first step: the whole teacher on the device while the latent cache is built
+(or checked), then the student's and the fake score's fresh float32 weights, built before the text encoders are parked;
+"training" what it holds from its first step on; the device needs the larger of the two, plus activations.
     python benchmarks/recipe_memory.py > benchmarks/results/recipe-memory.md"""
 
 from __future__ import annotations
@@ -103,11 +107,13 @@ RECIPES = {
 
 def estimate(counts: dict, trained: str, copies: int, fake: bool, weight_bytes: int = 2,
              moment_bytes: int = 8) -> dict:
-    frozen = (counts["net"] + counts["text"]) * weight_bytes + counts["vae"] * 4
+    frozen = counts["net"] * weight_bytes + counts["vae"] * 4  # the text encoders are parked once the cache is built
+    text = counts["text"] * weight_bytes
     n = counts["lora64"] if trained == "lora" else counts["net"]
     train = n * (4 + 4 + moment_bytes) + copies * n * 4
     fake_score = counts["net"] * (4 + 4 + moment_bytes) if fake else 0
-    return {"frozen": frozen / GB, "trained": train / GB, "fake": fake_score / GB,
+    setup = frozen + text + n * 4 * (trained == "full") + counts["net"] * 4 * fake
+    return {"frozen": frozen / GB, "setup": setup / GB, "trained": train / GB, "fake": fake_score / GB,
             "total": (frozen + train + fake_score) / GB, "trained_params": n}
 
 
@@ -119,15 +125,16 @@ def main() -> None:
         print(f"| {name} | {c['net'] / 1e6:.1f} M | {c['text'] / 1e6:.1f} M | {c['vae'] / 1e6:.1f} M | "
               f"{c['lora64'] / 1e6:.1f} M |")
     print()
-    print("| recipe | frozen (bf16 teacher + encoders, fp32 VAE) | trained (fp32 + grads + AdamW + copies) | "
-          "rCM fake score | total per device | with adamw8bit |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| recipe | set-up (bf16 teacher + text encoders, fp32 VAE, fresh student) | frozen while training (text "
+          "encoders on the CPU) | trained (fp32 + grads + AdamW + copies) | rCM fake score | training total | with "
+          "adamw8bit | device needs (weights) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for recipe, (fam, trained, copies, fake) in RECIPES.items():
         e = estimate(fams[fam], trained, copies, fake)
         e8 = estimate(fams[fam], trained, copies, fake, moment_bytes=2)
-        print(f"| {recipe} | {e['frozen']:.1f} GB | {e['trained']:.1f} GB | {e['fake']:.1f} GB | "
-              f"{e['total']:.1f} GB | {e8['total']:.1f} GB |")
-
+        need = max(e["setup"], e["total"])
+        print(f"| {recipe} | {e['setup']:.1f} GB | {e['frozen']:.1f} GB | {e['trained']:.1f} GB | "
+              f"{e['fake']:.1f} GB | {e['total']:.1f} GB | {e8['total']:.1f} GB | {need:.1f} GB |")
 
 if __name__ == "__main__":
     main()

@@ -239,3 +239,44 @@ def test_a_re_noising_student_exports_with_flow_match_lcm_scheduler_and_samples_
             euler = cmkit.text_to_image(student, PROMPTS, steps=steps, solver="euler", guidance_scale=1.0,
                                         latents=latents, spacing=None, output="latent")
             assert (ours - euler).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["flow_cd", "flow_cd_lora"])
+def test_text_encoders_leave_the_training_device_once_the_latent_cache_holds_the_prompts(kind, tmp_path,
+                                                                                          monkeypatch):
+    """On a GPU the teacher's text encoders (SD3.5's T5: ~10 GB) go to the CPU after the cache is built. This machine
+    has no GPU, so the run is told its device is another one (``meta``) where the parking decides, and the test
+    checks what would move: the one prompt encoder the student and the objective share, after the prompts were
+    cached, nothing that the trained model would carry back; training then runs without it."""
+    import cmkit.cli.jobs as jobs
+    from cmkit.latent.text_encoders import park_prompt_encoders
+
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    folder, _ = _teacher("sd3", tmp_path)
+    seen, moved = [], []
+    real_to = torch.nn.Module.to
+
+    def spy_to(self, *args, **kwargs):
+        moved.append((id(self), args))
+        return real_to(self, *args, **kwargs)
+
+    def park(model, objective, device):
+        cached = list((tmp_path / "cache").rglob("*.safetensors"))
+        monkeypatch.setattr(torch.nn.Module, "to", spy_to)
+        found = park_prompt_encoders(model, objective, torch.device("meta"))
+        monkeypatch.setattr(torch.nn.Module, "to", real_to)
+        seen.append((model, objective, found, cached))
+        assert park_prompt_encoders(model, objective, device) == found  # on the CPU: found, nothing moved
+        return found
+
+    monkeypatch.setattr(jobs, "park_prompt_encoders", park)
+    recipe = load_recipe(None, [f'objective.kind="{kind}"', "objective.num_grid_steps=4", "train.batch_size=4",
+                                "train.steps=2", "train.checkpoint_every=2", "train.ema_rates=[]"])
+    run_job("distill", recipe, tmp_path / "run", str(folder), progress=False, data=_data())
+    (model, objective, found, cached), = seen
+    assert cached, "the encoders were parked before the prompts were cached"
+    assert len(found) == 1 and found[0] is model.parts.prompt_encoder is objective.teacher.prompt_encoder
+    assert (id(found[0]), ("cpu",)) in moved
+    trained = {id(m) for m in model.modules()}
+    assert not {id(m) for m in found[0].modules()} & trained  # no model.to(device) brings them back
+    assert (tmp_path / "run" / "model" / "cmkit.json").is_file()

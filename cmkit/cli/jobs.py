@@ -18,6 +18,7 @@ from ..core.memory import check_fits, training_bytes
 from ..data import Dataset, StreamedCaptions, load_dataset, open_caption_stream
 from ..eval.metrics import sliced_wasserstein
 from ..latent.latent_cache import weights_digest
+from ..latent.text_encoders import park_prompt_encoders
 from ..models import BACKBONES, ConsistencyModel, load_teacher, num_classes_of
 from ..models.folder import annotate_meta, read_meta
 from ..objectives import OBJECTIVES, BuildContext, kinds_for
@@ -262,6 +263,7 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
     saved = None if restart else saved_recipe(out)
     model, objective = build_run(recipe, data, teacher, distance, run_constants(saved), path)
     del teacher  # what the objective needs it holds itself; a tuned student copied what it needs
+    park_prompt_encoders(model, objective, acc.device)  # their prompts are in the latent cache now
     check_training_fits(model, recipe.train.batch_size, acc.device)
     constants = getattr(objective, "run_constants", {})
     if not restart:
