@@ -189,7 +189,7 @@ def _recipe_run(tmp_path, name, kind_sets, steps, out, teacher=None):
     from cmkit.cli.jobs import run_job
     from cmkit.cli.recipes import load_recipe
     recipe = load_recipe(name, [f"train.steps={steps}", "train.batch_size=64", "train.checkpoint_every=2",
-                                "train.log_every=1", *kind_sets])
+                                "train.log_every=1", "eval.schedule_max_steps=0", *kind_sets])
     job = "distill" if teacher else "train"
     return run_job(job, recipe, out, teacher_path=teacher, progress=False)
 
