@@ -136,5 +136,6 @@ def main() -> None:
         print(f"| {recipe} | {e['setup']:.1f} GB | {e['frozen']:.1f} GB | {e['trained']:.1f} GB | "
               f"{e['fake']:.1f} GB | {e['total']:.1f} GB | {e8['total']:.1f} GB | {need:.1f} GB |")
 
+
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@ The floor column is the metric's own on that set: 4000 samples of the training s
     python benchmarks/toy2d_summary.py benchmarks/results/toy2d-generalise > .../summary.md"""
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def main(root: Path) -> None:
           "| MeanFlow 1 <= iCT 1 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|")
     for name, rows in tables.items():
-        v = {(m, n): sum(by_seed(rows, m, n)) / len(by_seed(rows, m, n)) for m in METHODS for n in (1, 2)}
+        v = {(m, n): statistics.fmean(by_seed(rows, m, n)) for m in METHODS for n in (1, 2)}
         ok = lambda a, b: "yes" if a <= b else f"no ({a / b:.2f}x)"  # noqa: E731
         print(f"| {name} | {floor(name):.4f} | " + " | ".join(f"{v[k]:.4f}" for k in v)
               + f" | {ok(v['sCT', 2], v['iCT', 2])} | {ok(v['MeanFlow', 1], v['iCT', 1])} |")

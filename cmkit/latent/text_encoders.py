@@ -201,7 +201,6 @@ class PromptEncoder(nn.Module):
         return cond
 
 
-
 def park_prompt_encoders(model, objective, device) -> list[nn.Module]:
     """Move the teacher's text encoders to the CPU when training runs on ``device`` elsewhere, and return them (each
     once): those of a student's ``parts`` and of an objective's ``teacher``, which no ``model.to(device)`` moves back
