@@ -48,7 +48,9 @@ def _child(argv, log, started, fault):
 
     def record(self):
         step = resume(self)
-        Path(started).write_text(str(step))
+        # Written whole then renamed: a SIGKILL between create and write must not leave an empty marker.
+        Path(started + ".part").write_text(str(step))
+        os.replace(started + ".part", started)
         return step
 
     trainer_mod.Trainer.resume = record
@@ -154,7 +156,7 @@ def _kill_after_steps(p, tmp: Path, ckpt: Path, ahead: int, rng: random.Random) 
     """SIGKILL ``p`` once it has resumed and written ``ahead`` more checkpoints (one a step), then a random part of a
     step later: counted in the run's own progress, so how far each run gets does not depend on the machine's load."""
     started = ""
-    while not started and p.is_alive():  # (the file can be seen before its text)
+    while not started and p.is_alive():
         started = (tmp / "started").read_text() if (tmp / "started").is_file() else ""
         time.sleep(0.002)
     goal = int(started or 0) + ahead
