@@ -1,5 +1,7 @@
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,85 @@ def caption_data(size: int = 16, items=("bag", "boot")):
     caps = [f"a {['red', 'green', 'blue'][c]} {items[i % 2]}" for i, c in enumerate(colours.tolist())]
     x = paint(gray, colours)
     return Dataset("tiny-captions", x[:20], x[20:], train_captions=caps[:20], test_captions=caps[20:])
+
+
+def cmkit_forked(*args, cwd=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``cmkit ARGS`` as its own process: its own stdout and stderr file descriptors, its exit code, ``entry()``'s way
+    out; but forked from this test process, which imported cmkit once, where ``python -m cmkit`` spends ~8 s of a CLI
+    test's time importing torch, diffusers, peft and transformers on this machine. The child undoes what pytest set up
+    in this process (warnings recorded, log records captured), so what a user would see on stderr is there; a warning
+    printed once at import time is the one thing a fork cannot show, which the fresh-interpreter tests cover."""
+    import tempfile
+
+    argv = [str(a) for a in args]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                _become_a_fresh_command(out.fileno(), err.fileno(), cwd)
+                from cmkit.cli.commands import main
+
+                code = main(argv)
+            except BaseException:  # what a user would see: the traceback on stderr, exit 1
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                import logging
+
+                logging.shutdown()
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except (OSError, ValueError):
+                        pass
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(["cmkit", *argv], timeout)
+            time.sleep(0.01)
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode(errors="replace"))
+    return subprocess.CompletedProcess(["cmkit", *argv], os.waitstatus_to_exitcode(done[1]), *texts)
+
+
+def _become_a_fresh_command(out_fd: int, err_fd: int, cwd) -> None:
+    import logging
+    import warnings
+
+    before = {id(sys.stdout): 1, id(sys.__stdout__): 1, id(sys.stderr): 2, id(sys.__stderr__): 2}
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    sys.stdin = open(0, closefd=False)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr
+    if cwd is not None:
+        os.chdir(cwd)
+    os.environ.pop("CMKIT_DEBUG", None)
+    # OpenMP's worker threads did not come through the fork: a parallel region on more than one would wait for them
+    torch.set_num_threads(1)
+    # Python's own warning filters and printing (pytest records warnings instead of printing them)
+    warnings.resetwarnings()
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+    # log records to stderr as in a fresh process: pytest's capturing handlers off, libraries' stream handlers re-aimed
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not type(h).__module__.startswith("_pytest")]
+    for logger in [root, *logging.Logger.manager.loggerDict.values()]:
+        for h in getattr(logger, "handlers", []):
+            if type(h) is logging.StreamHandler and id(h.stream) in before:
+                h.setStream(sys.stdout if before[id(h.stream)] == 1 else sys.stderr)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cmkit_forked
 
 from cmkit.cli.jobs import distill, train_teacher
 from cmkit.cli.recipes import load_recipe
@@ -16,11 +17,15 @@ SMALL = ["--set", "model.hidden=16", "--set", "model.depth=1", "--set", "train.b
          "--set", "train.steps=5"]
 
 
-def cmkit(*args, cwd=None):
+def fresh_cmkit(*args, cwd=None):
+    """``python -m cmkit ARGS`` in a fresh interpreter: what a fork cannot show (import-time output) shows here."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("CMKIT_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "cmkit", *map(str, args)], capture_output=True, text=True,
                           timeout=300, env=env, cwd=cwd)
+
+
+cmkit = cmkit_forked
 
 
 def assert_one_line_error(proc, *needles):
@@ -44,7 +49,7 @@ def tiny(tmp_path_factory):
 
 def test_help_for_every_command():
     for cmd in ([], ["quickstart"], ["train-teacher"], ["distill"], ["sample"], ["bench", "quality-vs-steps"]):
-        proc = cmkit(*cmd, "--help")
+        proc = fresh_cmkit(*cmd, "--help")
         assert proc.returncode == 0 and "usage: cmkit" in proc.stdout
 
 
@@ -89,7 +94,9 @@ def test_steps_below_one(tmp_path, tiny):
 
 def test_bad_sigmas(tmp_path, tiny):
     model = tiny / "cd" / "model"
-    assert_one_line_error(cmkit("sample", model, "--sigmas", "1,5", "--out", tmp_path / "s.npy"), "descending")
+    # a fresh interpreter once: the model's load imports torch, diffusers and the rest, and nothing they print on import
+    # may join the one line
+    assert_one_line_error(fresh_cmkit("sample", model, "--sigmas", "1,5", "--out", tmp_path / "s.npy"), "descending")
     assert_one_line_error(cmkit("sample", model, "--sigmas", "200,1", "--out", tmp_path / "s.npy"), "sigma_max")
     assert_one_line_error(cmkit("sample", model, "--sigmas", "80,0.0001", "--out", tmp_path / "s.npy"), "sigma_min")
     ok = cmkit("sample", model, "--sigmas", "80,0.8", "--num", "7", "--out", tmp_path / "s.npy")

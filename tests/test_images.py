@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cmkit_forked
 from diffusers import DDPMScheduler
 
 import cmkit
@@ -127,15 +128,13 @@ def test_image_folder_with_classes_and_flips(tmp_path):
 
 
 def test_edit_cli_inpaint_superres_and_errors(digits_runs, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     model = str(digits_runs / "cd" / "model")
     x = load_dataset("digits").test[:4].numpy()
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "low.npy", torch.nn.functional.avg_pool2d(torch.from_numpy(x), 2).numpy())
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "cmkit", "edit", *map(str, args)], capture_output=True,
-                              text=True, env=env, timeout=300)
+        return cmkit_forked("edit", *args)
 
     p = run("inpaint", model, "--input", tmp_path / "x.npy", "--mask-kind", "left-half", "--out", tmp_path / "o.npy",
             "--figure", tmp_path / "fig.png", "--reference", tmp_path / "x.npy")
