@@ -3,7 +3,7 @@ network built on torch's meta device from its published architecture (no weights
 counted on the recipe's own target modules, and the bytes per parameter of what cmkit holds for the recipe:
 
     frozen teacher network and text encoders  train.weight_dtype (2 bytes in bf16 / fp16); the text encoders only
-                                              until the latent cache is built, then on the CPU (park_prompt_encoders)
+                                              while the latent cache is built, then on the CPU (latent.placement)
     VAE                                       float32 (4)
     trained weights                           float32 (4) + gradients (4) + AdamW moments (8; adamw8bit: 2)
     output EMAs, the LCM target network       float32 (4 each; train.ema_device = "cpu" moves EMAs off the device)
@@ -11,9 +11,10 @@ counted on the recipe's own target modules, and the bytes per parameter of what 
 
 Activations come on top and scale with the per-device micro-batch (train.micro_batch_size, gradient checkpointing);
 they are not estimated here. Per device under DDP; train.fsdp divides the trained weights' share by the processes.
-"Set-up" is what the run holds before its first step: the whole teacher on the device while the latent cache is built
-(or checked), then the student's and the fake score's fresh float32 weights, built before the text encoders are parked;
-"training" what it holds from its first step on; the device needs the larger of the two, plus activations.
+"Set-up" is the larger of what the run holds before its first step in its two turns: the text encoders and the VAE
+while the latent cache is built (or checked), the network stays on the CPU; then the encoders off and the network on,
+with the student's and the fake score's fresh float32 weights copied from it. "Training" is what it holds from its
+first step on; the device needs the larger of the two, plus activations.
     python benchmarks/recipe_memory.py > benchmarks/results/recipe-memory.md"""
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def estimate(counts: dict, trained: str, copies: int, fake: bool, weight_bytes: 
     n = counts["lora64"] if trained == "lora" else counts["net"]
     train = n * (4 + 4 + moment_bytes) + copies * n * 4
     fake_score = counts["net"] * (4 + 4 + moment_bytes) if fake else 0
-    setup = frozen + text + n * 4 * (trained == "full") + counts["net"] * 4 * fake
+    caching = text + counts["vae"] * 4
+    setup = max(caching, frozen + n * 4 * (trained == "full") + counts["net"] * 4 * fake)
     return {"frozen": frozen / GB, "setup": setup / GB, "trained": train / GB, "fake": fake_score / GB,
             "total": (frozen + train + fake_score) / GB, "trained_params": n}
 
@@ -125,7 +127,8 @@ def main() -> None:
         print(f"| {name} | {c['net'] / 1e6:.1f} M | {c['text'] / 1e6:.1f} M | {c['vae'] / 1e6:.1f} M | "
               f"{c['lora64'] / 1e6:.1f} M |")
     print()
-    print("| recipe | set-up (bf16 teacher + text encoders, fp32 VAE, fresh student) | frozen while training (text "
+    print("| recipe | set-up (the larger of: text encoders + fp32 VAE; bf16 network + VAE + fresh student) | frozen "
+          "while training (text "
           "encoders on the CPU) | trained (fp32 + grads + AdamW + copies) | rCM fake score | training total | with "
           "adamw8bit | device needs (weights) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -242,41 +242,68 @@ def test_a_re_noising_student_exports_with_flow_match_lcm_scheduler_and_samples_
 
 
 @pytest.mark.parametrize("kind", ["flow_cd", "flow_cd_lora"])
-def test_text_encoders_leave_the_training_device_once_the_latent_cache_holds_the_prompts(kind, tmp_path,
-                                                                                          monkeypatch):
-    """On a GPU the teacher's text encoders (SD3.5's T5: ~10 GB) go to the CPU after the cache is built. This machine
-    has no GPU, so the run is told its device is another one (``meta``) where the parking decides, and the test
-    checks what would move: the one prompt encoder the student and the objective share, after the prompts were
-    cached, nothing that the trained model would carry back; training then runs without it."""
+def test_on_a_gpu_the_encoders_and_the_network_take_turns_on_the_device(kind, tmp_path, monkeypatch):
+    """On a GPU the teacher's text encoders (SD3.5's T5: ~10 GB) are on the device only while the latent cache is
+    built, and its network only after they left, before the student is copied from it. This machine has no GPU, so
+    each placement step of the run is also played against a pretend ``cuda`` device with ``Module.to`` recording
+    where each module would be instead of moving it; then it runs for real on the CPU (where nothing moves)."""
     import cmkit.cli.jobs as jobs
-    from cmkit.latent.text_encoders import park_prompt_encoders
+    import cmkit.objectives.flow_cd as flow_cd
+    from cmkit.latent import placement
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
     folder, _ = _teacher("sd3", tmp_path)
-    seen, moved = [], []
+    gpu, where, moves, events, parked = torch.device("cuda"), {}, [], [], []
     real_to = torch.nn.Module.to
 
-    def spy_to(self, *args, **kwargs):
-        moved.append((id(self), args))
-        return real_to(self, *args, **kwargs)
+    def pretend_to(self, device, *args, **kwargs):
+        moves.append((id(self), torch.device(device).type))
+        for m in self.modules():
+            where[id(m)] = torch.device(device).type
+        return self
 
-    def park(model, objective, device):
-        cached = list((tmp_path / "cache").rglob("*.safetensors"))
-        monkeypatch.setattr(torch.nn.Module, "to", spy_to)
-        found = park_prompt_encoders(model, objective, torch.device("meta"))
-        monkeypatch.setattr(torch.nn.Module, "to", real_to)
-        seen.append((model, objective, found, cached))
-        assert park_prompt_encoders(model, objective, device) == found  # on the CPU: found, nothing moved
-        return found
+    def played(name):
+        real = getattr(placement, name)
 
-    monkeypatch.setattr(jobs, "park_prompt_encoders", park)
+        def step(*args):
+            events.append((name, bool(list((tmp_path / "cache").rglob("*.safetensors")))))
+            monkeypatch.setattr(torch.nn.Module, "to", pretend_to)
+            try:
+                found = real(*args[:-1], gpu)
+            finally:
+                monkeypatch.setattr(torch.nn.Module, "to", real_to)
+            assert real(*args) == found  # on the CPU
+            parked.append((args, found))
+            return found
+        monkeypatch.setattr(jobs, name, step)
+
+    for name in ("for_the_cache", "for_training", "park_prompt_encoders"):
+        played(name)
+    real_student = flow_cd.flow_student
+
+    def student(teacher, *args, **kwargs):
+        events.append(("student", where.get(id(teacher.network)), where.get(id(teacher.prompt_encoder))))
+        return real_student(teacher, *args, **kwargs)
+    monkeypatch.setattr(flow_cd, "flow_student", student)
     recipe = load_recipe(None, [f'objective.kind="{kind}"', "objective.num_grid_steps=4", "train.batch_size=4",
                                 "train.steps=2", "train.checkpoint_every=2", "train.ema_rates=[]"])
     run_job("distill", recipe, tmp_path / "run", str(folder), progress=False, data=_data())
-    (model, objective, found, cached), = seen
-    assert cached, "the encoders were parked before the prompts were cached"
-    assert len(found) == 1 and found[0] is model.parts.prompt_encoder is objective.teacher.prompt_encoder
-    assert (id(found[0]), ("cpu",)) in moved
-    trained = {id(m) for m in model.modules()}
-    assert not {id(m) for m in found[0].modules()} & trained  # no model.to(device) brings them back
     assert (tmp_path / "run" / "model" / "cmkit.json").is_file()
+    # encoders on for the cache; once it is written they leave, the network comes on, then the student is copied
+    assert events[:3] == [("for_the_cache", False), ("for_training", True), ("student", "cuda", "cpu")], events
+    assert events[3:] == [("for_training", True), ("park_prompt_encoders", True)], events
+    (model, objective, _), found = parked[-1]
+    assert len(found) == 1 and found[0] is model.parts.prompt_encoder is objective.teacher.prompt_encoder
+    assert not {id(m) for m in found[0].modules()} & {id(m) for m in model.modules()}  # no model.to brings it back
+    teacher = cmkit.load_teacher(str(folder))  # a fresh one, played through the same steps, for the order of moves
+    where.clear(), moves.clear()
+    monkeypatch.setattr(torch.nn.Module, "to", pretend_to)
+    placement.for_the_cache(teacher, gpu)
+    assert where[id(teacher.vae)] == where[id(teacher.prompt_encoder)] == "cuda"
+    assert id(teacher.network) not in where  # the network stays where it was loaded while the cache is built
+    first = len(moves)
+    placement.for_training(teacher, gpu)
+    monkeypatch.setattr(torch.nn.Module, "to", real_to)
+    later = [d for m, d in moves[first:] if m in (id(teacher.prompt_encoder), id(teacher.denoiser))]
+    assert later == ["cpu", "cuda"]  # the encoders left before the network came on
+    assert where[id(teacher.network)] == "cuda" and where[id(teacher.prompt_encoder)] == "cpu"

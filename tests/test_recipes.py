@@ -1,6 +1,7 @@
 """Every shipped recipe parses, and --dry-run builds everything and runs one step."""
 
 from importlib import resources
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +9,7 @@ from cmkit.cli.dryrun import dry_run
 from cmkit.cli.recipes import all_keys, load_recipe
 from cmkit.objectives import OBJECTIVES
 
+ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name[:-5] for p in resources.files("cmkit.shipped_recipes").iterdir() if p.name.endswith(".toml"))
 
 
@@ -88,3 +90,24 @@ def test_a_new_kind_is_one_registration(tmp_path):
         assert (tmp_path / "model" / "cmkit.json").is_file()
     finally:
         OBJECTIVES._items.pop("test_half")
+
+
+def test_gpu_recipes_state_the_memory_the_estimate_gives():
+    """Each GPU recipe's header says what ``benchmarks/recipe_memory.py`` estimates for it (it went stale once: the
+    headers kept a whole-teacher set-up after the run had learnt to hold the encoders and the network in turns)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("recipe_memory", ROOT / "benchmarks" / "recipe_memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    counts = memory.networks()
+    for name, (family, trained, copies, fake) in memory.RECIPES.items():
+        header = " ".join(line[2:] for line in (ROOT / "recipes" / f"{name}.toml").read_text().splitlines()
+                          if line.startswith("# "))
+        said = re.search(r"needs ([\d.]+) GB per device .*?\(([\d.]+) GB with train\.optimizer = \"adamw8bit\"\)"
+                         r".*? Set-up ([\d.]+) GB .*?training ([\d.]+) GB", header)
+        assert said, f"{name}: no memory line in its header"
+        e, e8 = (memory.estimate(counts[family], trained, copies, fake, moment_bytes=b) for b in (8, 2))
+        want = [max(e["setup"], e["total"]), max(e8["setup"], e8["total"]), e["setup"], e["total"]]
+        assert [float(v) for v in said.groups()] == [round(v, 1) for v in want], name

@@ -18,7 +18,7 @@ from ..core.memory import check_fits, training_bytes
 from ..data import Dataset, StreamedCaptions, load_dataset, open_caption_stream
 from ..eval.metrics import sliced_wasserstein
 from ..latent.latent_cache import weights_digest
-from ..latent.text_encoders import park_prompt_encoders
+from ..latent.placement import for_the_cache, for_training, park_prompt_encoders
 from ..models import BACKBONES, ConsistencyModel, load_teacher, num_classes_of
 from ..models.folder import annotate_meta, read_meta
 from ..objectives import OBJECTIVES, BuildContext, kinds_for
@@ -59,15 +59,15 @@ def build_backbone(recipe: Recipe, data: Dataset) -> torch.nn.Module:
 
 
 def build_run(recipe: Recipe, data: Dataset, teacher=None, distance=None, resumed: dict | None = None,
-              teacher_path: str | None = None):
+              teacher_path: str | None = None, cache_ready=None):
     """The model a recipe trains and the objective that trains it, from the objective kind's registration.
     ``teacher``: a loaded denoiser; ``distance`` (a callable) replaces the recipe's; ``resumed``: the run constants
-    of the run being resumed."""
+    of the run being resumed; ``cache_ready``: called with the teacher once a latent kind's cache is there."""
     ctx = BuildContext(make_backbone=lambda: build_backbone(recipe, data),
                        train_steps=recipe.train.steps, teacher=teacher, student=recipe.model.student,
                        distance=distance, resumed=resumed or {}, data=data, seed=recipe.seed,
                        teacher_path=teacher_path, encode_batch_size=recipe.data.encode_batch_size,
-                       encode_workers=recipe.data.workers)
+                       encode_workers=recipe.data.workers, cache_ready=cache_ready)
     return OBJECTIVES[recipe.objective.kind].build(recipe.objective, ctx)
 
 
@@ -257,11 +257,15 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
     extra = {"teacher_path": path} if path else {}
     if teacher is not None:
         check_data_matches(data, teacher, "teacher")
-        teacher.requires_grad_(False).eval().to(acc.device)
         extra["teacher_hash"] = weights_digest(teacher)  # a resumed run is refused if the teacher changed since
+        # a latent teacher's encoders go on for its cache, then off again as its network comes on (latent.placement)
+        for_the_cache(teacher.requires_grad_(False).eval(), acc.device)
     torch.manual_seed(recipe.seed)
     saved = None if restart else saved_recipe(out)
-    model, objective = build_run(recipe, data, teacher, distance, run_constants(saved), path)
+    model, objective = build_run(recipe, data, teacher, distance, run_constants(saved), path,
+                                 cache_ready=lambda t: for_training(t, acc.device))
+    if teacher is not None:
+        for_training(teacher, acc.device)  # (done already where the kind built a latent cache)
     del teacher  # what the objective needs it holds itself; a tuned student copied what it needs
     park_prompt_encoders(model, objective, acc.device)  # their prompts are in the latent cache now
     check_training_fits(model, recipe.train.batch_size, acc.device)

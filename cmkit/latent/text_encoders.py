@@ -199,23 +199,3 @@ class PromptEncoder(nn.Module):
             cond.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled,
                         add_time_ids=ids.expand(len(prompts), 6))
         return cond
-
-
-def park_prompt_encoders(model, objective, device) -> list[nn.Module]:
-    """Move the teacher's text encoders to the CPU when training runs on ``device`` elsewhere, and return them (each
-    once): those of a student's ``parts`` and of an objective's ``teacher``, which no ``model.to(device)`` moves back
-    (a text-to-image teacher being trained keeps its own: they are its submodules). A distillation reads every prompt
-    embedding it trains on from the latent cache, so once that is built the encoders only serve validation prompts
-    (encoded on the CPU then) and the export (written from wherever they are): on SD3.5 / Flux that frees the T5
-    encoder's ~10 GB of device memory for the whole run."""
-    found: dict[int, nn.Module] = {}
-    for owner in (getattr(model, "parts", None), getattr(objective, "teacher", None)):
-        enc = getattr(owner, "prompt_encoder", None)
-        if isinstance(enc, nn.Module):
-            found.setdefault(id(enc), enc)
-    if torch.device(device).type != "cpu":
-        for enc in found.values():
-            enc.to("cpu")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return list(found.values())

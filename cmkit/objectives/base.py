@@ -58,6 +58,8 @@ class BuildContext:
     teacher_path: str | None = None          # where the teacher came from (recorded by models that need it later)
     encode_batch_size: int = 256             # latent kinds: images per VAE / text-encoder batch (data.*)
     encode_workers: int = 0                  # latent kinds: dataloader workers reading the source (data.workers)
+    cache_ready: Callable[[nn.Module], None] | None = None  # latent kinds: called with the teacher once its latent
+    # cache is there, before anything is copied from it (the job layer moves the teacher's parts for training then)
 
 
 @dataclass(frozen=True)
@@ -155,4 +157,7 @@ def encoded_captions(kind: str, ctx: BuildContext, teacher):
     if source is None:
         raise ValueError(f"objective.kind {kind!r} trains on captioned images: set data.name = "
                          "'fashion_colours', data.path to a caption folder or webdataset shards, or data.hf_dataset")
-    return encode_source(teacher.vae, teacher.prompt_encoder, source, ctx.encode_batch_size, ctx.encode_workers)
+    encoded = encode_source(teacher.vae, teacher.prompt_encoder, source, ctx.encode_batch_size, ctx.encode_workers)
+    if ctx.cache_ready is not None:
+        ctx.cache_ready(teacher)
+    return encoded
