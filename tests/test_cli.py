@@ -130,7 +130,11 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     while not (out / "log.jsonl").is_file() and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     assert proc.returncode == 130, err
     assert "checkpoint saved" in err and "Traceback" not in err
     step = int((out / "checkpoints" / "latest").read_text().split("-")[1])

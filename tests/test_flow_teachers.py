@@ -122,14 +122,14 @@ def test_guidance_is_one_batched_pass_counted_as_two():
     calls = []
     teacher.network.register_forward_hook(lambda mod, args, kw_out=None: calls.append(1))
     cond = teacher.encode_prompt(PROMPTS, guidance_scale=3.0)
-    z = torch.randn(2, *teacher.sample_shape)
+    z = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         guided = teacher(z, 2.0, **cond)
         uncond = teacher(z, 2.0, **{**cond, "prompt_embeds": cond["negative_prompt_embeds"],
                                     "pooled_prompt_embeds": cond["negative_pooled_prompt_embeds"], "guidance_scale": 1})
         pos = teacher(z, 2.0, **{**cond, "guidance_scale": 1.0})
     assert calls == [1, 1, 1]
-    assert torch.allclose(guided, uncond + 3.0 * (pos - uncond), atol=1e-5)
+    assert torch.allclose(guided, uncond + 3.0 * (pos - uncond), atol=1e-4)  # batch 4 vs 2 + 2: float32 rounding
     assert teacher.passes(**cond) == 2 and teacher.passes(**{**cond, "guidance_scale": 1.0}) == 1
     _, nfe = cmkit.text_to_image(teacher, PROMPTS, steps=3, solver="euler", guidance_scale=3.0, return_nfe=True)
     assert nfe == 6

@@ -303,7 +303,7 @@ def test_latent_cache_that_does_not_match_its_key_or_is_truncated_is_rebuilt(fol
     assert torch.equal(_encode(teacher, a, CAPTIONS).mean, want_a.mean) and _notes(capsys.readouterr().err) == []
 
 
-def test_a_killed_cache_write_leaves_no_temporary_file(folders, tmp_path):
+def test_a_killed_cache_write_leaves_no_temporary_file(folders, tmp_path, monkeypatch):
     env = {**os.environ, "CMKIT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     script = textwrap.dedent(f"""
         import os, signal, torch
@@ -322,11 +322,8 @@ def test_a_killed_cache_write_leaves_no_temporary_file(folders, tmp_path):
     assert [p.name for p in root.iterdir() if p.name.endswith(".tmp")]  # what the kill left
     from cmkit import load_teacher
 
-    os.environ["CMKIT_CACHE"] = str(tmp_path / "cache")
-    try:
-        _encode(load_teacher(str(folders / "teacher")), torch.zeros(2, 3, 16, 16), ["a green boot"] * 2)
-    finally:
-        del os.environ["CMKIT_CACHE"]
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    _encode(load_teacher(str(folders / "teacher")), torch.zeros(2, 3, 16, 16), ["a green boot"] * 2)
     assert [p.name for p in root.iterdir() if p.name.endswith(".tmp")] == []
     assert len(list(root.glob("*.safetensors"))) == 1
 

@@ -95,10 +95,13 @@ def _start(tmp, argv, fault=None):
     return p
 
 
-def _run(tmp, argv, fault=None, timeout=120):
+def _run(tmp, argv, fault=None, timeout=300):
     p = _start(tmp, argv, fault)
     p.join(timeout)
-    assert p.exitcode is not None, "child did not finish"
+    if p.exitcode is None:  # not left running: it would take a core from the rest of the suite
+        p.kill()
+        p.join()
+        pytest.fail(f"child did not finish in {timeout} s")
     return p.exitcode
 
 

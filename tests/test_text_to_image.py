@@ -180,10 +180,12 @@ def test_hub_id_fails_fast_offline(monkeypatch):
     import time
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError):  # once untimed: the first call may still be importing the pipelines
+        load_teacher("someone/sd-model")
     t0 = time.perf_counter()
     with pytest.raises(FileNotFoundError, match="could not load teacher 'someone/sd-model'"):
         load_teacher("someone/sd-model")
-    assert time.perf_counter() - t0 < 10
+    assert time.perf_counter() - t0 < 10  # no retries against an unreachable hub
 
 
 def test_a_malformed_tokenizer_file_is_named_in_one_line(tmp_path):
