@@ -10,7 +10,8 @@ counted on the recipe's own target modules, and the bytes per parameter of what 
     rCM's fake score                          a trained float32 copy of the teacher network (16)
 
 Activations come on top and scale with the per-device micro-batch (train.micro_batch_size, gradient checkpointing);
-they are not estimated here. Per device under DDP; train.fsdp divides the trained weights' share by the processes.
+they are not estimated here. Per device under DDP; train.fsdp divides the trained weights' and rCM's fake score's
+shares by the processes.
 "Set-up" is the larger of what the run holds before its first step in its two turns: the text encoders and the VAE
 while the latent cache is built (or checked), the network stays on the CPU; then the encoders off and the network on,
 with the student's and the fake score's fresh float32 weights copied from it. "Training" is what it holds from its

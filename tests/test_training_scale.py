@@ -290,3 +290,46 @@ def test_fsdp_over_two_cpu_processes_matches_ddp_through_a_jvp_shards_the_optimi
     halves = [load_file(fsdp / f"optimizer-rank-{r}-of-2.safetensors") for r in (0, 1)]
     moments = [k for k in whole if k.endswith("exp_avg")]
     assert moments and all(sum(h[k].shape[0] for h in halves) == whole[k].shape[0] for k in moments)
+
+
+def test_rcm_under_fsdp_shards_its_fake_score_too_and_ends_where_ddp_ends(tmp_path):
+    """latent rCM on the tiny SD3 teacher over two CPU processes: its fake score (a whole copy of the teacher's
+    network, the objective's own) is sharded beside the student under train.fsdp, and four steps (student, student,
+    fake score, student) end where the same run under DDP ends, the fake score's checkpointed weights included."""
+    from conftest import caption_data
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    data = caption_data(32)
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    for i, (x, caption) in enumerate(zip(data.train[:8], data.train_captions[:8], strict=True)):
+        pixels = ((x.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CMKIT_CACHE": str(tmp_path / "cache")}
+
+    def launch(out, fsdp):
+        sets = [f"--set={s}" for s in (f'data.path="{folder}"', 'data.name=""', "train.steps=4",
+                                       "train.checkpoint_every=4", "train.batch_size=4", "train.warmup=0",
+                                       "train.ema_rates=[]", "objective.tangent_warmup=1",
+                                       "objective.student_update_every=2", "train.cpu=true",
+                                       f"train.fsdp={str(fsdp).lower()}")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+               "-m", "cmkit", "distill", "tiny-sd3-rcm", "--out", str(tmp_path / out), "--no-progress", *sets]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return tmp_path / out / "checkpoints" / "step-00000004"
+
+    ddp, fsdp = launch("ddp", False), launch("fsdp", True)
+    for name in ("model", "objective"):
+        a, b = load_file(ddp / f"{name}.safetensors"), load_file(fsdp / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), name
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
+    # the optimiser's states follow its parameters: the student's, then the objective's (the fake score's)
+    n_student = len(load_file(ddp / "model.safetensors"))
+    whole = load_file(ddp / "optimizer.safetensors")
+    halves = [load_file(fsdp / f"optimizer-rank-{r}-of-2.safetensors") for r in (0, 1)]
+    fake = [k for k in whole if k.endswith(".exp_avg") and int(k.split(".")[0]) >= n_student]
+    assert len(fake) > 100 and any(whole[k].abs().max() > 0 for k in fake)  # it has trained (step 2)
+    assert all(sum(h[k].shape[0] for h in halves) == whole[k].shape[0] for k in fake)  # each process holds half

@@ -154,6 +154,11 @@ class LatentSCM(GuidedLatentBatches, nn.Module):
     def target_ema(self, step: int) -> float:
         return 0.0  # sCM's target is the student itself under stop-gradient
 
+    def trained_networks(self) -> list[nn.Module]:
+        """The objective's own trained networks, sharded beside the student under ``train.fsdp`` (the fake score is
+        a whole copy of the teacher's network: on Flux 190 GB of float32 weights, moments and gradients)."""
+        return [self.fake] if self.fake is not None else []
+
     def lr_groups(self) -> list[tuple[list, float]]:
         """The objective's trainable parameters by learning-rate scale (the fake score trains slower)."""
         fake = [p for p in self.fake.parameters() if p.requires_grad] if self.fake is not None else []

@@ -7,10 +7,11 @@ cmkit shards with torch's ``fully_shard`` itself rather than accelerate's FSDP p
 ignores the plugin and wraps the model in DDP (measured with accelerate 1.15), so the plugin's path could not be
 tested here, while ``fully_shard`` runs the same on gloo (CPU) and NCCL (GPU).
 
-The online network, its output EMAs and the target network are sharded alike, so an EMA update is the same lerp on
-each process's own shards. A checkpoint holds the gathered full weights (the same files an unsharded run writes, so
-the model exports and loads as ever) and each process's optimiser shard (``optimizer-rank-R.safetensors``): a run
-resumes on as many processes as it was saved with."""
+The online network, its output EMAs, the target network and the objective's own trained networks (rCM's fake score,
+``objective.trained_networks()``) are sharded alike, so an EMA update is the same lerp on each process's own shards
+and FSDP reduces every sharded gradient itself. A checkpoint holds the gathered full weights (the same files an
+unsharded run writes, so the model exports and loads as ever) and each process's optimiser shard
+(``optimizer-rank-R.safetensors``): a run resumes on as many processes as it was saved with."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def _dtensor():
 def is_sharded(net: nn.Module) -> bool:
     DTensor = _dtensor()  # noqa: N806 - a class
     return any(isinstance(p, DTensor) for p in net.parameters())
+
+
+def is_sharded_tensor(t: torch.Tensor) -> bool:
+    return isinstance(t, _dtensor())
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

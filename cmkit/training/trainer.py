@@ -41,7 +41,15 @@ from .checkpoints import (
 )
 from .ema import EMA, frozen_copy
 from .settings import TrainSettings
-from .sharding import all_agree, full_state, gathered_optimizer_states, is_sharded, local, shard_network
+from .sharding import (
+    all_agree,
+    full_state,
+    gathered_optimizer_states,
+    is_sharded,
+    is_sharded_tensor,
+    local,
+    shard_network,
+)
 from .stop import QuietStream, StopRequest, TrainingInterrupted, quietly
 
 Batches = Callable[[int, torch.device], tuple[torch.Tensor, dict]]
@@ -197,7 +205,8 @@ class Trainer:
             raise ValueError("train.fsdp shards full students; a LoRA student trains only its adapter: run it without "
                              "train.fsdp (train.weight_dtype = 'bfloat16' holds the frozen base in half the memory)")
         plain = copy.deepcopy(model).cpu() if self.acc.is_main_process else None
-        for net in [model, *self.emas.values(), *([self.target] if self.target is not None else [])]:
+        own = self.objective.trained_networks() if hasattr(self.objective, "trained_networks") else []
+        for net in [model, *self.emas.values(), *([self.target] if self.target is not None else []), *own]:
             shard_network(net.to(self.acc.device), self.acc.device)
         return plain
 
@@ -335,10 +344,12 @@ class Trainer:
 
     def _sync_extra_grads(self) -> None:
         """The objective's own parameters sit outside the DDP wrapper: average their gradients over processes here,
-        as DDP does for the model's."""
+        as DDP does for the model's. A parameter with no gradient took no part in this step on any process (rCM's
+        fake score on a student step: each process runs the same schedule) and is left to the optimiser to skip, as
+        one process skips it; a sharded one (an objective network under ``train.fsdp``) FSDP has reduced already."""
         for p in self.extra:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+            if p.grad is None or is_sharded_tensor(p):
+                continue
             torch.distributed.all_reduce(p.grad)
             p.grad /= self.acc.num_processes
 
