@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -80,7 +79,7 @@ def test_two_cpu_processes_run_lcm_encoding_disjoint_shares_of_the_shards(setup,
                                    "objective.w_embedding_dim=8", "train.batch_size=4", "train.steps=2",
                                    "train.cpu=true", "train.checkpoint_every=2", "train.log_every=1",
                                    "train.ema_rates=[0.9]")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "cmkit", "distill", "tiny-t2i-lcm", "--teacher", str(setup / "epsilon"), "--out",
            str(tmp_path / "dd"), "--no-progress", *sets]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

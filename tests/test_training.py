@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from conftest import free_port
 from safetensors.torch import load_file
 
 from cmkit.cli.jobs import distill, train_consistency, train_teacher
@@ -135,7 +134,7 @@ def test_two_process_cpu_run(tmp_path, small_teacher):
     steps = 6
     overrides = [*SMALL, f"train.steps={steps}", "train.cpu=true", "train.checkpoint_every=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "cmkit", "distill", "quickstart-cd", "--teacher", str(small_teacher), "--out", str(tmp_path / "dd"),
            "--no-progress", *[f"--set={s}" for s in overrides], "--set", "eval.schedule_max_steps=0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -270,7 +270,7 @@ def test_fsdp_over_two_cpu_processes_matches_ddp_through_a_jvp_shards_the_optimi
         sets = [f"--set={s}" for s in (f"train.steps={steps}", "train.checkpoint_every=2", "train.batch_size=64",
                                        "model.hidden=32", "model.depth=2", "eval.schedule_max_steps=0",
                                        "train.cpu=true", "train.grad_clip=1.0", f"train.fsdp={str(fsdp).lower()}")]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "cmkit", "train", "s_curve-sct", "--out", str(tmp_path / out), "--no-progress", *sets]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -315,7 +315,7 @@ def test_rcm_under_fsdp_shards_its_fake_score_too_and_ends_where_ddp_ends(tmp_pa
                                        "train.ema_rates=[]", "objective.tangent_warmup=1",
                                        "objective.student_update_every=2", "train.cpu=true",
                                        f"train.fsdp={str(fsdp).lower()}")]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                "-m", "cmkit", "distill", "tiny-sd3-rcm", "--out", str(tmp_path / out), "--no-progress", *sets]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
