@@ -166,7 +166,7 @@ def test_a_second_run_on_the_same_data_waits_for_the_first_encode_and_encodes_no
     def first_encode(*a, **kw):
         encodes.append(threading.current_thread().name)
         inside.set()
-        release.wait(10)  # the first run is mid-encode while the second starts
+        release.wait(60)  # the first run is mid-encode while the second starts
         real(*a, **kw)
     monkeypatch.setattr(lc, "_encode_shards", first_encode)
     results = {}
@@ -178,7 +178,8 @@ def test_a_second_run_on_the_same_data_waits_for_the_first_encode_and_encodes_no
     second.join(1.0)
     assert second.is_alive()  # waiting on the first run's lock, not encoding beside it
     release.set()
-    first.join(60), second.join(60)
+    first.join(120), second.join(120)
+    assert not first.is_alive() and not second.is_alive(), "an encoding run did not finish"
     assert encodes == ["a"] and len(results["a"]) == len(results["b"]) == 23
 
 
