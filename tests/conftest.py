@@ -109,6 +109,33 @@ def cmkit_forked(*args, cwd=None, timeout: float = 300) -> subprocess.CompletedP
     return subprocess.CompletedProcess(["cmkit", *argv], os.waitstatus_to_exitcode(done[1]), *texts)
 
 
+def point_output_at(out_fd: int, err_fd: int) -> None:
+    """In a forked child: file descriptors 1 and 2 onto ``out_fd`` / ``err_fd``, Python's streams reopened on them
+    (line-buffered), and one OpenMP thread: the parent's worker threads did not come through the fork, and a parallel
+    region on more than one would wait for them."""
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    torch.set_num_threads(1)
+
+
+def record_resumed_steps(started: str) -> None:
+    """In a forked child: every ``Trainer.resume`` writes the step it resumed from to the file ``started``, whole
+    and then renamed, so that a SIGKILL between create and write never leaves an empty marker."""
+    from cmkit.training import trainer
+
+    resume = trainer.Trainer.resume
+
+    def record(self):
+        step = resume(self)
+        Path(started + ".part").write_text(str(step))
+        os.replace(started + ".part", started)
+        return step
+
+    trainer.Trainer.resume = record
+
+
 def _become_a_fresh_command(out_fd: int, err_fd: int, cwd) -> None:
     import logging
     import warnings
@@ -116,17 +143,12 @@ def _become_a_fresh_command(out_fd: int, err_fd: int, cwd) -> None:
     before = {id(sys.stdout): 1, id(sys.__stdout__): 1, id(sys.stderr): 2, id(sys.__stderr__): 2}
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    os.dup2(out_fd, 1)
-    os.dup2(err_fd, 2)
     sys.stdin = open(0, closefd=False)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)
-    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    point_output_at(out_fd, err_fd)
     sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr
     if cwd is not None:
         os.chdir(cwd)
     os.environ.pop("CMKIT_DEBUG", None)
-    # OpenMP's worker threads did not come through the fork: a parallel region on more than one would wait for them
-    torch.set_num_threads(1)
     # Python's own warning filters and printing (pytest records warnings instead of printing them)
     warnings.resetwarnings()
     for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import point_output_at, record_resumed_steps
 from PIL import Image
 from test_reliability import FORK, TINY, _intact
 
@@ -23,7 +24,6 @@ from cmkit.cli.commands import main
 from cmkit.cli.jobs import dataset_for
 from cmkit.cli.recipes import load_recipe
 from cmkit.data.imagefiles import load_images
-from cmkit.training import trainer as trainer_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,19 +133,9 @@ def _piped_child(argv, fds, started):
     read_end, write_end = fds
     if read_end is not None:
         os.close(read_end)
-    os.dup2(write_end, 1)
-    os.dup2(write_end, 2)
-    sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
+    point_output_at(write_end, write_end)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    torch.set_num_threads(1)
-    resume = trainer_mod.Trainer.resume
-
-    def record(self):
-        step = resume(self)
-        Path(started).write_text(str(step))
-        return step
-
-    trainer_mod.Trainer.resume = record
+    record_resumed_steps(started)
     os._exit(main(argv))
 
 
@@ -365,10 +355,7 @@ def test_caption_files_cmkit_does_not_read_get_a_hint(tmp_path, capsys):
 
 def _bench_child(argv, log):
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
-    torch.set_num_threads(1)
+    point_output_at(fd, fd)
     os._exit(main(argv))
 
 

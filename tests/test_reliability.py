@@ -10,12 +10,12 @@ import multiprocessing
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import point_output_at, record_resumed_steps
 from safetensors.torch import load_file
 
 import cmkit.cli.dryrun  # noqa: F401 - imported here once, so the forked children start at once
@@ -40,20 +40,8 @@ def _child(argv, log, started, fault):
     ``fault``: (kind, n) kills this process with SIGKILL at the n-th checkpoint file write ("write", half the file
     written) or the n-th ``latest`` pointer update ("pointer", after the folder's rename)."""
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
-    torch.set_num_threads(1)
-    resume = trainer_mod.Trainer.resume
-
-    def record(self):
-        step = resume(self)
-        # Written whole then renamed: a SIGKILL between create and write must not leave an empty marker.
-        Path(started + ".part").write_text(str(step))
-        os.replace(started + ".part", started)
-        return step
-
-    trainer_mod.Trainer.resume = record
+    point_output_at(fd, fd)
+    record_resumed_steps(started)
     if fault is not None:
         _install_fault(*fault)
     os._exit(main(argv))

@@ -36,7 +36,7 @@ def is_sharded_tensor(t: torch.Tensor) -> bool:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """A process's own part of a (possibly sharded) tensor."""
-    return t.to_local() if isinstance(t, _dtensor()) else t
+    return t.to_local() if is_sharded_tensor(t) else t
 
 
 def _children_units(net: nn.Module) -> list[nn.Module]:
