@@ -28,7 +28,7 @@ import torch
 from cmkit.cli.jobs import build_run, dataset_for
 from cmkit.cli.recipes import load_recipe
 from cmkit.eval.report import machine_info
-from cmkit.models import load_teacher
+from cmkit.loading import load_teacher
 from cmkit.objectives.tangents import directional_derivative
 from cmkit.training import Trainer
 

@@ -21,7 +21,7 @@ from cmkit.cli.jobs import build_run, dataset_for
 from cmkit.cli.recipes import load_recipe
 from cmkit.eval.report import machine_info
 from cmkit.latent.students import adapters_off
-from cmkit.models import load_teacher
+from cmkit.loading import load_teacher
 from cmkit.objectives.latent_scm import TrigFlowView
 from cmkit.objectives.tangents import directional_derivative
 from cmkit.solvers import ode_step

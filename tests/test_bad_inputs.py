@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cmkit.cli.commands import main
-from cmkit.models import asset_path
+from cmkit.loading import asset_path
 
 CD = "cmkit:digits-cd"
 

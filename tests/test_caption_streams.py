@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from cmkit.cli.jobs import run_job
 from cmkit.cli.recipes import load_recipe
-from cmkit.latent.builders import tiny_pipeline
+from cmkit.latent.families.unet import tiny_pipeline
 
 CAPTIONS = ["a red bag", "a green boot", "a blue bag", "a red boot"]
 
@@ -61,10 +61,10 @@ def data(tmp_path_factory):
 
 def _source(data, **kw):
     from cmkit.cli.recipes import DataSection
-    from cmkit.data import open_caption_stream
+    from cmkit.data import open_dataset
 
     d = DataSection(image_size=16, **kw)
-    return open_caption_stream(d).source
+    return open_dataset(d).source
 
 
 def test_images_are_prepared_as_torchvision_prepares_them():
@@ -72,7 +72,7 @@ def test_images_are_prepared_as_torchvision_prepares_them():
     image; a random crop lies inside the image and repeats for the same sample key."""
     from torchvision import transforms
 
-    from cmkit.latent.caption_sources import fit_image
+    from cmkit.data.caption_sources import fit_image
 
     rng = np.random.default_rng(1)
     for h, w in ((20, 36), (40, 24), (16, 16)):
@@ -102,7 +102,7 @@ def test_every_readable_sample_is_read_once_and_the_damaged_one_is_counted(data,
 
 
 def _encode(data, src, monkeypatch, tmp_path, rank_world=(0, 1)):
-    import cmkit.latent.latent_cache as lc
+    import cmkit.data.latent_cache as lc
     from cmkit import load_teacher
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
@@ -114,7 +114,7 @@ def _encode(data, src, monkeypatch, tmp_path, rank_world=(0, 1)):
 
 def test_two_processes_encode_disjoint_shares_and_a_killed_encode_keeps_its_finished_shards(data, tmp_path,
                                                                                            monkeypatch):
-    import cmkit.latent.latent_cache as lc
+    import cmkit.data.latent_cache as lc
 
     src = _source(data, path=str(data / "shards"))
     read = {0: [], 1: []}
@@ -157,7 +157,7 @@ def test_two_processes_encode_disjoint_shares_and_a_killed_encode_keeps_its_fini
 def test_a_second_run_on_the_same_data_waits_for_the_first_encode_and_encodes_nothing(data, tmp_path, monkeypatch):
     import threading
 
-    import cmkit.latent.latent_cache as lc
+    import cmkit.data.latent_cache as lc
 
     src = _source(data, path=str(data / "shards"))
     encodes, inside, release = [], threading.Event(), threading.Event()
@@ -184,7 +184,7 @@ def test_a_second_run_on_the_same_data_waits_for_the_first_encode_and_encodes_no
 
 
 def _encoders(data):
-    import cmkit.latent.latent_cache as lc
+    import cmkit.data.latent_cache as lc
     from cmkit import load_teacher
 
     t = load_teacher(str(data / "teacher"))
@@ -209,8 +209,8 @@ def test_batches_from_cached_shards_equal_the_same_draws_from_the_whole_set(data
 
 def test_sdxl_time_ids_carry_each_images_original_size_and_crop(tmp_path, monkeypatch):
     from cmkit.cli.recipes import DataSection
-    from cmkit.data import open_caption_stream
-    from cmkit.latent.latent_cache import encode_source
+    from cmkit.data import open_dataset
+    from cmkit.data.latent_cache import encode_source
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(2)
@@ -219,7 +219,7 @@ def test_sdxl_time_ids_carry_each_images_original_size_and_crop(tmp_path, monkey
             _add(tar, f"{i}.png", _png(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)))
             _add(tar, f"{i}.json", json.dumps({"caption": CAPTIONS[i]}).encode())
     xl = tiny_pipeline("sdxl", texts=CAPTIONS, seed=1, image_size=16)
-    src = open_caption_stream(DataSection(path=str(tmp_path / "a.tar"), image_size=16)).source
+    src = open_dataset(DataSection(path=str(tmp_path / "a.tar"), image_size=16)).source
     encoded = encode_source(xl.vae, xl.prompt_encoder, src, progress=False)
     ids = encoded.cond(torch.tensor([0, 1]))["add_time_ids"]
     # 20x16 -> 20x16 (short side 16), centre crop top 2; 16x30 -> 16x30, crop left 7

@@ -76,8 +76,8 @@ def test_prompts_paint_and_colour_rule():
 
 
 def test_latent_cache_reads_back_and_keys_on_weights(tmp_path, monkeypatch):
-    from cmkit.latent.builders import tiny_pipeline
-    from cmkit.latent.latent_cache import cache_root, encode_set
+    from cmkit.data.latent_cache import cache_root, encode_set
+    from cmkit.latent.families.unet import tiny_pipeline
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path))
     model = tiny_pipeline("sd")

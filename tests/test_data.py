@@ -72,7 +72,7 @@ def test_tinted_digits_are_colourings_of_the_digits():
 
 
 def test_an_image_size_a_named_set_ignores_is_refused():
-    from cmkit.data.dataset import load_dataset
+    from cmkit.data.loading import load_dataset
 
     with pytest.raises(ValueError, match="data.image_size = 16, but data.name 'digits' comes at 8x8"):
         load_dataset("digits", image_size=16)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import cmkit
 from cmkit.cli.jobs import run_job
 from cmkit.cli.recipes import load_recipe
-from cmkit.latent.builders import tiny_sd3_pipeline
+from cmkit.latent.families.sd3 import tiny_sd3_pipeline
 from cmkit.objectives.flow_matching import FlowMatchingLoss
 
 
@@ -90,7 +90,7 @@ def test_latent_sd3_teacher_saves_a_pipeline_and_resumes_exactly(tmp_path, monke
     from diffusers import AutoencoderKL
 
     with torch.no_grad():
-        means = AutoencoderKL.from_pretrained(cmkit.models.asset_path("tiny-t2i") / "vae").encode(
+        means = AutoencoderKL.from_pretrained(cmkit.loading.asset_path("tiny-t2i") / "vae").encode(
             _data().train).latent_dist.mean
     torch.testing.assert_close(pipe.vae.config.shift_factor, means.mean().item(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(pipe.vae.config.scaling_factor, 1 / (means - means.mean()).std().item(), rtol=1e-4,

@@ -9,8 +9,8 @@ import torch
 
 import cmkit
 from cmkit.core import FlowMatchSchedule, VPSchedule, flux_mu, mu_shift_times, shift_times
-from cmkit.latent.builders import tiny_flux_pipeline, tiny_sd3_pipeline
-from cmkit.latent.families.flux import pack, unpack
+from cmkit.latent.families.flux import pack, tiny_flux_pipeline, unpack
+from cmkit.latent.families.sd3 import tiny_sd3_pipeline
 from cmkit.sampling.text2image import timestep_sigmas
 
 PROMPTS = ["a red sneaker", "a green bag"]
@@ -223,7 +223,7 @@ def test_the_shipped_flow_teacher_samples_in_its_own_pipeline_as_cmkit_samples_i
     pipeline with all 256); it stays within the ~20 MB a shipped text-to-image teacher may take."""
     import diffusers
 
-    folder = cmkit.models.asset_path("tiny-sd3")
+    folder = cmkit.loading.asset_path("tiny-sd3")
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 20 * 2**20
     pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)

@@ -88,7 +88,7 @@ def test_the_public_names_load_on_first_use():
     import cmkit
     import cmkit.sampling
 
-    assert cmkit.sample is cmkit.sampling.sample and cmkit.models.load_model is cmkit.load_model
+    assert cmkit.sample is cmkit.sampling.sample and cmkit.loading.load_model is cmkit.load_model
     assert all(getattr(cmkit, name) is not None for name in cmkit.__all__)
     assert set(cmkit.__all__) <= set(dir(cmkit))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
@@ -394,7 +394,7 @@ def test_sigterm_in_a_benchmark_keeps_its_finished_rows(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def lcm_lora_setup(tmp_path_factory):
     """A tiny random SD teacher and a captioned folder of 16x16 images (as tests/test_lcm_training.py makes them)."""
-    from cmkit.latent.builders import tiny_pipeline
+    from cmkit.latent.families.unet import tiny_pipeline
 
     root = tmp_path_factory.mktemp("lcm-lora")
     captions = ["a red bag", "a green boot", "a blue bag", "a red boot"]

@@ -24,8 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cmkit.cli.commands import main
-from cmkit.latent.builders import tiny_pipeline
-from cmkit.latent.denoiser import LatentDenoiser
+from cmkit.latent.families.unet import LatentDenoiser, tiny_pipeline
 from cmkit.latent.lcm import LORA_FILE, LatentConsistencyModel, LCMFunction, add_lora, student_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,7 +266,7 @@ def _notes(err: str) -> list[str]:
 
 
 def _encode(teacher, images, captions):
-    from cmkit.latent.latent_cache import encode_set
+    from cmkit.data.latent_cache import encode_set
 
     return encode_set(teacher.vae, teacher.prompt_encoder, images, captions, progress=False)
 
@@ -275,7 +274,7 @@ def _encode(teacher, images, captions):
 def test_latent_cache_that_does_not_match_its_key_or_is_truncated_is_rebuilt(folders, tmp_path, monkeypatch,
                                                                              capsys):
     from cmkit import load_teacher
-    from cmkit.latent.latent_cache import cache_root
+    from cmkit.data.latent_cache import cache_root
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
     teacher = load_teacher(str(folders / "teacher"))
@@ -307,7 +306,7 @@ def test_a_killed_cache_write_leaves_no_temporary_file(folders, tmp_path, monkey
     env = {**os.environ, "CMKIT_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     script = textwrap.dedent(f"""
         import os, signal, torch
-        import cmkit.latent.latent_cache as lc
+        import cmkit.data.latent_cache as lc
         from cmkit import load_teacher
         def killed(tensors, path, metadata=None):
             open(path, "wb").write(b"half a file")

@@ -16,8 +16,9 @@ from conftest import caption_data
 import cmkit
 from cmkit.cli.jobs import run_job
 from cmkit.cli.recipes import load_recipe
-from cmkit.latent.builders import tiny_pipeline, tiny_sd3_pipeline
-from cmkit.latent.denoiser import LatentDenoiser
+from cmkit.data.latent_cache import caption_encoder
+from cmkit.latent.families.sd3 import tiny_sd3_pipeline
+from cmkit.latent.families.unet import LatentDenoiser, tiny_pipeline
 from cmkit.latent.flow_student import FlowConsistencyModel
 from cmkit.latent.lcm import LatentConsistencyModel, LCMFunction, student_unet
 from cmkit.objectives.base import BuildContext
@@ -113,7 +114,9 @@ def _data():
 def test_rcm_trains_the_fake_score_on_its_own_steps_at_its_own_learning_rate(tmp_path, monkeypatch):
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
     teacher = tiny_sd3_pipeline(seed=4)
-    ctx = BuildContext(make_backbone=lambda: None, train_steps=1, teacher=teacher, data=_data(), teacher_path="x")
+    data = _data()
+    ctx = BuildContext(make_backbone=lambda: None, train_steps=1, teacher=teacher, data=data, teacher_path="x",
+                       encode_captions=caption_encoder(data))  # what the job layer hands in: the latent cache
     cfg = LatentRCMConfig(tangent_warmup=2, student_update_every=3, dmd_max_steps=2)
     model, loss = build_rcm(cfg, ctx)
     assert [loss.student_phase(s) for s in range(9)] == [True, True, True, False, False, True, False, False, True]

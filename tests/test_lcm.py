@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from cmkit import load_model, load_teacher
-from cmkit.latent.builders import tiny_pipeline
-from cmkit.latent.denoiser import LatentDenoiser
+from cmkit.latent.families.unet import LatentDenoiser, tiny_pipeline
 from cmkit.latent.lcm import LatentConsistencyModel, LCMFunction, add_lora, student_unet
 from cmkit.sampling.text2image import lcm_sample
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from cmkit.cli.jobs import run_job
 from cmkit.cli.recipes import load_recipe
-from cmkit.latent.builders import tiny_pipeline
+from cmkit.latent.families.unet import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red bag", "a green boot", "a blue bag", "a red boot"]
@@ -152,7 +152,7 @@ def test_skipping_step_target_is_the_guided_ddim_step_then_the_boundary_scaled_t
     c_out = 10 t / sqrt((10 t)^2 + sd^2), sd = 0.5, on the target network at t_lo and the online one at t_n."""
     from diffusers import DDPMScheduler
 
-    from cmkit.latent.denoiser import LatentDenoiser
+    from cmkit.latent.families.unet import LatentDenoiser
     from cmkit.latent.lcm import LCMFunction
     from cmkit.objectives.lcm import LatentConsistencyDistillation, LCMConfig
 

@@ -6,7 +6,6 @@ from diffusers import CMStochasticIterativeScheduler
 
 import cmkit
 from cmkit import core as S
-from cmkit.core import noise as N
 
 
 def test_karras_grid_shape_and_ends():
@@ -51,21 +50,6 @@ def test_edm_scalings_match_diffusers_edm_scheduler():
     torch.testing.assert_close(c_in, sched.precondition_inputs(one, sig), rtol=1e-14, atol=0)
     torch.testing.assert_close(c_skip, sched.precondition_outputs(one, zero, sig), rtol=1e-14, atol=0)
     torch.testing.assert_close(c_out, sched.precondition_outputs(zero, one, sig), rtol=1e-14, atol=0)
-
-
-def test_index_pairs_cover_range_uniformly():
-    g = torch.Generator().manual_seed(0)
-    n = N.uniform_index_pairs(18, 170_000, generator=g)
-    assert n.min() == 0 and n.max() == 16
-    counts = torch.bincount(n, minlength=17).double()
-    assert (counts / counts.mean() - 1).abs().max() < 0.05
-
-
-def test_lognormal_sigmas_moments():
-    g = torch.Generator().manual_seed(0)
-    s = N.lognormal_sigmas(200_000, -1.2, 1.2, generator=g)
-    assert abs(s.log().mean().item() + 1.2) < 0.01
-    assert abs(s.log().std().item() - 1.2) < 0.01
 
 
 def test_check_sigmas_errors():

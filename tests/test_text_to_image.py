@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cmkit import load_teacher
-from cmkit.latent.builders import tiny_pipeline
 from cmkit.latent.denoiser import TextToImageModel
+from cmkit.latent.families.unet import tiny_pipeline
 from cmkit.sampling.text2image import text_to_image, timestep_sigmas
 
 PROMPTS = ["a red sneaker", "a green bag"]
@@ -20,7 +20,7 @@ PROMPTS = ["a red sneaker", "a green bag"]
 def folder(request, tmp_path_factory):
     """A tiny random pipeline of each layout, saved; and the shipped teacher (an SD layout) as it ships."""
     if request.param == "shipped":
-        from cmkit.models import asset_path
+        from cmkit.loading import asset_path
 
         return "sd", asset_path("tiny-t2i")
     path = tmp_path_factory.mktemp(request.param)
@@ -189,7 +189,7 @@ def test_hub_id_fails_fast_offline(monkeypatch):
 
 
 def test_a_malformed_tokenizer_file_is_named_in_one_line(tmp_path):
-    from cmkit.latent.builders import tiny_pipeline
+    from cmkit.latent.families.unet import tiny_pipeline
 
     folder = tmp_path / "p"
     tiny_pipeline().save_pretrained(folder)

@@ -103,7 +103,7 @@ def _emulate_two_ranks(recipe, teacher_dir, steps):
     """The same run computed in one process: each step draws rank 0's and rank 1's batches (their own seeds), sums
     their gradients and halves them, as DDP's all-reduce does; returns the online weights."""
     from cmkit.cli.jobs import build_run, dataset_for
-    from cmkit.models import load_teacher
+    from cmkit.loading import load_teacher
     from cmkit.training import ema_update, frozen_copy, make_optimizer, step_seed
 
     data = dataset_for(recipe)

@@ -56,8 +56,7 @@ def test_accumulated_micro_batches_give_the_whole_batchs_update(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
-    from cmkit.latent.builders import tiny_pipeline
-    from cmkit.latent.denoiser import LatentDenoiser
+    from cmkit.latent.families.unet import LatentDenoiser, tiny_pipeline
     from cmkit.latent.lcm import LatentConsistencyModel, LCMFunction, student_unet
 
     teacher = tiny_pipeline(seed=3).double()
@@ -109,7 +108,8 @@ def test_the_frozen_teacher_and_text_encoders_are_held_in_the_weight_dtype(kind,
     import cmkit
     from cmkit.cli import jobs
     from cmkit.cli.recipes import load_recipe
-    from cmkit.latent.builders import tiny_pipeline, tiny_sd3_pipeline
+    from cmkit.latent.families.sd3 import tiny_sd3_pipeline
+    from cmkit.latent.families.unet import tiny_pipeline
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "teacher"
@@ -146,7 +146,7 @@ def test_tensorboard_events_and_validation_grids_appear_at_the_configured_steps(
 
     from cmkit.cli.jobs import run_job
     from cmkit.cli.recipes import load_recipe
-    from cmkit.latent.builders import tiny_pipeline
+    from cmkit.latent.families.unet import tiny_pipeline
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
     tiny_pipeline(seed=1).save_pretrained(tmp_path / "teacher")

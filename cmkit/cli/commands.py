@@ -223,7 +223,8 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.bench == "text-to-image":
         return run_bench_t2i(args)
     from ..eval.bench import run_benchmark
-    from ..models import ConsistencyModel, load_teacher
+    from ..loading import load_teacher
+    from ..models import ConsistencyModel
     from .jobs import check_data_matches, dataset_for
     from .recipes import load_recipe
 

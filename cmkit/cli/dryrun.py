@@ -13,7 +13,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..data import Dataset
-from ..models import DiffusersDenoiser, EDMDenoiser, TimeMLP, load_teacher, small_unet
+from ..loading import load_teacher
+from ..models import DiffusersDenoiser, EDMDenoiser, TimeMLP, small_unet
 from ..objectives import OBJECTIVES, LPIPSDistance
 from .jobs import check_job, dataset_for, run_job
 from .recipes import Recipe
@@ -88,13 +89,10 @@ def _teacher(recipe: Recipe, data: Dataset, teacher_path: str | None, echo):
     except (FileNotFoundError, ValueError) as e:
         echo(f"dry run: teacher not available ({e}); using a randomly initialised stand-in")
     shape = data.sample_shape
-    layout = getattr(recipe.objective, "teacher_layout", None)
-    if layout is not None:  # a text-to-image kind: a tiny random pipeline of the recipe's layout
-        from ..latent.builders import tiny_pipeline
-
-        return tiny_pipeline("sdxl" if layout == "sdxl" else "sd", texts=data.train_captions, image_size=shape[-1])
-    pipeline = getattr(recipe.objective, "teacher_pipeline", None)
-    if pipeline is not None:  # a flow-teacher kind: a tiny random pipeline of the recipe's class
+    layout = getattr(recipe.objective, "teacher_layout", None)  # an LCM kind: "sd", "sdxl" or "any"
+    pipeline = getattr(recipe.objective, "teacher_pipeline", None) or (
+        None if layout is None else "StableDiffusionXLPipeline" if layout == "sdxl" else "StableDiffusionPipeline")
+    if pipeline is not None:  # a text-to-image kind: the tiny random stand-in of the recipe's pipeline class
         from ..latent.builders import tiny_of_class
 
         return tiny_of_class(pipeline, texts=data.train_captions, image_size=shape[-1])

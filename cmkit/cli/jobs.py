@@ -13,13 +13,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..core.digests import weights_digest
 from ..core.files import atomic_write_text, folder_lock
 from ..core.memory import check_fits, training_bytes
-from ..data import Dataset, StreamedCaptions, load_dataset, open_caption_stream
+from ..data import Dataset, StreamedCaptions, open_dataset
+from ..data.latent_cache import caption_encoder
 from ..eval.metrics import sliced_wasserstein
-from ..latent.latent_cache import weights_digest
 from ..latent.placement import for_the_cache, for_training, park_prompt_encoders
-from ..models import BACKBONES, ConsistencyModel, load_teacher, num_classes_of
+from ..loading import load_teacher
+from ..models import BACKBONES, ConsistencyModel, num_classes_of
 from ..models.folder import annotate_meta, read_meta
 from ..objectives import OBJECTIVES, BuildContext, kinds_for
 from ..sampling import class_condition, search_schedule
@@ -48,7 +50,7 @@ def dataset_for(recipe: Recipe) -> Dataset | StreamedCaptions:
     """The recipe's data: a set held in memory, or captioned shards streamed into the latent cache."""
     d = recipe.data
     d.check()
-    return open_caption_stream(d, recipe.seed) or load_dataset(d.name, d.path or None, d.image_size, d.channels)
+    return open_dataset(d, recipe.seed)
 
 
 def build_backbone(recipe: Recipe, data: Dataset) -> torch.nn.Module:
@@ -62,12 +64,13 @@ def build_run(recipe: Recipe, data: Dataset, teacher=None, distance=None, resume
               teacher_path: str | None = None, cache_ready=None):
     """The model a recipe trains and the objective that trains it, from the objective kind's registration.
     ``teacher``: a loaded denoiser; ``distance`` (a callable) replaces the recipe's; ``resumed``: the run constants
-    of the run being resumed; ``cache_ready``: called with the teacher once a latent kind's cache is there."""
+    of the run being resumed; ``cache_ready``: called with the teacher once a latent kind's cache is there. A latent
+    kind gets the data's latent cache as ``ctx.encode_captions`` (it hands in the encoders, never opens a file)."""
+    encode = caption_encoder(data, recipe.data.encode_batch_size, recipe.data.workers)
     ctx = BuildContext(make_backbone=lambda: build_backbone(recipe, data),
                        train_steps=recipe.train.steps, teacher=teacher, student=recipe.model.student,
                        distance=distance, resumed=resumed or {}, data=data, seed=recipe.seed,
-                       teacher_path=teacher_path, encode_batch_size=recipe.data.encode_batch_size,
-                       encode_workers=recipe.data.workers, cache_ready=cache_ready)
+                       teacher_path=teacher_path, encode_captions=encode, cache_ready=cache_ready)
     return OBJECTIVES[recipe.objective.kind].build(recipe.objective, ctx)
 
 
@@ -143,22 +146,17 @@ def check_data_matches(data: Dataset, model, what: str) -> None:
 
 
 def validator(model):
-    """``validate(net, prompts) -> images``: the sampler a text-to-image kind exports with, at its default steps
-    (one seed, so grids of different steps compare); a one-line error for models that take no prompts."""
-    from ..latent.lcm import LatentConsistencyModel
-    from ..sampling import lcm_sample, text_to_image
+    """``validate(net, prompts) -> images``: the net sampled as its kind samples (``cmkit.sampling.kinds``: its own
+    default steps, sampler and guidance; one seed, so grids of different steps compare); a one-line error for models
+    that take no prompts."""
+    from ..sampling import text_to_image
 
     if not hasattr(model, "encode_prompt"):
         raise ValueError("train.validate_every draws validation_prompts: it needs a text-to-image model; set it to 0")
 
     def validate(net, prompts):
-        g = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
-        if isinstance(net, LatentConsistencyModel):
-            return lcm_sample(net, prompts, 4, generator=g)
-        sampler = getattr(net, "sampler", "euler")
-        steps, w = (net.steps, 1.0) if hasattr(net, "sampler") else (25, 4.0)
-        return text_to_image(net, prompts, steps=steps, solver=sampler, guidance_scale=w, generator=g)
+        return text_to_image(net, prompts, generator=torch.Generator().manual_seed(0))
     return validate
 
 

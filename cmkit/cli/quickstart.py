@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..eval import quality_vs_steps, vector_scorer, write_results
-from ..models import ConsistencyModel, load_teacher
+from ..loading import load_teacher
+from ..models import ConsistencyModel
 from .jobs import dataset_for, distill, train_teacher
 from .recipes import load_recipe
 

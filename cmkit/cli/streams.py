@@ -13,6 +13,8 @@ import sys
 import threading
 from contextlib import contextmanager
 
+from ..training.stop import STOP_SIGNALS  # torch-free: ``cmkit.training`` loads its names on first use
+
 
 class GuardedStream:
     """A text stream whose ``write`` and ``flush`` never raise: after the first failure the rest is dropped."""
@@ -64,9 +66,6 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
-
-
 @contextmanager
 def signals_interrupt():
     """SIGTERM and SIGHUP raise ``KeyboardInterrupt`` (the default would end the process with no message, and a
@@ -74,8 +73,9 @@ def signals_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield StopSignals(())  # only the main thread may set handlers
         return
+    # SIGINT keeps Python's own handler, which raises KeyboardInterrupt already
     previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS
-                if not (sig != signal.SIGTERM and signal.getsignal(sig) == signal.SIG_IGN)}
+                if sig != signal.SIGINT and not (sig != signal.SIGTERM and signal.getsignal(sig) == signal.SIG_IGN)}
     if signal.getsignal(signal.SIGINT) is not None:  # None: set outside Python, left alone
         previous.setdefault(signal.SIGINT, signal.getsignal(signal.SIGINT))
     try:

@@ -14,7 +14,8 @@ def add_generate(sub) -> None:
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     g.add_argument("--negative-prompt", default=None, help="one negative prompt for every prompt (default \"\")")
     g.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default 4)")
-    g.add_argument("--steps", type=int, default=None, help="solver steps (default 25; 4 for an LCM)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="steps (default: the model's own: 25 for a teacher, 4 for an LCM, a student's distilled count)")
     g.add_argument("--solver", default=None, help="ddim, dpmpp_2m, euler, heun, ... (default ddim; an LCM and a flow "
                                                   "student take none: they sample with their own schedulers)")
     g.add_argument("--guidance", type=guidance_scale, default=None,
@@ -81,62 +82,41 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
-STUDENT_KINDS = ("lcm", "flow_cm")  # distilled text-to-image models cmkit writes (cmkit.json's kind)
-
-
-def _student_kind(path: str) -> str | None:
+def _t2i_model(path: str):
+    """The text-to-image model at ``path``: a model cmkit wrote (``cmkit.json`` of a kind with a sampling policy:
+    an LCM, a flow student, ...) or a teacher pipeline folder, hub id or ``cmkit:NAME``."""
+    from ..loading import load_model, load_teacher
     from ..models.folder import read_meta
-    from ..models.loading import resolve
+    from ..core.assets import resolve
+    from ..sampling.kinds import POLICIES, policy_of
 
-    if not Path(resolve(path)).is_dir():
-        return None
-    kind = (read_meta(resolve(path)) or {}).get("kind")
-    return kind if kind in STUDENT_KINDS else None
-
-
-def _t2i_teacher(path: str):
-    from ..latent.denoiser import TextToImageModel
-    from ..models import load_model, load_teacher
-
-    if _student_kind(path):
-        return load_model(path)
-    teacher = load_teacher(path)
-    if not isinstance(teacher, TextToImageModel):
-        raise ValueError(f"{path} is not a text-to-image teacher (no text encoder); use `cmkit sample` or "
-                         "`cmkit bench quality-vs-steps` for it")
-    return teacher
+    folder = resolve(path)
+    kind = (read_meta(folder) or {}).get("kind") if Path(folder).is_dir() else None
+    model = load_model(path) if kind in POLICIES else load_teacher(path)
+    try:
+        policy_of(model)
+    except ValueError:
+        raise ValueError(f"{path} is not a text-to-image teacher or student (no text encoder); use `cmkit sample` or "
+                         "`cmkit bench quality-vs-steps` for it") from None
+    return model
 
 
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
     from ..data.imagefiles import save_images
-    from ..sampling.text2image import lcm_sample, text_to_image
+    from ..sampling.text2image import text_to_image
 
-    kind = _student_kind(args.model)
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
         raise ValueError(f"--out must end in .npy or .png, got {out.name!r}")
-    model = _t2i_teacher(args.model)
-    args.steps = args.steps if args.steps is not None else (getattr(model, "steps", 4) if kind else 25)
-    if args.num_per_prompt < 1 or args.steps < 1:
+    if args.num_per_prompt < 1 or args.steps is not None and args.steps < 1:
         raise ValueError("--num-per-prompt and --steps must be >= 1")
-    w = _default_guidance(model, kind, args.guidance)
+    model = _t2i_model(args.model)
     _check_memory(model, len(args.prompt) * args.num_per_prompt)
     prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
-    gen = torch.Generator().manual_seed(args.seed)
-    if kind == "lcm":
-        x = lcm_sample(model, prompts, args.steps, guidance_scale=w, negative_prompts=args.negative_prompt,
-                       generator=gen, solver=args.solver)
-    else:  # a teacher, or a flow student: its sampler over its own grid is what its exported scheduler runs
-        if kind == "flow_cm" and args.solver not in (None, model.sampler):
-            raise ValueError(f"a flow student samples with its own sampler ({model.sampler}, what its exported "
-                             f"scheduler runs); --solver {args.solver} does not apply. Leave --solver out")
-        if kind == "flow_cm":
-            torch.manual_seed(args.seed)  # the re-noising sampler draws from torch's generator, as the pipeline does
-        solver = model.sampler if kind == "flow_cm" else args.solver or "ddim"
-        x = text_to_image(model, prompts, steps=args.steps, solver=solver, guidance_scale=w,
-                          negative_prompts=args.negative_prompt, generator=gen, spacing=None if kind else "trailing")
+    x = text_to_image(model, prompts, steps=args.steps, solver=args.solver, guidance_scale=args.guidance,
+                      negative_prompts=args.negative_prompt, generator=torch.Generator().manual_seed(args.seed))
     save_images(x.clamp(-1, 1), out)
     print(f"wrote {len(prompts)} images ({args.num_per_prompt} per prompt) to {out}")
 
@@ -154,33 +134,23 @@ def _check_memory(model, num: int) -> None:
                "--prompt")
 
 
-def _default_guidance(model, kind: str | None, given: float | None) -> float:
-    """``--guidance``, or the model's own default: 4 for a teacher and a full LCM (through its embedding), 1 for a
-    student that folds guidance in (an LCM-LoRA, which may still be guided on top; a flow student, which takes no
-    guidance at all, so another value is refused)."""
-    folded = kind == "flow_cm" or (kind == "lcm" and not model.fn.denoiser.embeds_guidance)
-    if kind == "flow_cm" and given not in (None, 1.0):
-        raise ValueError(f"{type(model).__name__} folds guidance in and samples at --guidance 1 (one pass a step); "
-                         f"--guidance {given:g} would guide on top of it. Leave --guidance out")
-    return (1.0 if folded else 4.0) if given is None else given
-
-
 def run_bench_t2i(args: argparse.Namespace) -> None:
     from ..eval.bench import EvalSettings
-    from ..eval.t2i_bench import flow_student_rows, lcm_rows, text_to_image_benchmark
-    from ..models.loading import resolve
+    from ..eval.t2i_bench import student_rows, text_to_image_benchmark
+    from ..core.assets import resolve
+    from ..sampling.kinds import POLICIES, TEACHER_KIND
 
     folders = named_folders(args.model)  # before anything is loaded
-    teacher = _t2i_teacher(args.teacher)
+    teacher = _t2i_model(args.teacher)
     ev = EvalSettings(num_samples=args.num, seeds=_ints(args.seeds, "--seeds"))
     models = {}
     for name, folder in folders.items():
-        kind, steps = _student_kind(folder), _ints(args.model_steps, "--model-steps")
-        if kind is None:
+        student = _t2i_model(folder)
+        if getattr(student, "kind", None) == TEACHER_KIND:
             raise ValueError(f"--model {folder}: not a distilled text-to-image model cmkit wrote (no cmkit.json of "
-                             f"kind {' or '.join(STUDENT_KINDS)})")
-        student = _t2i_teacher(folder)
-        models[name] = lcm_rows(student, steps, args.guidance) if kind == "lcm" else flow_student_rows(student, steps)
+                             f"a kind in {', '.join(k for k in POLICIES.names() if k != TEACHER_KIND)}); a teacher "
+                             "goes to --teacher")
+        models[name] = student_rows(student, _ints(args.model_steps, "--model-steps"), args.guidance)
     try:
         written = text_to_image_benchmark(teacher, resolve(args.teacher), ev, args.out,
                                           solvers=[s for s in args.solvers.split(",") if s],

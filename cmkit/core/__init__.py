@@ -1,5 +1,6 @@
 """Layer 1: noise levels in EDM units (``x_sigma = x_0 + sigma * z``): sigma grids, every set of scalings, noise-level
-samplers, and the two small utilities every layer shares (registries, atomic file writes). Depends on torch only."""
+samplers (``proposals``), and the two small utilities every layer shares (registries, atomic file writes). Depends on
+torch only."""
 
 from .grids import (
                     RHO,
@@ -35,13 +36,10 @@ from .schedules import (
                     shift_times,
 )
 from .trigflow import (
-                    FLOW_C_NOISE_SCALE,
-                    TRIG_C_NOISE_SCALE,
                     check_trig_times,
                     flow_to_sigma,
                     sigma_to_flow,
                     sigma_to_trig,
-                    trig_c_noise,
                     trig_scalings,
                     trig_to_sigma,
                     trig_velocity_from_x0,
@@ -50,8 +48,8 @@ from .trigflow import (
 __all__ = [
     "RHO", "SIGMA_MAX", "SIGMA_MIN", "SIGMA_DATA", "C_NOISE_SCALE", "Registry", "append_dims", "as_batch_sigma",
     "boundary_scalings", "c_noise", "check_sigmas", "edm_loss_weight", "edm_scalings", "karras_ascending",
-    "karras_index", "karras_sigmas", "karras_steps", "log_spaced", "FLOW_C_NOISE_SCALE", "TRIG_C_NOISE_SCALE",
-    "check_trig_times", "flow_to_sigma", "sigma_to_flow", "sigma_to_trig", "trig_c_noise", "trig_scalings",
-    "trig_to_sigma", "trig_velocity_from_x0", "EDMSchedule", "FlowMatchSchedule", "NoiseSchedule",
-    "TrigFlowSchedule", "VPSchedule", "flux_mu", "mu_shift_times", "schedule_of", "shift_times",
+    "karras_index", "karras_sigmas", "karras_steps", "log_spaced", "check_trig_times", "flow_to_sigma",
+    "sigma_to_flow", "sigma_to_trig", "trig_scalings", "trig_to_sigma", "trig_velocity_from_x0", "EDMSchedule",
+    "FlowMatchSchedule", "NoiseSchedule", "TrigFlowSchedule", "VPSchedule", "flux_mu", "mu_shift_times", "schedule_of",
+    "shift_times",
 ]

@@ -25,8 +25,6 @@ import torch
 
 from .scalings import SIGMA_DATA
 
-OUTPUT_KINDS = ("epsilon", "v_prediction", "sample", "flow")
-
 
 def _t(x) -> torch.Tensor:
     x = torch.as_tensor(x)

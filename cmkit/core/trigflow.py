@@ -8,6 +8,17 @@ is, in sigma space, ``f = cos^2(t) x_sigma - sigma_d sin(t) F(cos(t) x_sigma / s
 
 Flow matching (MeanFlow, Geng et al. 2025): ``z_t = (1 - t) x0 + t eps``, ``t in [0, 1]``, so
 ``z_t = (1 - t) x_sigma`` with ``sigma = t / (1 - t)``.
+
+The maps between these times and sigma are the schedules' own (``TrigFlowSchedule``, ``FlowMatchSchedule`` in
+``schedules.py``, exact at sigma = 0 and sigma = inf); the functions here name them.
+
+The networks' time inputs are the times themselves: TrigFlow's t in [0, pi/2] (sCM's c_noise(t) = t), and MeanFlow's
+t and t - r in [0, 1]. The continuous-time objectives train on the network's derivative in t (a JVP), and a time
+input scaled up for sinusoidal embeddings puts high frequencies into that derivative: measured on 1-D Gaussian data
+with the exact teacher (sCD, 1500 steps), a scale of 1 or 10 converged (one-step RMS error 0.02 / 0.05 of the exact
+map), 100 and 2000/pi (DDPM's 0..1000) did not move from the start (0.56). MeanFlow on the S-curve: one-step sliced
+W2 0.059 with scale 1 against 0.38 with 1000. (The same reason sCM gives for leaving 250 log(sigma), whose
+derivative 250 / (sin t cos t) blows up at both ends.)
 """
 
 from __future__ import annotations
@@ -17,27 +28,21 @@ import math
 import torch
 
 from .scalings import SIGMA_DATA
+from .schedules import FlowMatchSchedule, TrigFlowSchedule
 
-# The networks' time inputs are the times themselves: TrigFlow's t in [0, pi/2] (sCM's c_noise(t) = t), and
-# MeanFlow's t and t - r in [0, 1]. The continuous-time objectives train on the network's derivative in t (a JVP),
-# and a time input scaled up for sinusoidal embeddings puts high frequencies into that derivative: measured on 1-D
-# Gaussian data with the exact teacher (sCD, 1500 steps), a scale of 1 or 10 converged (one-step RMS error 0.02 /
-# 0.05 of the exact map), 100 and 2000/pi (DDPM's 0..1000) did not move from the start (0.56). MeanFlow on the
-# S-curve: one-step sliced W2 0.059 with scale 1 against 0.38 with 1000. (The same reason sCM gives for leaving
-# 250 log(sigma), whose derivative 250 / (sin t cos t) blows up at both ends.)
-TRIG_C_NOISE_SCALE = 1.0
-FLOW_C_NOISE_SCALE = 1.0
+_FLOW = FlowMatchSchedule()
 
 
 def sigma_to_trig(sigma, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
-    """TrigFlow time ``t = arctan(sigma / sigma_d)``."""
-    return torch.atan(torch.as_tensor(sigma) / sigma_data)
+    """TrigFlow time ``t = arctan(sigma / sigma_d)`` (pi/2 at sigma = inf): ``TrigFlowSchedule.time``."""
+    return TrigFlowSchedule(sigma_data).time(sigma)
 
 
 def trig_to_sigma(t, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
-    """Sigma of TrigFlow time t in (0, pi/2): ``sigma = sigma_d tan t``."""
+    """Sigma of TrigFlow time t in (0, pi/2): ``sigma = sigma_d tan t`` (``TrigFlowSchedule.sigma``), refusing times
+    outside that interval."""
     t = torch.as_tensor(t)
-    return sigma_data * torch.tan(check_trig_times(t if t.is_floating_point() else t.double()))
+    return TrigFlowSchedule(sigma_data).sigma(check_trig_times(t if t.is_floating_point() else t.double()))
 
 
 def trig_scalings(t: torch.Tensor, sigma_data: float = SIGMA_DATA):
@@ -45,10 +50,6 @@ def trig_scalings(t: torch.Tensor, sigma_data: float = SIGMA_DATA):
     ``(cos^2 t, -sigma_d sin t, cos(t) / sigma_d)``, so ``f(x_sigma, 0) = x_sigma`` exactly."""
     cos, sin = torch.cos(t), torch.sin(t)
     return cos * cos, -sigma_data * sin, cos / sigma_data
-
-
-def trig_c_noise(t: torch.Tensor) -> torch.Tensor:
-    return TRIG_C_NOISE_SCALE * t
 
 
 def check_trig_times(t: torch.Tensor, what: str = "TrigFlow time t") -> torch.Tensor:
@@ -67,11 +68,11 @@ def trig_velocity_from_x0(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) 
 
 
 def sigma_to_flow(sigma) -> torch.Tensor:
-    """Flow-matching time ``t = sigma / (1 + sigma)``."""
-    sigma = torch.as_tensor(sigma)
-    return sigma / (1 + sigma)
+    """Flow-matching time ``t = sigma / (1 + sigma)``, exactly 1 at sigma = inf and 0 at 0:
+    ``FlowMatchSchedule.time``."""
+    return _FLOW.time(sigma)
 
 
 def flow_to_sigma(t) -> torch.Tensor:
-    t = torch.as_tensor(t)
-    return t / (1 - t)
+    """Sigma of flow-matching time t: ``sigma = t / (1 - t)`` (inf at t = 1): ``FlowMatchSchedule.sigma``."""
+    return _FLOW.sigma(t)

@@ -1,8 +1,9 @@
-"""Captioned image sets read from shards rather than held in memory (webdataset tars, Hugging Face datasets): the
-registry of their readers (``CAPTION_STREAMS``: one module each, registering a ``CaptionStream``, whether it reads a
-data section and its opener ``(data section, seed) -> CaptionSource``) and ``StreamedCaptions``, what the job layer
-hands a text-to-image kind in place of a ``Dataset``. Nothing is decoded here: the latent cache reads the source
-once, shard by shard, and training reads the cache."""
+"""Captioned image sets read from shards rather than held in memory: ``StreamedCaptions``, what the job layer hands a
+text-to-image kind in place of a ``Dataset`` (webdataset tars, a ``data.path`` format: ``tar_shards``; Hugging Face
+datasets), and the registry of the streams a data section names by keys other than ``data.path`` (``CAPTION_STREAMS``:
+one module each, registering a ``CaptionStream``, whether it reads a data section and its opener ``(data section,
+seed) -> CaptionSource``; ``hf_captions`` for ``data.hf_dataset``). Nothing is decoded here: the latent cache reads the
+source once, shard by shard, and training reads the cache."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ CAPTION_STREAMS: Registry[CaptionStream] = Registry("caption stream")
 
 @dataclass
 class StreamedCaptions:
-    source: object          # a cmkit.latent.caption_sources.CaptionSource
+    source: object          # a cmkit.data.caption_sources.CaptionSource
     train_captions = None   # not known before the source is read: kinds that need every caption up front refuse it
     test_captions = None
     num_classes = None
@@ -45,9 +46,9 @@ class StreamedCaptions:
                          "flow_cd, latent_scd, ...), which read it through the latent cache")
 
 
-def open_caption_stream(d, seed: int = 0) -> StreamedCaptions | None:
-    """The streamed set a data section names (the first registered stream that claims it: ``data.hf_dataset``, a
-    ``data.path`` of webdataset tars), or None where it names data held in memory."""
+def claimed_stream(d, seed: int = 0) -> StreamedCaptions | None:
+    """The streamed set a data section names by a stream's own keys (the first registered stream that claims it:
+    ``data.hf_dataset``), or None (``data.path`` and ``data.name`` are read by ``loading.open_dataset``)."""
     for name in CAPTION_STREAMS.names():
         stream = CAPTION_STREAMS[name]
         if stream.claims(d):

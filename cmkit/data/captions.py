@@ -1,6 +1,7 @@
 """Captioned image folders for text-to-image training, in the two layouts users already have: every image with a
 same-name ``.txt`` caption beside it, or a Hugging Face image folder with a ``metadata.jsonl`` of
-``{"file_name": ..., "text": ...}`` rows."""
+``{"file_name": ..., "text": ...}`` rows. Asked before plain image folders: a folder with captions is this format
+(and a folder with a caption file cmkit does not read, a ``metadata.csv``, is a one-line error saying what to do)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path, PureWindowsPath
 
 import numpy as np
 
-from .dataset import Dataset, _split
-from .images import IMAGE_SUFFIXES, read_image
+from .dataset import Dataset, split
+from .formats import PATH_FORMATS, PathFormat
+from .image_folders import IMAGE_SUFFIXES, read_image
 
 METADATA = "metadata.jsonl"
 
@@ -124,6 +126,12 @@ def load_caption_folder(path, size: int = 0, test_fraction: float = 0.1) -> Data
     texts = list(captions.values())
     idx = np.arange(len(x))
     n_test = max(1, int(round(test_fraction * len(x))))
-    tr, te, itr, ite = _split(x, idx, n_test)
+    tr, te, itr, ite = split(x, idx, n_test)
     return Dataset(root.name, tr, te, train_captions=[texts[i] for i in itr.tolist()],
                    test_captions=[texts[i] for i in ite.tolist()])
+
+
+PATH_FORMATS.register("caption_folder", PathFormat(
+    claims=lambda path: Path(path).is_dir() and has_captions(path),
+    load=lambda path, d, seed: load_caption_folder(path, d.image_size),
+    what=f"a folder of images with captions, a .txt beside each or a {METADATA}", order=20))

@@ -1,17 +1,18 @@
 """The ``Dataset`` every source returns (tensors already in the sigma_data convention, a fixed held-out split), the
-dataset registry (``data.name``) and ``load_dataset``, which also reads ``.npy`` arrays and image folders
-(``data.path``). Models never see files."""
+registry of named sets (``data.name``), the held-out split and the checks every array loader shares. Imports nothing
+else of ``cmkit.data`` but the caption-source type a captioned set hands the latent cache: every loader builds on
+this module, never the other way round. Models never see files."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..core import Registry
+from .caption_sources import ArraySource
 
 TRAIN_SEED, TEST_SEED = 0, 1
 
@@ -38,8 +39,6 @@ class Dataset:
         """The captioned images as a source of latent-cache shards (None for a set without captions)."""
         if self.train_captions is None:
             return None
-        from ..latent.caption_sources import ArraySource  # the latent stack loads on use
-
         return ArraySource(self.train, self.train_captions, self.name)
 
     def batches(self, conditional: bool = False, hflip: bool = False):
@@ -61,14 +60,16 @@ class Dataset:
         return draw
 
 
-def _split(x: np.ndarray, y: np.ndarray | None, n_test: int):
+def split(x: np.ndarray, y: np.ndarray | None, n_test: int):
+    """``(train, test, train labels, test labels)`` as tensors: ``n_test`` rows held out, the same ones on every
+    call (a permutation drawn from ``TEST_SEED``); labels None where ``y`` is."""
     perm = np.random.default_rng(TEST_SEED).permutation(len(x))
     te, tr = perm[:n_test], perm[n_test:]
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return t(x[tr]), t(x[te]), (t(y[tr]) if y is not None else None), (t(y[te]) if y is not None else None)
 
 
-def _check_finite(arr: np.ndarray, where: str) -> None:
+def check_finite(arr: np.ndarray, where: str) -> None:
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).reshape(len(arr), -1).any(1).sum())
         raise ValueError(f"{where} has {bad} samples with NaN or inf values; clean or drop them")
@@ -81,56 +82,3 @@ def check_real(arr: np.ndarray, where: str) -> None:
                          "(np.abs) as a float array")
     if not np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_:
         raise ValueError(f"{where}: expected a numeric array, got dtype {arr.dtype}")
-
-
-def load_npy(path, test_fraction: float = 0.1) -> Dataset:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{path} is not a plain .npy array ({e})") from None
-    if arr.ndim not in (2, 4):
-        raise ValueError(f"{path}: expected shape (n, d) or (n, C, H, W), got {arr.shape}")
-    check_real(arr, str(path))
-    arr = arr.astype(np.float32)
-    _check_finite(arr, str(path))
-    if len(arr) < 2:
-        raise ValueError(f"{path}: need at least 2 samples, got {len(arr)}")
-    perm = np.random.default_rng(TEST_SEED).permutation(len(arr))
-    n_test = max(1, int(round(test_fraction * len(arr))))
-    test, train = arr[perm[:n_test]], arr[perm[n_test:]]
-    return Dataset(path.stem, torch.from_numpy(train), torch.from_numpy(test))
-
-
-def dataset_names() -> list[str]:
-    return DATASETS.names()
-
-
-def load_dataset(name: str | None = None, path: str | None = None, image_size: int = 0,
-                 channels: int = 0) -> Dataset:
-    """A named dataset, a ``.npy`` file or a folder of images. One-line errors name the known choices."""
-    if channels not in (0, 1, 3):
-        raise ValueError(f"data.channels must be 1 (gray), 3 (RGB) or 0 (as the first image), got {channels}")
-    if path:
-        if Path(path).is_dir():
-            from .captions import has_captions, load_caption_folder
-            from .images import load_image_folder
-
-            if has_captions(path):
-                return load_caption_folder(path, image_size)
-
-            return load_image_folder(path, image_size, channels)
-        return load_npy(path)
-    try:
-        loader = DATASETS[name]
-    except ValueError as e:
-        raise ValueError(f"{e}; or set data.path to a .npy file or an image folder") from None
-    data = loader()
-    size = data.sample_shape[-1] if len(data.sample_shape) == 3 else None
-    if image_size and image_size != size:  # a named set comes at its own size: silently ignoring the key misleads
-        raise ValueError(f"data.image_size = {image_size}, but data.name {name!r} comes at "
-                         f"{f'{size}x{size}' if size else 'no image size'} and is not resized; remove "
-                         "data.image_size (it resizes image folders given as data.path)")
-    return data

@@ -26,7 +26,6 @@ COLOURS = {
 }
 ITEM_NAMES = list(ITEMS.values())
 COLOUR_NAMES = list(COLOURS)
-SIZE = 32
 
 
 def prompt(colour: str, item: str) -> str:

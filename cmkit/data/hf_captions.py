@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .caption_sources import CaptionSource, decoded_chunks
 from .caption_streams import CAPTION_STREAMS, CaptionStream
 
 
@@ -37,7 +38,7 @@ def _load(d):
     return datasets.load_dataset(name, split=d.split, streaming=d.streaming)
 
 
-class HFCaptions:  # a latent.caption_sources.CaptionSource
+class HFCaptions(CaptionSource):
     def __init__(self, d, seed: int = 0):
         if d.image_size <= 0:
             raise ValueError("data.hf_dataset needs data.image_size (the training resolution images are resized "
@@ -79,9 +80,8 @@ class HFCaptions:  # a latent.caption_sources.CaptionSource
                 image.get("bytes") or Path(image["path"]).read_bytes(), caption)
 
     def read(self, shard: int, batch: int):
-        from ..latent.caption_sources import decoded_chunks  # the latent stack loads on use
-
         return decoded_chunks(self, shard, self._items(shard), batch)
+
 
 CAPTION_STREAMS.register("hf", CaptionStream(claims=lambda d: bool(d.hf_dataset),
                                              open=lambda d, seed: HFCaptions(d, seed)))

@@ -37,7 +37,7 @@ def load_images(path, channels: int | None = None, pixels: bool = True) -> torch
         return torch.from_numpy(arr)
     from PIL import Image
 
-    from .images import GREY_MODES, read_image
+    from .image_folders import GREY_MODES, read_image
 
     try:
         with Image.open(path) as im:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .caption_streams import CAPTION_STREAMS, CaptionStream
+from .caption_sources import CaptionSource, decoded_chunks
+from .caption_streams import StreamedCaptions
+from .formats import PATH_FORMATS, PathFormat
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -54,7 +56,7 @@ def _image_and_caption(sample: dict) -> tuple[bytes, str]:
     raise ValueError("no txt or json caption")
 
 
-class TarShards:  # a latent.caption_sources.CaptionSource
+class TarShards(CaptionSource):
     def __init__(self, pattern: str, image_size: int, crop: str = "center", seed: int = 0):
         if image_size <= 0:
             raise ValueError("webdataset shards need data.image_size (the training resolution images are resized "
@@ -86,11 +88,9 @@ class TarShards:  # a latent.caption_sources.CaptionSource
             yield path.name, broken
 
     def read(self, shard: int, batch: int):
-        from ..latent.caption_sources import decoded_chunks  # the latent stack loads on use
-
         return decoded_chunks(self, shard, self._items(shard), batch)
 
 
-CAPTION_STREAMS.register("webdataset", CaptionStream(
-    claims=lambda d: bool(d.path) and not d.hf_dataset and is_tar_pattern(d.path),
-    open=lambda d, seed: TarShards(d.path, d.image_size, d.crop, seed)))
+PATH_FORMATS.register("webdataset", PathFormat(
+    claims=is_tar_pattern, load=lambda path, d, seed: StreamedCaptions(TarShards(path, d.image_size, d.crop, seed)),
+    what="webdataset .tar shards: a .tar, a folder of them or a pattern such as shards/{00000..00099}.tar", order=10))

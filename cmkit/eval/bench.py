@@ -203,7 +203,7 @@ def model_fingerprint(model) -> str:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     parts = getattr(model, "parts", None)
     if parts is not None:
-        from ..latent.latent_cache import weights_digest
+        from ..core.digests import weights_digest
 
         h.update(weights_digest(parts).encode())
     return h.hexdigest()[:16]

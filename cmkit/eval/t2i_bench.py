@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..data.fashion_colours import all_prompts
+from ..sampling.kinds import policy_of
 from ..sampling.text2image import text_to_image
 from ..solvers import SOLVERS
 from .bench import EvalSettings, measure_jobs
@@ -57,35 +58,18 @@ def grid_passes(solver: str, sigmas: list[float]) -> int:
     return sum(1 if math.isinf(a) or b == 0 else per for a, b in zip(sigmas, sigmas[1:], strict=False))
 
 
-def lcm_rows(model, steps=(1, 2, 4, 8), guidance_scale: float = 4.0) -> list[tuple]:
-    """``(nfe, model, run)`` rows of a latent consistency model at each step count: a full LCM takes the guidance
-    scale through its embedding (one pass a step); an LCM-LoRA, which folds guidance in, samples unguided."""
-    from ..sampling.text2image import lcm_sample
-
-    w = guidance_scale if model.fn.denoiser.embeds_guidance else 1.0
+def student_rows(model, steps=(1, 2, 4, 8), guidance_scale: float = 4.0) -> list[tuple]:
+    """``(nfe, model, run)`` rows of a distilled text-to-image model at each step count, sampled as its kind
+    samples (``cmkit.sampling.kinds``): at ``guidance_scale`` where its kind follows a teacher's guidance (a full
+    LCM's embedding), else at its own default (a student that folds guidance in samples unguided)."""
+    w = guidance_scale if policy_of(model).follows_guidance(model) else None
 
     def row(k):
         def run(n, g, c):
             prompts = prompt_list(n)
             noise = torch.randn(n, *model.sample_shape, generator=g)
-            return _batched(lambda a, b: lcm_sample(model, prompts[a:b], k, guidance_scale=w, latents=noise[a:b],
-                                                    generator=g, return_nfe=True), n)
-        return (k, model, run)
-    return [row(k) for k in steps]
-
-
-def flow_student_rows(model, steps=(1, 2, 4, 8)) -> list[tuple]:
-    """``(nfe, model, run)`` rows of a few-step student of a flow teacher: its sampler over its own grid (what its
-    exported scheduler runs: Euler, or re-noising with noise from torch's generator, seeded from ``g`` here),
-    guidance folded in (one pass a step)."""
-    def row(k):
-        def run(n, g, c):
-            prompts = prompt_list(n)
-            noise = torch.randn(n, *model.sample_shape, generator=g)
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-            return _batched(lambda a, b: text_to_image(model, prompts[a:b], steps=k, solver=model.sampler,
-                                                       guidance_scale=1.0, latents=noise[a:b], spacing=None,
-                                                       return_nfe=True), n)
+            return _batched(lambda a, b: text_to_image(model, prompts[a:b], steps=k, guidance_scale=w,
+                                                       latents=noise[a:b], generator=g, return_nfe=True), n)
         return (k, model, run)
     return [row(k) for k in steps]
 

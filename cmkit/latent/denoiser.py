@@ -1,6 +1,6 @@
 """Latent text-to-image models in cmkit's sigma space: the guidance every family shares (``GuidedDenoiser``:
-classifier-free guidance as one batched pass, or a guidance embedding), the Stable Diffusion UNet as a guided
-denoiser (``LatentDenoiser``, SD 1.x / 2.x and SDXL), and ``TextToImageModel``, which adds the VAE and the prompt
+classifier-free guidance as one batched pass, or a guidance embedding; each family's denoiser builds on it), and
+``TextToImageModel``, which adds the VAE and the prompt
 encoder and reads and writes diffusers pipeline folders through its family's adapter (``family.py``).
 
     D_w(z, sigma) = D(z, sigma | negative) + w (D(z, sigma | prompt) - D(z, sigma | negative))
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..core import append_dims, as_batch_sigma
+from ..core.assets import hub_load_kw, looks_like_hub_id, resolve
 from ..core.files import atomic_dir
-from ..models.denoisers import DiffusersDenoiser
 from .autoencoder import vae_decode, vae_encode
 from .components import UNSUPPORTED, read_model_index
 from .family import FAMILIES, family_of
@@ -105,46 +105,6 @@ class GuidedDenoiser:
         return TextToImageModel(self, vae, prompts, config).save_pretrained(folder)
 
 
-class LatentDenoiser(GuidedDenoiser, DiffusersDenoiser):
-    """A text-conditioned ``UNet2DConditionModel`` (SD 1.x / 2.x, SDXL: epsilon, v or sample prediction over a VP
-    table) as a guided denoiser of latents. Since x_0 is affine in the network output at fixed ``z``, guidance in
-    x_0 equals diffusers' guidance in epsilon or v. A UNet with a guidance embedding (``time_cond_proj_dim``, LCM's)
-    takes ``guidance_scale - 1`` through it (the pipeline convention)."""
-
-    def __init__(self, unet: nn.Module, scheduler, prediction_type: str | None = None,
-                 clip_x0: float | None = None):
-        DiffusersDenoiser.__init__(self, unet, scheduler, prediction_type, clip_x0)
-        self.pipeline_parts = None  # (vae, prompt encoder, pipeline config): set when saving writes a whole pipeline
-
-    @property
-    def network(self) -> nn.Module:
-        return self.unet
-
-    @property
-    def embeds_guidance(self) -> bool:
-        return bool(self.unet.config.get("time_cond_proj_dim"))
-
-    forward = GuidedDenoiser.forward
-
-    def _denoise(self, z, sigma, w, cond: dict) -> torch.Tensor:
-        s = append_dims(sigma, z.ndim)
-        dt = self.unet.dtype
-        at = lambda v: None if v is None else v.to(z.device, dt)  # noqa: E731  (encoders may differ in dtype)
-        pooled, time_ids = cond.get("pooled_prompt_embeds"), cond.get("add_time_ids")
-        added = None
-        if pooled is not None or time_ids is not None:
-            if pooled is None or time_ids is None:
-                raise ValueError("an SDXL UNet needs both pooled_prompt_embeds and add_time_ids")
-            added = {"text_embeds": at(pooled), "time_ids": at(time_ids)}
-        timestep_cond = cond.get("timestep_cond")
-        if self.embeds_guidance and timestep_cond is None:
-            timestep_cond = guidance_embedding(w - 1, self.unet.config.time_cond_proj_dim)
-        # timesteps in float32: half precision would round 999 to 1000
-        out = self.unet(self.schedule.to_native(z, s).to(dt), self.sigma_to_t(sigma).to(time_dtype(z)),
-                        encoder_hidden_states=at(cond["prompt_embeds"]), added_cond_kwargs=added,
-                        timestep_cond=at(timestep_cond)).sample
-        return self.to_x0(z, s, out.to(z.dtype), clip=False)
-
 class LatentDenoiserView:
     """What a model built around a latent denoiser (``self.denoiser``) shows of it: the network, the scheduler and
     its noise schedule, the noise range and the latent shape, so samplers and solvers treat the wrapper as the
@@ -193,6 +153,8 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
     ``config["pipeline"]``). Called as a denoiser of latents; ``encode_prompt`` / ``encode`` / ``decode`` are the
     rest of a pipeline. ``image_size``: the pixel size it samples (the family's default, e.g. the UNet's
     ``sample_size`` times the VAE's factor; set it to sample another size where the network takes it)."""
+
+    kind = "teacher"  # how it samples (cmkit.sampling.kinds): a guided PF-ODE solve over its pipeline's grid
 
     def __init__(self, denoiser, vae: nn.Module, prompt_encoder, config: dict | None = None):
         super().__init__()
@@ -256,8 +218,22 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         ``StableDiffusion3Pipeline``, ``FluxPipeline``)."""
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
-            self.family.pipeline(self).save_pretrained(tmp, safe_serialization=True)
+            self.family.write(self, tmp)
         return folder
+
+    @classmethod
+    def open(cls, name) -> TextToImageModel:
+        """A pipeline folder, shipped ``cmkit:NAME`` or hub id (offline: the local hub cache alone, which answers at
+        once), as a LoRA student's recorded base is opened; a one-line error where there is none."""
+        path = resolve(name)
+        if not Path(path).is_dir() and not looks_like_hub_id(path):
+            raise FileNotFoundError(f"text-to-image pipeline folder {path!r} does not exist")
+        try:
+            return cls.from_pretrained(path, **({} if Path(path).is_dir() else hub_load_kw()))
+        except OSError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise FileNotFoundError(f"could not load {path!r}: no such folder here, and as a hub id ({first}); "
+                                    "download it where there is network access and pass the local folder") from e
 
     @classmethod
     def from_pretrained(cls, path: str, clip_x0: float | None = None, dtype: torch.dtype = torch.float32,
@@ -273,7 +249,7 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         model = family_of(name, path).load(str(path), index, torch.float32, clip_x0, load_kw)
         if dtype != torch.float32:
             # what students record of their base is the weights as stored, whatever they are held in here
-            from .latent_cache import weights_digest
+            from ..core.digests import weights_digest
 
             model.__dict__["source_digest"] = weights_digest(model)
             model.denoiser.network.to(dtype)

@@ -1,12 +1,14 @@
 """Pipeline families: one adapter per diffusers text-to-image pipeline class, registered under the class name a
 folder's ``model_index.json`` gives (``_class_name``).
 
-An adapter owns everything that differs between pipelines: reading the folder's components into a denoiser of
-latents in sigma space (the network call, the schedule), a prompt encoder that encodes exactly as the pipeline does,
-its scheduler's own grid (``grid``: step for step what the pipeline runs), writing a model back as a folder of the
-same pipeline class (``pipeline``), and its LoRA layout (``lora_targets``, ``network``: the component a LoRA
-adapts). Everything above sees only ``D(z, sigma, **cond)``. Adding a family is one file in ``families/`` with a
-``@register_family`` class, plus its import in ``families/__init__.py``.
+An adapter is the only place that knows its pipeline: reading the folder's components into a denoiser of latents in
+sigma space (the network call, the schedule) with a prompt encoder that encodes exactly as the pipeline does
+(``load``), its scheduler's own grid (``grid``), its default image size and patching (``default_image_size``,
+``latent_shape``), the kind of few-step student it distils into (``student``), its LoRA layout (``network``: the
+component a LoRA adapts, ``lora_targets``: its modules, ``write_lora``: the file ``load_lora_weights`` reads), a
+tiny random stand-in of itself (``tiny``: dry runs and tests), and writing a model back as a folder of its pipeline
+class (``pipeline``, ``write``). Everything above sees only ``D(z, sigma, **cond)`` and these hooks. Adding a family
+is one file in ``families/`` with a ``@register_family`` class, plus its import in ``families/__init__.py``.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ class PipelineFamily:
     """The hooks one pipeline class provides (see the module docstring)."""
 
     name: str = ""                      # the diffusers pipeline class, as model_index.json's _class_name
-    network: str = "unet"               # the component that denoises: "unet" or "transformer"
+    network: str = "unet"               # the component that denoises and that a LoRA adapts: "unet" / "transformer"
     encoders: tuple[str, ...] = ()      # text-encoder components, in the pipeline's order
-    lora_targets: tuple[str, ...] = ()  # module names a LoRA adapts by default
+    lora_targets: tuple[str, ...] = ()  # module names (suffixes) of the network a LoRA adapts by default
+    student: str = ""                   # the model kind (MODEL_KINDS) of its few-step students: "lcm", "flow_cm"
 
     def load(self, path: str, index: dict, dtype, clip_x0, load_kw: dict):
         """A ``TextToImageModel`` of the folder at ``path``."""
@@ -57,6 +60,21 @@ class PipelineFamily:
         """The latent shape of one image of ``image_size`` pixels (a one-line error where patching cannot take
         it)."""
         raise NotImplementedError
+
+    def tiny(self, texts: list[str] | None = None, image_size: int = 32, seed: int = 0):
+        """A randomly initialised ``TextToImageModel`` of this class, small enough for a CPU (what ``--dry-run``
+        stands in for weights that are not here, and what tests build)."""
+        raise NotImplementedError(f"the {self.name} adapter has no tiny stand-in; dry runs need its weights")
+
+    def write(self, model, folder) -> None:
+        """Write ``model`` as a folder of this pipeline class (``folder`` exists and is empty)."""
+        self.pipeline(model).save_pretrained(folder, safe_serialization=True)
+
+    def write_lora(self, model, folder, state: dict) -> None:
+        """Write a LoRA adapter's ``state`` (peft's key layout) on ``model``'s network as the file this pipeline's
+        ``load_lora_weights`` reads."""
+        type(self.pipeline(model)).save_lora_weights(folder, **{f"{self.network}_lora_layers": state},
+                                                     safe_serialization=True)
 
 
 def register_family(cls):

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from torch import nn
 
+from ..core.digests import weights_digest
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiserView, TextToImageModel
-from .latent_cache import weights_digest
 from .students import SharedPartsStudent, check_base_hash, check_lora_fits, read_lora_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -152,16 +152,12 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         adapter = net.peft_config["default"]
         meta["lora_config"] = {"r": adapter.r, "lora_alpha": adapter.lora_alpha,
                                "target_modules": sorted(adapter.target_modules)}
-        pipe_cls = type(self.family.pipeline(self.parts))
-        pipe_cls.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(net),
-                                   safe_serialization=True)
+        self.family.write_lora(self.parts, tmp, get_peft_model_state_dict(net))
 
     @classmethod
     def from_pretrained(cls, folder, base=None) -> FlowConsistencyModel:
         """A student pipeline folder, or a LoRA student on its base teacher (``base``: a loaded
         ``TextToImageModel``, or by default the folder or hub id recorded when it was trained)."""
-        from ..models.loading import load_teacher
-
         meta = read_meta(folder) or {}
         kw = {k: meta[k] for k in ("steps", "guidance_scale", "sampler") if k in meta}
         if not meta.get("lora"):
@@ -171,7 +167,7 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         if not given and not meta.get("base"):
             raise ValueError(f"{Path(folder) / META_FILE} records no base teacher; pass the one it was trained on "
                              "as base=")
-        base = base if given else load_teacher(meta["base"])
+        base = base if given else TextToImageModel.open(meta["base"])
         lc = meta.get("lora_config")
         if not (isinstance(lc, dict) and {"r", "lora_alpha", "target_modules"} <= set(lc)):
             raise ValueError(f"{Path(folder) / META_FILE} lacks lora_config's r, lora_alpha and target_modules; "

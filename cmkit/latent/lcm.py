@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from ..core import append_dims, as_batch_sigma
+from ..core.digests import weights_digest
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
-from .denoiser import LatentDenoiser, LatentDenoiserView, TextToImageModel, guidance_embedding  # noqa: F401
-from .latent_cache import weights_digest
+from .denoiser import LatentDenoiserView, TextToImageModel
+from .families.unet import LatentDenoiser
 from .students import SharedPartsStudent, check_base_hash, check_lora_fits, read_lora_file
 
 LCM_SIGMA_DATA = 0.5
@@ -167,15 +168,11 @@ class LatentConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         return Path(folder)
 
     def _save_lora(self, folder, meta: dict) -> Path:
-        import diffusers
-
-        pipe_cls = diffusers.StableDiffusionXLPipeline if self.parts.prompt_encoder.xl else \
-            diffusers.StableDiffusionPipeline
         adapter = self.unet.peft_config["default"]
         meta["lora_config"] = {"r": adapter.r, "lora_alpha": adapter.lora_alpha,
                                "target_modules": sorted(adapter.target_modules)}
         with atomic_dir(folder) as tmp:
-            pipe_cls.save_lora_weights(tmp, unet_lora_layers=lora_state_dict(self.unet), safe_serialization=True)
+            self.parts.family.write_lora(self.parts, tmp, lora_state_dict(self.unet))
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return Path(folder)
 
@@ -241,14 +238,12 @@ def check_lcm_meta(folder, meta: dict, lora: bool = False) -> None:
 def lora_base(folder, meta: dict, base):
     """The base teacher of an LCM-LoRA folder (``base`` when given, else the one it records) and whether it was
     given; one-line errors where there is none or it is not an SD / SDXL text-to-image teacher."""
-    from ..models.loading import load_teacher
-
     given = base is not None
     if not given:
         if not meta.get("base"):
             raise ValueError(f"{Path(folder) / META_FILE} records no base teacher; pass the teacher it was trained "
                              "on as base=")
-        base = load_teacher(meta["base"])
+        base = TextToImageModel.open(meta["base"])
     if not isinstance(base, TextToImageModel) or not isinstance(base.denoiser, LatentDenoiser):
         what = meta.get("base") if not given else type(base).__name__
         raise ValueError(f"{folder}: the base {what!r} is not a text-to-image teacher with an SD / SDXL UNet; an "

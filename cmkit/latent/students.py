@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..core.digests import weights_digest
 from ..core.files import note
-from .latent_cache import weights_digest
 
 
 class SharedPartsStudent:

@@ -1,10 +1,7 @@
-"""The text side of a latent text-to-image model: CLIP tokenizers and text encoders (through ``transformers``) and
-prompt encoding exactly as diffusers' Stable Diffusion pipelines do it, for both layouts:
-
-- SD 1.x / 2.x: one encoder; the prompt embedding is its last hidden state; the unconditional prompt is ``""``.
-- SDXL: two encoders, the penultimate hidden states of both concatenated along features, the pooled (projected)
-  embedding of the second, and six "time ids" ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``; with no
-  negative prompt and ``force_zeros_for_empty_prompt`` the unconditional embeddings are zeros.
+"""What every family's prompt encoder shares: prompt lists and their negatives, tokenisation as diffusers'
+pipelines tokenise (padded and truncated, with their warning where a prompt was cut), small CLIP text encoders
+(through ``transformers``) and offline tokenizers. How a family turns tokens into its conditioning lives in its own
+file under ``families/``.
 
 Tokenizers for tiny models are learnt offline over a prompt vocabulary (a small deterministic BPE learner) and read
 through ``transformers.CLIPTokenizer``.
@@ -19,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -131,71 +127,3 @@ def tokenize(tok, texts: list[str], max_length: int, **kw):
         warnings.warn(f"prompts longer than {max_length} tokens were truncated (the encoder takes {max_length}); "
                       f"dropped: {[c for c in cut if c.strip()]}", stacklevel=3)
     return tokens
-
-
-class PromptEncoder(nn.Module):
-    """Prompts -> the conditioning a latent denoiser takes. ``encoders`` / ``tokenizers``: one pair (SD) or two
-    (SDXL, the second with a projection); ``image_size``: the pixel size SDXL's time ids describe."""
-
-    def __init__(self, encoders: list[nn.Module], tokenizers: list, force_zeros_for_empty_prompt: bool = False,
-                 image_size: tuple[int, int] | None = None):
-        super().__init__()
-        if len(encoders) != len(tokenizers) or len(encoders) not in (1, 2):
-            raise ValueError("a prompt encoder takes one or two (tokenizer, text encoder) pairs")
-        self.encoders = nn.ModuleList(encoders)
-        self.tokenizers = list(tokenizers)
-        self.force_zeros = force_zeros_for_empty_prompt
-        self.image_size = image_size
-
-    @property
-    def xl(self) -> bool:
-        return len(self.encoders) == 2
-
-    @property
-    def pipeline(self) -> str:
-        return "StableDiffusionXLPipeline" if self.xl else "StableDiffusionPipeline"
-
-    def settings(self) -> tuple:
-        """What besides the weights and tokenizers decides the embeddings (part of the latent cache's key)."""
-        return (self.force_zeros, self.image_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.encoders.parameters()).device
-
-    def _embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        embeds, pooled = [], None
-        for tok, enc in zip(self.tokenizers, self.encoders, strict=True):
-            tokens = tokenize(tok, texts, tok.model_max_length)
-            ids = tokens.input_ids.to(self.device)
-            if not self.xl:
-                # SD 2.x-style encoders that ask for it get the padding mask, as diffusers gives it
-                wants = getattr(enc.config, "use_attention_mask", False)
-                mask = tokens.attention_mask.to(self.device) if wants else None
-                return enc(ids, attention_mask=mask)[0], None
-            out = enc(ids, output_hidden_states=True)
-            if out[0].ndim == 2 and pooled is None:  # the projected, pooled embedding (SDXL's second encoder)
-                pooled = out[0]
-            embeds.append(out.hidden_states[-2])
-        return torch.cat(embeds, -1), pooled
-
-    @torch.no_grad()
-    def forward(self, prompts: list[str] | str, negative_prompts: list[str] | str | None = None) -> dict:
-        """``{"prompt_embeds", "negative_prompt_embeds"}`` (+ SDXL's pooled embeddings and ``add_time_ids``) for a
-        batch of prompts; ``negative_prompts`` defaults to ``""`` (zeros for SDXL folders that ask for it)."""
-        prompts = prompt_list(prompts)
-        cond = {}
-        cond["prompt_embeds"], pooled = self._embed(prompts)
-        if self.xl and (pooled is None or self.image_size is None):
-            raise ValueError("an SDXL prompt encoder needs a second encoder with a projection and image_size")
-        if negative_prompts is None and self.xl and self.force_zeros:
-            neg, neg_pooled = torch.zeros_like(cond["prompt_embeds"]), torch.zeros_like(pooled)
-        else:
-            neg, neg_pooled = self._embed(negatives_for(prompts, negative_prompts))
-        cond["negative_prompt_embeds"] = neg
-        if self.xl:
-            h, w = self.image_size
-            ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=cond["prompt_embeds"].dtype, device=self.device)
-            cond.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled,
-                        add_time_ids=ids.expand(len(prompts), 6))
-        return cond

@@ -27,7 +27,7 @@ from ..core.files import refuse_pickles, umask_modes
 from .backbones import network_of
 from .denoisers import DiffusersDenoiser
 from .folder import MODEL_KINDS, read_meta, read_model_folder, write_model_folder
-from .loading import resolve
+from ..core.assets import resolve
 from .precond import Preconditioned
 
 # editing's default: this many points of the Karras grid from sigma_max (what benchmarks/editing_digits.py measures)

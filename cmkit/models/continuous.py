@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ..core import (
-    FLOW_C_NOISE_SCALE,
     SIGMA_DATA,
     SIGMA_MIN,
     append_dims,
@@ -25,7 +24,6 @@ from ..core import (
     flow_to_sigma,
     sigma_to_flow,
     sigma_to_trig,
-    trig_c_noise,
     trig_scalings,
 )
 from .backbones import backbone_forward, takes_second_time, two_time_forward
@@ -36,17 +34,17 @@ from .folder import MODEL_KINDS
 @MODEL_KINDS.register("trigflow_consistency_model")
 class TrigFlowConsistencyModel(ConsistencyModel):
     """sCM's parameterisation: ``(c_skip, c_out, c_in) = (cos^2 t, -sd sin t, cos(t) / sd)`` at
-    ``t = arctan(sigma / sd)``, time input ``trig_c_noise(t)``; ``f(x, 0) = x`` exactly."""
+    ``t = arctan(sigma / sd)``, time input t itself (see ``core.trigflow``); ``f(x, 0) = x`` exactly."""
 
     kind = "trigflow_consistency_model"
 
     def scalings(self, sigma):
         t = sigma_to_trig(sigma, self.sigma_data)
-        return (*trig_scalings(t, self.sigma_data), trig_c_noise(t))
+        return (*trig_scalings(t, self.sigma_data), t)
 
     def forward(self, x: torch.Tensor, sigma=None, raw_time: torch.Tensor | None = None, **cond) -> torch.Tensor:
         if raw_time is not None:  # F(x / sd, t): x is already x_t / sigma_d
-            return backbone_forward(self.backbone, x, trig_c_noise(raw_time), **cond)
+            return backbone_forward(self.backbone, x, raw_time, **cond)
         return super().forward(x, sigma, **cond)
 
     def trig_f(self, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
@@ -71,7 +69,7 @@ class MeanFlowModel(ConsistencyModel):
 
     def average_velocity(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         """``u(z, r, t)``; the network sees ``t`` and ``t - r`` (see ``core.trigflow``)."""
-        return two_time_forward(self.backbone, z, FLOW_C_NOISE_SCALE * t, FLOW_C_NOISE_SCALE * (t - r), **cond)
+        return two_time_forward(self.backbone, z, t, t - r, **cond)
 
     def forward(self, x: torch.Tensor, sigma=None, raw_time=None, **cond) -> torch.Tensor:
         if raw_time is not None:  # u(z, r, t) with raw_time = (r, t)

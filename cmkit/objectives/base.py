@@ -56,8 +56,10 @@ class BuildContext:
     data: Any = None                         # the run's Dataset (kinds that build from the data itself)
     seed: int = 0                            # the recipe's seed (kinds that initialise parts deterministically)
     teacher_path: str | None = None          # where the teacher came from (recorded by models that need it later)
-    encode_batch_size: int = 256             # latent kinds: images per VAE / text-encoder batch (data.*)
-    encode_workers: int = 0                  # latent kinds: dataloader workers reading the source (data.workers)
+    # latent kinds: (vae, prompt_encoder) -> the data's captioned images as those encoders' latents and prompt
+    # embeddings, read row by row from the latent cache (cmkit.data.latent_cache.caption_encoder, which the job layer
+    # hands in: an objective brings the encoders and never sees a file); None for data without captions
+    encode_captions: Callable[[nn.Module, nn.Module], Any] | None = None
     cache_ready: Callable[[nn.Module], None] | None = None  # latent kinds: called with the teacher once its latent
     # cache is there, before anything is copied from it (the job layer moves the teacher's parts for training then)
 
@@ -149,15 +151,12 @@ class GuidedLatentBatches:
 
 def encoded_captions(kind: str, ctx: BuildContext, teacher):
     """The run's captioned images (held in memory or streamed from shards) as the teacher's VAE latents and prompt
-    embeddings, from the on-disk cache (encoded where missing), for a kind that distils a text-to-image teacher; a
-    one-line error for data without captions."""
-    from ..latent.latent_cache import encode_source
-
-    source = ctx.data.caption_source() if hasattr(ctx.data, "caption_source") else None
-    if source is None:
+    embeddings (``ctx.encode_captions``, handed the teacher's encoders), for a kind that distils a text-to-image
+    teacher; a one-line error for data without captions."""
+    if ctx.encode_captions is None:
         raise ValueError(f"objective.kind {kind!r} trains on captioned images: set data.name = "
                          "'fashion_colours', data.path to a caption folder or webdataset shards, or data.hf_dataset")
-    encoded = encode_source(teacher.vae, teacher.prompt_encoder, source, ctx.encode_batch_size, ctx.encode_workers)
+    encoded = ctx.encode_captions(teacher.vae, teacher.prompt_encoder)
     if ctx.cache_ready is not None:
         ctx.cache_ready(teacher)
     return encoded

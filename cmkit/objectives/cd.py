@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import RHO, append_dims, karras_ascending
-from ..core.noise import uniform_index_pairs
+from ..core.proposals import uniform_index_pairs
 from ..solvers import SOLVERS, ode_step
 from .base import BuildContext, LevelsConfig, register_objective
 from .distances import WEIGHTINGS, make_distance
@@ -55,7 +55,7 @@ class ConsistencyDistillation:
             self.grid = self.grid.to(device=x0.device, dtype=x0.dtype)
             if isinstance(self.distance, torch.nn.Module):
                 self.distance.to(x0.device)
-        n = uniform_index_pairs(len(self.grid), x0.shape[0], device=x0.device)
+        n = uniform_index_pairs(x0.shape[0], len(self.grid), device=x0.device)
         s_n, s_np1 = self.grid[n], self.grid[n + 1]
         x_np1 = x0 + append_dims(s_np1, x0.ndim) * torch.randn_like(x0)
         with torch.no_grad():

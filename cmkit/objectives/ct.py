@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import RHO, append_dims, karras_ascending
-from ..core.noise import uniform_index_pairs
+from ..core.proposals import lognormal_index_pairs, lognormal_index_probs, uniform_index_pairs
 from ..models import ConsistencyModel
 from .base import BuildContext, LevelsConfig, paired_passes, register_objective
 from .distances import WEIGHTINGS, make_distance
@@ -42,14 +42,6 @@ def ict_num_points(k: int, total: int, s0: int = 10, s1: int = 1280) -> int:
     """iCT's N(k) = min(s0 2^floor(k/K'), s1) + 1 with K' = floor(K / (log2 floor(s1/s0) + 1))."""
     k_prime = max(1, math.floor(total / (math.log2(math.floor(s1 / s0)) + 1)))
     return min(s0 * 2 ** (k // k_prime), s1) + 1
-
-
-def lognormal_index_probs(grid_ascending: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
-    """iCT's discretised lognormal over pairs (n, n+1) of an ascending grid:
-    p(n) ~ erf((log sigma_{n+1} - P_mean) / (sqrt 2 P_std)) - erf((log sigma_n - P_mean) / (sqrt 2 P_std))."""
-    e = torch.erf((grid_ascending.double().log() - p_mean) / (math.sqrt(2) * p_std))
-    p = e[1:] - e[:-1]
-    return (p / p.sum()).float()
 
 
 # ---- configs ------------------------------------------------------------------------------------------------------
@@ -154,7 +146,7 @@ class ConsistencyTraining(_GrowingGridTraining):
         return ct_target_mu(step, self.total, self.s0, self.s1, self.mu0, self.mu_variant)
 
     def pairs(self, grid, table, batch, device):
-        return uniform_index_pairs(len(grid), batch, device=device)
+        return uniform_index_pairs(batch, len(grid), device=device)
 
 
 class ImprovedConsistencyTraining(_GrowingGridTraining):
@@ -177,7 +169,7 @@ class ImprovedConsistencyTraining(_GrowingGridTraining):
         return lognormal_index_probs(grid, self.p_mean, self.p_std)
 
     def pairs(self, grid, table, batch, device):
-        return torch.multinomial(table, batch, replacement=True)
+        return lognormal_index_pairs(batch, table)
 
 
 def _model(cfg: LevelsConfig, ctx: BuildContext) -> ConsistencyModel:

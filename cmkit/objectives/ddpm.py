@@ -8,6 +8,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from ..core import append_dims
+from ..core.proposals import uniform_indices
 from ..models import DiffusersDenoiser
 from .base import BuildContext, ObjectiveConfig, register_objective
 from .distances import l2
@@ -47,7 +48,7 @@ class DDPMLoss:
     def __call__(self, model, x0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
         if self.sigmas.device != x0.device:
             self.sigmas = self.sigmas.to(x0.device)
-        sigma = self.sigmas[torch.randint(0, len(self.sigmas), (x0.shape[0],), device=x0.device)].to(x0.dtype)
+        sigma = self.sigmas[uniform_indices(x0.shape[0], len(self.sigmas), device=x0.device)].to(x0.dtype)
         noisy = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
         return (self.weight(sigma) * l2(model(noisy, sigma, **cond), x0)).mean()
 

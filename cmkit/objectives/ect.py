@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import append_dims
-from ..core.noise import lognormal_sigmas
+from ..core.proposals import lognormal_sigmas
 from .base import BuildContext, LevelsConfig, paired_passes, register_objective
 from .distances import make_distance
 from .students import levels_within_teacher, student_from_teacher
@@ -67,8 +67,8 @@ class EasyConsistencyTuning:
         if isinstance(self.distance, torch.nn.Module) and self._distance_device != x0.device:
             self.distance.to(x0.device)
             self._distance_device = x0.device
-        t = lognormal_sigmas(x0.shape[0], self.p_mean, self.p_std, device=x0.device)
-        t = t.clamp(self.sigma_min * 1.0001, self.sigma_max).to(x0.dtype)
+        t = lognormal_sigmas(x0.shape[0], self.p_mean, self.p_std, self.sigma_min * 1.0001, self.sigma_max,
+                             device=x0.device, dtype=x0.dtype)
         r = torch.minimum(ect_r(t, self.stage(step), self.q), t.double() * (1 - self.MIN_GAP))
         at_boundary = r < self.sigma_min
         gap = (t.double() - torch.where(at_boundary, torch.zeros_like(r), r)).to(x0.dtype)

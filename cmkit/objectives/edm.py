@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import SIGMA_DATA, append_dims, edm_loss_weight
-from ..core.noise import lognormal_sigmas
+from ..core.proposals import lognormal_sigmas
 from ..models import EDMDenoiser
 from .base import BuildContext, LevelsConfig, register_objective
 from .distances import l2
@@ -30,7 +30,7 @@ class EDMLoss:
         return 0.0
 
     def __call__(self, model, x0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
-        sigma = lognormal_sigmas(x0.shape[0], self.p_mean, self.p_std, device=x0.device).to(x0.dtype)
+        sigma = lognormal_sigmas(x0.shape[0], self.p_mean, self.p_std, device=x0.device, dtype=x0.dtype)
         noisy = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
         denoised = model(noisy, sigma, **cond)
         return (edm_loss_weight(sigma, self.sigma_data) * l2(denoised, x0)).mean()

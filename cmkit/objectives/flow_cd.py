@@ -24,14 +24,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core import append_dims
+from ..core.proposals import uniform_index_pairs
 from ..latent.autoencoder import latent_normalisation
 from ..latent.denoiser import TextToImageModel
-from ..latent.families.flow import FlowDenoiser
 from ..latent.flow_student import FlowConsistencyModel, add_transformer_lora
 from ..latent.students import adapters_off
 from ..solvers import SOLVERS, ode_step, step_solvers
 from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, encoded_captions, register_objective
 from .distances import make_distance
+from .students import lora_spec
 
 
 @dataclass
@@ -55,9 +56,7 @@ class FlowCDLoRAConfig(FlowCDConfig):
     target_ema: float = 0.0
     lora_rank: int = 32
     lora_alpha: float = 32.0
-    lora_targets: list[str] = field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
-        "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"])
+    lora_targets: list[str] = field(default_factory=list)  # empty: the teacher family's (PipelineFamily.lora_targets)
 
 
 def pseudo_huber(x, y, c: float):
@@ -76,7 +75,7 @@ class FlowConsistencyDistillation(GuidedLatentBatches):
         """Adjacent (sigma_hi, sigma_lo) of the teacher's grid, one per sample."""
         if self.grid.device != device:  # moved once, not every step
             self.grid = self.grid.to(device)
-        i = torch.randint(0, len(self.grid) - 1, (n,)).to(device)
+        i = uniform_index_pairs(n, len(self.grid)).to(device)  # drawn on the CPU generator, then moved
         return self.grid[i].to(dtype), self.grid[i + 1].to(dtype)
 
     def __call__(self, model, z0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
@@ -100,7 +99,7 @@ class FlowConsistencyDistillation(GuidedLatentBatches):
 
 def _prepare(cfg: FlowCDConfig, ctx: BuildContext):
     teacher = ctx.teacher
-    if not isinstance(teacher, TextToImageModel) or not isinstance(teacher.denoiser, FlowDenoiser):
+    if not isinstance(teacher, TextToImageModel) or teacher.family.student != "flow_cm":
         raise ValueError(f"objective.kind {cfg.kind!r} distils a flow-matching text-to-image teacher (an SD3 or Flux "
                          "pipeline folder, or cmkit:tiny-sd3); for SD / SDXL UNets use kind 'lcm'")
     if cfg.teacher_pipeline not in ("any", teacher.family.name):
@@ -153,5 +152,5 @@ def build_lora(cfg: FlowCDLoRAConfig, ctx: BuildContext):
         raise ValueError("objective.target_ema must be 0 for flow_cd_lora: the adapter's target is itself under "
                          "stop-gradient (a copy would need a second transformer)")
     model = flow_student(teacher, ctx, cfg.sample_steps, (cfg.w_min + cfg.w_max) / 2,
-                         {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets}, cfg.sampler)
+                         lora_spec(cfg, teacher), cfg.sampler)
     return model, FlowConsistencyDistillation(teacher, encoded, cfg, lora=True)

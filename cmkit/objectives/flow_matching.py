@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ..core import shift_times
+from ..core.proposals import logit_normal_times
 from ..latent.autoencoder import latent_normalisation
 from ..latent.builders import sd3_text_side, small_sd3_transformer
-from ..latent.latent_cache import encode_set
 from ..latent.text_encoders import learn_bpe
 from .base import BuildContext, ObjectiveConfig, register_objective
 from .distances import l2
@@ -59,8 +58,7 @@ class FlowMatchingLoss:
         return 0.0
 
     def times(self, n: int, device) -> torch.Tensor:
-        u = torch.sigmoid(self.mean + self.std * torch.randn(n, device=device))
-        return shift_times(u, self.shift).clamp(1e-5, 1 - 1e-5)  # sigma finite at both ends
+        return logit_normal_times(n, self.mean, self.std, self.shift, 1e-5, device=device)  # sigma finite at both ends
 
     def __call__(self, model, x0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
         t = self.times(x0.shape[0], x0.device).to(x0.dtype)
@@ -102,7 +100,7 @@ def _scheduler(cfg: FlowMatchingConfig):
 def _latent_vae(cfg: FlowMatchingConfig):
     from diffusers import AutoencoderKL
 
-    from ..models.loading import resolve
+    from ..core.assets import resolve
 
     path = resolve(cfg.vae)
     if not (Path(path) / "config.json").is_file():
@@ -122,7 +120,7 @@ def _build_latent(cfg: FlowMatchingConfig, ctx: BuildContext):
     bpe = ctx.resumed.get("tokenizer") or learn_bpe(sorted(set(data.train_captions)))
     prompts = sd3_text_side(bpe, cfg.text_hidden, cfg.text_layers, cfg.text_heads, cfg.max_length,
                             cfg.projection_dim, cfg.max_sequence_length, ctx.seed)
-    encoded = encode_set(vae, prompts, data.train, data.train_captions)
+    encoded = ctx.encode_captions(vae, prompts)  # the latent cache the job layer hands in
     # SD3's normalisation: (z - shift_factor) * scaling_factor, measured to zero mean and unit variance
     shift = ctx.resumed.get("shift_factor", encoded.mean.mean().item())
     scale = ctx.resumed.get("scaling_factor") or 1 / (encoded.mean - shift).std().item()

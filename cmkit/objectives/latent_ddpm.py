@@ -15,9 +15,8 @@ from pathlib import Path
 
 from ..latent.autoencoder import latent_normalisation
 from ..latent.builders import small_cond_unet
-from ..latent.denoiser import LatentDenoiser
-from ..latent.latent_cache import encode_set
-from ..latent.text_encoders import PromptEncoder, clip_tokenizer, learn_bpe, small_text_encoder
+from ..latent.families.unet import LatentDenoiser, PromptEncoder
+from ..latent.text_encoders import clip_tokenizer, learn_bpe, small_text_encoder
 from .base import BuildContext, ObjectiveConfig, register_objective
 from .ddpm import DDPMLoss
 
@@ -79,7 +78,7 @@ def build(cfg: LatentDDPMConfig, ctx: BuildContext):
     vae = AutoencoderKL.from_pretrained(cfg.vae).eval().requires_grad_(False)
     bpe = ctx.resumed.get("tokenizer") or learn_bpe(sorted(set(data.train_captions)))
     prompts = text_side(cfg, bpe, ctx.seed)
-    encoded = encode_set(vae, prompts, data.train, data.train_captions)
+    encoded = ctx.encode_captions(vae, prompts)  # the latent cache the job layer hands in
     scale = ctx.resumed.get("scaling_factor") or cfg.scaling_factor or 1 / encoded.mean.std().item()
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"latent scaling factor {scale} is not a positive number; check the VAE")

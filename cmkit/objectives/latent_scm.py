@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..core import append_dims
+from ..core.proposals import shifted_uniform_sigmas, trigflow_times
 from ..latent.autoencoder import latent_normalisation
 from ..latent.denoiser import TextToImageModel
-from ..latent.families.flow import FlowDenoiser
 from ..latent.students import adapters_off
 from .base import (
     BuildContext,
@@ -49,9 +49,10 @@ from .base import (
     replaying_draws,
     unwrapped,
 )
-from .flow_cd import FlowCDLoRAConfig, flow_student
-from .lcm import LCMLoRAConfig, lcm_student
+from .flow_cd import flow_student
+from .lcm import lcm_student
 from .scm import AdaptiveWeight, adaptive_weighted_loss, normalise_tangent, scm_tangent
+from .students import lora_spec
 from .tangents import check_tangent_method
 
 
@@ -146,7 +147,6 @@ class LatentSCM(GuidedLatentBatches, nn.Module):
         self.normalisation = latent_normalisation(teacher.vae)
         self.sigma_lo = max(cfg.sigma_min, float(teacher.sigma_min))
         self.sigma_hi = min(cfg.sigma_max, float(teacher.sigma_max))
-        self.t_min, self.t_max = math.atan(self.sigma_lo / self.sd), math.atan(self.sigma_hi / self.sd)
         self.weight = AdaptiveWeight(cfg.weight_embed_dim) if cfg.adaptive_weight else None
         self.fake, self.student_takes_w = fake, student_takes_w
         self.sigma_start = float(teacher.sigma_max)  # the student samples from here (inf: the state is the noise)
@@ -167,13 +167,10 @@ class LatentSCM(GuidedLatentBatches, nn.Module):
 
     # --- what each step draws
     def times(self, n: int, device) -> torch.Tensor:
-        tau = self.cfg.p_mean + self.cfg.p_std * torch.randn(n, device=device)
-        return torch.atan(tau.exp() / self.sd).clamp(self.t_min, self.t_max)
+        return trigflow_times(n, self.cfg.p_mean, self.cfg.p_std, self.sd, self.sigma_lo, self.sigma_hi, device=device)
 
     def dmd_sigmas(self, n: int, device) -> torch.Tensor:
-        u, shift = torch.rand(n, device=device, dtype=torch.float64), self.cfg.dmd_shift
-        s = shift * u / (1 + (shift - 1) * u)
-        return (s / (1 - s)).clamp(self.sigma_lo, self.sigma_hi)
+        return shifted_uniform_sigmas(n, self.cfg.dmd_shift, self.sigma_lo, self.sigma_hi, device=device)
 
     def student_cond(self, pos: dict, w: torch.Tensor) -> dict:
         """A student with a guidance embedding (a full LCM) is told ``w``; the rest have it folded in."""
@@ -290,13 +287,12 @@ def _build(cfg: LatentSCDConfig, ctx: BuildContext, lora: bool, rcm: bool):
         raise ValueError(f"this recipe is for a {cfg.teacher_pipeline} teacher but the teacher given is a "
                          f"{teacher.family.name}; use the recipe written for it")
     encoded = encoded_captions(cfg.kind, ctx, teacher)
-    flow = isinstance(teacher.denoiser, FlowDenoiser)
+    flow = teacher.family.student == "flow_cm"
     # the fake score starts as the teacher, copied before a LoRA student's adapter goes onto the teacher's network
     fake = copy.deepcopy(teacher.denoiser).float().requires_grad_(True) if rcm else None
     spec = None
     if lora:
-        default = FlowCDLoRAConfig().lora_targets if flow else LCMLoRAConfig().lora_targets
-        spec = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets or default}
+        spec = lora_spec(cfg, teacher)
     if flow:
         model = flow_student(teacher, ctx, cfg.sample_steps, (cfg.w_min + cfg.w_max) / 2, spec, cfg.sampler)
     else:

@@ -22,11 +22,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core import append_dims
+from ..core.proposals import uniform_indices
 from ..latent.autoencoder import latent_normalisation
-from ..latent.denoiser import LatentDenoiser, TextToImageModel
+from ..latent.denoiser import TextToImageModel
+from ..latent.families.unet import LatentDenoiser
 from ..latent.lcm import LatentConsistencyModel, LCMFunction, student_unet
 from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, encoded_captions, register_objective
 from .distances import make_distance
+from .students import lora_spec
 
 
 @dataclass
@@ -50,9 +53,7 @@ class LCMLoRAConfig(LCMConfig):
     target_ema: float = 0.0
     lora_rank: int = 64
     lora_alpha: float = 64.0
-    lora_targets: list[str] = field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
-        "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"])
+    lora_targets: list[str] = field(default_factory=list)  # empty: the teacher family's (PipelineFamily.lora_targets)
 
 
 def elementwise_huber(x, y, c: float):
@@ -99,7 +100,7 @@ class LatentConsistencyDistillation(GuidedLatentBatches):
         n, dev = z0.shape[0], z0.device
         if self.sigmas.device != dev:  # moved once, not every step
             self.sigmas, self.t_n = self.sigmas.to(dev), self.t_n.to(dev)
-        t = self.t_n[torch.randint(0, len(self.t_n), (n,)).to(dev)]
+        t = self.t_n[uniform_indices(n, len(self.t_n)).to(dev)]  # drawn on the CPU generator, then moved
         s_hi, s_lo = self.sigmas[t].to(z0.dtype), self.sigmas[(t - self.k).clamp_min(0)].to(z0.dtype)
         z_hi = z0 + append_dims(s_hi, z0.ndim) * torch.randn_like(z0)
         w = self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * torch.rand(n, device=dev)
@@ -134,9 +135,10 @@ class LatentConsistencyDistillation(GuidedLatentBatches):
 
 def _prepare(cfg: LCMConfig, ctx: BuildContext):
     teacher = ctx.teacher
-    if not isinstance(teacher, TextToImageModel):
-        raise ValueError(f"objective.kind {cfg.kind!r} distils a text-to-image teacher (a diffusers SD / SDXL folder "
-                         "or cmkit:tiny-t2i); the teacher given is not one")
+    if not isinstance(teacher, TextToImageModel) or teacher.family.student != "lcm":
+        raise ValueError(f"objective.kind {cfg.kind!r} distils a text-to-image teacher with an SD / SDXL UNet (a "
+                         "diffusers SD / SDXL folder or cmkit:tiny-t2i); the teacher given is not one (a flow "
+                         "teacher: use kind 'flow_cd' or 'flow_cd_lora')")
     layout = "sdxl" if teacher.prompt_encoder.xl else "sd"
     if cfg.teacher_layout not in ("any", "sd", "sdxl"):
         raise ValueError(f"objective.teacher_layout must be 'sd', 'sdxl' or 'any', got {cfg.teacher_layout!r}")
@@ -190,5 +192,5 @@ def build_lora(cfg: LCMLoRAConfig, ctx: BuildContext):
                          "as they are")
     teacher, encoded, norm = _prepare(cfg, ctx)
     model = lcm_student(teacher, ctx, cfg.num_ddim_timesteps, cfg.timestep_scaling,
-                        lora={"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets})
+                        lora=lora_spec(cfg, teacher))
     return model, LatentConsistencyDistillation(teacher.denoiser, encoded, norm, cfg, lora=True)

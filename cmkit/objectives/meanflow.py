@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import SIGMA_DATA, SIGMA_MIN, append_dims
+from ..core.proposals import meanflow_times
 from ..models import MeanFlowModel
 from .base import BuildContext, ObjectiveConfig, register_objective, replaying_draws, unwrapped
 from .tangents import check_tangent_method, directional_derivative
@@ -71,9 +72,7 @@ class MeanFlowLoss:
         return 0.0
 
     def times(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = torch.sigmoid(self.p_mean + self.p_std * torch.randn(2, n, device=device))
-        t, r = torch.maximum(a, b), torch.minimum(a, b)
-        return torch.where(torch.rand(n, device=device) < self.r_neq_t, r, t), t
+        return meanflow_times(n, self.p_mean, self.p_std, self.r_neq_t, device=device)
 
     def __call__(self, model, x0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
         r, t = (v.to(x0.dtype) for v in self.times(x0.shape[0], x0.device))

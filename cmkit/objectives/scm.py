@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core import append_dims, sigma_to_trig, trig_c_noise, trig_velocity_from_x0
+from ..core import append_dims, trig_velocity_from_x0
+from ..core.proposals import trigflow_times
 from ..models import TrigFlowConsistencyModel
 from ..models.backbones import sinusoidal_embedding
 from .base import BuildContext, LevelsConfig, register_objective, replaying_draws, unwrapped
@@ -64,7 +65,7 @@ class AdaptiveWeight(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        features = sinusoidal_embedding(trig_c_noise(t).float(), self.embed_dim)
+        features = sinusoidal_embedding(t.float(), self.embed_dim)
         return self.linear(features.to(self.linear.weight.dtype))[:, 0]
 
 
@@ -112,8 +113,7 @@ class SCMLoss(nn.Module):
             raise ValueError(f"objective.p_mean must be a finite number (sCT's -1.0, sCD's -0.8), got {p_mean}")
         self.__dict__["teacher"] = teacher  # not a submodule: never optimised, never checkpointed
         self.sd, self.p_mean, self.p_std = sigma_data, p_mean, p_std
-        self.t_min, self.t_max = (float(sigma_to_trig(torch.tensor(s, dtype=torch.float64), sigma_data))
-                                  for s in (sigma_min, sigma_max))
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.warmup, self.c, self.tangent, self.fd_step = tangent_warmup, tangent_norm_c, tangent, fd_step
         self.weight = AdaptiveWeight(weight_embed_dim) if adaptive_weight else None
 
@@ -121,8 +121,7 @@ class SCMLoss(nn.Module):
         return 0.0
 
     def times(self, n: int, device) -> torch.Tensor:
-        tau = self.p_mean + self.p_std * torch.randn(n, device=device)
-        return torch.atan(tau.exp() / self.sd).clamp(self.t_min, self.t_max)
+        return trigflow_times(n, self.p_mean, self.p_std, self.sd, self.sigma_min, self.sigma_max, device=device)
 
     def velocity(self, x_t, x0, z, t, **cond) -> torch.Tensor:
         cos, sin = (append_dims(v, x_t.ndim) for v in (torch.cos(t), torch.sin(t)))

@@ -24,3 +24,10 @@ def student_from_teacher(cfg: LevelsConfig, ctx: BuildContext, wrap_vp: bool) ->
     wrap = isinstance(teacher, DiffusersDenoiser) and (wrap_vp or ctx.student == "teacher")
     cls = DenoiserConsistencyModel if wrap else ConsistencyModel
     return cls.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=cfg.sigma_data)
+
+
+def lora_spec(cfg, teacher) -> dict:
+    """A LoRA student's adapter: the config's rank and alpha, and its ``lora_targets`` or, where the recipe names
+    none, the teacher family's (``PipelineFamily.lora_targets``)."""
+    targets = list(cfg.lora_targets) or list(teacher.family.lora_targets)
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": targets}

@@ -11,6 +11,7 @@ import torch
 from ..latent.families.unet import timestep_sigmas as unet_timestep_sigmas
 from ..latent.lcm import lcm_sampling_guidance
 from ..solvers import ode_solve
+from .kinds import policy_of
 from .samplers import _device_dtype, _to_device, eval_mode, per_sample_noise
 
 
@@ -36,6 +37,14 @@ def _start_and_end(model, sig: list[float], latents: torch.Tensor):
     return start, lambda x: sched.to_native(x.double(), s1).to(x.dtype)
 
 
+def draw_latents(model, prompts, generator) -> torch.Tensor:
+    """Unit-variance starting latents, one per prompt, drawn per sample from ``generator`` (as the pipelines draw
+    them), on the denoiser's device and in its dtype."""
+    device, dtype = _device_dtype(model.denoiser)
+    n = 1 if isinstance(prompts, str) else len(prompts)
+    return per_sample_noise(n, 1, model.sample_shape, generator, device, dtype)[0]
+
+
 def _prepare(model, prompts, negative_prompts, guidance_scale, latents, generator, output):
     """What every text-to-image sampler starts from: the prompts' conditioning and unit-variance starting latents
     (given, or drawn per sample from ``generator``), on the denoiser's device and in its dtype."""
@@ -45,34 +54,37 @@ def _prepare(model, prompts, negative_prompts, guidance_scale, latents, generato
     device, dtype = _device_dtype(model.denoiser)
     cond = _to_device(model.encode_prompt(prompts, negative_prompts, guidance_scale), device)
     if latents is None:
-        latents = per_sample_noise(len(prompts), 1, model.sample_shape, generator, device, dtype)[0]
+        latents = draw_latents(model, prompts, generator)
     if tuple(latents.shape) != (len(prompts), *model.sample_shape):
         raise ValueError(f"latents of shape {tuple(latents.shape)} for {len(prompts)} prompts; expected "
                          f"{(len(prompts), *model.sample_shape)}")
     return cond, latents.to(device, dtype)
 
 
-def _flow_guidance(model, given: float | None) -> float:
-    if getattr(model, "kind", None) != "flow_cm":
-        return 5.0 if given is None else given
-    if given not in (None, 1.0):
-        raise ValueError(f"{type(model).__name__} folds guidance {getattr(model, 'guidance_scale', '')} in and samples "
-                         f"at guidance_scale=1 (one pass a step); guidance_scale={given:g} would guide on top of it: "
-                         "leave it out")
-    return 1.0
-
-
 @torch.no_grad()
-def text_to_image(model, prompts, steps: int = 25, solver: str = "ddim", guidance_scale: float | None = None,
-                  negative_prompts=None, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                  spacing: str | None = "trailing", sigmas=None, output: str = "image", return_nfe: bool = False):
-    """Images in [-1, 1] (``output="latent"``: latents) for ``prompts`` from a text-to-image teacher, solving the
-    guided PF-ODE with ``solver`` (any cmkit solver or torchdiffeq method) over ``timestep_sigmas(steps, spacing)``
-    or explicit ``sigmas``. ``latents``: unit-variance starting noise, one per prompt (as diffusers pipelines take
-    it); by default drawn per sample from ``generator``. With ``return_nfe`` also the network passes (a guided
-    evaluation counts two). ``guidance_scale`` defaults to 5 for a teacher and 1 for a flow student, which folds its
-    guidance in (another value would guide on top of it: refused)."""
-    guidance_scale = _flow_guidance(model, guidance_scale)
+def text_to_image(model, prompts, steps: int | None = None, solver: str | None = None,
+                  guidance_scale: float | None = None, negative_prompts=None, latents: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, spacing: str | None = "trailing", sigmas=None,
+                  output: str = "image", return_nfe: bool = False):
+    """Images in [-1, 1] (``output="latent"``: latents) for ``prompts`` from any text-to-image model cmkit opens,
+    sampled as its kind samples (``cmkit.sampling.kinds``): a teacher solves the guided PF-ODE with ``solver`` (any
+    cmkit solver or torchdiffeq method; default DDIM, 25 steps, guidance 4) over ``timestep_sigmas(steps,
+    spacing)`` or explicit ``sigmas``; a distilled student takes its own sampler, steps and guidance by default
+    (an LCM its ``LCMScheduler`` steps; a flow student its exported scheduler's, at guidance 1). ``latents``:
+    unit-variance starting noise, one per prompt (as diffusers pipelines take it); by default drawn per sample
+    from ``generator``. With ``return_nfe`` also the network passes (a guided evaluation counts two)."""
+    policy = policy_of(model)
+    steps, guidance_scale = policy.resolve(model, steps, guidance_scale)
+    return policy.sample(model, prompts, steps=steps, solver=solver, guidance_scale=guidance_scale,
+                         negative_prompts=negative_prompts, latents=latents, generator=generator, spacing=spacing,
+                         sigmas=sigmas, output=output, return_nfe=return_nfe)
+
+
+def solve_text_to_image(model, prompts, steps: int, solver: str, guidance_scale, negative_prompts=None,
+                        latents=None, generator=None, spacing: str | None = "trailing", sigmas=None,
+                        output: str = "image", return_nfe: bool = False):
+    """The guided PF-ODE solve every ODE-sampled kind shares: prompts -> conditioning -> ``solver`` over the
+    model's grid (or ``sigmas``) from its pipeline's starting latents -> VAE decode."""
     cond, latents = _prepare(model, prompts, negative_prompts, guidance_scale, latents, generator, output)
     sig = timestep_sigmas(model, steps, spacing) if sigmas is None else [float(s) for s in sigmas]
     x, to_native = _start_and_end(model, sig, latents)

@@ -55,7 +55,10 @@ class FlowFamily(PipelineFamily):
     """Pipelines over a ``FlowMatchEulerDiscreteScheduler``: the grid as the pipeline sets it."""
 
     network = "transformer"
-    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    # the joint blocks' image and text attention and feed-forwards (Flux's single blocks share the attention names)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+    student = "flow_cm"
     mu_defaults = (256, 4096, 0.5, 1.15)  # base / max image tokens, base / max shift, as the pipeline reads them
 
     def grid(self, model, steps: int, spacing: str | None) -> list[float]:

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..builders import flow_vae, small_t5_encoder
 from ..components import in_dtype, load_parts, present
 from ..denoiser import TextToImageModel
 from ..family import register_family
-from ..text_encoders import negatives_for, prompt_list, tokenize
+from ..text_encoders import build_tokenizer, negatives_for, prompt_list, small_text_encoder, tokenize
 from .flow import FlowDenoiser, FlowFamily
 
 PIPELINE = "FluxPipeline"
@@ -144,3 +145,28 @@ class Flux(FlowFamily):
     def image_tokens(self, model) -> int:
         _, h, w = model.sample_shape
         return (h // 2) * (w // 2)
+
+    def tiny(self, texts=None, image_size: int = 32, seed: int = 0):
+        return tiny_flux_pipeline(texts, seed=seed, image_size=image_size)
+
+
+def tiny_flux_pipeline(texts: list[str] | None = None, guidance: bool = True, seed: int = 0, image_size: int = 32,
+                       max_sequence_length: int = 16) -> TextToImageModel:
+    """A randomly initialised ``FluxPipeline`` model (dev with ``guidance``, else schnell): a CLIP encoder, a small
+    T5, a ``FluxTransformer2DModel`` over 2x2-packed image / 4 latents, the dynamic-shift scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    texts = texts or ["a red sneaker", "a green bag", "a blue dress", "a photo of a cat"]
+    toks = [build_tokenizer(texts, max_length=12) for _ in range(2)]
+    encs = [small_text_encoder(len(toks[0]), hidden=32, max_length=12, seed=seed),
+            small_t5_encoder(len(toks[1]), 32, seed=seed + 1)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                    pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    model = TextToImageModel(FluxDenoiser(tr, sched), flow_vae(image_size, 4, seed + 3, 0.1),
+                             FluxPromptEncoder(encs, toks, max_sequence_length).eval(), {"pipeline": "FluxPipeline"})
+    model.image_size = image_size
+    return model

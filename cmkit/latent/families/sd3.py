@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..builders import flow_vae, small_sd3_transformer, small_t5_encoder
 from ..components import in_dtype, load_parts, present
 from ..denoiser import TextToImageModel
 from ..family import register_family
-from ..text_encoders import negatives_for, prompt_list, tokenize
+from ..text_encoders import build_tokenizer, negatives_for, prompt_list, small_text_encoder, tokenize
 from .flow import FlowDenoiser, FlowFamily
 
 PIPELINE = "StableDiffusion3Pipeline"
@@ -190,3 +191,26 @@ class StableDiffusion3(FlowFamily):
         _, h, w = model.sample_shape
         p = int(model.network.config.patch_size)
         return (h // p) * (w // p)
+
+    def tiny(self, texts=None, image_size: int = 32, seed: int = 0):
+        return tiny_sd3_pipeline(texts, seed=seed, image_size=image_size)
+
+
+def tiny_sd3_pipeline(texts: list[str] | None = None, t5: bool = False, seed: int = 0, image_size: int = 32,
+                      shift: float = 3.0, max_sequence_length: int = 16) -> TextToImageModel:
+    """A randomly initialised ``StableDiffusion3Pipeline`` model: two CLIP encoders with projection (widths 32),
+    optionally a small T5, an ``SD3Transformer2DModel`` over image / 4 latents, ``FlowMatchEulerDiscreteScheduler``
+    with ``shift``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    texts = texts or ["a red sneaker", "a green bag", "a blue dress", "a photo of a cat"]
+    toks = [build_tokenizer(texts, max_length=12) for _ in range(3 if t5 else 2)]
+    encs = [small_text_encoder(len(toks[i]), hidden=32, max_length=12, projection_dim=16, seed=seed + i)
+            for i in range(2)]
+    encs.append(small_t5_encoder(len(toks[2]), 64, seed=seed + 2) if t5 else None)
+    toks += [] if t5 else [None]
+    tr = small_sd3_transformer(image_size // 4, joint_attention_dim=64, pooled_dim=32, seed=seed + 3)
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    prompts = SD3PromptEncoder(encs, toks, 64, max_sequence_length)
+    return TextToImageModel(SD3Denoiser(tr, sched), flow_vae(image_size, 4, seed + 4, 0.1), prompts.eval(),
+                            {"pipeline": "StableDiffusion3Pipeline"})

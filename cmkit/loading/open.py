@@ -1,5 +1,6 @@
-"""Opening models by name: teachers (cmkit folders, diffusers pipeline folders, hub ids, shipped ``cmkit:NAME``
-assets) and any model folder cmkit writes."""
+"""Opening models by name: teachers (cmkit folders, diffusers pixel or text-to-image pipeline folders, hub ids,
+shipped ``cmkit:NAME`` assets) and any model folder cmkit writes. It sits above both ``cmkit.models`` (pixel
+networks) and ``cmkit.latent`` (pipeline families), the two kinds of thing it opens."""
 
 from __future__ import annotations
 
@@ -8,52 +9,15 @@ from pathlib import Path
 
 import torch
 
+from ..core.assets import hub_load_kw, looks_like_hub_id, resolve
 from ..core.files import refuse_pickles
-from .folder import MODEL_KINDS, read_meta
-
-ASSET_PREFIX = "cmkit:"
-# a name ending in one of these is a file, not a hub id ("org/model-v1.0" is a hub id)
-FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".npy", ".json", ".toml", ".onnx"}
-
-
-def asset_path(name: str) -> Path:
-    """A model folder shipped inside the cmkit package (``cmkit/assets/NAME``)."""
-    root = Path(__file__).resolve().parents[1] / "assets"
-    path = root / name
-    if not path.is_dir():
-        known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        raise FileNotFoundError(f"no shipped model {name!r} (shipped: {', '.join(known) or 'none'})")
-    return path
-
-
-def resolve(path_or_name) -> str:
-    path = str(path_or_name)
-    return str(asset_path(path[len(ASSET_PREFIX):])) if path.startswith(ASSET_PREFIX) else path
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers a TCP connection (``HF_HUB_OFFLINE=1``: no); checked once so an offline
-    machine fails in seconds instead of after the hub client's retries."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
+from ..latent.components import is_text_to_image, read_model_index, safe_load_kw
+from ..latent.denoiser import TextToImageModel
+from ..models.denoisers import DiffusersDenoiser, EDMDenoiser
+from ..models.folder import MODEL_KINDS, read_meta
 
 def _load_diffusers(path: str, clip_x0: float | None = None, dtype=None, **load_kw):
     import diffusers
-
-    from ..latent.components import is_text_to_image, read_model_index, safe_load_kw
-    from ..latent.denoiser import TextToImageModel
-    from .denoisers import DiffusersDenoiser
 
     index = _model_index(path, lambda p: read_model_index(p, **load_kw))
     if index is not None and is_text_to_image(index):
@@ -98,8 +62,6 @@ def load_teacher(path_or_hub_id, clip_x0: float | None = None, dtype=None):
     ``"cmkit:tiny-t2i"``) or a hub id (the real ``from_pretrained`` call; needs network access, and fails in
     seconds without it). ``dtype``: a text-to-image teacher's network and text encoders are held in it (the VAE
     stays float32); pixel teachers stay float32."""
-    from .denoisers import EDMDenoiser
-
     if not str(path_or_hub_id):
         raise ValueError("no teacher given: pass --teacher PATH or set teacher.path in the recipe")
     path = resolve(path_or_hub_id)
@@ -114,13 +76,10 @@ def load_teacher(path_or_hub_id, clip_x0: float | None = None, dtype=None):
             return _load_diffusers(path, clip_x0, dtype)
         raise ValueError(f"{path!r} is neither a cmkit teacher folder (cmkit.json) nor a diffusers pipeline folder "
                          "(unet/ + scheduler/)")
-    looks_like_hub_id = (path.count("/") == 1 and not path.startswith((".", "/", "~"))
-                         and p.suffix.lower() not in FILE_SUFFIXES)
-    if not looks_like_hub_id:
+    if not looks_like_hub_id(path):
         raise FileNotFoundError(f"teacher folder {path!r} does not exist; train one with `cmkit train-teacher RECIPE` "
                                 "or give a diffusers folder or hub id")
-    # offline, only the local hub cache can answer, and it answers at once
-    load_kw = {} if hub_reachable() else {"local_files_only": True}
+    load_kw = hub_load_kw()
     try:
         return _load_diffusers(path, clip_x0, dtype, **load_kw)
     except (OSError, ValueError) as e:
@@ -133,7 +92,7 @@ def load_model(folder):
     """Any model folder cmkit writes, as the class its ``cmkit.json`` names (or a diffusers
     ``ConsistencyModelPipeline`` folder, as a ``ConsistencyModel``)."""
     from .. import latent  # noqa: F401  (registers the latent kinds: "lcm", the flow students)
-    from .consistency import ConsistencyModel
+    from ..models.consistency import ConsistencyModel
 
     folder = Path(resolve(folder))
     meta = read_meta(folder)

@@ -8,7 +8,11 @@ each encodes its own share of the missing shards, the others wait, and then ever
 Shards are never loaded whole: a batch reads its own rows from them (``core.tensor_rows``). The key is stored inside
 each file too: a file whose key or shapes do not match (swapped, copied from another data set), or that cannot be read
 (truncated), is encoded again with a one-line note. Samples a source could not read are counted in the shard and
-reported on every run."""
+reported on every run.
+
+The encoders are handed in (a VAE module with ``encode`` and ``config``; a prompt encoder module called as
+``encoder(prompts[, negatives]) -> conditioning dict``, with ``tokenizers`` and ``settings()``): nothing here knows
+the latent stack, and ``caption_encoder`` is what the job layer hands an objective."""
 
 from __future__ import annotations
 
@@ -24,9 +28,11 @@ from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..core.digests import weights_hash
 from ..core.files import cache_write, note
 from ..core.processes import barrier, rank_world
 from ..core.tensor_rows import open_safetensors
+from .caption_sources import ArraySource, read_shards
 
 CACHE_KEY = "cmkit_cache_key"  # the file's own key, in its safetensors metadata
 # a shard's tensors: per image (mean, std, caption_index, and SDXL's add_time_ids when the encoder gives them)
@@ -161,33 +167,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("CMKIT_CACHE", Path.home() / ".cache" / "cmkit")) / "latents"
 
 
-def _weights_hash(h, module: torch.nn.Module) -> None:
-    """Feed ``module``'s weights to ``h``. A LoRA adapter's tensors are left out and peft's ``base_layer`` names
-    read as the plain ones, so a base network with an adapter on it hashes as the base alone."""
-    state = {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if ".lora_" not in k}
-    for name, t in sorted(state.items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def weights_digest(*modules: torch.nn.Module) -> str:
-    """A short SHA-256 of the modules' weights (adapters left out): what a model trained on a base records of it,
-    so a base whose weights changed since (same shapes) is noticed. A model loaded into bf16 / fp16 answers with
-    the digest of its weights as stored (``source_digest``, taken when it was read)."""
-    if len(modules) == 1 and "source_digest" in modules[0].__dict__:
-        return modules[0].__dict__["source_digest"]
-    h = hashlib.sha256()
-    for module in modules:
-        _weights_hash(h, module)
-    return h.hexdigest()[:24]
-
-
 def encoders_key(vae, prompt_encoder) -> str:
     """What decides an encoding besides the data: the VAE's and text encoders' weights and configs, the tokenizers
     and the prompt encoder's settings."""
     h = hashlib.sha256()
-    _weights_hash(h, vae)
-    _weights_hash(h, prompt_encoder)
+    weights_hash(h, vae)
+    weights_hash(h, prompt_encoder)
     h.update(repr(sorted(vae.config.items())).encode())
     for tok in prompt_encoder.tokenizers:
         if tok is not None:
@@ -259,8 +244,6 @@ def _share_lock(keys: list[str]):
 
 def _encode_shards(vae, prompt_encoder, source, todo: dict, batch_size: int, workers: int, progress: bool) -> None:
     """Encode the shards ``todo`` (index -> (path, key)) and write each as it completes."""
-    from .caption_sources import read_shards
-
     parts: dict[int, dict] = {}
     bar = tqdm(total=len(todo), desc=f"encode {source.name} shards", unit="shard", disable=not progress,
                dynamic_ncols=True)
@@ -336,7 +319,19 @@ def encode_set(vae, prompt_encoder, images: torch.Tensor, captions: list[str], b
                progress: bool = True, shard_size: int = 4096) -> EncodedSet:
     """Encode ``images`` (in [-1, 1], held in memory) and ``captions`` (one per image), or read them from the
     cache."""
-    from .caption_sources import ArraySource
-
     return encode_source(vae, prompt_encoder, ArraySource(images, captions, shard_size=shard_size), batch_size,
                          progress=progress)
+
+
+def caption_encoder(data, batch_size: int = 256, workers: int = 0):
+    """What the job layer hands a latent kind (``BuildContext.encode_captions``): ``(vae, prompt_encoder) ->
+    EncodedSet``, the captioned images of ``data`` (a ``Dataset`` or ``StreamedCaptions``) encoded by the encoders
+    it is handed, through the cache (``encode_source``, ``batch_size`` images a batch, ``workers`` reading the
+    source); None for data without captions. The objective brings the encoders and never sees a file."""
+    source = data.caption_source() if hasattr(data, "caption_source") else None
+    if source is None:
+        return None
+
+    def encode(vae, prompt_encoder) -> EncodedSet:
+        return encode_source(vae, prompt_encoder, source, batch_size, workers)
+    return encode

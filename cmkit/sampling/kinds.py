@@ -1,0 +1,157 @@
+"""How each kind of text-to-image model samples: one ``SamplingPolicy`` per model kind (``model.kind``: a teacher,
+an LCM / LCM-LoRA, a few-step student of a flow teacher, ...), registered under that kind. A policy owns the kind's
+default steps, its default guidance and what a guidance scale means for it, the solvers it accepts and its sampler;
+``text_to_image``, ``cmkit generate``, ``cmkit bench text-to-image`` and validation images ask the policy and never
+branch on kind names, so a new student kind is one policy class plus one ``@register_policy("kind")`` line.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from ..core import Registry
+
+POLICIES: Registry = Registry("text-to-image model kind")
+TEACHER_KIND = "teacher"  # a TextToImageModel (a diffusers pipeline folder) samples as a teacher
+
+
+def register_policy(kind: str):
+    """Register a ``SamplingPolicy`` subclass (instantiated once) for models whose ``kind`` is ``kind``."""
+    def add(cls):
+        POLICIES.register(kind, cls())
+        return cls
+    return add
+
+
+def policy_of(model) -> SamplingPolicy:
+    """The sampling policy of ``model``'s kind (a one-line error for a model that takes no prompts)."""
+    kind = getattr(model, "kind", None)
+    if kind not in POLICIES or not hasattr(model, "encode_prompt"):
+        raise ValueError(f"a {type(model).__name__} is not a text-to-image model cmkit samples (kinds: "
+                         f"{', '.join(POLICIES.names())}); sample it with cmkit.sample")
+    return POLICIES[kind]
+
+
+def check_guidance(w) -> None:
+    """A guidance scale is a finite number >= 1 (1: none); a per-sample tensor passes as it is."""
+    if not torch.is_tensor(w) and not (isinstance(w, int | float) and math.isfinite(w) and w >= 1):
+        raise ValueError(f"guidance_scale must be a finite number >= 1 (1 = no guidance), got {w!r}")
+
+
+class SamplingPolicy:
+    """The defaults and sampler of one model kind. Subclasses override what differs; ``sample`` receives every
+    argument already resolved (``steps`` and ``guidance_scale`` not None)."""
+
+    def default_steps(self, model) -> int:
+        return 25
+
+    def default_guidance(self, model) -> float:
+        return 4.0
+
+    def follows_guidance(self, model) -> bool:
+        """Whether a benchmark's guidance scale applies to this model (a teacher, an LCM's guidance embedding); a
+        student that folds guidance in samples at its own default instead."""
+        return True
+
+    def resolve(self, model, steps, guidance_scale) -> tuple[int, float]:
+        steps = self.default_steps(model) if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        w = self.default_guidance(model) if guidance_scale is None else guidance_scale
+        check_guidance(w)
+        return steps, w
+
+    def sample(self, model, prompts, *, steps: int, solver, guidance_scale, negative_prompts, latents, generator,
+               spacing, sigmas, output: str, return_nfe: bool):
+        raise NotImplementedError
+
+
+@register_policy(TEACHER_KIND)
+class TeacherPolicy(SamplingPolicy):
+    """A text-to-image teacher: the guided PF-ODE solved with any cmkit solver (default DDIM, 25 steps, guidance 4)
+    over its family's grid."""
+
+    solver = "ddim"
+
+    def sample(self, model, prompts, *, steps, solver, guidance_scale, **kw):
+        from .text2image import solve_text_to_image
+
+        return solve_text_to_image(model, prompts, steps, solver or self.solver, guidance_scale, **kw)
+
+
+@register_policy("flow_cm")
+class FlowStudentPolicy(SamplingPolicy):
+    """A few-step student of a flow teacher: its own sampler (what its exported scheduler runs) at its distilled
+    step count, guidance folded in (it samples at 1; another value would guide on top of it: refused). A re-noising
+    sampler draws its fresh noise from torch's generator, seeded from ``generator`` after the starting latents."""
+
+    def default_steps(self, model) -> int:
+        return int(model.steps)
+
+    def default_guidance(self, model) -> float:
+        return 1.0
+
+    def follows_guidance(self, model) -> bool:
+        return False
+
+    def resolve(self, model, steps, guidance_scale):
+        if guidance_scale is not None and not (not torch.is_tensor(guidance_scale) and guidance_scale == 1.0):
+            raise ValueError(f"{type(model).__name__} folds guidance in (distilled at "
+                             f"{getattr(model, 'guidance_scale', '?')}) and samples at guidance 1, one pass a step; "
+                             f"guidance {guidance_scale:g} would guide on top of it: leave the guidance out")
+        return super().resolve(model, steps, None)
+
+    def sample(self, model, prompts, *, steps, solver, guidance_scale, latents, generator, **kw):
+        from .text2image import draw_latents, solve_text_to_image
+
+        from ..latent.flow_student import SAMPLERS
+
+        if solver is not None and solver not in SAMPLERS:  # its own, or the other consistency sampler
+            raise ValueError(f"a flow student samples with its own sampler ({model.sampler}, what its exported "
+                             f"scheduler runs; or {' / '.join(SAMPLERS)}); solver {solver!r} does not apply: leave "
+                             "the solver out")
+        if latents is None:
+            latents = draw_latents(model, prompts, generator)
+        seeded = nullcontext()
+        if generator is not None:
+            seeded = torch.random.fork_rng(devices=[])
+        with seeded:
+            if generator is not None:  # the re-noising draws: their own stream, not a copy of the latents' one
+                torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            return solve_text_to_image(model, prompts, steps, solver or model.sampler, guidance_scale, latents=latents,
+                                       generator=generator, **kw)
+
+
+@register_policy("lcm")
+class LCMPolicy(SamplingPolicy):
+    """A latent consistency model: ``LCMScheduler``'s steps (default 4); a full LCM takes the guidance scale through
+    its embedding (default 4), an LCM-LoRA folds guidance in (default 1, classifier-free guidance on top above 1)."""
+
+    def default_steps(self, model) -> int:
+        return 4
+
+    def default_guidance(self, model) -> float:
+        from ..latent.lcm import EMBEDDED_GUIDANCE
+
+        return EMBEDDED_GUIDANCE if self.follows_guidance(model) else 1.0
+
+    def follows_guidance(self, model) -> bool:
+        return bool(model.denoiser.embeds_guidance)
+
+    def resolve(self, model, steps, guidance_scale):
+        # lcm_sample checks both (steps against the model's schedule, the scale against its guidance)
+        return (self.default_steps(model) if steps is None else steps,
+                self.default_guidance(model) if guidance_scale is None else guidance_scale)
+
+    def sample(self, model, prompts, *, steps, solver, guidance_scale, negative_prompts, latents, generator,
+               spacing, sigmas, output, return_nfe):
+        from .text2image import lcm_sample
+
+        if sigmas is not None:
+            raise ValueError("an LCM samples at its scheduler's timesteps, not at given sigmas; use "
+                             "cmkit.lcm_sample(model, prompts, timesteps=...)")
+        return lcm_sample(model, prompts, steps, guidance_scale=guidance_scale, negative_prompts=negative_prompts,
+                          latents=latents, generator=generator, output=output, return_nfe=return_nfe, solver=solver)
