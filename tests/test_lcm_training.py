@@ -97,7 +97,7 @@ def test_v_prediction_teacher_distils_to_beat_it_at_two_passes(setup, tmp_path, 
     50-step DDIM solution than the teacher's own one guided step (two passes) does. (Per-sample distances need the
     deterministic one-step map: a multistep LCM re-noises, so its samples leave the starting noise's trajectory.)"""
     from cmkit import load_model, load_teacher
-    from cmkit.sampling.text2image import lcm_sample, text_to_image
+    from cmkit.sampling import lcm_sample, text_to_image
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
     run_job("distill", _recipe(setup, "lcm", 150, "v_prediction",

@@ -11,7 +11,7 @@ import torch
 from cmkit import load_teacher
 from cmkit.latent.denoiser import TextToImageModel
 from cmkit.latent.families.unet import tiny_pipeline
-from cmkit.sampling.text2image import text_to_image, timestep_sigmas
+from cmkit.sampling import text_to_image, timestep_sigmas
 
 PROMPTS = ["a red sneaker", "a green bag"]
 

@@ -93,7 +93,7 @@ def _teacher(recipe: Recipe, data: Dataset, teacher_path: str | None, echo):
     pipeline = getattr(recipe.objective, "teacher_pipeline", None) or (
         None if layout is None else "StableDiffusionXLPipeline" if layout == "sdxl" else "StableDiffusionPipeline")
     if pipeline is not None:  # a text-to-image kind: the tiny random stand-in of the recipe's pipeline class
-        from ..latent.builders import tiny_of_class
+        from ..latent.families import tiny_of_class
 
         return tiny_of_class(pipeline, texts=data.train_captions, image_size=shape[-1])
     classes = data.num_classes if recipe.model.class_conditional else None

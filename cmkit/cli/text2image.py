@@ -85,9 +85,9 @@ def _ints(text: str, what: str) -> list[int]:
 def _t2i_model(path: str):
     """The text-to-image model at ``path``: a model cmkit wrote (``cmkit.json`` of a kind with a sampling policy:
     an LCM, a flow student, ...) or a teacher pipeline folder, hub id or ``cmkit:NAME``."""
+    from ..core.assets import resolve
     from ..loading import load_model, load_teacher
     from ..models.folder import read_meta
-    from ..core.assets import resolve
     from ..sampling.kinds import POLICIES, policy_of
 
     folder = resolve(path)
@@ -105,7 +105,7 @@ def run_generate(args: argparse.Namespace) -> None:
     import torch
 
     from ..data.imagefiles import save_images
-    from ..sampling.text2image import text_to_image
+    from ..sampling.kinds import text_to_image
 
     out = Path(args.out)
     if out.suffix not in (".npy", ".png"):
@@ -135,9 +135,9 @@ def _check_memory(model, num: int) -> None:
 
 
 def run_bench_t2i(args: argparse.Namespace) -> None:
+    from ..core.assets import resolve
     from ..eval.bench import EvalSettings
     from ..eval.t2i_bench import student_rows, text_to_image_benchmark
-    from ..core.assets import resolve
     from ..sampling.kinds import POLICIES, TEACHER_KIND
 
     folders = named_folders(args.model)  # before anything is loaded

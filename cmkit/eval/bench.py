@@ -43,14 +43,6 @@ class EvalSettings:
 MMD_MAX = 2000  # MMD is quadratic in the set size; the first MMD_MAX samples of each set are enough to rank methods
 
 
-# metric key -> (column title, lower is better)
-METRICS = {"sw": ("sliced W2", True), "mmd": ("MMD²", True), "fd": ("Fréchet dist. (classifier features)", True),
-           "confidence": ("classifier confidence", False), "recognised": ("recognised", False),
-           "precision": ("precision", False), "recall": ("recall", False),
-           "fid": ("FID (Inception)", True), "kid": ("KID (Inception)", True),
-           "item_acc": ("item accuracy", False), "colour_acc": ("colour accuracy", False)}
-
-
 def vector_scorer(reference: torch.Tensor):
     """Sliced W2 and MMD² against reference samples (2-D and other vector data)."""
     def score(samples: torch.Tensor) -> dict:

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import torch
 
-from .bench import METRICS
+# metric key -> (column title, lower is better)
+METRICS = {"sw": ("sliced W2", True), "mmd": ("MMD²", True), "fd": ("Fréchet dist. (classifier features)", True),
+           "confidence": ("classifier confidence", False), "recognised": ("recognised", False),
+           "precision": ("precision", False), "recall": ("recall", False),
+           "fid": ("FID (Inception)", True), "kid": ("KID (Inception)", True),
+           "item_acc": ("item accuracy", False), "colour_acc": ("colour accuracy", False)}
 
 
 def machine_info() -> dict:

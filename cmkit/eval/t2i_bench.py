@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from ..data.fashion_colours import all_prompts
-from ..sampling.kinds import policy_of
-from ..sampling.text2image import text_to_image
+from ..sampling.kinds import policy_of, text_to_image
 from ..solvers import SOLVERS
 from .bench import EvalSettings, measure_jobs
 

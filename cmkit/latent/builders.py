@@ -1,7 +1,6 @@
 """Small latent text-to-image parts built from configs (the UNet2DConditionModel of cmkit's tiny teacher, a small
-T5, SD3 transformer and flow VAE), which the families' tiny stand-ins (``PipelineFamily.tiny``) are made of, and
-``tiny_of_class``: the stand-in of any registered pipeline class (what tests and ``--dry-run`` use in place of real
-checkpoints; they are read and written through the same diffusers folders)."""
+T5, SD3 transformer and flow VAE), which the families' tiny stand-ins (``PipelineFamily.tiny``: what tests and
+``--dry-run`` use in place of real checkpoints) are made of."""
 
 from __future__ import annotations
 
@@ -9,8 +8,6 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .autoencoder import small_vae
-from .family import FAMILIES
-from .text_encoders import small_text_encoder
 
 
 def small_cond_unet(sample_size: int = 8, channels: int = 4, base: int = 32, levels: int = 2,
@@ -68,27 +65,3 @@ def flow_vae(image_size: int, channels: int, seed: int, shift: float):
         vae = small_vae(image_size, (16, 16, 16), latent_channels=channels, norm_num_groups=8)
     vae.register_to_config(scaling_factor=0.5, shift_factor=shift)
     return vae.eval()
-
-
-def sd3_text_side(bpe: dict, hidden: int = 64, layers: int = 2, heads: int = 4, max_length: int = 8,
-                  projection_dim: int = 32, max_sequence_length: int = 256, seed: int = 0):
-    """SD3's text side for a small model: two seeded-and-frozen CLIP encoders with projection over one learnt
-    tokenizer, no T5 (the pipeline pads with ``max_sequence_length`` zero tokens); the joint attention width is the
-    two encoders' widths together."""
-    from .families.sd3 import SD3PromptEncoder
-    from .text_encoders import clip_tokenizer
-
-    toks = [clip_tokenizer(bpe, max_length=max_length) for _ in range(2)]
-    encs = [small_text_encoder(len(toks[i]), hidden, layers, heads, max_length, projection_dim, seed=seed + i)
-            .requires_grad_(False) for i in range(2)]
-    return SD3PromptEncoder([*encs, None], [*toks, None], 2 * hidden, max_sequence_length).eval()
-
-
-def tiny_of_class(pipeline: str, texts: list[str] | None = None, image_size: int = 32, seed: int = 0):
-    """A tiny random model of a registered pipeline class (``"any"``: SD3), as dry runs stand it in for weights
-    not here: the family's own ``tiny``."""
-    from . import families  # noqa: F401  (registers every family)
-
-    if pipeline not in FAMILIES and pipeline != "any":
-        raise ValueError(f"no tiny stand-in for pipeline class {pipeline!r} (known: {', '.join(FAMILIES.names())})")
-    return FAMILIES["StableDiffusion3Pipeline" if pipeline == "any" else pipeline].tiny(texts, image_size, seed)

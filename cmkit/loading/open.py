@@ -16,6 +16,7 @@ from ..latent.denoiser import TextToImageModel
 from ..models.denoisers import DiffusersDenoiser, EDMDenoiser
 from ..models.folder import MODEL_KINDS, read_meta
 
+
 def _load_diffusers(path: str, clip_x0: float | None = None, dtype=None, **load_kw):
     import diffusers
 

@@ -23,11 +23,11 @@ from ..core import (
     karras_index,
     karras_steps,
 )
+from ..core.assets import resolve
 from ..core.files import refuse_pickles, umask_modes
 from .backbones import network_of
 from .denoisers import DiffusersDenoiser
 from .folder import MODEL_KINDS, read_meta, read_model_folder, write_model_folder
-from ..core.assets import resolve
 from .precond import Preconditioned
 
 # editing's default: this many points of the Karras grid from sigma_max (what benchmarks/editing_digits.py measures)

@@ -22,7 +22,8 @@ import torch
 
 from ..core.proposals import logit_normal_times
 from ..latent.autoencoder import latent_normalisation
-from ..latent.builders import sd3_text_side, small_sd3_transformer
+from ..latent.builders import small_sd3_transformer
+from ..latent.families.sd3 import sd3_text_side
 from ..latent.text_encoders import learn_bpe
 from .base import BuildContext, ObjectiveConfig, register_objective
 from .distances import l2

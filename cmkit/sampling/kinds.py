@@ -1,5 +1,6 @@
-"""How each kind of text-to-image model samples: one ``SamplingPolicy`` per model kind (``model.kind``: a teacher,
-an LCM / LCM-LoRA, a few-step student of a flow teacher, ...), registered under that kind. A policy owns the kind's
+"""Text-to-image sampling of any model (``text_to_image``) as its kind samples: one ``SamplingPolicy`` per model
+kind (``model.kind``: a teacher, an LCM / LCM-LoRA, a few-step student of a flow teacher, ...), registered under
+that kind. A policy owns the kind's
 default steps, its default guidance and what a guidance scale means for it, the solvers it accepts and its sampler;
 ``text_to_image``, ``cmkit generate``, ``cmkit bench text-to-image`` and validation images ask the policy and never
 branch on kind names, so a new student kind is one policy class plus one ``@register_policy("kind")`` line.
@@ -13,6 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from ..core import Registry
+from .text2image import draw_latents, lcm_sample, solve_text_to_image
 
 POLICIES: Registry = Registry("text-to-image model kind")
 TEACHER_KIND = "teacher"  # a TextToImageModel (a diffusers pipeline folder) samples as a teacher
@@ -77,8 +79,6 @@ class TeacherPolicy(SamplingPolicy):
     solver = "ddim"
 
     def sample(self, model, prompts, *, steps, solver, guidance_scale, **kw):
-        from .text2image import solve_text_to_image
-
         return solve_text_to_image(model, prompts, steps, solver or self.solver, guidance_scale, **kw)
 
 
@@ -105,10 +105,7 @@ class FlowStudentPolicy(SamplingPolicy):
         return super().resolve(model, steps, None)
 
     def sample(self, model, prompts, *, steps, solver, guidance_scale, latents, generator, **kw):
-        from .text2image import draw_latents, solve_text_to_image
-
         from ..latent.flow_student import SAMPLERS
-
         if solver is not None and solver not in SAMPLERS:  # its own, or the other consistency sampler
             raise ValueError(f"a flow student samples with its own sampler ({model.sampler}, what its exported "
                              f"scheduler runs; or {' / '.join(SAMPLERS)}); solver {solver!r} does not apply: leave "
@@ -148,10 +145,27 @@ class LCMPolicy(SamplingPolicy):
 
     def sample(self, model, prompts, *, steps, solver, guidance_scale, negative_prompts, latents, generator,
                spacing, sigmas, output, return_nfe):
-        from .text2image import lcm_sample
-
         if sigmas is not None:
             raise ValueError("an LCM samples at its scheduler's timesteps, not at given sigmas; use "
                              "cmkit.lcm_sample(model, prompts, timesteps=...)")
         return lcm_sample(model, prompts, steps, guidance_scale=guidance_scale, negative_prompts=negative_prompts,
                           latents=latents, generator=generator, output=output, return_nfe=return_nfe, solver=solver)
+
+
+@torch.no_grad()
+def text_to_image(model, prompts, steps: int | None = None, solver: str | None = None,
+                  guidance_scale: float | None = None, negative_prompts=None, latents: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, spacing: str | None = "trailing", sigmas=None,
+                  output: str = "image", return_nfe: bool = False):
+    """Images in [-1, 1] (``output="latent"``: latents) for ``prompts`` from any text-to-image model cmkit opens,
+    sampled as its kind samples (``cmkit.sampling.kinds``): a teacher solves the guided PF-ODE with ``solver`` (any
+    cmkit solver or torchdiffeq method; default DDIM, 25 steps, guidance 4) over ``timestep_sigmas(steps,
+    spacing)`` or explicit ``sigmas``; a distilled student takes its own sampler, steps and guidance by default
+    (an LCM its ``LCMScheduler`` steps; a flow student its exported scheduler's, at guidance 1). ``latents``:
+    unit-variance starting noise, one per prompt (as diffusers pipelines take it); by default drawn per sample
+    from ``generator``. With ``return_nfe`` also the network passes (a guided evaluation counts two)."""
+    policy = policy_of(model)
+    steps, guidance_scale = policy.resolve(model, steps, guidance_scale)
+    return policy.sample(model, prompts, steps=steps, solver=solver, guidance_scale=guidance_scale,
+                         negative_prompts=negative_prompts, latents=latents, generator=generator, spacing=spacing,
+                         sigmas=sigmas, output=output, return_nfe=return_nfe)

@@ -11,7 +11,6 @@ import torch
 from ..latent.families.unet import timestep_sigmas as unet_timestep_sigmas
 from ..latent.lcm import lcm_sampling_guidance
 from ..solvers import ode_solve
-from .kinds import policy_of
 from .samplers import _device_dtype, _to_device, eval_mode, per_sample_noise
 
 
@@ -59,25 +58,6 @@ def _prepare(model, prompts, negative_prompts, guidance_scale, latents, generato
         raise ValueError(f"latents of shape {tuple(latents.shape)} for {len(prompts)} prompts; expected "
                          f"{(len(prompts), *model.sample_shape)}")
     return cond, latents.to(device, dtype)
-
-
-@torch.no_grad()
-def text_to_image(model, prompts, steps: int | None = None, solver: str | None = None,
-                  guidance_scale: float | None = None, negative_prompts=None, latents: torch.Tensor | None = None,
-                  generator: torch.Generator | None = None, spacing: str | None = "trailing", sigmas=None,
-                  output: str = "image", return_nfe: bool = False):
-    """Images in [-1, 1] (``output="latent"``: latents) for ``prompts`` from any text-to-image model cmkit opens,
-    sampled as its kind samples (``cmkit.sampling.kinds``): a teacher solves the guided PF-ODE with ``solver`` (any
-    cmkit solver or torchdiffeq method; default DDIM, 25 steps, guidance 4) over ``timestep_sigmas(steps,
-    spacing)`` or explicit ``sigmas``; a distilled student takes its own sampler, steps and guidance by default
-    (an LCM its ``LCMScheduler`` steps; a flow student its exported scheduler's, at guidance 1). ``latents``:
-    unit-variance starting noise, one per prompt (as diffusers pipelines take it); by default drawn per sample
-    from ``generator``. With ``return_nfe`` also the network passes (a guided evaluation counts two)."""
-    policy = policy_of(model)
-    steps, guidance_scale = policy.resolve(model, steps, guidance_scale)
-    return policy.sample(model, prompts, steps=steps, solver=solver, guidance_scale=guidance_scale,
-                         negative_prompts=negative_prompts, latents=latents, generator=generator, spacing=spacing,
-                         sigmas=sigmas, output=output, return_nfe=return_nfe)
 
 
 def solve_text_to_image(model, prompts, steps: int, solver: str, guidance_scale, negative_prompts=None,

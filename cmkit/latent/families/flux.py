@@ -147,11 +147,11 @@ class Flux(FlowFamily):
         return (h // 2) * (w // 2)
 
     def tiny(self, texts=None, image_size: int = 32, seed: int = 0):
-        return tiny_flux_pipeline(texts, seed=seed, image_size=image_size)
+        return tiny_flux_pipeline(texts, seed=seed, image_size=image_size, pipeline=self.name)
 
 
 def tiny_flux_pipeline(texts: list[str] | None = None, guidance: bool = True, seed: int = 0, image_size: int = 32,
-                       max_sequence_length: int = 16) -> TextToImageModel:
+                       max_sequence_length: int = 16, pipeline: str = PIPELINE) -> TextToImageModel:
     """A randomly initialised ``FluxPipeline`` model (dev with ``guidance``, else schnell): a CLIP encoder, a small
     T5, a ``FluxTransformer2DModel`` over 2x2-packed image / 4 latents, the dynamic-shift scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -167,6 +167,6 @@ def tiny_flux_pipeline(texts: list[str] | None = None, guidance: bool = True, se
                                     pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     model = TextToImageModel(FluxDenoiser(tr, sched), flow_vae(image_size, 4, seed + 3, 0.1),
-                             FluxPromptEncoder(encs, toks, max_sequence_length).eval(), {"pipeline": "FluxPipeline"})
+                             FluxPromptEncoder(encs, toks, max_sequence_length).eval(), {"pipeline": pipeline})
     model.image_size = image_size
     return model

@@ -14,7 +14,7 @@ from ..builders import flow_vae, small_sd3_transformer, small_t5_encoder
 from ..components import in_dtype, load_parts, present
 from ..denoiser import TextToImageModel
 from ..family import register_family
-from ..text_encoders import build_tokenizer, negatives_for, prompt_list, small_text_encoder, tokenize
+from ..text_encoders import build_tokenizer, clip_tokenizer, negatives_for, prompt_list, small_text_encoder, tokenize
 from .flow import FlowDenoiser, FlowFamily
 
 PIPELINE = "StableDiffusion3Pipeline"
@@ -193,11 +193,11 @@ class StableDiffusion3(FlowFamily):
         return (h // p) * (w // p)
 
     def tiny(self, texts=None, image_size: int = 32, seed: int = 0):
-        return tiny_sd3_pipeline(texts, seed=seed, image_size=image_size)
+        return tiny_sd3_pipeline(texts, seed=seed, image_size=image_size, pipeline=self.name)
 
 
 def tiny_sd3_pipeline(texts: list[str] | None = None, t5: bool = False, seed: int = 0, image_size: int = 32,
-                      shift: float = 3.0, max_sequence_length: int = 16) -> TextToImageModel:
+                      shift: float = 3.0, max_sequence_length: int = 16, pipeline: str = PIPELINE) -> TextToImageModel:
     """A randomly initialised ``StableDiffusion3Pipeline`` model: two CLIP encoders with projection (widths 32),
     optionally a small T5, an ``SD3Transformer2DModel`` over image / 4 latents, ``FlowMatchEulerDiscreteScheduler``
     with ``shift``."""
@@ -213,4 +213,15 @@ def tiny_sd3_pipeline(texts: list[str] | None = None, t5: bool = False, seed: in
     sched = FlowMatchEulerDiscreteScheduler(shift=shift)
     prompts = SD3PromptEncoder(encs, toks, 64, max_sequence_length)
     return TextToImageModel(SD3Denoiser(tr, sched), flow_vae(image_size, 4, seed + 4, 0.1), prompts.eval(),
-                            {"pipeline": "StableDiffusion3Pipeline"})
+                            {"pipeline": pipeline})
+
+
+def sd3_text_side(bpe: dict, hidden: int = 64, layers: int = 2, heads: int = 4, max_length: int = 8,
+                  projection_dim: int = 32, max_sequence_length: int = 256, seed: int = 0):
+    """SD3's text side for a small model: two seeded-and-frozen CLIP encoders with projection over one learnt
+    tokenizer, no T5 (the pipeline pads with ``max_sequence_length`` zero tokens); the joint attention width is the
+    two encoders' widths together."""
+    toks = [clip_tokenizer(bpe, max_length=max_length) for _ in range(2)]
+    encs = [small_text_encoder(len(toks[i]), hidden, layers, heads, max_length, projection_dim, seed=seed + i)
+            .requires_grad_(False) for i in range(2)]
+    return SD3PromptEncoder([*encs, None], [*toks, None], 2 * hidden, max_sequence_length).eval()

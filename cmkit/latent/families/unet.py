@@ -170,7 +170,8 @@ class UNetFamily(PipelineFamily):
         return timestep_sigmas(model, steps, spacing)
 
     def tiny(self, texts=None, image_size: int = 32, seed: int = 0):
-        return tiny_pipeline("sdxl" if self.xl else "sd", texts=texts, seed=seed, image_size=image_size)
+        return tiny_pipeline("sdxl" if self.xl else "sd", texts=texts, seed=seed, image_size=image_size,
+                             pipeline=self.name)
 
 
 def timestep_sigmas(model, steps: int, spacing: str | None = "trailing") -> list[float]:
@@ -213,10 +214,10 @@ def check_layout(path, unet, vae, xl: bool) -> None:
 
 
 def tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", texts: list[str] | None = None,
-                  seed: int = 0, image_size: int = 32) -> TextToImageModel:
+                  seed: int = 0, image_size: int = 32, pipeline: str | None = None) -> TextToImageModel:
     """A randomly initialised text-to-image model of the given ``layout`` ("sd" or "sdxl"): a 3-level VAE (image
     / 4 latents), CLIP encoders with a tokenizer learnt over ``texts``, a 2-level UNet and a ``DDIMScheduler``
-    (SD's scaled-linear betas, ``steps_offset=1``)."""
+    (SD's scaled-linear betas, ``steps_offset=1``); ``pipeline``: its class (default the layout's)."""
     from diffusers import DDIMScheduler
 
     if layout not in ("sd", "sdxl"):
@@ -242,4 +243,4 @@ def tiny_pipeline(layout: str = "sd", prediction_type: str = "epsilon", texts: l
     prompts = PromptEncoder(encoders, tokenizers, force_zeros_for_empty_prompt=xl,
                             image_size=(image_size, image_size) if xl else None)
     return TextToImageModel(LatentDenoiser(unet, scheduler), vae.eval(), prompts.eval(),
-                            {"force_zeros_for_empty_prompt": xl})
+                            {"force_zeros_for_empty_prompt": xl, **({"pipeline": pipeline} if pipeline else {})})
