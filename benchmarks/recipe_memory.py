@@ -48,8 +48,7 @@ def networks() -> dict[str, dict]:
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from cmkit.objectives.flow_cd import FlowCDLoRAConfig
-    from cmkit.objectives.lcm import LCMLoRAConfig
+    from cmkit.latent import FAMILIES
 
     with torch.device("meta"):
         clip_l = _count(CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -83,7 +82,8 @@ def networks() -> dict[str, dict]:
         flux = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
                                       pooled_projection_dim=768, guidance_embeds=True)
-    unet_targets, flow_targets = LCMLoRAConfig().lora_targets, FlowCDLoRAConfig().lora_targets
+    # the targets a recipe gets when it names none: its family's
+    unet_targets, flow_targets = FAMILIES["StableDiffusionPipeline"].lora_targets, FAMILIES["FluxPipeline"].lora_targets
     return {
         "sd15": {"net": _count(sd15), "text": clip_l, "vae": vae4, "lora64": lora_params(sd15, unet_targets, 64)},
         "sdxl": {"net": _count(sdxl), "text": clip_l + clip_g, "vae": vae4,

@@ -11,11 +11,46 @@ torch; ``cmkit.sample`` and ``from cmkit import sample`` work as plain attribute
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import logging
+import sys
 
-# diffusers imports bitsandbytes whenever it is installed (cmkit's bnb extra, for train.optimizer = "adamw8bit"), and
-# on CPUs with AVX512-BF16 bitsandbytes then warns that an optional 4-bit GEMM kernel package is missing: a line on
-# every command, about a kernel cmkit never calls. Its other warnings still show.
+
+class _NoHubKernelsInBitsandbytes(importlib.abc.MetaPathFinder):
+    """diffusers, peft and transformers import bitsandbytes whenever it is installed (cmkit's bnb extra, for
+    ``train.optimizer = "adamw8bit"`` alone), and on CPUs with AVX512-BF16 its CPU backend then asks the ``kernels``
+    package for a 4-bit GEMM kernel from the Hugging Face hub: code fetched from the network at import, and offline a
+    line on every command. While that one module runs, ``kernels`` cannot be imported, so bitsandbytes takes its own
+    fallback (its warning about it is quieted below); the 4-bit CPU kernel is one cmkit never calls."""
+
+    TARGET = "bitsandbytes.backends.cpu.ops"
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.TARGET:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            saved = sys.modules.get("kernels")
+            sys.modules["kernels"] = None  # ``from kernels import get_kernel`` raises ImportError
+            try:
+                run(module)
+            finally:
+                if saved is None:
+                    del sys.modules["kernels"]
+                else:
+                    sys.modules["kernels"] = saved
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if not any(isinstance(f, _NoHubKernelsInBitsandbytes) for f in sys.meta_path):
+    sys.meta_path.insert(0, _NoHubKernelsInBitsandbytes())
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.2.0"

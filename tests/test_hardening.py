@@ -426,3 +426,36 @@ def test_an_lcm_lora_run_stopped_with_closed_pipes_resumes_from_its_step(tmp_pat
     assert _run_piped(tmp_path, _lcm_lora_argv(lcm_lora_setup, out, step + 1)) == 0
     assert (tmp_path / "started").read_text() == str(step)
     assert (out / "model" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_importing_the_libraries_reaches_no_network_and_prints_nothing():
+    """diffusers, peft and transformers import bitsandbytes when it is installed (the dev and bnb extras), whose CPU
+    backend on AVX512-BF16 machines asked the hub for a kernel at import (offline: a line above every command). With
+    cmkit imported first, nothing at import resolves a host name or opens a connection, online or offline, and
+    nothing is printed. (On a CPU without AVX512-BF16 bitsandbytes never asks; the test then checks the rest.)"""
+    import subprocess
+    import sys
+
+    probe = """
+import socket
+calls = []
+def refuse(*a, **k):
+    calls.append(a[:1])
+    raise OSError("no network in this test")
+socket.getaddrinfo = refuse
+socket.socket.connect = refuse
+import cmkit
+from diffusers import UNet2DModel
+import peft.helpers
+try:
+    import bitsandbytes
+except ImportError:
+    pass
+print(len(calls))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    for offline in ("0", "1"):
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                              env={**env, "HF_HUB_OFFLINE": offline})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "0" and proc.stderr.strip() == "", (offline, proc.stdout, proc.stderr)

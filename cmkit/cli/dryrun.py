@@ -31,6 +31,9 @@ def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=prin
     data = _subset(_data(recipe, echo))
     teacher = _teacher(recipe, data, teacher_path, echo) if OBJECTIVES[recipe.objective.kind].teacher != "none" \
         else None
+    shape = tuple(getattr(teacher, "image_shape", None) or data.sample_shape)
+    if data.name == STAND_IN and shape != tuple(data.sample_shape):  # stand-in images of the loaded teacher's size
+        data = _stand_in(*shape[:1], shape[-1])
     distance = _distance(recipe, echo)
     with tempfile.TemporaryDirectory(prefix="cmkit-dry-run-") as tmp:
         recipe = _stand_in_vae(recipe, data, Path(tmp), echo)
@@ -76,11 +79,18 @@ def _data(recipe: Recipe, echo) -> Dataset:
         # tiny shapes: the point is to build and step every part, not to pay for full-size images on a CPU
         c, size = recipe.data.channels or 3, min(recipe.data.image_size or 32, 16)
         echo(f"dry run: data not available ({e}); using random {c}x{size}x{size} images")
-        g = torch.Generator().manual_seed(0)
-        x = torch.rand(8, c, size, size, generator=g) * 2 - 1
-        labels = torch.randint(0, 10, (8,), generator=g)
-        captions = [f"a stand-in image of class {int(v)}" for v in labels]  # for text-to-image kinds
-        return Dataset("stand-in", x[:6], x[6:], labels[:6], labels[6:], 10, captions[:6], captions[6:])
+        return _stand_in(c, size)
+
+
+STAND_IN = "stand-in"
+
+
+def _stand_in(c: int, size: int) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, c, size, size, generator=g) * 2 - 1
+    labels = torch.randint(0, 10, (8,), generator=g)
+    captions = [f"a stand-in image of class {int(v)}" for v in labels]  # for text-to-image kinds
+    return Dataset(STAND_IN, x[:6], x[6:], labels[:6], labels[6:], 10, captions[:6], captions[6:])
 
 
 def _teacher(recipe: Recipe, data: Dataset, teacher_path: str | None, echo):

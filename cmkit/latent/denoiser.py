@@ -22,7 +22,7 @@ from ..core import append_dims, as_batch_sigma
 from ..core.assets import hub_load_kw, looks_like_hub_id, resolve
 from ..core.files import atomic_dir
 from .autoencoder import vae_decode, vae_encode
-from .components import UNSUPPORTED, read_model_index
+from .components import UNSUPPORTED, is_text_to_image, read_model_index
 from .family import FAMILIES, family_of
 
 
@@ -228,8 +228,11 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         path = resolve(name)
         if not Path(path).is_dir() and not looks_like_hub_id(path):
             raise FileNotFoundError(f"text-to-image pipeline folder {path!r} does not exist")
+        load_kw = {} if Path(path).is_dir() else hub_load_kw()
         try:
-            return cls.from_pretrained(path, **({} if Path(path).is_dir() else hub_load_kw()))
+            if not is_text_to_image(read_model_index(path, **load_kw)):
+                raise ValueError(f"{name!r} is not a text-to-image teacher (no text encoder in its model_index.json)")
+            return cls.from_pretrained(path, **load_kw)
         except OSError as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise FileNotFoundError(f"could not load {path!r}: no such folder here, and as a hub id ({first}); "
