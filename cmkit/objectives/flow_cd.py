@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -32,7 +32,7 @@ from ..latent.students import adapters_off
 from ..solvers import SOLVERS, ode_step, step_solvers
 from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, encoded_captions, register_objective
 from .distances import make_distance
-from .students import lora_spec
+from .students import LoRAKeys, lora_spec
 
 
 @dataclass
@@ -51,12 +51,9 @@ class FlowCDConfig(ObjectiveConfig):
 
 
 @dataclass
-class FlowCDLoRAConfig(FlowCDConfig):
+class FlowCDLoRAConfig(LoRAKeys, FlowCDConfig):
     kind: str = "flow_cd_lora"
     target_ema: float = 0.0
-    lora_rank: int = 32
-    lora_alpha: float = 32.0
-    lora_targets: list[str] = field(default_factory=list)  # empty: the teacher family's (PipelineFamily.lora_targets)
 
 
 def pseudo_huber(x, y, c: float):

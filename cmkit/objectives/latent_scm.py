@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ from .base import (
 from .flow_cd import flow_student
 from .lcm import lcm_student
 from .scm import AdaptiveWeight, adaptive_weighted_loss, normalise_tangent, scm_tangent
-from .students import lora_spec
+from .students import LoRAKeys, lora_spec
 from .tangents import check_tangent_method
 
 
@@ -81,16 +81,13 @@ class LatentSCDConfig(ObjectiveConfig):
 
 
 @dataclass
-class LoRAKeys:
+class SCMLoRAKeys(LoRAKeys):
     """A LoRA student's keys (sCD and rCM alike)."""
     w_embedding_dim: int = 0           # the adapter leaves the teacher's inputs as they are
-    lora_rank: int = 32
-    lora_alpha: float = 32.0
-    lora_targets: list[str] = field(default_factory=list)  # empty: the teacher network's defaults (flow / UNet)
 
 
 @dataclass
-class LatentSCDLoRAConfig(LoRAKeys, LatentSCDConfig):
+class LatentSCDLoRAConfig(SCMLoRAKeys, LatentSCDConfig):
     kind: str = "latent_scd_lora"
 
 
@@ -106,7 +103,7 @@ class LatentRCMConfig(LatentSCDConfig):
 
 
 @dataclass
-class LatentRCMLoRAConfig(LoRAKeys, LatentRCMConfig):
+class LatentRCMLoRAConfig(SCMLoRAKeys, LatentRCMConfig):
     kind: str = "latent_rcm_lora"
 
 
@@ -302,25 +299,19 @@ def _build(cfg: LatentSCDConfig, ctx: BuildContext, lora: bool, rcm: bool):
     return model, LatentSCM(teacher, encoded, cfg, lora=lora, fake=fake, student_takes_w=takes_w)
 
 
-@register_objective("latent_scd", LatentSCDConfig, job="distill", teacher="required")
-def build(cfg: LatentSCDConfig, ctx: BuildContext):
-    """sCD of a latent text-to-image teacher (UNet or flow): a full student initialised from the teacher."""
-    return _build(cfg, ctx, lora=False, rcm=False)
+def _builder(lora: bool, rcm: bool, doc: str):
+    def build(cfg: LatentSCDConfig, ctx: BuildContext):
+        return _build(cfg, ctx, lora=lora, rcm=rcm)
+    build.__doc__ = doc
+    return build
 
 
-@register_objective("latent_scd_lora", LatentSCDLoRAConfig, job="distill", teacher="required")
-def build_lora(cfg: LatentSCDLoRAConfig, ctx: BuildContext):
-    """sCD into a LoRA adapter on the teacher's own network (the teacher's pass with the adapter off)."""
-    return _build(cfg, ctx, lora=True, rcm=False)
-
-
-@register_objective("latent_rcm", LatentRCMConfig, job="distill", teacher="required")
-def build_rcm(cfg: LatentRCMConfig, ctx: BuildContext):
-    """rCM: sCD plus the DMD regulariser, with a fake-score network trained on the student's samples."""
-    return _build(cfg, ctx, lora=False, rcm=True)
-
-
-@register_objective("latent_rcm_lora", LatentRCMLoRAConfig, job="distill", teacher="required")
-def build_rcm_lora(cfg: LatentRCMLoRAConfig, ctx: BuildContext):
-    """rCM with a LoRA student (the fake score is a full copy of the teacher's network)."""
-    return _build(cfg, ctx, lora=True, rcm=True)
+_DISTILL = {"job": "distill", "teacher": "required"}
+build = register_objective("latent_scd", LatentSCDConfig, **_DISTILL)(_builder(
+    False, False, "sCD of a latent text-to-image teacher (UNet or flow): a full student initialised from it."))
+build_lora = register_objective("latent_scd_lora", LatentSCDLoRAConfig, **_DISTILL)(_builder(
+    True, False, "sCD into a LoRA adapter on the teacher's own network (the teacher's pass with the adapter off)."))
+build_rcm = register_objective("latent_rcm", LatentRCMConfig, **_DISTILL)(_builder(
+    False, True, "rCM: sCD plus the DMD regulariser, with a fake-score network trained on the student's samples."))
+build_rcm_lora = register_objective("latent_rcm_lora", LatentRCMLoRAConfig, **_DISTILL)(_builder(
+    True, True, "rCM with a LoRA student (the fake score is a full copy of the teacher's network)."))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +29,7 @@ from ..latent.families.unet import LatentDenoiser
 from ..latent.lcm import LatentConsistencyModel, LCMFunction, student_unet
 from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, encoded_captions, register_objective
 from .distances import make_distance
-from .students import lora_spec
+from .students import LoRAKeys, lora_spec
 
 
 @dataclass
@@ -47,13 +47,12 @@ class LCMConfig(ObjectiveConfig):
 
 
 @dataclass
-class LCMLoRAConfig(LCMConfig):
+class LCMLoRAConfig(LoRAKeys, LCMConfig):
     kind: str = "lcm_lora"
     w_embedding_dim: int = 0            # LCM-LoRA keeps the teacher's UNet as it is: no guidance embedding
     target_ema: float = 0.0
     lora_rank: int = 64
     lora_alpha: float = 64.0
-    lora_targets: list[str] = field(default_factory=list)  # empty: the teacher family's (PipelineFamily.lora_targets)
 
 
 def elementwise_huber(x, y, c: float):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from ..models import ConsistencyModel, DenoiserConsistencyModel, DiffusersDenoiser
 from .base import BuildContext, LevelsConfig
 
@@ -26,7 +28,15 @@ def student_from_teacher(cfg: LevelsConfig, ctx: BuildContext, wrap_vp: bool) ->
     return cls.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=cfg.sigma_data)
 
 
-def lora_spec(cfg, teacher) -> dict:
+@dataclass
+class LoRAKeys:
+    """The ``[objective]`` keys of a LoRA student's adapter (LCM-LoRA, flow CD, sCD and rCM alike)."""
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=list)  # empty: the teacher family's (PipelineFamily.lora_targets)
+
+
+def lora_spec(cfg: LoRAKeys, teacher) -> dict:
     """A LoRA student's adapter: the config's rank and alpha, and its ``lora_targets`` or, where the recipe names
     none, the teacher family's (``PipelineFamily.lora_targets``)."""
     targets = list(cfg.lora_targets) or list(teacher.family.lora_targets)
