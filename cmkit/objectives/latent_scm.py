@@ -306,12 +306,11 @@ def _builder(lora: bool, rcm: bool, doc: str):
     return build
 
 
-_DISTILL = {"job": "distill", "teacher": "required"}
-build = register_objective("latent_scd", LatentSCDConfig, **_DISTILL)(_builder(
+build = register_objective("latent_scd", LatentSCDConfig, job="distill", teacher="required")(_builder(
     False, False, "sCD of a latent text-to-image teacher (UNet or flow): a full student initialised from it."))
-build_lora = register_objective("latent_scd_lora", LatentSCDLoRAConfig, **_DISTILL)(_builder(
+build_lora = register_objective("latent_scd_lora", LatentSCDLoRAConfig, job="distill", teacher="required")(_builder(
     True, False, "sCD into a LoRA adapter on the teacher's own network (the teacher's pass with the adapter off)."))
-build_rcm = register_objective("latent_rcm", LatentRCMConfig, **_DISTILL)(_builder(
+build_rcm = register_objective("latent_rcm", LatentRCMConfig, job="distill", teacher="required")(_builder(
     False, True, "rCM: sCD plus the DMD regulariser, with a fake-score network trained on the student's samples."))
-build_rcm_lora = register_objective("latent_rcm_lora", LatentRCMLoRAConfig, **_DISTILL)(_builder(
-    True, True, "rCM with a LoRA student (the fake score is a full copy of the teacher's network)."))
+build_rcm_lora = register_objective("latent_rcm_lora", LatentRCMLoRAConfig, job="distill", teacher="required")(
+    _builder(True, True, "rCM with a LoRA student (the fake score is a full copy of the teacher's network)."))
