@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import __version__
 from .streams import guarded_output, signals_interrupt
-from .text2image import add_bench_t2i, add_generate, named_folders, run_bench_t2i, run_generate
+from .text2image import add_bench_t2i, add_generate, named_folders, run_bench_t2i, run_generate, seed_value
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 TRAINING_JOBS = ("train-teacher", "distill", "train")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=1, help="number of network evaluations (default 1)")
     g.add_argument("--sigmas", help="comma-separated descending noise levels, e.g. 80,0.8")
     s.add_argument("--num", type=int, default=1000, help="number of samples (default 1000)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=seed_value, default=0)
     s.add_argument("--class-label", type=int, help="class for a class-conditional model (default: random classes)")
     s.add_argument("--out", default="samples.npy",
                    help="output file: .npy (any model) or .png (an image grid, image models; default samples.npy)")
@@ -109,7 +109,7 @@ def _add_edit(sub) -> None:
     g2.add_argument("--sigmas", help="comma-separated descending noise levels")
     e.add_argument("--num", type=int, default=8, help="interpolate: points along the path (default 8)")
     e.add_argument("--reference", help="a reference batch shown beside the result in the figure")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=seed_value, default=0)
     e.add_argument("--out", default="edited.png", help="output .png grid or .npy batch (default edited.png)")
     e.add_argument("--figure", help="also write input / output / reference side by side to this PNG")
 

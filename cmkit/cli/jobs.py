@@ -174,7 +174,8 @@ def _teacher_for(recipe: Recipe, job: str, teacher_path: str | None, teacher):
             raise ValueError(f"objective.kind {spec.kind!r} needs a teacher: pass --teacher PATH or set teacher.path")
         teacher = load_teacher(path, clip_x0=recipe.teacher.clip_x0,
                                dtype=getattr(torch, recipe.train.weight_dtype))
-    return teacher, str(path)
+    # a local folder is recorded whole, so a LoRA student finds its base from any working directory
+    return teacher, str(Path(path).resolve()) if Path(str(path)).exists() else str(path)
 
 
 def check_training_fits(model, batch_size: int, device) -> None:

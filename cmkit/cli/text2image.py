@@ -21,7 +21,7 @@ def add_generate(sub) -> None:
     g.add_argument("--guidance", type=guidance_scale, default=None,
                    help="classifier-free guidance scale, 1 or more (1: no guidance; default 4 for a teacher or an LCM, "
                         "1 for a student that folds guidance in: an LCM-LoRA, a flow student)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_value, default=0)
     g.add_argument("--out", default="generated.png", help="output .png grid or .npy batch (default generated.png)")
 
 
@@ -54,6 +54,17 @@ def guidance_scale(text: str) -> float:
     return w
 
 
+def seed_value(text: str) -> int:
+    """A ``--seed``: an integer torch's generators take, 0 to 2**63 - 1."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants an integer, got {text!r}") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1, got {text}")
+    return seed
+
+
 def named_folders(items: list[str]) -> dict[str, str]:
     """``--model NAME=FOLDER`` values as ``{name: folder}``. A name becomes part of file names under ``--out``
     (finished rows are kept as ``OUT/partial/NAME-NFE.json``), so one that could reach outside it is refused."""
@@ -79,6 +90,9 @@ def _ints(text: str, what: str) -> list[int]:
         raise ValueError(f"{what} wants comma-separated integers, got {text!r}") from None
     if not vals:
         raise ValueError(f"{what} is empty")
+    if len(set(vals)) != len(vals):  # a repeated seed would be counted as another seed
+        twice = sorted({v for v in vals if vals.count(v) > 1})
+        raise ValueError(f"{what} lists {twice} more than once; give each once")
     return vals
 
 
@@ -141,8 +155,8 @@ def run_bench_t2i(args: argparse.Namespace) -> None:
     from ..sampling.kinds import POLICIES, TEACHER_KIND
 
     folders = named_folders(args.model)  # before anything is loaded
-    teacher = _t2i_model(args.teacher)
     ev = EvalSettings(num_samples=args.num, seeds=_ints(args.seeds, "--seeds"))
+    teacher = _t2i_model(args.teacher)
     models = {}
     for name, folder in folders.items():
         student = _t2i_model(folder)

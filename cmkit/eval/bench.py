@@ -38,6 +38,8 @@ class EvalSettings:
     def check(self) -> None:
         if self.num_samples < 2 or not self.seeds:
             raise ValueError("eval.num_samples must be >= 2 and eval.seeds must list at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):  # a repeated seed would be reported as another seed
+            raise ValueError(f"eval.seeds lists a seed more than once ({list(self.seeds)}); give each seed once")
 
 
 MMD_MAX = 2000  # MMD is quadratic in the set size; the first MMD_MAX samples of each set are enough to rank methods

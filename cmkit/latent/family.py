@@ -13,10 +13,17 @@ is one file in ``families/`` with a ``@register_family`` class, plus its import 
 
 from __future__ import annotations
 
+import logging
+
 from ..core import Registry
 from .components import read_model_index
 
 FAMILIES: Registry = Registry("text-to-image pipeline class")
+
+
+def _absent_parts(record: logging.LogRecord) -> bool:
+    """Drop diffusers' "text_encoder_3=None of type <class 'NoneType'> cannot be saved" (an absent part)."""
+    return "of type <class 'NoneType'> cannot be saved" not in record.getMessage()
 
 
 class PipelineFamily:
@@ -67,8 +74,15 @@ class PipelineFamily:
         raise NotImplementedError(f"the {self.name} adapter has no tiny stand-in; dry runs need its weights")
 
     def write(self, model, folder) -> None:
-        """Write ``model`` as a folder of this pipeline class (``folder`` exists and is empty)."""
-        self.pipeline(model).save_pretrained(folder, safe_serialization=True)
+        """Write ``model`` as a folder of this pipeline class (``folder`` exists and is empty). A component the
+        pipeline holds as None (SD3 without its T5) is left out as the pipeline's own loader expects, without
+        diffusers' warning about it, which would otherwise end every such run."""
+        log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+        log.addFilter(_absent_parts)
+        try:
+            self.pipeline(model).save_pretrained(folder, safe_serialization=True)
+        finally:
+            log.removeFilter(_absent_parts)
 
     def write_lora(self, model, folder, state: dict) -> None:
         """Write a LoRA adapter's ``state`` (peft's key layout) on ``model``'s network as the file this pipeline's

@@ -28,7 +28,7 @@ from ..core.digests import weights_digest
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiserView, TextToImageModel
-from .students import SharedPartsStudent, check_base_hash, check_lora_fits, read_lora_file
+from .students import SharedPartsStudent, check_base_hash, check_kind, check_lora_fits, read_lora_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # the student's sampler -> the scheduler its export samples with: deterministic, or re-noising with fresh noise
@@ -159,6 +159,7 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         """A student pipeline folder, or a LoRA student on its base teacher (``base``: a loaded
         ``TextToImageModel``, or by default the folder or hub id recorded when it was trained)."""
         meta = read_meta(folder) or {}
+        check_kind(folder, meta, cls.kind)
         kw = {k: meta[k] for k in ("steps", "guidance_scale", "sampler") if k in meta}
         if not meta.get("lora"):
             model = TextToImageModel.from_pretrained(str(folder))

@@ -24,7 +24,7 @@ from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiserView, TextToImageModel
 from .families.unet import LatentDenoiser
-from .students import SharedPartsStudent, check_base_hash, check_lora_fits, read_lora_file
+from .students import SharedPartsStudent, check_base_hash, check_kind, check_lora_fits, read_lora_file
 
 LCM_SIGMA_DATA = 0.5
 
@@ -182,6 +182,7 @@ class LatentConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         ``TextToImageModel``, or by default the folder or hub id recorded when it was trained, refused in one line
         if its weights changed since)."""
         meta = read_meta(folder) or {}
+        check_kind(folder, meta, cls.kind)
         if not meta.get("lora"):
             model = TextToImageModel.from_pretrained(str(folder))
             if not isinstance(model.denoiser, LatentDenoiser):

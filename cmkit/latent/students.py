@@ -108,3 +108,10 @@ def check_base_hash(folder, meta: dict, base, given: bool, what: str) -> None:
     raise ValueError(f"{folder}: its base teacher {meta.get('base')} has changed since the {what} was trained on "
                      f"it (weights hash {now}, recorded {recorded}); restore that teacher, or pass base= to apply the "
                      "adapter to another one deliberately")
+
+
+def check_kind(folder, meta: dict, kind: str) -> None:
+    """A student class opens only folders of its own kind (a flow student's class re-saved an LCM folder as a flow
+    student before): a one-line error naming what the folder holds."""
+    if meta.get("kind") not in (None, kind):
+        raise ValueError(f"{folder} holds a {meta['kind']!r} model, not a {kind!r} one; open it with cmkit.load_model")

@@ -123,7 +123,9 @@ def tokenize(tok, texts: list[str], max_length: int, **kw):
     ids = tokens.input_ids
     full = tok(texts, padding="longest", return_tensors="pt", **kw).input_ids
     if full.shape[-1] > ids.shape[-1] or (full.shape[-1] == ids.shape[-1] and not torch.equal(full, ids)):
-        cut = tok.batch_decode(full[:, max_length - 1: -1])
-        warnings.warn(f"prompts longer than {max_length} tokens were truncated (the encoder takes {max_length}); "
-                      f"dropped: {[c for c in cut if c.strip()]}", stacklevel=3)
+        cut = [c for c in tok.batch_decode(full[:, max_length - 1: -1]) if c.strip()]
+        first = cut[0] if cut else ""
+        first = first if len(first) <= 60 else f"{first[:57]}... ({len(first)} characters)"  # one short line
+        warnings.warn(f"{len(cut)} prompt{'s' if len(cut) != 1 else ''} longer than {max_length} tokens were "
+                      f"truncated (the encoder takes {max_length}); dropped, first: {first!r}", stacklevel=3)
     return tokens

@@ -1,0 +1,82 @@
+"""Issue 31, "messages that mislead" and "options that do nothing": each case a hostile user found, each failing on
+the code before its fix."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import caption_data
+
+import cmkit
+from cmkit.cli.commands import main
+from cmkit.cli.jobs import run_job
+from cmkit.cli.recipes import load_recipe
+
+
+def _one_line(capsys, code: int, *words):
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+
+
+def test_a_huge_caption_is_warned_about_in_one_short_line():
+    teacher = cmkit.load_teacher("cmkit:tiny-t2i")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        teacher.encode_prompt(["a red bag " * 2000, "a blue boot " * 1000])
+    text = [str(w.message) for w in seen if "truncated" in str(w.message)]
+    assert len(text) == 1 and len(text[0]) < 250, text  # it printed ~49 KB before
+    assert "2 prompts" in text[0] and "characters" in text[0]
+
+
+def test_a_seed_torch_cannot_take_is_refused_as_an_argument_error(capsys):
+    """It overflowed inside torch's generator (an internal error) after the model had loaded."""
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "cmkit:tiny-t2i", "--prompt", "x", "--seed", str(2**70)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "argument --seed: must be from 0 to 2**63 - 1" in err and "Traceback" not in err
+
+
+def test_a_repeated_bench_seed_is_refused_not_counted_twice(tmp_path, capsys):
+    _one_line(capsys, main(["bench", "text-to-image", "--seeds", "0,0", "--num", "8", "--out", str(tmp_path)]),
+              "--seeds", "more than once")
+    from cmkit.eval.bench import EvalSettings
+
+    with pytest.raises(ValueError, match="more than once"):
+        EvalSettings(num_samples=8, seeds=[1, 1]).check()
+
+
+def test_a_lora_trained_from_a_relative_teacher_records_where_it_is(tmp_path, monkeypatch):
+    """A relative --teacher was recorded as the LoRA's base as given, so the student opened only from the folder
+    the run was started in."""
+    cmkit.load_teacher("cmkit:tiny-t2i").save_pretrained(tmp_path / "teacher")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("tiny-t2i-lcm-lora", ["train.steps=2", "train.batch_size=4", "train.checkpoint_every=2",
+                                               "objective.lora_rank=2", "objective.lora_alpha=2.0"])
+    run_job("distill", recipe, tmp_path / "run", "teacher", progress=False, data=caption_data(32))
+    base = json.loads((tmp_path / "run" / "model" / "cmkit.json").read_text())["base"]
+    assert base == str((tmp_path / "teacher").resolve())
+    monkeypatch.chdir(tmp_path / "run")  # elsewhere, the student still finds its base
+    assert cmkit.load_model(tmp_path / "run" / "model").lora
+
+
+def test_a_student_class_opens_only_its_own_kind(tmp_path):
+    from cmkit.latent.families.unet import LatentDenoiser
+    from cmkit.latent.flow_student import FlowConsistencyModel
+    from cmkit.latent.lcm import LatentConsistencyModel, LCMFunction, student_unet
+
+    teacher = cmkit.load_teacher("cmkit:tiny-t2i")
+    lcm = LatentConsistencyModel(LCMFunction(LatentDenoiser(student_unet(teacher.unet, 8), teacher.scheduler)),
+                                 teacher)
+    lcm.save_pretrained(tmp_path / "lcm")
+    with pytest.raises(ValueError, match="holds a 'lcm' model, not a 'flow_cm' one"):
+        FlowConsistencyModel.from_pretrained(tmp_path / "lcm")  # it opened it, and re-saved it as a flow student
+
+
+def test_saving_a_t5_less_sd3_folder_ends_with_no_diffusers_warning(tmp_path, capfd):
+    from cmkit.latent.families.sd3 import tiny_sd3_pipeline
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
+    assert "cannot be saved" not in capfd.readouterr().err
+    assert torch.isfinite(cmkit.text_to_image(cmkit.load_teacher(tmp_path / "sd3"), ["a red bag"], steps=1)).all()
