@@ -100,12 +100,12 @@ def _teacher(recipe: Recipe, data: Dataset, teacher_path: str | None, echo):
         echo(f"dry run: teacher not available ({e}); using a randomly initialised stand-in")
     shape = data.sample_shape
     layout = getattr(recipe.objective, "teacher_layout", None)  # an LCM kind: "sd", "sdxl" or "any"
-    pipeline = getattr(recipe.objective, "teacher_pipeline", None) or (
-        None if layout is None else "StableDiffusionXLPipeline" if layout == "sdxl" else "StableDiffusionPipeline")
+    pipeline = getattr(recipe.objective, "teacher_pipeline", None) or layout
     if pipeline is not None:  # a text-to-image kind: the tiny random stand-in of the recipe's pipeline class
         from ..latent.families import tiny_of_class
 
-        return tiny_of_class(pipeline, texts=data.train_captions, image_size=shape[-1])
+        return tiny_of_class(pipeline, texts=data.train_captions, image_size=shape[-1],
+                             student="lcm" if layout is not None else "")
     classes = data.num_classes if recipe.model.class_conditional else None
     if len(shape) == 1:
         return EDMDenoiser(TimeMLP(dim=shape[0], num_classes=classes))

@@ -25,6 +25,7 @@ from ..training import TrainSettings
 class DataSection:
     name: str = "s_curve"
     path: str = ""                      # a .npy file or a folder of images instead of a named set
+    follow_links: bool = False          # read sample files (images, captions, shards) linked from outside data.path
     image_size: int = 0                 # image folders: resize to this size (0 = keep)
     channels: int = 0                   # image folders: 1 or 3 (0 = as the first image)
     hflip: bool = False                 # random horizontal flips of training images

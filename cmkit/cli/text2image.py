@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 
@@ -42,16 +41,19 @@ def add_bench_t2i(bsub) -> None:
 
 
 def guidance_scale(text: str) -> float:
-    """A ``--guidance`` value: a finite number >= 1. Classifier-free guidance mixes ``eps_u + w (eps_c - eps_u)``
-    only for ``w > 1`` (diffusers' convention, which the teachers follow), so a value below 1 would silently sample
-    at 1, and NaN or inf gives NaN latents (a black image)."""
+    """A ``--guidance`` value: a finite number in [1, 100] (``core.checks.check_guidance``). Classifier-free guidance
+    mixes ``eps_u + w (eps_c - eps_u)`` only for ``w > 1`` (diffusers' convention, which the teachers follow), so a
+    value below 1 would silently sample at 1, and NaN, inf or 1e308 gives NaN latents (a black image)."""
+    from ..core.checks import check_guidance
+
     try:
         w = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"wants a number, got {text!r}") from None
-    if not math.isfinite(w) or w < 1:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 1 (1 = no guidance), got {text!r}")
-    return w
+    try:
+        return check_guidance(w, "the guidance scale")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def seed_value(text: str) -> int:

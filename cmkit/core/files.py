@@ -4,11 +4,13 @@ behind model folders, checkpoints, the classifier cache and benchmark partial re
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +42,63 @@ def umask_modes(path) -> None:
         os.chmod(entry, full & ~mask)
 
 
+_STARTED = time.time()  # when this process took up cmkit's file helpers: a temporary entry older is not its own
+
+# a folder holding one of these is a model folder cmkit wrote (its own cmkit.json, or a diffusers pipeline folder)
+MODEL_MARKERS = ("cmkit.json", "model_index.json")
+
+
+class DiskFull(OSError):
+    """No space left on the device for a write (an OSError with one line, which the command line prints as it is):
+    it names the path and what is intact."""
+
+    def __init__(self, path, intact: str):
+        self.path, self.intact = Path(path), intact
+        super().__init__(f"no space left on the device writing {self.path}; the write was abandoned, {intact}: free "
+                         "some space (or write elsewhere) and run the same command again")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` is a write that failed for want of space: ``OSError`` ENOSPC / EDQUOT, or safetensors' own
+    error around one (its ``SafetensorError`` carries the OS error only as text)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(e)
+    return type(e).__name__ == "SafetensorError" and any(
+        s in text for s in ("code: 28", "code: 122", "StorageFull", "QuotaExceeded", "No space left"))
+
+
+def _intact(path: Path, what: str) -> str:
+    return f"the previous {what} {path} is intact" if path.exists() else f"nothing was left at {path}"
+
+
+def check_model_folder(folder) -> None:
+    """Refuse, in one line, to write a model into ``folder`` unless it is absent, empty or a model folder cmkit wrote
+    before (it holds one of ``MODEL_MARKERS``): writing replaces the whole folder, which must not take a user's files
+    with it. The one check every model folder write goes through (``atomic_dir``)."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        what = "link" if folder.is_symlink() else "file"
+        raise ValueError(f"refusing to write a model folder at {folder}: it is a {what}, which cmkit did not write; "
+                         "pick a new or empty folder")
+    names = sorted(p.name for p in folder.iterdir())
+    if not names or any(m in names for m in MODEL_MARKERS):
+        return
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise ValueError(f"refusing to write a model folder into {folder}: it holds {shown}, which cmkit did not write "
+                     f"(no {' or '.join(MODEL_MARKERS)}), and writing replaces the whole folder; pick a new or empty "
+                     "folder, or move those files away")
+
+
+def clean_stale_writes(path) -> list[str]:
+    """Remove what killed atomic writes of ``path`` left beside it (cmkit's own temporary names for it, nested ones
+    included), if older than this process: a write begun since may be another process's, in progress."""
+    path = Path(path)
+    return clean_partial_writes(path.parent, lambda name: name == path.name, older_than=_STARTED)
+
+
 def atomic_write(path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, flush it to disk and rename it to ``path``
     (with the mode the umask gives, whatever mode ``write`` left)."""
@@ -54,8 +113,10 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise DiskFull(path, _intact(path, "file")) from e
         raise
     return path
 
@@ -65,11 +126,16 @@ def atomic_write_text(path, text: str) -> Path:
 
 
 @contextmanager
-def atomic_dir(folder) -> Iterator[Path]:
+def atomic_dir(folder, model: bool = True) -> Iterator[Path]:
     """``with atomic_dir(dst) as tmp:`` fill ``tmp``; on success it replaces ``dst`` (an older ``dst`` is swapped
-    out first and removed only afterwards), on error it is removed and ``dst`` is untouched."""
+    out first and removed only afterwards), on error it is removed and ``dst`` is untouched. ``model``: ``dst`` is a
+    model folder, refused unless cmkit wrote what it holds (``check_model_folder``). What killed earlier writes of
+    ``dst`` left beside it is removed first; a full disk is a ``DiskFull`` naming ``dst``."""
     folder = Path(folder)
+    if model:
+        check_model_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_writes(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: give it the mode mkdir() would
     try:
@@ -82,8 +148,10 @@ def atomic_dir(folder) -> Iterator[Path]:
         os.replace(tmp, folder)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise DiskFull(folder, _intact(folder, "folder")) from e
         raise
 
 
@@ -92,20 +160,33 @@ def atomic_dir(folder) -> Iterator[Path]:
 _PARTIAL = re.compile(r"^\.(?P<name>.+?)\.(?:tmp-[A-Za-z0-9_]+|old-\d+|[A-Za-z0-9_]+\.tmp)$")
 
 
-def clean_partial_writes(folder, owned: Callable[[str], bool]) -> list[str]:
+def _written_for(name: str) -> str | None:
+    """The destination a temporary entry named ``name`` was written for, through nested temporary names (an
+    ``atomic_dir`` inside another's temporary folder writes ``..NAME.tmp-X.tmp-Y``); None: not a temporary name."""
+    m = _PARTIAL.match(name)
+    return None if m is None else _written_for(m["name"]) or m["name"]
+
+
+def clean_partial_writes(folder, owned: Callable[[str], bool], older_than: float | None = None) -> list[str]:
     """Remove what a killed atomic write of a destination NAME with ``owned(NAME)`` left in ``folder`` (its
-    temporary files and folders; nothing else is touched); a destination that a kill caught between its two renames
-    (``.NAME.old-PID`` there, ``NAME`` gone) is renamed back. Call it only while holding the folder's lock. Returns
+    temporary files and folders, nested ones included; nothing else is touched; ``older_than``: only entries last
+    changed before that time); a destination that a kill caught between its two renames (``.NAME.old-PID`` there,
+    ``NAME`` gone) is renamed back. Call it only while holding the folder's lock, or with ``older_than``. Returns
     the names it removed or restored."""
     folder, done = Path(folder), []
     if not folder.is_dir():
         return done
     for entry in sorted(folder.iterdir()):
-        m = _PARTIAL.match(entry.name)
-        if m is None or not owned(m["name"]):
+        name = _written_for(entry.name)
+        if name is None or not owned(name):
             continue
-        dest = folder / m["name"]
-        if ".old-" in entry.name and not dest.exists():
+        try:
+            if older_than is not None and entry.lstat().st_mtime >= older_than:
+                continue
+        except OSError:
+            continue
+        dest = folder / name
+        if ".old-" in entry.name and _PARTIAL.match(entry.name)["name"] == name and not dest.exists():
             os.replace(entry, dest)
         elif entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

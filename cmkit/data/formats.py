@@ -39,6 +39,7 @@ class PathOptions:
     image_size: int = 0     # resize (image folders) or resize and crop (streamed shards) to this size; 0 keeps
     channels: int = 0       # image folders: 1 or 3 (0: as the first image)
     crop: str = "center"    # streamed shards: "center" or "random"
+    follow_links: bool = False  # sample files linked from outside the data folder are read (refused if off)
 
 
 def asking_order() -> list[str]:

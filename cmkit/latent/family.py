@@ -34,6 +34,7 @@ class PipelineFamily:
     encoders: tuple[str, ...] = ()      # text-encoder components, in the pipeline's order
     lora_targets: tuple[str, ...] = ()  # module names (suffixes) of the network a LoRA adapts by default
     student: str = ""                   # the model kind (MODEL_KINDS) of its few-step students: "lcm", "flow_cm"
+    layout: str = ""                    # its short name in recipes (an LCM's objective.teacher_layout: sd, sdxl)
 
     def load(self, path: str, index: dict, dtype, clip_x0, load_kw: dict):
         """A ``TextToImageModel`` of the folder at ``path``."""

@@ -12,19 +12,26 @@ LCM-LoRA has none and is sampled with plain (usually no) classifier-free guidanc
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core import append_dims, as_batch_sigma
+from ..core.checks import check_guidance, in_range, positive_int
 from ..core.digests import weights_digest
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiserView, TextToImageModel
 from .families.unet import LatentDenoiser
-from .students import SharedPartsStudent, check_base_hash, check_kind, check_lora_fits, read_lora_file
+from .students import (
+    SharedPartsStudent,
+    check_base_hash,
+    check_kind,
+    check_lora_config,
+    check_lora_fits,
+    read_lora_file,
+)
 
 LCM_SIGMA_DATA = 0.5
 
@@ -229,11 +236,10 @@ def check_lcm_meta(folder, meta: dict, lora: bool = False) -> None:
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)} (an LCM{'-LoRA' if lora else ''} folder records them "
                          "when saved); export the model folder again")
-    scale, steps = meta["timestep_scaling"], meta["num_ddim_timesteps"]
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{path}: timestep_scaling must be a finite number > 0, got {scale!r}; export it again")
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"{path}: num_ddim_timesteps must be an integer >= 1, got {steps!r}; export it again")
+    in_range(meta["timestep_scaling"], f"{path}: timestep_scaling", 0, low_open=True, fix="export it again")
+    positive_int(meta["num_ddim_timesteps"], f"{path}: num_ddim_timesteps", fix="export it again")
+    if lora:
+        check_lora_config(path, cfg)
 
 
 def lora_base(folder, meta: dict, base):
@@ -271,14 +277,13 @@ def lcm_sampling_guidance(model, steps, timesteps, guidance_scale, negative_prom
         raise ValueError(f"an LCM samples with its own LCMScheduler steps, not a solver ({solver!r}); drop --solver "
                          "(it is for teachers)")
     n = model.num_ddim_timesteps
-    count = len(timesteps) if timesteps is not None else steps
+    count = len(timesteps) if timesteps is not None else positive_int(steps, "steps")
     if isinstance(count, int) and count > n:
         raise ValueError(f"{count} steps is more than this LCM's schedule of {n} timesteps (num_ddim_timesteps, "
                          f"fixed in training); use --steps 1 to {n}")
     embeds = model.denoiser.embeds_guidance
     w = (EMBEDDED_GUIDANCE if embeds else 1.0) if guidance_scale is None else guidance_scale
-    if not torch.is_tensor(w) and not (math.isfinite(float(w)) and float(w) >= 1):
-        raise ValueError(f"guidance_scale must be a finite number >= 1 (1 = no guidance), got {w!r}")
+    check_guidance(w)
     if negative_prompts is not None and (embeds or not torch.is_tensor(w) and float(w) <= 1):
         why = "takes guidance through its embedding" if embeds else "samples unguided at guidance 1"
         raise ValueError(f"this LCM {why} and would ignore the negative prompt; drop --negative-prompt"

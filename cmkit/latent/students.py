@@ -8,8 +8,7 @@ import contextlib
 import copy
 from pathlib import Path
 
-import torch
-
+from ..core.checks import finite_tensors, in_range, positive_int
 from ..core.digests import weights_digest
 from ..core.files import note
 
@@ -72,11 +71,17 @@ def read_lora_file(path: Path, prefix: str) -> dict:
         raise ValueError(f"{path} holds {n} tensors for {', '.join(others)} (e.g. a text-encoder LoRA), which cmkit "
                          f"does not apply, so sampling would silently differ; use a LoRA of the {prefix} alone "
                          "(as cmkit writes)")
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} of its {len(state)} tensors hold NaN or inf values (e.g. {bad[0]}); "
-                         "the adapter is damaged: export it again, or train again with a lower train.lr")
+    finite_tensors(state, f"{path}: the adapter's tensors", "the adapter is damaged: export it again, or train "
+                   "again with a lower train.lr")
     return {k[len(prefix) + 1:]: v for k, v in state.items()}
+
+
+def check_lora_config(path, cfg: dict) -> None:
+    """A LoRA student's recorded ``lora_config`` (its ``cmkit.json``): a rank that is an integer >= 1 and an alpha
+    that is a finite number > 0 (a NaN alpha scales every update to NaN)."""
+    positive_int(cfg["r"], f"{path}: lora_config's r", fix="export the LoRA student again")
+    in_range(cfg["lora_alpha"], f"{path}: lora_config's lora_alpha", 0, low_open=True,
+             fix="export the LoRA student again")
 
 
 def check_lora_fits(path: Path, state: dict, own: dict, what: str) -> None:

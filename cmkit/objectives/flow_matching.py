@@ -132,7 +132,7 @@ def _build_latent(cfg: FlowMatchingConfig, ctx: BuildContext):
     tr = small_sd3_transformer(h, c, cfg.layers, cfg.heads, cfg.head_dim, 2 * cfg.text_hidden, 2 * cfg.projection_dim,
                                seed=ctx.seed)
     den = SD3Denoiser(tr, _scheduler(cfg))
-    den.pipeline_parts = (vae, prompts, {"pipeline": "StableDiffusion3Pipeline"})
+    den.pipeline_parts = (vae, prompts, {"pipeline": prompts.pipeline})
     loss = LatentFlowMatchingLoss(cfg, encoded, latent_normalisation(vae), prompts)
     loss.run_constants = {"scaling_factor": scale, "shift_factor": shift, "tokenizer": bpe}
     return den, loss

@@ -8,12 +8,12 @@ branch on kind names, so a new student kind is one policy class plus one ``@regi
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 
 import torch
 
 from ..core import Registry
+from ..core.checks import check_guidance, positive_int
 from .text2image import draw_latents, lcm_sample, solve_text_to_image
 
 POLICIES: Registry = Registry("text-to-image model kind")
@@ -37,12 +37,6 @@ def policy_of(model) -> SamplingPolicy:
     return POLICIES[kind]
 
 
-def check_guidance(w) -> None:
-    """A guidance scale is a finite number >= 1 (1: none); a per-sample tensor passes as it is."""
-    if not torch.is_tensor(w) and not (isinstance(w, int | float) and math.isfinite(w) and w >= 1):
-        raise ValueError(f"guidance_scale must be a finite number >= 1 (1 = no guidance), got {w!r}")
-
-
 class SamplingPolicy:
     """The defaults and sampler of one model kind. Subclasses override what differs; ``sample`` receives every
     argument already resolved (``steps`` and ``guidance_scale`` not None)."""
@@ -59,11 +53,8 @@ class SamplingPolicy:
         return True
 
     def resolve(self, model, steps, guidance_scale) -> tuple[int, float]:
-        steps = self.default_steps(model) if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        w = self.default_guidance(model) if guidance_scale is None else guidance_scale
-        check_guidance(w)
+        steps = positive_int(self.default_steps(model) if steps is None else steps, "steps")  # 2.5 is not run as 2
+        w = check_guidance(self.default_guidance(model) if guidance_scale is None else guidance_scale)
         return steps, w
 
     def sample(self, model, prompts, *, steps: int, solver, guidance_scale, negative_prompts, latents, generator,
@@ -139,9 +130,9 @@ class LCMPolicy(SamplingPolicy):
         return bool(model.denoiser.embeds_guidance)
 
     def resolve(self, model, steps, guidance_scale):
-        # lcm_sample checks both (steps against the model's schedule, the scale against its guidance)
-        return (self.default_steps(model) if steps is None else steps,
-                self.default_guidance(model) if guidance_scale is None else guidance_scale)
+        # lcm_sample also checks both (steps against the model's schedule, the scale against its guidance)
+        return (positive_int(self.default_steps(model) if steps is None else steps, "steps"),
+                check_guidance(self.default_guidance(model) if guidance_scale is None else guidance_scale))
 
     def sample(self, model, prompts, *, steps, solver, guidance_scale, negative_prompts, latents, generator,
                spacing, sigmas, output, return_nfe):

@@ -3,10 +3,16 @@
 from ..family import FAMILIES
 from . import flux, sd, sd3, sdxl  # noqa: F401  (each registers its pipeline class)
 
+ANY = {"": "StableDiffusion3Pipeline", "lcm": "StableDiffusionPipeline"}  # "any" stands in as, by student kind
 
-def tiny_of_class(pipeline: str, texts: list[str] | None = None, image_size: int = 32, seed: int = 0):
-    """A tiny random model of a registered pipeline class (``"any"``: SD3), as dry runs stand it in for weights
-    not here: the family's own ``tiny``."""
-    if pipeline not in FAMILIES and pipeline != "any":
+
+def tiny_of_class(pipeline: str, texts: list[str] | None = None, image_size: int = 32, seed: int = 0,
+                  student: str = ""):
+    """A tiny random model of a registered pipeline class, or of a family's ``layout`` ("sd", "sdxl"); ``"any"``:
+    SD3, or SD where the run's ``student`` kind is an LCM. As dry runs stand it in for weights not here: the
+    family's own ``tiny``."""
+    layouts = {FAMILIES[n].layout: n for n in FAMILIES if FAMILIES[n].layout}
+    name = ANY[student if student in ANY else ""] if pipeline == "any" else layouts.get(pipeline, pipeline)
+    if name not in FAMILIES:
         raise ValueError(f"no tiny stand-in for pipeline class {pipeline!r} (known: {', '.join(FAMILIES.names())})")
-    return FAMILIES["StableDiffusion3Pipeline" if pipeline == "any" else pipeline].tiny(texts, image_size, seed)
+    return FAMILIES[name].tiny(texts, image_size, seed)

@@ -11,6 +11,7 @@ from .unet import UNetFamily
 class StableDiffusion(UNetFamily):
     name = "StableDiffusionPipeline"
     encoders = ("text_encoder",)
+    layout = "sd"
 
     def pipeline(self, model):
         import diffusers

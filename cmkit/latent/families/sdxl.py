@@ -11,6 +11,7 @@ from .unet import UNetFamily
 class StableDiffusionXL(UNetFamily):
     name = "StableDiffusionXLPipeline"
     encoders = ("text_encoder", "text_encoder_2")
+    layout = "sdxl"
     xl = True
 
     def pipeline(self, model):
