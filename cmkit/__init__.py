@@ -16,6 +16,8 @@ import importlib.machinery
 import logging
 import sys
 
+from .core.lazy import lazy_exports
+
 
 class _NoHubKernelsInBitsandbytes(importlib.abc.MetaPathFinder):
     """diffusers, peft and transformers import bitsandbytes whenever it is installed (cmkit's bnb extra, for
@@ -75,15 +77,4 @@ _SUBPACKAGES = ("core", "models", "data", "latent", "solvers", "loading", "objec
                 "cli")
 
 
-def __getattr__(name: str):
-    if name in _SUBPACKAGES:  # ``import cmkit; cmkit.sampling.sample``
-        return importlib.import_module(f".{name}", __name__)
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cmkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, _SUBPACKAGES)

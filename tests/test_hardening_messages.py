@@ -80,3 +80,21 @@ def test_saving_a_t5_less_sd3_folder_ends_with_no_diffusers_warning(tmp_path, ca
     tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
     assert "cannot be saved" not in capfd.readouterr().err
     assert torch.isfinite(cmkit.text_to_image(cmkit.load_teacher(tmp_path / "sd3"), ["a red bag"], steps=1)).all()
+
+
+@pytest.mark.parametrize("setting, env, words", [
+    ('train.log_with="wandb"', {}, ("train.log_with = wandb", "pip install wandb")),
+    ("train.steps=2", {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, ("--gradient_accumulation_steps 4",
+                                                                      "train.micro_batch_size"))])
+def test_options_that_would_do_nothing_are_refused(tmp_path, capsys, monkeypatch, setting, env, words):
+    """A tracker whose package is missing logged nothing and exited 0; accelerate's gradient accumulation was
+    ignored (the banner said 1)."""
+    import importlib.util
+
+    if "wandb" in setting and importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _one_line(capsys, main(["train-teacher", "quickstart-teacher", "--out", str(tmp_path / "run"), "--set",
+                            setting, "--set", "train.steps=2", "--no-progress"]), *words)
+    assert not (tmp_path / "run" / "model").exists()

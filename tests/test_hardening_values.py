@@ -23,7 +23,10 @@ from cmkit.sampling.kinds import text_to_image
 def _refused(capsys, argv, *needles) -> str:
     """``cmkit ARGV`` exits 2 with one line on stderr holding every needle."""
     capsys.readouterr()
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # an argument's own error, from the parser
+        code = e.code
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]  # transformers' bar
@@ -88,16 +91,18 @@ def test_non_finite_outputs_are_not_written(tmp_path, capsys):
     teacher = tiny_pipeline("sd", seed=4)
     _scaled(teacher.vae.decoder, 1e12)  # finite weights, overflowing images
     teacher.save_pretrained(tmp_path / "vae")
-    _refused(capsys, _generate(tmp_path / "vae", tmp_path / "a.png"), "non-finite", "VAE decoder")
+    _refused(capsys, _generate(tmp_path / "vae", tmp_path / "a.png"), "NaN or inf", "VAE decoder")
     teacher = tiny_pipeline("sd", seed=4)
     _scaled(teacher.unet, 1e12)  # finite weights, overflowing latents
     teacher.save_pretrained(tmp_path / "unet")
-    _refused(capsys, _generate(tmp_path / "unet", tmp_path / "b.png"), "non-finite", "network")
+    err = _refused(capsys, _generate(tmp_path / "unet", tmp_path / "b.png"), "NaN or inf", "sampled latents",
+                   "the network")
+    assert "VAE" not in err
     cm = load_model("cmkit:digits-cd")
     _scaled(cm, 1e12)
     cm.save_pretrained(tmp_path / "cm")
     _refused(capsys, ["sample", str(tmp_path / "cm"), "--num", "2", "--steps", "1", "--out", str(tmp_path / "s.npy")],
-             "non-finite")
+             "NaN or inf", "nothing was written")
     assert not any((tmp_path / n).exists() for n in ("a.png", "b.png", "s.npy"))
 
 
@@ -151,3 +156,35 @@ def test_flux_base_shift_is_refused(tmp_path):
     _with_scheduler(tmp_path / "flux", base_shift=math.nan)
     with pytest.raises(ValueError, match="scheduler_config.json.*base_shift"):
         load_teacher(str(tmp_path / "flux"))
+
+
+@pytest.mark.parametrize("setting,key", [("objective.sigma_data=1e-30", "objective.sigma_data"),
+                                         ("objective.p_std=inf", "objective.p_std")])
+def test_recipe_values_are_refused(tmp_path, capsys, setting, key):
+    small = ["model.hidden=16", "model.depth=1", "train.steps=2", "train.batch_size=8", "eval.schedule_max_steps=0"]
+    _refused(capsys, ["train", "s_curve-ict", "--out", str(tmp_path / "out"), "--set", setting,
+                      *[f"--set={s}" for s in small]], key, "finite number")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sets", [['objective.kind="latent_rcm"', "objective.fake_lr_scale=inf"],
+                                  ['objective.kind="sct"', "objective.p_std=inf"],
+                                  ['objective.kind="sct"', "objective.sigma_data=0"],
+                                  ["train.ema_rates=[0.999, inf]"]])
+def test_every_float_of_a_recipe_is_finite(sets):
+    from cmkit.cli.recipes import load_recipe
+
+    with pytest.raises(ValueError, match=f"{sets[-1].split('=')[0]} must be a finite number"):
+        load_recipe(None, sets)
+
+
+@pytest.mark.parametrize("key,value", [("steps", 2.5), ("guidance_scale", math.nan)])
+def test_flow_student_cmkit_json_values(tmp_path, key, value):
+    from cmkit.latent.flow_student import FlowConsistencyModel
+
+    teacher = tiny_sd3_pipeline(seed=1)
+    FlowConsistencyModel(teacher.denoiser, teacher).save_pretrained(tmp_path / "student")
+    meta_file = tmp_path / "student" / "cmkit.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), key: value}))
+    with pytest.raises(ValueError, match=f"cmkit.json: {key} must be"):
+        load_model(tmp_path / "student")

@@ -71,6 +71,34 @@ def test_an_adamw8bit_run_checkpoints_and_resumes_to_identical_weights(tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_adamw8bit_lcm_lora_run_resumes_to_identical_adapter_weights(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    captions = ["a red bag", "a green boot", "a blue bag", "a red boot"]
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / f"{i}.png")
+        (tmp_path / "data" / f"{i}.txt").write_text(captions[i % 4])
+    tiny_pipeline("sd", "epsilon", texts=captions, seed=1, image_size=16).save_pretrained(tmp_path / "teacher")
+
+    def argv(out, steps):
+        sets = [f'data.path="{tmp_path / "data"}"', f'teacher.path="{tmp_path / "teacher"}"', "objective.lora_rank=2",
+                "objective.lora_alpha=2.0", 'objective.lora_targets=["to_q","to_v"]', "train.batch_size=4",
+                "train.checkpoint_every=1", "train.warmup=0", f"train.steps={steps}", 'train.optimizer="adamw8bit"']
+        return ["distill", "tiny-t2i-lcm-lora", "--out", str(out), "--no-progress",
+                *[a for kv in sets for a in ("--set", kv)]]
+
+    assert main(argv(tmp_path / "straight", 2)) == 0
+    assert main(argv(tmp_path / "split", 1)) == 0
+    assert (tmp_path / "split" / "checkpoints" / "latest").read_text() == "step-00000001"
+    assert main(argv(tmp_path / "split", 2)) == 0
+    a, b = (load_file(tmp_path / run / "model" / "pytorch_lora_weights.safetensors") for run in ("straight", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- writes that destroy or leave litter
 
 def _lcm_lora():
@@ -93,6 +121,10 @@ def test_a_model_folder_holding_files_cmkit_did_not_write_is_refused(tmp_path):
     for target in (tmp_path / "empty", tmp_path / "new", tmp_path / "new"):  # empty, absent, a previous export
         lcm.save_pretrained(target)
         assert (target / "cmkit.json").is_file()
+    (tmp_path / "new" / "notes.txt").write_text("mine")  # a previous export, with a file of the user's in it
+    with pytest.raises(ValueError, match=r"new.*notes\.txt"):
+        lcm.save_pretrained(tmp_path / "new")
+    assert (tmp_path / "new" / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="holiday"):  # a pixel model folder takes the same check
         from cmkit.models.folder import write_model_folder
         write_model_folder(folder, torch.nn.Linear(1, 1), {})
@@ -137,13 +169,23 @@ def test_a_full_disk_during_export_or_a_cache_write_is_one_line_naming_the_path(
     import safetensors.torch
 
     def full(*args, **kwargs):
-        raise SafetensorError(f'Error while serializing: IoError(Os {{ code: 28, kind: StorageFull, message: "{FULL}" }})')
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              f'"{FULL}" }})')
 
+    real = safetensors.torch.save_file
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     assert main(_argv(tmp_path, 2, "train.checkpoint_every=2")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "internal error" not in err and str(tmp_path / "model") in err and "intact" in err
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-00000002"
+    pipe = tiny_pipeline("sd", seed=1)  # a full LCM: a pipeline folder written inside the student's own write
+    lcm = LatentConsistencyModel(LCMFunction(pipe.denoiser), pipe)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    lcm.save_pretrained(tmp_path / "lcm")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=r"writing \S*lcm; .*previous folder there is intact") as e:
+        lcm.save_pretrained(tmp_path / "lcm")
+    assert "tmp-" not in str(e.value) and (tmp_path / "lcm" / "model_index.json").is_file()
     cache = tmp_path / "cache" / "shard.safetensors"
     cache.parent.mkdir()
     cache.write_bytes(b"the previous shard")

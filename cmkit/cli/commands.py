@@ -196,6 +196,7 @@ def run_training(args: argparse.Namespace) -> None:
 def run_sample(args: argparse.Namespace) -> None:
     import torch
 
+    from ..core.checks import finite_tensors
     from ..data.imagefiles import save_images
     from ..models import ConsistencyModel
     from ..sampling import class_condition, sample
@@ -215,6 +216,8 @@ def run_sample(args: argparse.Namespace) -> None:
     cond = class_condition(cm, args.num, args.class_label, seed=args.seed)
     x = sample(cm, args.num, steps=args.steps, sigmas=sigmas, generator=torch.Generator().manual_seed(args.seed),
                **cond)
+    finite_tensors(x, f"{args.model}: the samples", "the network made them (its weights overflow); nothing was "
+                   "written")
     save_images(x, out)
     print(f"wrote {args.num} samples of shape {tuple(x.shape[1:])} to {out}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..core.checks import finite_number, in_range
 from ..eval import EvalSettings
 from ..objectives import OBJECTIVES, ObjectiveConfig
 from ..training import TrainSettings
@@ -121,11 +123,11 @@ def _coerce(key: str, value, t):
         (t,) = [a for a in typing.get_args(t) if a is not type(None)]
         origin = typing.get_origin(t)
     if t is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if t in (int, float, str, bool):
         if type(value) is not t:
             raise ValueError(f"recipe key {key!r} wants a {t.__name__}, got {value!r}")
-        return value
+        return _checked_float(key, value) if t is float else value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"recipe key {key!r} wants a list, got {value!r}")
@@ -133,6 +135,23 @@ def _coerce(key: str, value, t):
         items = [_coerce(key, v, inner) if inner in (int, float, str, bool) else v for v in value]
         return tuple(items) if origin is tuple else items
     return value
+
+
+# sigma_data, the data's standard deviation in every kind's units (latents ~1, pixels 0.5): the scalings divide by
+# it, so a value far outside this range (1e-30) turns every c_in / c_out into inf or 0
+SIGMA_DATA_RANGE = (1e-3, 1e3)
+
+
+def _checked_float(key: str, value: float) -> float:
+    """Every float of every section: an infinite one is refused here for every key (a range check of the kind, such
+    as "> 0", lets inf through); NaN is left to those checks, which each refuse it with the key's own range (NaN
+    fails every comparison). ``sigma_data`` must lie in a sensible range for any kind."""
+    if math.isnan(value):
+        return value
+    if key.rsplit(".", 1)[-1] == "sigma_data":
+        return in_range(value, key, *SIGMA_DATA_RANGE, fix="it is the data's standard deviation (pixels 0.5, "
+                        "normalised latents 1)")
+    return finite_number(value, key, fix="give a finite value")
 
 
 def _build(cls, data: dict, prefix: str = "", kind: str | None = None):

@@ -120,6 +120,7 @@ def _t2i_model(path: str):
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from ..core.checks import finite_tensors
     from ..data.imagefiles import save_images
     from ..sampling.kinds import text_to_image
 
@@ -131,8 +132,15 @@ def run_generate(args: argparse.Namespace) -> None:
     model = _t2i_model(args.model)
     _check_memory(model, len(args.prompt) * args.num_per_prompt)
     prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
-    x = text_to_image(model, prompts, steps=args.steps, solver=args.solver, guidance_scale=args.guidance,
-                      negative_prompts=args.negative_prompt, generator=torch.Generator().manual_seed(args.seed))
+    z = text_to_image(model, prompts, steps=args.steps, solver=args.solver, guidance_scale=args.guidance,
+                      negative_prompts=args.negative_prompt, generator=torch.Generator().manual_seed(args.seed),
+                      output="latent")
+    finite_tensors(z, f"{args.model}: the sampled latents", "the network made them (its weights or a value it was "
+                   "given overflowed); nothing was written")
+    with torch.no_grad():
+        x = model.decode(z)
+    finite_tensors(x, f"{args.model}: the images the VAE decoder made of finite latents", "its weights overflow; "
+                   "nothing was written")
     save_images(x.clamp(-1, 1), out)
     print(f"wrote {len(prompts)} images ({args.num_per_prompt} per prompt) to {out}")
 

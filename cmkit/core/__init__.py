@@ -5,7 +5,7 @@ Depends on torch only. The names below load their module on first use (PEP 562),
 
 from __future__ import annotations
 
-import importlib
+from .lazy import lazy_exports
 
 _HOME = {
     "RHO": "grids", "SIGMA_MAX": "grids", "SIGMA_MIN": "grids", "check_sigmas": "grids", "karras_ascending": "grids",
@@ -30,13 +30,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted([*globals(), *_HOME])
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _HOME)

@@ -43,7 +43,7 @@ def positive_int(value, name: str, fix: str = "") -> int:
     """``value`` refused unless it is an integer (not a bool, not 2.5) >= 1."""
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}{_fix(fix)}")
-    return value
+    return int(value)
 
 
 # The largest classifier-free guidance scale cmkit samples at. Guidance extrapolates eps_u + w (eps_c - eps_u): the

@@ -1,11 +1,15 @@
 """Atomic writes: a file or a folder is written under a temporary name next to its destination and renamed into
 place, so a crash at any moment leaves either the old version or the new one, never half of one. The one helper
-behind model folders, checkpoints, the classifier cache and benchmark partial results."""
+behind model folders, checkpoints, the classifier cache and benchmark partial results. A model folder is written only
+where nothing cmkit did not write would be replaced (``check_model_folder``); what killed writes of a folder left
+beside it is removed on the next write there; a full disk is a one-line ``DiskFull`` naming the path and what is
+intact."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -46,6 +50,10 @@ _STARTED = time.time()  # when this process took up cmkit's file helpers: a temp
 
 # a folder holding one of these is a model folder cmkit wrote (its own cmkit.json, or a diffusers pipeline folder)
 MODEL_MARKERS = ("cmkit.json", "model_index.json")
+# the other top-level files of the model folders cmkit writes (a pipeline folder's parts are its model_index.json's
+# keys): a pixel model's backbone (sharded or not) and a LoRA student's adapter
+MODEL_FILES = re.compile(r"^(config\.json|pytorch_lora_weights\.safetensors|"
+                         r"diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors(\.index\.json)?)$")
 
 
 class DiskFull(OSError):
@@ -54,13 +62,15 @@ class DiskFull(OSError):
 
     def __init__(self, path, intact: str):
         self.path, self.intact = Path(path), intact
-        super().__init__(f"no space left on the device writing {self.path}; the write was abandoned, {intact}: free "
-                         "some space (or write elsewhere) and run the same command again")
+        super().__init__(f"no space left on the device writing {self.path}; the write was abandoned and {intact}: "
+                         "free some space and run it again")
 
 
 def is_disk_full(e: BaseException) -> bool:
     """Whether ``e`` is a write that failed for want of space: ``OSError`` ENOSPC / EDQUOT, or safetensors' own
-    error around one (its ``SafetensorError`` carries the OS error only as text)."""
+    error around one (its ``SafetensorError`` carries the OS error only as text), or a nested write's ``DiskFull``."""
+    if isinstance(e, DiskFull):
+        return True
     if isinstance(e, OSError):
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     text = str(e)
@@ -68,14 +78,39 @@ def is_disk_full(e: BaseException) -> bool:
         s in text for s in ("code: 28", "code: 122", "StorageFull", "QuotaExceeded", "No space left"))
 
 
-def _intact(path: Path, what: str) -> str:
-    return f"the previous {what} {path} is intact" if path.exists() else f"nothing was left at {path}"
+@contextmanager
+def _full_disk_named(path: Path, what: str) -> Iterator[None]:
+    """A full disk inside becomes a ``DiskFull`` naming ``path`` (the destination, not a temporary name) and saying
+    whether the previous ``what`` there is intact."""
+    try:
+        yield
+    except BaseException as e:
+        if is_disk_full(e):
+            intact = f"the previous {what} there is intact" if path.exists() else "nothing was left there"
+            raise DiskFull(path, intact) from e
+        raise
+
+
+def _not_written_by_cmkit(folder: Path) -> list[str]:
+    """The entries of ``folder`` that no model folder cmkit writes holds (all of them where it holds no marker)."""
+    names = sorted(p.name for p in folder.iterdir())
+    if not any(m in names for m in MODEL_MARKERS):
+        return names
+    parts: set[str] = set()
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        parts = {k for k in index if not k.startswith("_")} if isinstance(index, dict) else set()
+    except (OSError, ValueError):
+        pass
+    return [n for n in names if n not in MODEL_MARKERS and n not in parts and not MODEL_FILES.match(n)
+            and _written_for(n) is None]  # a temporary entry of a killed write inside is cmkit's too
 
 
 def check_model_folder(folder) -> None:
     """Refuse, in one line, to write a model into ``folder`` unless it is absent, empty or a model folder cmkit wrote
-    before (it holds one of ``MODEL_MARKERS``): writing replaces the whole folder, which must not take a user's files
-    with it. The one check every model folder write goes through (``atomic_dir``)."""
+    before holding nothing else (``MODEL_MARKERS``, a pipeline's parts, ``MODEL_FILES``): writing replaces the whole
+    folder, which must not take a user's files with it. The one check every model folder write goes through
+    (``atomic_dir``)."""
     folder = Path(folder)
     if not folder.exists() and not folder.is_symlink():
         return
@@ -83,13 +118,12 @@ def check_model_folder(folder) -> None:
         what = "link" if folder.is_symlink() else "file"
         raise ValueError(f"refusing to write a model folder at {folder}: it is a {what}, which cmkit did not write; "
                          "pick a new or empty folder")
-    names = sorted(p.name for p in folder.iterdir())
-    if not names or any(m in names for m in MODEL_MARKERS):
+    foreign = _not_written_by_cmkit(folder)
+    if not foreign:
         return
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    raise ValueError(f"refusing to write a model folder into {folder}: it holds {shown}, which cmkit did not write "
-                     f"(no {' or '.join(MODEL_MARKERS)}), and writing replaces the whole folder; pick a new or empty "
-                     "folder, or move those files away")
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise ValueError(f"refusing to write a model folder into {folder}: it holds {shown}, which cmkit did not write, "
+                     "and writing replaces the whole folder; pick a new or empty folder, or move those away")
 
 
 def clean_stale_writes(path) -> list[str]:
@@ -103,21 +137,20 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, flush it to disk and rename it to ``path``
     (with the mode the umask gives, whatever mode ``write`` left)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode open() would
-    try:
-        write(Path(tmp))
-        umask_modes(tmp)  # a writer that replaces the file (safetensors' save_file) leaves it 0600 again
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise DiskFull(path, _intact(path, "file")) from e
-        raise
+    with _full_disk_named(path, "file"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: give it the mode open() would
+        try:
+            write(Path(tmp))
+            umask_modes(tmp)  # a writer that replaces the file (safetensors' save_file) leaves it 0600 again
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -136,23 +169,22 @@ def atomic_dir(folder, model: bool = True) -> Iterator[Path]:
         check_model_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_writes(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: give it the mode mkdir() would
-    try:
-        yield tmp
-        umask_modes(tmp)  # what diffusers / transformers / safetensors wrote inside is 0600 / 0700
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(e):
-            raise DiskFull(folder, _intact(folder, "folder")) from e
-        raise
+    with _full_disk_named(folder, "folder"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: give it the mode mkdir() would
+        try:
+            yield tmp
+            umask_modes(tmp)  # what diffusers / transformers / safetensors wrote inside is 0600 / 0700
+            old = None
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                os.replace(folder, old)
+            os.replace(tmp, folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 # the temporary names the two helpers above use beside a destination NAME: atomic_dir's `.NAME.tmp-XXXX` and

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .pixels import to_rgb
+
+CUT_SHORT = "cut short"  # begins the skipped entry of a shard whose file ends early (a source's, say a truncated tar)
+
 
 @dataclass
 class Chunk:
@@ -84,7 +88,7 @@ def fit_image(data: bytes, size: int, crop: str, seed: int, key: str) -> tuple[n
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        rgb = img.convert("RGB")
+        rgb = to_rgb(img)  # 16-bit grey scaled as every reader scales it, not clipped to white
     w, h = rgb.size
     if min(w, h) < 1:
         raise ValueError("empty image")

@@ -13,6 +13,7 @@ import numpy as np
 from .dataset import Dataset, split
 from .formats import PATH_FORMATS, PathFormat
 from .image_folders import IMAGE_SUFFIXES, read_image
+from .paths import data_file
 
 METADATA = "metadata.jsonl"
 
@@ -21,9 +22,9 @@ def has_captions(path) -> bool:
     """Whether an image folder is captioned (a ``metadata.jsonl``, or ``.txt`` files beside the images). A caption
     file cmkit does not read (``metadata.csv``, a ``metadata.jsonl`` in a subfolder) is an error saying what to do."""
     root = Path(path)
-    if (root / METADATA).is_file():
+    if (root / METADATA).exists():  # exists, not is_file: a FIFO or a link out is claimed here, then refused
         return True
-    if any(p.with_suffix(".txt").is_file() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    if any(p.with_suffix(".txt").exists() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         return True
     _refuse_unread_metadata(root)
     return False
@@ -41,8 +42,9 @@ def _refuse_unread_metadata(root: Path) -> None:
                          f"{nested[0].parent}")
 
 
-def _metadata_image(root: Path, meta: Path, i: int, name) -> Path:
-    """The image a ``metadata.jsonl`` row names: a relative path that stays inside ``root`` (through symlinks too)."""
+def _metadata_image(root: Path, meta: Path, i: int, name, follow_links: bool) -> Path:
+    """The image a ``metadata.jsonl`` row names: a relative path that stays inside ``root`` (through symlinks too,
+    unless ``follow_links``: ``data_file``'s rule)."""
     where = f"{meta} line {i}: file_name {name!r}"
     if not isinstance(name, str) or not name.strip() or "\0" in name:
         raise ValueError(f"{where} is not a file name; give the image's path relative to {root}")
@@ -50,12 +52,7 @@ def _metadata_image(root: Path, meta: Path, i: int, name) -> Path:
         raise ValueError(f"{where} is an absolute path; file names are relative to {root}: copy the image there")
     if ".." in name.replace("\\", "/").split("/"):
         raise ValueError(f"{where} leaves the folder through '..'; file names must name images inside {root}")
-    path = root / name
-    real = path.resolve()
-    if not real.is_relative_to(root.resolve()):
-        raise ValueError(f"{where} resolves to {real}, outside {root} (through a symlink); copy the image into "
-                         "the folder")
-    return path
+    return data_file(root / name, root, follow_links, where)
 
 
 def _metadata_rows(meta: Path):
@@ -77,11 +74,11 @@ def _metadata_rows(meta: Path):
         yield i, row
 
 
-def _captions_from_metadata(root: Path) -> dict[Path, str]:
-    meta = root / METADATA
+def _captions_from_metadata(root: Path, follow_links: bool) -> dict[Path, str]:
+    meta = data_file(root / METADATA, root, follow_links)
     out, lines = {}, {}
     for i, row in _metadata_rows(meta):
-        path = _metadata_image(root, meta, i, row["file_name"])
+        path = _metadata_image(root, meta, i, row["file_name"], follow_links)
         key = path.resolve()
         if key in lines:
             raise ValueError(f"{meta} line {i}: file_name {row['file_name']!r} is the image of line {lines[key]} "
@@ -94,28 +91,31 @@ def _captions_from_metadata(root: Path) -> dict[Path, str]:
     return out
 
 
-def _captions_from_txt(root: Path) -> dict[Path, str]:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+def _captions_from_txt(root: Path, follow_links: bool) -> dict[Path, str]:
+    files = sorted(data_file(p, root, follow_links) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    missing = [p for p in files if not p.with_suffix(".txt").is_file()]
+    txt = {p: data_file(p.with_suffix(".txt"), root, follow_links) for p in files}
+    missing = [p for p in files if not txt[p].exists()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(files)} images under {root} have no caption (first: "
                                 f"{missing[0].name} needs {missing[0].with_suffix('.txt').name}); add them or write "
                                 f"a {METADATA}")
     try:
-        return {p: p.with_suffix(".txt").read_text(encoding="utf-8-sig").strip() for p in files}  # BOM dropped
+        return {p: txt[p].read_text(encoding="utf-8-sig").strip() for p in files}  # BOM dropped
     except UnicodeDecodeError as e:
         raise ValueError(f"a caption under {root} is not UTF-8 text ({e.reason}); save the captions as UTF-8") from None
 
 
-def load_caption_folder(path, size: int = 0, test_fraction: float = 0.1) -> Dataset:
+def load_caption_folder(path, size: int = 0, test_fraction: float = 0.1, follow_links: bool = False) -> Dataset:
     """A captioned image folder as RGB images in [-1, 1] with ``train_captions`` / ``test_captions``; ``size``
-    resizes to size x size (images must agree in size otherwise)."""
+    resizes to size x size (images must agree in size otherwise). Every file read passes ``data_file``'s rule
+    (inside the folder unless ``follow_links``; a regular file)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"caption folder {str(root)!r} does not exist")
-    captions = _captions_from_metadata(root) if (root / METADATA).is_file() else _captions_from_txt(root)
+    read = _captions_from_metadata if (root / METADATA).exists() else _captions_from_txt
+    captions = read(root, follow_links)
     if len(captions) < 2:
         raise ValueError(f"{root} holds {len(captions)} captioned image; need at least 2 (one is held out)")
     arrays = [read_image(p, "RGB", size) for p in captions]
@@ -133,5 +133,5 @@ def load_caption_folder(path, size: int = 0, test_fraction: float = 0.1) -> Data
 
 PATH_FORMATS.register("caption_folder", PathFormat(
     claims=lambda path: Path(path).is_dir() and has_captions(path),
-    load=lambda path, d, seed: load_caption_folder(path, d.image_size),
+    load=lambda path, d, seed: load_caption_folder(path, d.image_size, follow_links=d.follow_links),
     what=f"a folder of images with captions, a .txt beside each or a {METADATA}", order=20))

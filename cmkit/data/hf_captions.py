@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .caption_sources import CaptionSource, decoded_chunks
 from .caption_streams import CAPTION_STREAMS, CaptionStream
+from .paths import data_file
 
 
 def _load(d):
@@ -26,6 +27,9 @@ def _load(d):
         if not d.path or not Path(d.path).is_dir():
             raise FileNotFoundError(f"data.hf_dataset = 'imagefolder' reads the image folder data.path; "
                                     f"{d.path or '(unset)'!r} is not a folder")
+        for p in Path(d.path).rglob("*"):  # what datasets will read passes the rule every sample file passes
+            if not p.is_dir():
+                data_file(p, d.path, d.follow_links)
         return datasets.load_dataset("imagefolder", data_dir=d.path, split=d.split, streaming=d.streaming)
     local = Path(name)
     if local.is_dir() and ((local / "state.json").is_file() or (local / "dataset_dict.json").is_file()):

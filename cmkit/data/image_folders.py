@@ -10,10 +10,10 @@ import numpy as np
 
 from .dataset import Dataset, split
 from .formats import PATH_FORMATS, PathFormat
+from .paths import data_file
+from .pixels import GREY_MODES, WIDE_MODES, wide_to_float
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale PNGs (PIL opens them in one of these)
-GREY_MODES = ("L", "1", "F", *WIDE_MODES)
 
 
 def read_image(path, mode: str | None = None, size: int = 0) -> np.ndarray:
@@ -32,7 +32,7 @@ def read_image(path, mode: str | None = None, size: int = 0) -> np.ndarray:
         raise ValueError(f"{path} is not a readable image ({type(e).__name__}); remove or replace it") from None
     mode = mode or ("L" if im.mode in GREY_MODES else "RGB")
     if im.mode in WIDE_MODES:
-        im = Image.fromarray(np.asarray(im, dtype=np.float32) * (255 / 65535))  # mode "F"
+        im = wide_to_float(im)  # mode "F"
         if mode == "RGB":  # a grey image taken as RGB: three equal channels
             return np.repeat(_resized(im, size)[..., None], 3, axis=-1)
         return _resized(im, size)
@@ -48,11 +48,13 @@ def _resized(im, size: int) -> np.ndarray:
     return np.clip(arr, 0, 255) if im.mode == "F" else arr
 
 
-def load_image_folder(path, size: int = 0, channels: int = 0, test_fraction: float = 0.1) -> Dataset:
+def load_image_folder(path, size: int = 0, channels: int = 0, test_fraction: float = 0.1,
+                      follow_links: bool = False) -> Dataset:
     """A folder of images (optionally one subfolder per class) scaled to [-1, 1]. ``size`` resizes to size x size;
-    ``channels`` 1 or 3 converts the mode (0 keeps what the first image has)."""
+    ``channels`` 1 or 3 converts the mode (0 keeps what the first image has). Every image passes ``data_file``'s
+    rule (inside the folder unless ``follow_links``; a regular file)."""
     root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(data_file(p, root, follow_links) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     classes = sorted({p.parent.relative_to(root).as_posix() for p in files})
@@ -75,5 +77,5 @@ def load_image_folder(path, size: int = 0, channels: int = 0, test_fraction: flo
 
 PATH_FORMATS.register("image_folder", PathFormat(
     claims=lambda path: Path(path).is_dir(),
-    load=lambda path, d, seed: load_image_folder(path, d.image_size, d.channels),
+    load=lambda path, d, seed: load_image_folder(path, d.image_size, d.channels, follow_links=d.follow_links),
     what="a folder of images, a subfolder per class if labelled", order=90))

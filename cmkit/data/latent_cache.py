@@ -32,7 +32,7 @@ from ..core.digests import weights_hash
 from ..core.files import cache_write, note
 from ..core.processes import barrier, rank_world
 from ..core.tensor_rows import open_safetensors
-from .caption_sources import ArraySource, read_shards
+from .caption_sources import CUT_SHORT, ArraySource, read_shards
 
 CACHE_KEY = "cmkit_cache_key"  # the file's own key, in its safetensors metadata
 # a shard's tensors: per image (mean, std, caption_index, and SDXL's add_time_ids when the encoder gives them)
@@ -55,10 +55,12 @@ class EncodedSet:
 
     def __init__(self, shards: list[CacheShard]):
         self.shards = [s for s in shards if s.rows]
-        if not self.shards:
-            raise ValueError("no readable captioned images in the data (every sample was skipped)")
-        self.starts = np.cumsum([0] + [s.rows for s in self.shards])
         self.skipped = [why for s in shards for why in s.skipped]
+        if not self.shards:
+            why = f"{len(self.skipped)} sample(s) skipped; first: {self.skipped[0]}" if self.skipped else \
+                "the data holds no samples"
+            raise ValueError(f"no readable captioned images in the data ({why})")
+        self.starts = np.cumsum([0] + [s.rows for s in self.shards])
         self.per_image_time_ids = "add_time_ids" in self.shards[0].t
 
     def __len__(self) -> int:
@@ -216,10 +218,21 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
                                "run again: finished shards are kept")
         shards.append(shard)
     out = EncodedSet(shards)
-    if out.skipped and rank == 0:
-        note(f"{len(out.skipped)} sample(s) of {source.name} could not be read and are left out of training "
-             f"({len(out)} kept; first: {out.skipped[0]})")
+    if rank == 0:
+        _report_skipped(out, source.name)
     return out
+
+
+def _report_skipped(out: EncodedSet, name: str) -> None:
+    """One note for the shards cut short (the samples after each cut are gone), one for the samples left out."""
+    cut = [why for why in out.skipped if f": {CUT_SHORT}" in why]
+    samples = [why for why in out.skipped if f": {CUT_SHORT}" not in why]
+    if cut:
+        note(f"{len(cut)} shard(s) of {name} are {CUT_SHORT}, the samples after each cut missing ({len(out)} "
+             f"samples kept; first: {cut[0]})")
+    if samples:
+        note(f"{len(samples)} sample(s) of {name} could not be read and are left out of training "
+             f"({len(out)} kept; first: {samples[0]})")
 
 
 @contextlib.contextmanager

@@ -10,10 +10,11 @@ import torch
 
 from .dataset import TEST_SEED, Dataset, check_finite, check_real
 from .formats import PATH_FORMATS, PathFormat
+from .paths import data_file
 
 
 def load_npy(path, test_fraction: float = 0.1) -> Dataset:
-    path = Path(path)
+    path = data_file(path)  # a FIFO named .npy is refused, not waited on
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     try:

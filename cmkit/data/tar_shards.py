@@ -7,17 +7,64 @@ again and an untouched one never is."""
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
-from .caption_sources import CaptionSource, decoded_chunks
+from .caption_sources import CUT_SHORT, CaptionSource, decoded_chunks
 from .caption_streams import StreamedCaptions
 from .formats import PATH_FORMATS, PathFormat
+from .paths import data_file
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MAX_SHARDS = 100_000  # paths one brace pattern may expand to (counted before it expands)
 
 
-def tar_paths(pattern: str) -> list[Path]:
-    """The tars a ``data.path`` names, in order; a one-line error where it names none."""
+def _group_count(expr: str) -> int:
+    """How many strings the inside of one ``{...}`` gives, by braceexpand's own grammar, without expanding it."""
+    import braceexpand as be
+
+    if m := be.int_range_re.match(expr):
+        a, b, step = int(m[1]), int(m[2]), int(m[3] or 1) or 1
+        return len(range(a, b + 1, step) if a < b else range(a, b - 1, -step))
+    if m := be.char_range_re.match(expr):
+        return len(be.make_char_range(*m.groups()))
+    parts, depth, start, pos = [], 0, 0, 0
+    while pos < len(expr):
+        c = expr[pos]
+        pos += 2 if c == "\\" else 1  # an escaped character is text
+        depth += (c == "{") - (c == "}")
+        if c == "," and depth == 0:
+            parts.append(expr[start:pos - 1])
+            start = pos
+    if not parts or depth:
+        return pattern_count(expr)  # not a sequence: the braces are kept as text
+    return sum(pattern_count(part) for part in [*parts, expr[start:]])
+
+
+def pattern_count(pattern: str) -> int:
+    """How many paths ``braceexpand(pattern)`` gives, computed from its ranges and lists (never expanded: a range
+    of 10^8 is counted at once); unbalanced braces are left to braceexpand, which says what is wrong."""
+    count, depth, start, pos = 1, 0, 0, 0
+    while pos < len(pattern):
+        c = pattern[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            start = pos if depth == 0 else start
+            depth += 1
+        elif c == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                count *= _group_count(pattern[start + 1:pos])
+        pos += 1
+    return count
+
+
+def tar_paths(pattern: str, follow_links: bool = False) -> list[Path]:
+    """The tars a ``data.path`` names, in order, each passing ``data_file``'s rule (a regular file; inside the
+    folder it is in, that of the pattern, unless ``follow_links``); a one-line error where it names none, or more
+    than ``MAX_SHARDS`` (counted before the pattern is expanded)."""
     import braceexpand
 
     p = Path(pattern)
@@ -26,8 +73,14 @@ def tar_paths(pattern: str) -> list[Path]:
         if not found:
             raise FileNotFoundError(f"no .tar shards in {p}; data.path takes a folder of webdataset .tar files or "
                                     "a pattern such as shards/{00000..00099}.tar")
-        return found
-    found = [Path(s) for s in braceexpand.braceexpand(pattern)]
+        return [data_file(f, p, follow_links) for f in found]
+    n = pattern_count(pattern)
+    if n > MAX_SHARDS:
+        raise ValueError(f"data.path {pattern!r} expands to {n:,} shard paths, more than the {MAX_SHARDS:,} one "
+                         "pattern may name; name the shards that exist (a narrower range), or set data.path to "
+                         "their folder")
+    folder = Path(pattern.split("{")[0] + "x").parent  # the folder the pattern's shards are in
+    found = [data_file(s, folder, follow_links) for s in map(Path, braceexpand.braceexpand(pattern))]
     missing = [s for s in found if not s.is_file()]
     if missing:
         raise FileNotFoundError(f"data.path {pattern!r} names {len(found)} shard(s), {len(missing)} of them missing "
@@ -39,6 +92,30 @@ def is_tar_pattern(path: str) -> bool:
     """Whether ``data.path`` names webdataset shards (a .tar, a brace pattern, or a folder holding .tar files)."""
     p = Path(path)
     return p.suffix == ".tar" or "{" in path or (p.is_dir() and any(p.glob("*.tar")))
+
+
+def cut_short(path: Path) -> str | None:
+    """Why the tar at ``path`` ends before its end-of-archive marker (cut mid-member, mid-header, or at a member's
+    end: the samples after the cut are gone, which a streamed read cannot tell from the end), or None. Reads the
+    headers only (member data is seeked over) and the bytes after the last member."""
+    size = path.stat().st_size
+    try:
+        tar = tarfile.open(path, "r:")
+    except tarfile.TarError:
+        return None  # not a plain tar (compressed, or no tar at all): the streamed read says what it is
+    with tar:
+        try:
+            members = tar.getmembers()
+        except tarfile.TarError:
+            members = None
+    if members is not None:
+        end = max((m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for m in members), default=0)
+        with open(path, "rb") as f:
+            f.seek(end)
+            rest = f.read(2 * tarfile.BLOCKSIZE)
+        if len(rest) == 2 * tarfile.BLOCKSIZE and not rest.strip(b"\0"):
+            return None  # the two zero blocks that end an archive
+    return f"{CUT_SHORT} at byte {size:,}, before the tar's end: the samples after it are missing"
 
 
 def _image_and_caption(sample: dict) -> tuple[bytes, str]:
@@ -57,11 +134,12 @@ def _image_and_caption(sample: dict) -> tuple[bytes, str]:
 
 
 class TarShards(CaptionSource):
-    def __init__(self, pattern: str, image_size: int, crop: str = "center", seed: int = 0):
+    def __init__(self, pattern: str, image_size: int, crop: str = "center", seed: int = 0,
+                 follow_links: bool = False):
         if image_size <= 0:
             raise ValueError("webdataset shards need data.image_size (the training resolution images are resized "
                              "and cropped to)")
-        self.paths = tar_paths(pattern)
+        self.paths = tar_paths(pattern, follow_links)
         self.name = Path(pattern.split("{")[0]).name or "shards"
         self.image_size, self.crop, self.seed = image_size, crop, seed
 
@@ -73,18 +151,22 @@ class TarShards(CaptionSource):
         return keys
 
     def _items(self, shard: int):
-        """``(key, read)`` of each sample of the shard's tar; a tar that breaks off ends with one failing item."""
+        """``(key, read)`` of each sample of the shard's tar; a tar that breaks off, or is cut short (``cut_short``),
+        ends with one failing item naming it."""
         from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-        path = self.paths[shard]
+        path, why = self.paths[shard], None
         try:
             with open(path, "rb") as f:
                 files = ({**entry, "__url__": str(path)} for entry in tar_file_iterator(f))
                 for sample in group_by_keys(files):
                     yield sample["__key__"], lambda s=sample: _image_and_caption(s)
         except Exception as e:  # noqa: BLE001 - tarfile / webdataset raise their own errors for a damaged tar
-            def broken(e=e):
-                raise ValueError(f"the tar breaks off ({type(e).__name__}); the rest of it is skipped")
+            why = f"the tar breaks off ({type(e).__name__}); the rest of it is skipped"
+        why = cut_short(path) or why
+        if why:
+            def broken(why=why):
+                raise ValueError(why)
             yield path.name, broken
 
     def read(self, shard: int, batch: int):
@@ -92,5 +174,6 @@ class TarShards(CaptionSource):
 
 
 PATH_FORMATS.register("webdataset", PathFormat(
-    claims=is_tar_pattern, load=lambda path, d, seed: StreamedCaptions(TarShards(path, d.image_size, d.crop, seed)),
+    claims=is_tar_pattern,
+    load=lambda path, d, seed: StreamedCaptions(TarShards(path, d.image_size, d.crop, seed, d.follow_links)),
     what="webdataset .tar shards: a .tar, a folder of them or a pattern such as shards/{00000..00099}.tar", order=10))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.checks import finite_tensors
 from ..core.files import refuse_pickles
 
 # pipelines with a text encoder that are not text-to-image denoisers of plain latents
@@ -55,7 +56,7 @@ def _load_component(path: str, name: str, entry, load_kw: dict):
     kw = safe_load_kw(library, cls, load_kw)
     refuse_pickles(Path(path) / name, f"the {name}")
     try:
-        return cls.from_pretrained(path, subfolder=name, **kw)
+        part = cls.from_pretrained(path, subfolder=name, **kw)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:  # a damaged config or tokenizer
         files = ", ".join(sorted(p.name for p in (Path(path) / name).glob("*.json"))) or "its files"
         raise ValueError(f"{path}: {name}/ could not be read ({type(e).__name__}: {str(e)[:80]}); one of {files} is "
@@ -71,6 +72,10 @@ def _load_component(path: str, name: str, entry, load_kw: dict):
             raise ValueError(f"{path}: {name}/ has no .safetensors weights (cmkit never unpickles a .bin, which could "
                              "run code); convert it to safetensors where you trust it and try again") from None
         raise
+    if isinstance(part, torch.nn.Module):  # once, at load: one reduction per tensor
+        finite_tensors(part, f"{path}: {name}/'s weights", "the folder is damaged (or was saved from a run that "
+                       "diverged): copy or export it again")
+    return part
 
 
 def safe_load_kw(library: str, cls, load_kw: dict) -> dict:

@@ -24,11 +24,19 @@ from pathlib import Path
 
 from torch import nn
 
+from ..core.checks import check_guidance, positive_int
 from ..core.digests import weights_digest
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiserView, TextToImageModel
-from .students import SharedPartsStudent, check_base_hash, check_kind, check_lora_fits, read_lora_file
+from .students import (
+    SharedPartsStudent,
+    check_base_hash,
+    check_kind,
+    check_lora_config,
+    check_lora_fits,
+    read_lora_file,
+)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 # the student's sampler -> the scheduler its export samples with: deterministic, or re-noising with fresh noise
@@ -161,6 +169,11 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         meta = read_meta(folder) or {}
         check_kind(folder, meta, cls.kind)
         kw = {k: meta[k] for k in ("steps", "guidance_scale", "sampler") if k in meta}
+        where = Path(folder) / META_FILE
+        if "steps" in kw:  # 2.5 is not run as 2
+            positive_int(kw["steps"], f"{where}: steps", "export the student again")
+        if "guidance_scale" in kw:
+            check_guidance(kw["guidance_scale"], f"{where}: guidance_scale")
         if not meta.get("lora"):
             model = TextToImageModel.from_pretrained(str(folder))
             return cls(model.denoiser, model, base=meta.get("base"), **kw)
@@ -173,6 +186,7 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         if not (isinstance(lc, dict) and {"r", "lora_alpha", "target_modules"} <= set(lc)):
             raise ValueError(f"{Path(folder) / META_FILE} lacks lora_config's r, lora_alpha and target_modules; "
                              "export the LoRA student again")
+        check_lora_config(Path(folder) / META_FILE, lc)
         add_transformer_lora(base.network, lc["r"], lc["lora_alpha"], lc["target_modules"])
         model = cls(base.denoiser, base, lora=True, base=meta.get("base"), **kw)
         model.load_lora(folder)

@@ -5,7 +5,7 @@ torch-free streams share) imports without torch; ``from cmkit.training import tr
 
 from __future__ import annotations
 
-import importlib
+from ..core.lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(("latest_checkpoint", "load_checkpoint", "save_checkpoint"), "checkpoints"),
@@ -17,13 +17,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

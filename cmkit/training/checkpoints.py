@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from ..core.files import atomic_dir, atomic_write_text, clean_partial_writes, sha256_of
+from ..core.files import DiskFull, atomic_dir, atomic_write_text, clean_partial_writes, sha256_of
 from ..core.processes import rank_world
 
 KEEP = 2
@@ -42,15 +42,20 @@ def warn(message: str) -> None:
 
 def _optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimiser state dict into safetensors-able tensors and a JSON-able rest. Nested state (bitsandbytes
-    keeps its quantisation state in a dict per parameter) is flattened with ``/`` between the levels."""
-    tensors, plain = {}, {}
+    keeps its quantisation state in a dict per parameter) is flattened with ``/`` between the levels. A tensor that
+    shares its storage with one already taken (8-bit Adam's quantisation maps are one tensor for every parameter,
+    which safetensors refuses to write twice) is saved as a copy of its own; loading gives each parameter its own."""
+    tensors, plain, storages = {}, {}, set()
 
     def put(key: str, v) -> None:
         if isinstance(v, dict):
             for k, sub in v.items():
                 put(f"{key}/{k}", sub)
         elif torch.is_tensor(v):
-            tensors[key] = v.detach().cpu().contiguous()
+            t = v.detach().cpu().contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            tensors[key] = t.clone() if ptr in storages and t.numel() else t
+            storages.add(ptr)
         else:
             plain[key] = v
     for pid, pstate in state["state"].items():
@@ -141,13 +146,20 @@ def save_checkpoint(root, step: int, nets: dict[str, torch.nn.Module], optimizer
     root = Path(root)
     final = root / f"step-{step:08d}"
     if verify_checkpoint(final) is not None:  # else this step is saved already (its state is the same)
-        with atomic_dir(final) as tmp:
-            _write_files(tmp, nets, optimizer, {"step": step, **extra})
+        try:
+            with atomic_dir(final, model=False) as tmp:
+                _write_files(tmp, nets, optimizer, {"step": step, **extra})
+        except DiskFull as e:
+            raise DiskFull(e.path, last_intact(root)) from e
         problem = verify_checkpoint(final)
         if problem is not None:
             raise OSError(f"checkpoint {final} does not read back intact ({problem}); the older checkpoints are "
                           "kept: check the disk and rerun the same command")
-    atomic_write_text(root / "latest", final.name)
+    try:
+        atomic_write_text(root / "latest", final.name)
+    except DiskFull as e:
+        raise DiskFull(e.path, f"the checkpoint {final} is written and intact (the same command resumes from it)"
+                       ) from e
     kept = 1
     for old in step_folders(root):
         if old.name >= final.name:
@@ -157,6 +169,13 @@ def save_checkpoint(root, step: int, nets: dict[str, torch.nn.Module], optimizer
         else:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def last_intact(root, then: str = "resumes from it") -> str:
+    """What a run stopped now would resume from, for a message: the newest intact checkpoint, or nothing."""
+    last = latest_checkpoint(root)
+    return (f"the last checkpoint, {last}, is intact (the same command {then})" if last is not None else
+            f"{root} holds no checkpoint yet (the run starts again from step 0)")
 
 
 def latest_checkpoint(root) -> Path | None:

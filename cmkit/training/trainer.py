@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,11 +30,12 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.files import atomic_write, atomic_write_text, clean_partial_writes
+from ..core.files import DiskFull, atomic_write, atomic_write_text, clean_partial_writes
 from ..models.folder import annotate_meta
 from .checkpoints import (
     CheckpointError,
     clean_checkpoints,
+    last_intact,
     latest_checkpoint,
     load_checkpoint,
     resume_newest,
@@ -86,12 +89,15 @@ def make_optimizer(params, s: TrainSettings):
 def make_accelerator(settings: TrainSettings, out) -> Accelerator:
     """accelerate's Accelerator for a run: the device, the precision (the recipe's, else the launcher's) and the
     trackers ``train.log_with`` names, writing under ``out``."""
-    if settings.log_with == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ValueError("train.log_with = tensorboard needs the tensorboard package: pip install "
-                             "'cmkit[track]' (or tensorboard)") from None
+    need = {"tensorboard": "'cmkit[track]' (or tensorboard)", "wandb": "wandb"}.get(settings.log_with)
+    if need and importlib.util.find_spec(settings.log_with) is None:  # accelerate would skip the tracker silently
+        raise ValueError(f"train.log_with = {settings.log_with} needs the {settings.log_with} package: pip install "
+                         f"{need}")
+    # accelerate launch --gradient_accumulation_steps is not how cmkit accumulates: it would be ignored silently
+    steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    if steps.strip() not in ("", "1"):
+        raise ValueError(f"accelerate launch --gradient_accumulation_steps {steps} is not used by cmkit; set "
+                         "train.micro_batch_size instead (micro-batches accumulate to train.batch_size)")
     return Accelerator(cpu=settings.cpu, mixed_precision=settings.mixed_precision,
                        log_with=settings.log_with or None, project_dir=str(out))
 
@@ -462,7 +468,11 @@ class Trainer:
         if self.acc.is_main_process:
             export = self._plain if self.sharded else copy.deepcopy(self.online).cpu()
             export.load_state_dict(state if self.sharded else {k: v.cpu() for k, v in final.state_dict().items()})
-            export.save_pretrained(self.out / "model")
+            try:
+                export.save_pretrained(self.out / "model")
+            except DiskFull as e:  # the run is done and checkpointed: a rerun only exports
+                last = last_intact(self.ckpt_root, "exports it without training again")
+                raise DiskFull(e.path, f"{e.intact}; {last}") from e
             # a teacher family's pipeline folder has no cmkit.json: the line below says it there
             annotate_meta(self.out / "model", exported_weights={"weights": name, "step": self.step_no, "why": why})
             quietly(self.acc.print, f"exported the {name} weights at step {self.step_no} ({why})")

@@ -78,6 +78,27 @@ class FlowFamily(PipelineFamily):
     def set_timesteps_kwargs(self, model, steps: int) -> dict:
         return {"num_inference_steps": steps}
 
+    def checked_scheduler(self, path, scheduler):
+        """``scheduler``, after one-line errors naming the ``scheduler_config.json`` key whose value would give a
+        NaN, empty or reversed grid: a static ``shift`` that is not a finite number > 0, a ``base_shift`` /
+        ``max_shift`` that is not finite, and image-sequence lengths that are not integers with base < max."""
+        from pathlib import Path
+
+        from ...core.checks import finite_number, in_range, positive_int
+
+        c, where = scheduler.config, Path(path) / "scheduler" / "scheduler_config.json"
+        fix = "give the value the pipeline was trained with"
+        base, top, lo, hi = self.mu_defaults
+        in_range(c.get("shift", 1.0), f"{where}: shift", 0, low_open=True, fix=fix)
+        for key, default in (("base_shift", lo), ("max_shift", hi)):
+            finite_number(c.get(key, default), f"{where}: {key}", fix)
+        seq = [positive_int(c.get(k, d), f"{where}: {k}", fix)
+               for k, d in (("base_image_seq_len", base), ("max_image_seq_len", top))]
+        if c.get("use_dynamic_shifting") and seq[0] >= seq[1]:
+            raise ValueError(f"{where}: base_image_seq_len ({seq[0]}) must be below max_image_seq_len ({seq[1]}) for "
+                             f"the resolution-dependent shift; {fix}")
+        return scheduler
+
     def mu(self, model) -> float:
         c = model.scheduler.config
         base, top, lo, hi = self.mu_defaults

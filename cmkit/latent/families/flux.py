@@ -108,12 +108,13 @@ class Flux(FlowFamily):
         if missing:
             raise ValueError(f"{path} is a Flux folder without {', '.join(missing)}; it needs {', '.join(needed)}")
         p = load_parts(path, index, needed, load_kw)
+        sched = self.checked_scheduler(path, p["scheduler"])
         tr, vae = in_dtype(p["transformer"], dtype), in_dtype(p["vae"], torch.float32)
         if tr.config.in_channels != 4 * vae.config.latent_channels:
             raise ValueError(f"{path}: the transformer takes {tr.config.in_channels} packed channels, 4x the VAE's "
                              f"{vae.config.latent_channels} latent channels would be {4 * vae.config.latent_channels}")
         prompts = FluxPromptEncoder([in_dtype(p[e], dtype) for e in self.encoders], [p["tokenizer"], p["tokenizer_2"]])
-        return TextToImageModel(FluxDenoiser(tr, p["scheduler"], clip_x0), vae.eval(), prompts.eval(),
+        return TextToImageModel(FluxDenoiser(tr, sched, clip_x0), vae.eval(), prompts.eval(),
                                 {"pipeline": self.name})
 
     def pipeline(self, model):

@@ -158,6 +158,7 @@ class StableDiffusion3(FlowFamily):
         if present(index, "text_encoder_3") != present(index, "tokenizer_3"):
             raise ValueError(f"{path}: text_encoder_3 and tokenizer_3 come together (give both or neither)")
         p = load_parts(path, index, needed + ["text_encoder_3", "tokenizer_3"], load_kw)
+        sched = self.checked_scheduler(path, p["scheduler"])
         tr, vae = in_dtype(p["transformer"], dtype), in_dtype(p["vae"], torch.float32)
         if tr.config.in_channels != vae.config.latent_channels:
             raise ValueError(f"{path}: the transformer takes {tr.config.in_channels} channels, the VAE's latents "
@@ -165,7 +166,7 @@ class StableDiffusion3(FlowFamily):
         encs = [in_dtype(p[e], dtype) for e in self.encoders]
         prompts = SD3PromptEncoder(encs, [p["tokenizer"], p["tokenizer_2"], p["tokenizer_3"]],
                                    tr.config.joint_attention_dim)
-        return TextToImageModel(SD3Denoiser(tr, p["scheduler"], clip_x0), vae.eval(), prompts.eval(),
+        return TextToImageModel(SD3Denoiser(tr, sched, clip_x0), vae.eval(), prompts.eval(),
                                 {"pipeline": self.name})
 
     def pipeline(self, model):
