@@ -15,7 +15,8 @@ from cmkit.cli.recipes import load_recipe
 
 
 def _one_line(capsys, code: int, *words):
-    err = capsys.readouterr().err.strip()
+    # transformers' own "Loading weights" progress bar may stand above the line
+    err = "\n".join(s for s in capsys.readouterr().err.strip().splitlines() if "it/s]" not in s)
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert all(w in err for w in words), err
 
@@ -98,3 +99,28 @@ def test_options_that_would_do_nothing_are_refused(tmp_path, capsys, monkeypatch
     _one_line(capsys, main(["train-teacher", "quickstart-teacher", "--out", str(tmp_path / "run"), "--set",
                             setting, "--set", "train.steps=2", "--no-progress"]), *words)
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_internal_errors_of_damaged_folders_and_prompts_are_one_line(tmp_path, capsys):
+    """A list as model_index.json's _class_name and an undecodable prompt were internal errors (TypeError); an
+    empty weights file was reported as missing."""
+    import shutil
+    from pathlib import Path
+
+    teacher = cmkit.load_teacher("cmkit:tiny-t2i")
+    teacher.save_pretrained(tmp_path / "t")
+    listed = tmp_path / "listed"
+    shutil.copytree(tmp_path / "t", listed)
+    index = json.loads((listed / "model_index.json").read_text())
+    (listed / "model_index.json").write_text(json.dumps({**index, "_class_name": ["StableDiffusionPipeline"]}))
+    capsys.readouterr()
+    _one_line(capsys, main(["generate", str(listed), "--prompt", "x", "--out", str(tmp_path / "g.png")]),
+              "_class_name must be a pipeline class name")
+    _one_line(capsys, main(["generate", str(tmp_path / "t"), "--prompt", "a \udcff bag", "--steps", "1", "--out",
+                            str(tmp_path / "g.png")]), "prompt 1", "not valid UTF-8")
+    empty = tmp_path / "empty"
+    shutil.copytree(tmp_path / "t", empty)
+    next(Path(empty / "unet").glob("*.safetensors")).write_bytes(b"")
+    code = main(["generate", str(empty), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "is not a readable safetensors file (0 bytes)" in err and "no .safetensors" not in err, err

@@ -25,12 +25,31 @@ def read_model_index(path, **load_kw) -> dict:
     local = Path(path) / "model_index.json"
     if local.is_file():
         try:
-            return json.loads(local.read_text())
+            index = json.loads(local.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"{local} is not valid JSON") from None
-    from diffusers import DiffusionPipeline
+    else:
+        from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.load_config(path, **load_kw)
+        index = DiffusionPipeline.load_config(path, **load_kw)
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        got = index.get("_class_name") if isinstance(index, dict) else index
+        raise ValueError(f"{path}: model_index.json's _class_name must be a pipeline class name (a string), got "
+                         f"{got!r}; copy the folder again")
+    return index
+
+
+def _unreadable_safetensors(folder: Path) -> Path | None:
+    """The first ``.safetensors`` file in ``folder`` whose header cannot be read (None where all can)."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception:  # safetensors raises its own error types for every kind of damage
+            return f
+    return None
 
 
 def present(index: dict, name: str) -> bool:
@@ -68,6 +87,10 @@ def _load_component(path: str, name: str, entry, load_kw: dict):
                              f"{name}/'s config") from None
         raise
     except OSError as e:
+        damaged = _unreadable_safetensors(Path(path) / name)
+        if damaged:  # an empty, truncated or garbage file is there: not "missing"
+            raise ValueError(f"{damaged} is not a readable safetensors file ({damaged.stat().st_size} bytes); it "
+                             "is truncated or damaged: copy or download the folder again") from None
         if kw.get("use_safetensors") and "safetensors" in str(e):
             raise ValueError(f"{path}: {name}/ has no .safetensors weights (cmkit never unpickles a .bin, which could "
                              "run code); convert it to safetensors where you trust it and try again") from None

@@ -101,6 +101,11 @@ def prompt_list(prompts) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings")
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # a command line's undecodable bytes arrive as lone surrogates
+            raise ValueError(f"prompt {i + 1} ({p!r}) is not valid UTF-8 text; write it in UTF-8") from None
     return prompts
 
 
