@@ -16,7 +16,7 @@ from cmkit.cli.recipes import load_recipe
 
 def _one_line(capsys, code: int, *words):
     # transformers' own "Loading weights" progress bar may stand above the line
-    err = "\n".join(s for s in capsys.readouterr().err.strip().splitlines() if "it/s]" not in s)
+    err = "\n".join(s for s in capsys.readouterr().err.strip().splitlines() if s.strip() and "it/s]" not in s)
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert all(w in err for w in words), err
 
@@ -124,3 +124,19 @@ def test_internal_errors_of_damaged_folders_and_prompts_are_one_line(tmp_path, c
     code = main(["generate", str(empty), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "g.png")])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "is not a readable safetensors file (0 bytes)" in err and "no .safetensors" not in err, err
+
+
+def test_a_scheduler_of_another_kind_in_a_flow_folder_is_one_line(tmp_path, capsys):
+    """A DDPMScheduler in an SD3 folder was an internal error (AttributeError: no attribute 'sigmas')."""
+    from diffusers import DDPMScheduler
+
+    from cmkit.latent.families.sd3 import tiny_sd3_pipeline
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
+    DDPMScheduler().save_pretrained(tmp_path / "sd3" / "scheduler")
+    index = json.loads((tmp_path / "sd3" / "model_index.json").read_text())
+    (tmp_path / "sd3" / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers",
+                                                                                          "DDPMScheduler"]}))
+    capsys.readouterr()
+    _one_line(capsys, main(["generate", str(tmp_path / "sd3"), "--prompt", "x", "--steps", "2", "--out",
+                            str(tmp_path / "g.png")]), "flow-matching scheduler", "not a DDPMScheduler")

@@ -87,6 +87,10 @@ class FlowFamily(PipelineFamily):
         from ...core.checks import finite_number, in_range, positive_int
 
         c, where = scheduler.config, Path(path) / "scheduler" / "scheduler_config.json"
+        if not type(scheduler).__name__.startswith("FlowMatch"):  # the grid and the time maps are flow matching's
+            raise ValueError(f"{where}: a {self.name} samples with a flow-matching scheduler (FlowMatch"
+                             f"EulerDiscreteScheduler), not a {type(scheduler).__name__}; restore the folder's "
+                             "scheduler")
         fix = "give the value the pipeline was trained with"
         base, top, lo, hi = self.mu_defaults
         in_range(c.get("shift", 1.0), f"{where}: shift", 0, low_open=True, fix=fix)
