@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from cmkit.cli.commands import main
 from cmkit.latent.families.unet import LatentDenoiser, tiny_pipeline
-from cmkit.latent.lcm import LORA_FILE, LatentConsistencyModel, LCMFunction, add_lora, student_unet
+from cmkit.latent.lcm import LatentConsistencyModel, LCMFunction, add_lora, student_unet
+from cmkit.latent.students import LORA_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red bag", "a green boot", "a blue bag", "a red boot"]

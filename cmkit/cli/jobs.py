@@ -15,15 +15,16 @@ from accelerate import Accelerator
 
 from ..core.digests import weights_digest
 from ..core.files import atomic_write_text, folder_lock
-from ..core.memory import check_fits, training_bytes
+from ..core.memory import TRAINED_BYTES, check_fits, check_network_fits, lora_params, meta_params, training_bytes
 from ..data import Dataset, StreamedCaptions, open_dataset
 from ..data.latent_cache import caption_encoder
 from ..eval.metrics import sliced_wasserstein
 from ..latent.placement import for_the_cache, for_training, park_prompt_encoders
 from ..loading import load_teacher
-from ..models import BACKBONES, ConsistencyModel, num_classes_of
+from ..models import BACKBONES, ConsistencyModel, network_of, num_classes_of
 from ..models.folder import annotate_meta, read_meta
 from ..objectives import OBJECTIVES, BuildContext, kinds_for
+from ..objectives.students import LoRAKeys, lora_spec
 from ..sampling import class_condition, search_schedule
 from ..training import Trainer
 from ..training.checkpoints import warn
@@ -42,6 +43,8 @@ RESUMABLE_CHANGES = {("train", "steps"), ("train", "checkpoint_every"), ("train"
 # changes that alter the training from the resumed step on: reported when a run resumes with them
 REPORTED_CHANGES = {("train", "lr"), ("train", "warmup"), ("train", "grad_clip"), ("train", "micro_batch_size"),
                     ("train", "mixed_precision")}
+# the recipe keys each model.backbone's size comes from (named when it cannot fit)
+SIZE_KEYS = {"mlp": ("hidden", "depth"), "unet": ("base", "levels", "layers_per_block")}
 # what each command says it saved
 SAVES = {"train-teacher": "teacher", "distill": "consistency model", "train": "consistency model"}
 
@@ -53,21 +56,53 @@ def dataset_for(recipe: Recipe) -> Dataset | StreamedCaptions:
     return open_dataset(d, recipe.seed)
 
 
-def build_backbone(recipe: Recipe, data: Dataset) -> torch.nn.Module:
+def build_backbone(recipe: Recipe, data: Dataset, device=None) -> torch.nn.Module:
+    """The recipe's fresh network, counted on the meta device first: one too big to train in the memory ``device``
+    has is refused, naming its size keys, before it is allocated."""
     m = recipe.model
     if m.class_conditional and not data.num_classes:
         raise ValueError(f"model.class_conditional needs a labelled dataset; {data.name!r} has no labels")
-    return BACKBONES[m.backbone](data.sample_shape, data.num_classes if m.class_conditional else None, m)
+
+    def build():
+        return BACKBONES[m.backbone](data.sample_shape, data.num_classes if m.class_conditional else None, m)
+    keys = [f"model.{k}" for k in SIZE_KEYS.get(m.backbone, ()) if hasattr(m, k)]
+    sizes = ", ".join(f"{k}={getattr(m, k[len('model.'):])}" for k in keys)
+    check_network_fits(meta_params(build), TRAINED_BYTES, f"the model.backbone {m.backbone!r} network of {sizes}, "
+                       "trained in float32 with Adam", f"set a smaller {' / '.join(keys) or 'network'}", device)
+    return build()
+
+
+def check_student_fits(recipe: Recipe, teacher, path, device) -> None:
+    """Refuse, before the build allocates it, a student the teacher's size makes too big: a LoRA adapter of
+    ``objective.lora_rank`` on the teacher's network, or a copy of the network that trains in full."""
+    if teacher is None:
+        return
+    net = getattr(teacher, teacher.family.network, None) if hasattr(teacher, "family") else network_of(teacher)
+    if not isinstance(net, torch.nn.Module):
+        return
+    cfg = recipe.objective
+    if isinstance(cfg, LoRAKeys):
+        targets = lora_spec(cfg, teacher)["targets"]
+        check_network_fits(lora_params(net, targets, cfg.lora_rank), TRAINED_BYTES,
+                           f"the LoRA adapter of objective.lora_rank={cfg.lora_rank} on the teacher's network",
+                           "set a smaller objective.lora_rank", device)
+        return
+    check_network_fits(sum(p.numel() for p in net.parameters()), TRAINED_BYTES,
+                       f"the student, a copy of the teacher's network ({path}) trained in float32 with Adam",
+                       "distill a smaller teacher, or use a LoRA kind where there is one (objective.kind "
+                       "..._lora; it trains an adapter only)", device)
 
 
 def build_run(recipe: Recipe, data: Dataset, teacher=None, distance=None, resumed: dict | None = None,
-              teacher_path: str | None = None, cache_ready=None):
+              teacher_path: str | None = None, cache_ready=None, device=None):
     """The model a recipe trains and the objective that trains it, from the objective kind's registration.
     ``teacher``: a loaded denoiser; ``distance`` (a callable) replaces the recipe's; ``resumed``: the run constants
     of the run being resumed; ``cache_ready``: called with the teacher once a latent kind's cache is there. A latent
-    kind gets the data's latent cache as ``ctx.encode_captions`` (it hands in the encoders, never opens a file)."""
+    kind gets the data's latent cache as ``ctx.encode_captions`` (it hands in the encoders, never opens a file).
+    A network too big for ``device``'s memory is refused before it is built."""
     encode = caption_encoder(data, recipe.data.encode_batch_size, recipe.data.workers)
-    ctx = BuildContext(make_backbone=lambda: build_backbone(recipe, data),
+    check_student_fits(recipe, teacher, teacher_path, device)
+    ctx = BuildContext(make_backbone=lambda: build_backbone(recipe, data, device),
                        train_steps=recipe.train.steps, teacher=teacher, student=recipe.model.student,
                        distance=distance, resumed=resumed or {}, data=data, seed=recipe.seed,
                        teacher_path=teacher_path, encode_captions=encode, cache_ready=cache_ready)
@@ -262,7 +297,7 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
     torch.manual_seed(recipe.seed)
     saved = None if restart else saved_recipe(out)
     model, objective = build_run(recipe, data, teacher, distance, run_constants(saved), path,
-                                 cache_ready=lambda t: for_training(t, acc.device))
+                                 cache_ready=lambda t: for_training(t, acc.device), device=acc.device)
     if teacher is not None:
         for_training(teacher, acc.device)  # (done already where the kind built a latent cache)
     del teacher  # what the objective needs it holds itself; a tuned student copied what it needs

@@ -103,3 +103,35 @@ def training_bytes(model, batch_size: int, passes: int = 3) -> int:
     weights = sum(p.numel() for p in model.parameters()) * 4
     per = passes * activation_floats(model, shape) + 8 * math.prod(shape)
     return int((weights + batch_size * per) * FLOAT_BYTES)
+
+
+# bytes a trained float32 parameter holds: the weight, its gradient and Adam's two moments
+TRAINED_BYTES = 16
+
+
+def meta_params(build) -> int:
+    """The parameters of the module ``build()`` makes, built on torch's meta device: shapes only, nothing allocated,
+    so a network of absurd size is counted in milliseconds."""
+    with torch.device("meta"):
+        net = build()
+    return sum(p.numel() for p in net.parameters())
+
+
+def lora_params(net, targets, rank: int) -> int:
+    """The parameters a rank-``rank`` LoRA (peft) adds on the modules of ``net`` whose names end in one of
+    ``targets``."""
+    n = 0
+    for name, m in net.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(m, torch.nn.Linear):
+            n += rank * (m.in_features + m.out_features)
+        elif isinstance(m, torch.nn.Conv2d):
+            n += rank * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels)
+    return n
+
+
+def check_network_fits(params: int, per_param: int, what: str, fix: str, device=None) -> None:
+    """Refuse a network of ``params`` parameters holding ``per_param`` bytes each (``TRAINED_BYTES`` for one that
+    trains) before it is built; ``what`` names it and the keys or file its size comes from."""
+    check_fits(params * per_param, f"{what} ({params / 1e6:,.1f} M parameters)", fix, device)

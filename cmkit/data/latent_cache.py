@@ -37,6 +37,7 @@ from .caption_sources import CUT_SHORT, ArraySource, read_shards
 CACHE_KEY = "cmkit_cache_key"  # the file's own key, in its safetensors metadata
 # a shard's tensors: per image (mean, std, caption_index, and SDXL's add_time_ids when the encoder gives them)
 IMAGE_KEYS = ("mean", "std", "caption_index")
+MAX_LATENT = 1e4  # no VAE's posterior mean or std comes near this; a cached value beyond it was not encoded here
 
 
 class CacheShard:
@@ -196,13 +197,16 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
     keys = [shard_key(encoders, k) for k in source.shard_keys()]
     paths = [cache_root() / f"{k}.safetensors" for k in keys]
     rank, world = rank_world()
+    # in-memory images keep their own height and width; every other source crops to image_size squares
+    size = tuple(source.images.shape[-2:]) if isinstance(source, ArraySource) else (source.image_size,) * 2
+    latent = expected_latent(vae, size)
     # shard i is process i % world's, whatever is cached: every process agrees on the split without talking
-    opened = {i: open_shard(paths[i], keys[i], quiet=False) for i in range(rank, len(keys), world)}
+    opened = {i: open_shard(paths[i], keys[i], quiet=False, latent=latent) for i in range(rank, len(keys), world)}
     mine = [i for i, shard in opened.items() if shard is None]
     if mine:
         with _share_lock([keys[i] for i in mine]):
             # another run on the same data may have encoded them while this one waited
-            mine = [i for i in mine if open_shard(paths[i], keys[i], quiet=True) is None]
+            mine = [i for i in mine if open_shard(paths[i], keys[i], quiet=True, latent=latent) is None]
             if mine:
                 who = f" (process {rank} of {world}: its share)" if world > 1 else ""
                 note(f"latent cache: encoding {len(mine)} of the {len(keys)} shard(s) of {source.name}{who}; "
@@ -212,7 +216,7 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
     barrier()
     shards = []
     for i, (p, k) in enumerate(zip(paths, keys, strict=True)):  # headers read once: what was cached stays open
-        shard = opened.get(i) or open_shard(p, k, quiet=True)
+        shard = opened.get(i) or open_shard(p, k, quiet=True, latent=latent)
         if shard is None:
             raise RuntimeError(f"shard {i} of {source.name} was not encoded into {p} (did another process fail?); "
                                "run again: finished shards are kept")
@@ -300,9 +304,49 @@ def _write_shard(path: Path, key: str, acc: dict, prompt_encoder, batch_size: in
     cache_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def open_shard(path: Path, key: str, quiet: bool = False) -> CacheShard | None:
-    """The cached shard at ``path`` if it is the encoding of key ``key``; None where it is missing, or (with a
-    one-line note unless ``quiet``) unreadable or holding something else."""
+def expected_latent(vae, size: tuple[int, int]) -> tuple[int, ...] | None:
+    """The latent shape ``vae`` (a diffusers ``AutoencoderKL``: each block after the first halves the size) gives
+    an image of ``size`` (height, width); None where its config does not say."""
+    config = getattr(vae, "config", None) or {}
+    channels, blocks = config.get("latent_channels"), config.get("block_out_channels")
+    if not all(size) or not channels or not blocks:
+        return None
+    return (int(channels), *(int(side) // 2 ** (len(blocks) - 1) for side in size))
+
+
+def _shape(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def doubtful(shard: CacheShard, latent: tuple[int, ...] | None) -> str | None:
+    """Why a shard whose key is right still cannot be what this run's encoders wrote, else None: latents of another
+    dtype or shape than ``latent`` (another image size's), or a sample of rows (each tensor's first and last, a read
+    of a few rows, not the shard) holding non-finite values, a negative std or values no VAE gives."""
+    if not shard.rows:
+        return None
+    mean, std = shard.t["mean"], shard.t["std"]
+    if mean.dtype != torch.float32 or std.dtype != torch.float32:
+        return f"latents of dtype {str(mean.dtype).removeprefix('torch.')}, not the float32 this cache writes"
+    if latent is not None and tuple(mean.shape[1:]) != tuple(latent):
+        return (f"latents of shape {_shape(mean.shape[1:])}, not the {_shape(latent)} its VAE gives this run's "
+                "images (another image size's?)")
+    sample = {"mean": mean, "std": std, **{f"embeds.{k}": shard.t[f"embeds.{k}"] for k in shard.embed_keys}}
+    for name, tensor in sample.items():
+        if not tensor.dtype.is_floating_point or not len(tensor):
+            continue
+        rows = tensor.rows(sorted({0, len(tensor) - 1})).float()
+        if not torch.isfinite(rows).all():
+            return f"non-finite values (NaN or inf) in {name}"
+        if name in ("mean", "std") and (rows.abs().max() > MAX_LATENT or (name == "std" and rows.min() < 0)):
+            return f"absurd values in {name} (beyond +-{MAX_LATENT:g}, or a negative std), which no VAE gives"
+    return None
+
+
+def open_shard(path: Path, key: str, quiet: bool = False,
+               latent: tuple[int, ...] | None = None) -> CacheShard | None:
+    """The cached shard at ``path`` if it is the encoding of key ``key`` (and, checked on a few of its rows, what
+    this run expects: latents of shape ``latent``, float32, finite, in range: ``doubtful``); None where it is
+    missing, or (with a one-line note unless ``quiet``) unreadable or holding something else."""
     if not path.is_file():
         return None
     try:
@@ -324,6 +368,11 @@ def open_shard(path: Path, key: str, quiet: bool = False) -> CacheShard | None:
         if not quiet:
             note(f"latent cache {path} holds {why}, not the encoding of this data and these encoders "
                  "(swapped or copied from elsewhere); encoding it again")
+        return None
+    why = doubtful(shard, latent)
+    if why is not None:
+        if not quiet:
+            note(f"latent cache {path} holds {why}; encoding it again")
         return None
     return shard
 

@@ -29,16 +29,8 @@ from ..core.digests import weights_digest
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiserView, TextToImageModel
-from .students import (
-    SharedPartsStudent,
-    check_base_hash,
-    check_kind,
-    check_lora_config,
-    check_lora_fits,
-    read_lora_file,
-)
+from .students import SharedPartsStudent, check_base_hash, check_kind, check_lora_config, load_adapter
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
 # the student's sampler -> the scheduler its export samples with: deterministic, or re-noising with fresh noise
 SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler", "consistency": "FlowMatchLCMScheduler"}
 
@@ -194,12 +186,5 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         return model
 
     def load_lora(self, folder) -> None:
-        """Read the LoRA file into this model's adapter: refused in one line where it cannot be read, holds other
-        parts' tensors, non-finite values, tensors that do not fit, or only part of the adapter."""
-        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-
-        path = Path(folder) / LORA_FILE
-        state = read_lora_file(path, "transformer")
-        check_lora_fits(path, state, {k: v.shape for k, v in get_peft_model_state_dict(self.network).items()},
-                        "transformer")
-        set_peft_model_state_dict(self.network, state)
+        """Read the LoRA file into this model's adapter (``students.load_adapter``'s checks)."""
+        load_adapter(self.network, folder, "transformer", "transformer")

@@ -24,14 +24,7 @@ from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiserView, TextToImageModel
 from .families.unet import LatentDenoiser
-from .students import (
-    SharedPartsStudent,
-    check_base_hash,
-    check_kind,
-    check_lora_config,
-    check_lora_fits,
-    read_lora_file,
-)
+from .students import SharedPartsStudent, check_base_hash, check_kind, check_lora_config, load_adapter
 
 LCM_SIGMA_DATA = 0.5
 
@@ -213,15 +206,10 @@ class LatentConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         return model
 
     def load_lora(self, folder) -> None:
-        """Read ``pytorch_lora_weights.safetensors`` into this model's adapter: refused in one line where the file
-        cannot be read, holds other parts' tensors (a text-encoder LoRA), non-finite values, tensors that do not
-        fit this base UNet, or only part of the adapter (only the A or the B matrices, some layers)."""
-        from peft.utils import set_peft_model_state_dict
-
-        path = Path(folder) / LORA_FILE
-        state = read_lora_file(path, "unet")
-        check_lora_fits(path, state, {k: v.shape for k, v in lora_state_dict(self.unet).items()}, "UNet")
-        set_peft_model_state_dict(self.unet, state)
+        """Read ``pytorch_lora_weights.safetensors`` into this model's adapter (``students.load_adapter``: refused
+        in one line where it cannot be read, holds a text-encoder LoRA's tensors, non-finite values, tensors that do
+        not fit this base UNet, or only part of the adapter)."""
+        load_adapter(self.unet, folder, "unet", "UNet")
 
 
 def check_lcm_meta(folder, meta: dict, lora: bool = False) -> None:
@@ -291,4 +279,3 @@ def lcm_sampling_guidance(model, steps, timesteps, guidance_scale, negative_prom
     return w
 
 
-LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -120,3 +120,18 @@ def check_kind(folder, meta: dict, kind: str) -> None:
     student before): a one-line error naming what the folder holds."""
     if meta.get("kind") not in (None, kind):
         raise ValueError(f"{folder} holds a {meta['kind']!r} model, not a {kind!r} one; open it with cmkit.load_model")
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what a pipeline's load_lora_weights reads
+
+
+def load_adapter(network, folder, part: str, what: str) -> None:
+    """Read a LoRA student's ``LORA_FILE`` into ``network``'s adapter: refused in one line where the file cannot be
+    read, holds other parts' tensors (``part``: the prefix its keys carry, "unet" / "transformer"), non-finite
+    values, tensors that do not fit ``what`` (the network, as messages name it), or only part of the adapter."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    path = Path(folder) / LORA_FILE
+    state = read_lora_file(path, part)
+    check_lora_fits(path, state, {k: v.shape for k, v in get_peft_model_state_dict(network).items()}, what)
+    set_peft_model_state_dict(network, state)

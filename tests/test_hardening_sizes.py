@@ -1,0 +1,91 @@
+"""Issue 31, "sizes never checked": the memory estimate covers the networks a run builds (counted on torch's meta
+device from their configs, before anything is allocated), not the batch alone, and the refusal names what is too big
+and the key or file to change. Available memory is faked small (``cmkit.core.memory.available_bytes``), so each case
+is refused at a size that costs little even where the check is missing."""
+
+import json
+import shutil
+
+import pytest
+from conftest import caption_data
+
+from cmkit.cli.commands import main
+from cmkit.cli.jobs import run_job
+from cmkit.cli.recipes import load_recipe
+from cmkit.loading import asset_path
+
+MiB = 2**20
+
+
+@pytest.fixture
+def avail(monkeypatch):
+    """``avail(n)``: the memory cmkit sees is ``n`` bytes from now on."""
+    import cmkit.core.memory as memory
+
+    def set_to(n: int) -> None:
+        monkeypatch.setattr(memory, "available_bytes", lambda device=None: n)
+    return set_to
+
+
+def _refused(argv, capsys, *words) -> str:
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_train_teacher_refuses_an_mlp_too_wide_before_building_it(tmp_path, capsys, avail):
+    avail(256 * MiB)
+    err = _refused(["train-teacher", "quickstart-teacher", "--out", str(tmp_path / "a"), "--no-progress",
+                    "--set", "model.hidden=4096", "--set", "model.depth=4"], capsys, "model.hidden", "memory")
+    assert "train.batch_size" not in err
+    # the absurd sizes of the report: nothing allocated (they would need terabytes)
+    _refused(["train-teacher", "quickstart-teacher", "--out", str(tmp_path / "b"), "--no-progress",
+              "--set", "model.hidden=100000", "--set", "model.depth=50"], capsys, "model.hidden", "model.depth")
+    assert not (tmp_path / "b" / "model").exists()
+
+
+def test_train_teacher_refuses_a_unet_with_huge_channels(tmp_path, capsys, avail):
+    avail(64 * MiB)
+    err = _refused(["train-teacher", "digits-teacher", "--out", str(tmp_path / "a"), "--no-progress",
+                    "--set", "model.base=256"], capsys, "model.base", "memory")
+    assert "train.batch_size" not in err
+    _refused(["train-teacher", "digits-teacher", "--out", str(tmp_path / "b"), "--no-progress",
+              "--set", "model.base=100000"], capsys, "model.base")
+
+
+def test_distill_counts_the_students_copy_of_the_teacher(tmp_path, capsys, avail):
+    avail(6 * MiB)  # the teacher (3 MB) loads; its trained copy (weights, gradients, Adam: 11 MB) does not fit
+    err = _refused(["distill", "digits-cd", "--out", str(tmp_path / "a"), "--no-progress"], capsys, "teacher",
+                   "memory")
+    assert "train.batch_size" not in err
+
+
+def test_lora_rank_is_named_when_the_adapter_is_too_big(tmp_path, avail):
+    recipe = load_recipe("tiny-t2i-lcm-lora", ["train.steps=2", "train.batch_size=4", "objective.lora_rank=5000"])
+    avail(32 * MiB)
+    with pytest.raises(ValueError) as e:
+        run_job("distill", recipe, tmp_path / "run", progress=False, data=caption_data(32))
+    assert "objective.lora_rank" in str(e.value) and "train.batch_size" not in str(e.value)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def _widened(tmp_path, channels) -> str:
+    folder = tmp_path / "t2i"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(asset_path("tiny-t2i"), folder)
+    cfg = json.loads((folder / "unet" / "config.json").read_text())
+    cfg["block_out_channels"] = channels
+    (folder / "unet" / "config.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+def test_generate_refuses_a_folder_whose_config_is_too_big_before_loading(tmp_path, capsys, avail):
+    avail(64 * MiB)
+    out = str(tmp_path / "g.npy")
+    _refused(["generate", _widened(tmp_path, [192, 384]), "--prompt", "a red bag", "--out", out], capsys,
+             "unet/config.json", "memory")
+    _refused(["generate", _widened(tmp_path, [100000, 100000]), "--prompt", "a red bag", "--out", out], capsys,
+             "unet/config.json", "block_out_channels")
