@@ -61,6 +61,13 @@ def test_distill_counts_the_students_copy_of_the_teacher(tmp_path, capsys, avail
     err = _refused(["distill", "digits-cd", "--out", str(tmp_path / "a"), "--no-progress"], capsys, "teacher",
                    "memory")
     assert "train.batch_size" not in err
+    # a teacher folder whose config.json is absurd is refused before its weights are read
+    teacher = tmp_path / "teacher"
+    shutil.copytree(asset_path("digits-edm"), teacher)
+    cfg = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**cfg, "block_out_channels": [100000, 100000]}))
+    _refused(["distill", "digits-cd", "--teacher", str(teacher), "--out", str(tmp_path / "b"), "--no-progress"],
+             capsys, "config.json", "block_out_channels")
 
 
 def test_lora_rank_is_named_when_the_adapter_is_too_big(tmp_path, avail):

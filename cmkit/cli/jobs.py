@@ -77,7 +77,8 @@ def check_student_fits(recipe: Recipe, teacher, path, device) -> None:
     ``objective.lora_rank`` on the teacher's network, or a copy of the network that trains in full."""
     if teacher is None:
         return
-    net = getattr(teacher, teacher.family.network, None) if hasattr(teacher, "family") else network_of(teacher)
+    net = getattr(teacher, getattr(getattr(teacher, "family", None), "network", ""), None)
+    net = network_of(teacher) if net is None else net
     if not isinstance(net, torch.nn.Module):
         return
     cfg = recipe.objective

@@ -10,6 +10,11 @@ import torch
 
 from ..core.checks import finite_tensors
 from ..core.files import refuse_pickles
+from ..core.memory import check_network_fits, meta_params
+
+# config keys that size a network (named when one is too big)
+SIZE_KEYS = ("block_out_channels", "layers_per_block", "num_layers", "num_single_layers", "num_attention_heads",
+             "attention_head_dim", "hidden_size", "intermediate_size", "num_hidden_layers", "d_model", "d_ff")
 
 # pipelines with a text encoder that are not text-to-image denoisers of plain latents
 UNSUPPORTED = {
@@ -74,6 +79,7 @@ def _load_component(path: str, name: str, entry, load_kw: dict):
         raise ValueError(f"{path}: unknown {library} class {class_name!r} for {name}/")
     kw = safe_load_kw(library, cls, load_kw)
     refuse_pickles(Path(path) / name, f"the {name}")
+    check_component_fits(path, name, cls, kw.get("torch_dtype"))
     try:
         part = cls.from_pretrained(path, subfolder=name, **kw)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:  # a damaged config or tokenizer
@@ -99,6 +105,29 @@ def _load_component(path: str, name: str, entry, load_kw: dict):
         finite_tensors(part, f"{path}: {name}/'s weights", "the folder is damaged (or was saved from a run that "
                        "diverged): copy or export it again")
     return part
+
+
+def check_component_fits(path, name: str, cls, dtype=None) -> None:
+    """Refuse a component whose ``config.json`` builds a network too big for the memory there is, before
+    ``from_pretrained`` allocates it: the network is built from the config on the meta device and its parameters
+    counted (in ``dtype``, float32 where None). A config the meta build cannot read is left to ``from_pretrained``,
+    which names what is wrong; a hub id is not checked."""
+    config = Path(path) / name / "config.json"
+    if not config.is_file() or not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        return
+    try:
+        if hasattr(cls, "from_config"):  # diffusers
+            cfg = cls.load_config(str(config.parent))
+            params = meta_params(lambda: cls.from_config(cfg))
+        else:  # transformers
+            cfg = cls.config_class.from_pretrained(str(config.parent))
+            params = meta_params(lambda: cls(cfg))
+    except Exception:  # noqa: BLE001 - a damaged config: from_pretrained's error names it
+        return
+    sizes = ", ".join(k for k in SIZE_KEYS if k in (cfg if isinstance(cfg, dict) else cfg.to_dict()))
+    per = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
+    check_network_fits(params, per, f"{path}: {name + '/' if name else ''}config.json's {cls.__name__}",
+                       f"check the sizes in {config}{f' ({sizes})' if sizes else ''}, or free memory", None)
 
 
 def safe_load_kw(library: str, cls, load_kw: dict) -> dict:

@@ -13,6 +13,7 @@ epsilon, v or velocity.
 from __future__ import annotations
 
 import math
+import operator
 from pathlib import Path
 
 import torch
@@ -105,46 +106,27 @@ class GuidedDenoiser:
         return TextToImageModel(self, vae, prompts, config).save_pretrained(folder)
 
 
+def delegate(path: str) -> property:
+    """A read-only attribute that is another object's (``delegate("denoiser.unet")``): how a wrapper shows the
+    parts it holds."""
+    get = operator.attrgetter(path)
+    return property(lambda self: get(self), doc=f"``self.{path}``")
+
+
 class LatentDenoiserView:
     """What a model built around a latent denoiser (``self.denoiser``) shows of it: the network, the scheduler and
     its noise schedule, the noise range and the latent shape, so samplers and solvers treat the wrapper as the
     denoiser."""
 
-    @property
-    def unet(self) -> nn.Module:
-        return self.denoiser.unet
-
-    @property
-    def network(self) -> nn.Module:
-        return self.denoiser.network
-
-    @property
-    def scheduler(self):
-        return self.denoiser.scheduler
-
-    @property
-    def schedule(self):
-        return self.denoiser.schedule
-
-    @property
-    def sigma_min(self) -> float:
-        return self.denoiser.sigma_min
-
-    @property
-    def sigma_max(self) -> float:
-        return self.denoiser.sigma_max
-
-    @property
-    def sigma_data(self) -> float:
-        return self.denoiser.sigma_data
-
-    @property
-    def prediction_type(self) -> str:
-        return self.denoiser.prediction_type
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.denoiser.sample_shape
+    unet = delegate("denoiser.unet")
+    network = delegate("denoiser.network")
+    scheduler = delegate("denoiser.scheduler")
+    schedule = delegate("denoiser.schedule")
+    sigma_min = delegate("denoiser.sigma_min")
+    sigma_max = delegate("denoiser.sigma_max")
+    sigma_data = delegate("denoiser.sigma_data")
+    prediction_type = delegate("denoiser.prediction_type")
+    sample_shape = delegate("denoiser.sample_shape")
 
 
 class TextToImageModel(LatentDenoiserView, nn.Module):

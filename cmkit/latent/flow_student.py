@@ -28,7 +28,7 @@ from ..core.checks import check_guidance, positive_int
 from ..core.digests import weights_digest
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
-from .denoiser import LatentDenoiserView, TextToImageModel
+from .denoiser import LatentDenoiserView, TextToImageModel, delegate
 from .students import SharedPartsStudent, check_base_hash, check_kind, check_lora_config, load_adapter
 
 # the student's sampler -> the scheduler its export samples with: deterministic, or re-noising with fresh noise
@@ -79,29 +79,12 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         return 1
 
     # --- the rest of the teacher's pipeline
-    @property
-    def family(self):
-        return self.parts.family
-
-    @property
-    def vae(self):
-        return self.parts.vae
-
-    @property
-    def image_size(self) -> int:
-        return self.parts.image_size
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.parts.vae_scale_factor
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.parts.sample_shape
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return self.parts.image_shape
+    family = delegate("parts.family")
+    vae = delegate("parts.vae")
+    image_size = delegate("parts.image_size")
+    vae_scale_factor = delegate("parts.vae_scale_factor")
+    sample_shape = delegate("parts.sample_shape")
+    image_shape = delegate("parts.image_shape")
 
     def grid(self, steps: int, spacing=None) -> list[float]:
         return self.family.grid(self, int(steps), spacing)

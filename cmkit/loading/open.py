@@ -11,8 +11,9 @@ import torch
 
 from ..core.assets import hub_load_kw, looks_like_hub_id, resolve
 from ..core.files import refuse_pickles
-from ..latent.components import is_text_to_image, read_model_index, safe_load_kw
+from ..latent.components import check_component_fits, is_text_to_image, read_model_index, safe_load_kw
 from ..latent.denoiser import TextToImageModel
+from ..models.backbones import BACKBONE_CLASSES
 from ..models.denoisers import DiffusersDenoiser, EDMDenoiser
 from ..models.folder import MODEL_KINDS, read_meta
 
@@ -40,6 +41,7 @@ def _load_diffusers(path: str, clip_x0: float | None = None, dtype=None, **load_
         if cls is None:
             raise ValueError(f"{path}: unknown diffusers class {name!r} in {sub}/")
         refuse_pickles(Path(path) / sub, f"the {sub}")
+        check_component_fits(path, sub, cls)
         return cls.from_pretrained(path, subfolder=sub, **safe_load_kw("diffusers", cls, load_kw))
 
     return DiffusersDenoiser(load("unet"), load("scheduler"), clip_x0=clip_x0)
@@ -72,6 +74,7 @@ def load_teacher(path_or_hub_id, clip_x0: float | None = None, dtype=None):
         if meta is not None:
             if meta.get("kind") != EDMDenoiser.kind:
                 raise ValueError(f"{path!r} holds a {meta.get('kind')!r}, not a teacher; give a teacher folder")
+            _check_backbone_fits(p, meta)
             return EDMDenoiser.from_pretrained(p)
         if (p / "unet").is_dir() and (p / "scheduler").is_dir() or (p / "model_index.json").is_file():
             return _load_diffusers(path, clip_x0, dtype)
@@ -99,4 +102,13 @@ def load_model(folder):
     meta = read_meta(folder)
     if meta is None:
         return ConsistencyModel.from_pretrained(folder)
+    _check_backbone_fits(folder, meta)
     return MODEL_KINDS[meta.get("kind")].from_pretrained(folder)
+
+
+def _check_backbone_fits(folder: Path, meta: dict) -> None:
+    """Refuse a cmkit folder whose ``config.json`` builds a backbone too big for the memory there is, before its
+    weights are read (pixel kinds; the latent kinds' parts are checked as their pipeline folders are read)."""
+    name = meta.get("backbone")
+    if isinstance(name, str) and name in BACKBONE_CLASSES:
+        check_component_fits(folder, "", BACKBONE_CLASSES[name])
