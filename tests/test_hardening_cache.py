@@ -109,3 +109,51 @@ def test_only_the_tampered_shard_of_several_is_encoded_again(teacher, tmp_path, 
     assert len(err) == 1 and files[1].name in err[0] and "non-finite" in err[0], err
     assert "encoding 1 of the 2 shard(s)" in out, out
     assert files[0].stat().st_mtime_ns == untouched and torch.equal(got.mean, want.mean)
+
+
+def _tar(path, seed: int) -> None:
+    """A webdataset shard of 2 captioned 32x32 PNGs."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w") as tar:
+        for i in range(2):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+            for name, data in ((f"{seed:03d}{i}.png", buf.getvalue()), (f"{seed:03d}{i}.txt", CAPTIONS[i].encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_shard_set_changed_between_a_stop_and_its_resume_is_noted(teacher, tmp_path, monkeypatch, capsys):
+    from cmkit.data.latent_cache import encode_source
+    from cmkit.data.tar_shards import TarShards
+
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "shards").mkdir()
+    for s in range(3):
+        _tar(tmp_path / "shards" / f"{s:03d}.tar", s)
+
+    def opened() -> list[str]:
+        capsys.readouterr()
+        encoded = encode_source(teacher.vae, teacher.prompt_encoder, TarShards(str(tmp_path / "shards"), 32),
+                                progress=False)
+        assert len(encoded) == 2 * len(list((tmp_path / "shards").glob("*.tar")))
+        return _notes(capsys.readouterr().err)
+
+    assert opened() == []  # the first run: nothing to compare with
+    assert opened() == []  # its resume on the same shards: nothing to say
+    _tar(tmp_path / "shards" / "003.tar", 3)
+    _tar(tmp_path / "shards" / "004.tar", 4)
+    err = opened()
+    assert len(err) == 1 and "shards" in err[0] and "2 added" in err[0] and "0 removed" in err[0], err
+    assert "(5 now)" in err[0], err
+    (tmp_path / "shards" / "000.tar").unlink()
+    err = opened()
+    assert len(err) == 1 and "0 added" in err[0] and "1 removed" in err[0] and "(4 now)" in err[0], err
+    assert opened() == []

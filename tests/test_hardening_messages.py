@@ -140,3 +140,9 @@ def test_a_scheduler_of_another_kind_in_a_flow_folder_is_one_line(tmp_path, caps
     capsys.readouterr()
     _one_line(capsys, main(["generate", str(tmp_path / "sd3"), "--prompt", "x", "--steps", "2", "--out",
                             str(tmp_path / "g.png")]), "flow-matching scheduler", "not a DDPMScheduler")
+
+
+def test_nan_in_a_recipe_float_no_kind_checks_is_refused():
+    """EDM's p_mean has no range check of its own: NaN reached the first step (inf was refused already)."""
+    with pytest.raises(ValueError, match="objective.p_mean must be a finite number, got nan"):
+        load_recipe("quickstart-teacher", ["objective.p_mean=nan"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import tomllib
 import types
 import typing
@@ -143,11 +142,9 @@ SIGMA_DATA_RANGE = (1e-3, 1e3)
 
 
 def _checked_float(key: str, value: float) -> float:
-    """Every float of every section: an infinite one is refused here for every key (a range check of the kind, such
-    as "> 0", lets inf through); NaN is left to those checks, which each refuse it with the key's own range (NaN
-    fails every comparison). ``sigma_data`` must lie in a sensible range for any kind."""
-    if math.isnan(value):
-        return value
+    """Every float of every section is finite: NaN and infinities are refused here for every key, before any kind
+    sees them (a kind's range check such as "> 0" lets inf through, and one that no kind checks let NaN reach the
+    first step). ``sigma_data`` must lie in a sensible range for any kind."""
     if key.rsplit(".", 1)[-1] == "sigma_data":
         return in_range(value, key, *SIGMA_DATA_RANGE, fix="it is the data's standard deviation (pixels 0.5, "
                         "normalised latents 1)")

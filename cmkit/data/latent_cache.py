@@ -194,9 +194,12 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
     """The cached encoding of ``source`` (a ``CaptionSource``): its missing shards encoded (this process's share of
     them, in batches of ``batch_size`` images, read by ``workers`` dataloader workers), then every shard opened."""
     encoders = encoders_key(vae, prompt_encoder)
-    keys = [shard_key(encoders, k) for k in source.shard_keys()]
+    source_keys = source.shard_keys()
+    keys = [shard_key(encoders, k) for k in source_keys]
     paths = [cache_root() / f"{k}.safetensors" for k in keys]
     rank, world = rank_world()
+    if rank == 0:
+        _note_changed_shards(source, source_keys)
     # in-memory images keep their own height and width; every other source crops to image_size squares
     size = tuple(source.images.shape[-2:]) if isinstance(source, ArraySource) else (source.image_size,) * 2
     latent = expected_latent(vae, size)
@@ -225,6 +228,37 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
     if rank == 0:
         _report_skipped(out, source.name)
     return out
+
+
+def _shard_set_record(source) -> Path | None:
+    """Where the shard list of ``source`` is recorded when it is opened: a file beside the cache named by what the
+    source is (its kind, name, where its shards lie, its image size, crop and seed), not by which shards it holds;
+    None for images held in memory (hashed whole, not a set of shard files)."""
+    if isinstance(source, ArraySource):
+        return None
+    folders = sorted({str(Path(p).resolve().parent) for p in getattr(source, "paths", [])})
+    what = repr((type(source).__name__, source.name, getattr(source, "where", ""), folders, source.image_size,
+                 getattr(source, "crop", ""), getattr(source, "seed", "")))
+    return cache_root() / "shard-sets" / f"{hashlib.sha256(what.encode()).hexdigest()[:24]}.json"
+
+
+def _note_changed_shards(source, keys: list[str]) -> None:
+    """One line when the shards of ``source`` (their identities, ``keys``) differ from those recorded when it was
+    last opened (a run resumed after shards were added or removed), how many of each; then ``keys`` are recorded."""
+    record = _shard_set_record(source)
+    if record is None:
+        return
+    try:
+        before = json.loads(record.read_text())
+    except (OSError, ValueError):
+        before = None
+    if isinstance(before, list) and set(before) != set(keys):
+        added, removed = len(set(keys) - set(before)), len(set(before) - set(keys))
+        note(f"latent cache: the shards of {source.name} changed since it was last opened: {added} added, "
+             f"{removed} removed ({len(keys)} now)")
+    if before != keys:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        cache_write(record, lambda tmp: Path(tmp).write_text(json.dumps(keys)))
 
 
 def _report_skipped(out: EncodedSet, name: str) -> None:
