@@ -30,24 +30,12 @@ def _count(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def lora_params(net: nn.Module, targets: list[str], rank: int) -> int:
-    """What peft adds for a rank-``rank`` LoRA on the modules whose names end in one of ``targets``."""
-    n = 0
-    for name, m in net.named_modules():
-        if not any(name == t or name.endswith("." + t) for t in targets):
-            continue
-        if isinstance(m, nn.Linear):
-            n += rank * (m.in_features + m.out_features)
-        elif isinstance(m, nn.Conv2d):
-            n += rank * m.in_channels * m.kernel_size[0] * m.kernel_size[1] + rank * m.out_channels
-    return n
-
-
 def networks() -> dict[str, dict]:
     """Parameter counts of each family's networks, built on the meta device from their published configs."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+    from cmkit.core.memory import lora_params
     from cmkit.latent import FAMILIES
 
     with torch.device("meta"):

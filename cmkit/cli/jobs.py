@@ -77,7 +77,7 @@ def check_student_fits(recipe: Recipe, teacher, path, device) -> None:
     ``objective.lora_rank`` on the teacher's network, or a copy of the network that trains in full."""
     if teacher is None:
         return
-    net = getattr(teacher, getattr(getattr(teacher, "family", None), "network", ""), None)
+    net = getattr(teacher, "network", None)  # a latent teacher's UNet or transformer; a pixel one's backbone below
     net = network_of(teacher) if net is None else net
     if not isinstance(net, torch.nn.Module):
         return

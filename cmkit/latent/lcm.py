@@ -270,7 +270,7 @@ def lcm_sampling_guidance(model, steps, timesteps, guidance_scale, negative_prom
         raise ValueError(f"{count} steps is more than this LCM's schedule of {n} timesteps (num_ddim_timesteps, "
                          f"fixed in training); use --steps 1 to {n}")
     embeds = model.denoiser.embeds_guidance
-    w = (EMBEDDED_GUIDANCE if embeds else 1.0) if guidance_scale is None else guidance_scale
+    w = lcm_default_guidance(model) if guidance_scale is None else guidance_scale
     check_guidance(w)
     if negative_prompts is not None and (embeds or not torch.is_tensor(w) and float(w) <= 1):
         why = "takes guidance through its embedding" if embeds else "samples unguided at guidance 1"
@@ -279,3 +279,7 @@ def lcm_sampling_guidance(model, steps, timesteps, guidance_scale, negative_prom
     return w
 
 
+def lcm_default_guidance(model) -> float:
+    """The guidance scale an LCM samples at when none is given (``EMBEDDED_GUIDANCE`` through a guidance embedding;
+    1 for an LCM-LoRA, which folds its teacher's guidance in)."""
+    return EMBEDDED_GUIDANCE if model.denoiser.embeds_guidance else 1.0

@@ -14,6 +14,8 @@ import torch
 
 from ..core import Registry
 from ..core.checks import check_guidance, positive_int
+from ..latent.flow_student import SAMPLERS
+from ..latent.lcm import lcm_default_guidance
 from .text2image import draw_latents, lcm_sample, solve_text_to_image
 
 POLICIES: Registry = Registry("text-to-image model kind")
@@ -89,14 +91,13 @@ class FlowStudentPolicy(SamplingPolicy):
         return False
 
     def resolve(self, model, steps, guidance_scale):
-        if guidance_scale is not None and not (not torch.is_tensor(guidance_scale) and guidance_scale == 1.0):
+        if guidance_scale is not None and (torch.is_tensor(guidance_scale) or guidance_scale != 1.0):
             raise ValueError(f"{type(model).__name__} folds guidance in (distilled at "
                              f"{getattr(model, 'guidance_scale', '?')}) and samples at guidance 1, one pass a step; "
                              f"guidance {guidance_scale:g} would guide on top of it: leave the guidance out")
         return super().resolve(model, steps, None)
 
     def sample(self, model, prompts, *, steps, solver, guidance_scale, latents, generator, **kw):
-        from ..latent.flow_student import SAMPLERS
         if solver is not None and solver not in SAMPLERS:  # its own, or the other consistency sampler
             raise ValueError(f"a flow student samples with its own sampler ({model.sampler}, what its exported "
                              f"scheduler runs; or {' / '.join(SAMPLERS)}); solver {solver!r} does not apply: leave "
@@ -122,17 +123,10 @@ class LCMPolicy(SamplingPolicy):
         return 4
 
     def default_guidance(self, model) -> float:
-        from ..latent.lcm import EMBEDDED_GUIDANCE
-
-        return EMBEDDED_GUIDANCE if self.follows_guidance(model) else 1.0
+        return lcm_default_guidance(model)
 
     def follows_guidance(self, model) -> bool:
         return bool(model.denoiser.embeds_guidance)
-
-    def resolve(self, model, steps, guidance_scale):
-        # lcm_sample also checks both (steps against the model's schedule, the scale against its guidance)
-        return (positive_int(self.default_steps(model) if steps is None else steps, "steps"),
-                check_guidance(self.default_guidance(model) if guidance_scale is None else guidance_scale))
 
     def sample(self, model, prompts, *, steps, solver, guidance_scale, negative_prompts, latents, generator,
                spacing, sigmas, output, return_nfe):
