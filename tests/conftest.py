@@ -163,3 +163,35 @@ def _become_a_fresh_command(out_fd: int, err_fd: int, cwd) -> None:
         for h in getattr(logger, "handlers", []):
             if type(h) is logging.StreamHandler and id(h.stream) in before:
                 h.setStream(sys.stdout if before[id(h.stream)] == 1 else sys.stderr)
+
+
+def one_line_error(capsys, code, *needles, progress_bars: bool = False):
+    """The command exited 2 with one line on stderr, no traceback, holding every needle; ``progress_bars``: lines
+    of transformers' own "Loading weights" bar, which a loading command prints above it, are not counted."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    if progress_bars:
+        lines = [s for s in lines if s.strip() and "it/s]" not in s]
+    err = "\n".join(lines)
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def lcm_lora_folders(root: Path, images: int) -> Path:
+    """A tiny random SD teacher (``root/teacher``) and a captioned folder of ``images`` 16x16 images
+    (``root/data``), as the LCM-LoRA tests train on."""
+    import numpy as np
+    from PIL import Image
+
+    from cmkit.latent.families.unet import tiny_pipeline
+
+    captions = ["a red bag", "a green boot", "a blue bag", "a red boot"]
+    rng = np.random.default_rng(0)
+    (root / "data").mkdir()
+    for i in range(images):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "data" / f"{i}.png")
+        (root / "data" / f"{i}.txt").write_text(captions[i % 4])
+    tiny_pipeline("sd", "epsilon", texts=captions, seed=1, image_size=16).save_pretrained(root / "teacher")
+    return root

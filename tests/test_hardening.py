@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import point_output_at, record_resumed_steps
+from conftest import lcm_lora_folders, one_line_error, point_output_at, record_resumed_steps
 from PIL import Image
 from test_reliability import FORK, TINY, _intact
 
@@ -26,15 +26,6 @@ from cmkit.cli.recipes import load_recipe
 from cmkit.data.imagefiles import load_images
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 # --- item 9: --help, --version and argument errors without torch ------------------------------------------------
@@ -99,12 +90,12 @@ def test_the_public_names_load_on_first_use():
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0", "0.5", "four"])
-def test_guidance_outside_its_range_is_a_one_line_error(capsys, value):
+def test_guidance_outside_its_range_is_aone_line_error(capsys, value):
     for argv in (["generate", "cmkit:tiny-t2i", "--prompt", "a red bag", f"--guidance={value}"],
                  ["bench", "text-to-image", f"--guidance={value}"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
-        _one_line_error(capsys, e.value.code, "argument --guidance", value)
+        one_line_error(capsys, e.value.code, "argument --guidance", value)
 
 
 def test_guidance_of_one_and_above_parses():
@@ -265,7 +256,7 @@ def test_metadata_file_names_that_leave_the_folder_are_refused(tmp_path, capsys,
     (data / "link.png").symlink_to(tmp_path / "outside" / "x.png")
     (data / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
     out = tmp_path / "out"
-    _one_line_error(capsys, main(_train_on(data, out)), "metadata.jsonl line 3", repr(name), needle)
+    one_line_error(capsys, main(_train_on(data, out)), "metadata.jsonl line 3", repr(name), needle)
     assert not out.exists()
 
 
@@ -275,7 +266,7 @@ def test_a_symlink_inside_the_folder_is_fine_and_duplicate_rows_are_an_error(tmp
     ds = dataset_for(load_recipe("quickstart-teacher", [f'data.path="{data}"']))
     assert sorted(ds.train_captions + ds.test_captions) == ["a blue boot", "a green bag", "a red bag"]
     _caption_folder(data, [*ROWS, {"file_name": "./a.png", "text": "a red bag again"}])
-    _one_line_error(capsys, main(_train_on(data, tmp_path / "out")), "metadata.jsonl line 3", "line 1",
+    one_line_error(capsys, main(_train_on(data, tmp_path / "out")), "metadata.jsonl line 3", "line 1",
                     "one row per image")
 
 
@@ -288,7 +279,7 @@ def test_a_bench_model_name_cannot_write_outside_out(tmp_path, capsys, command, 
     # the teacher, or with one that is there measured and wrote OUT/partial/NAME-NFE.json wherever NAME pointed)
     argv = ["bench", command, *recipe, "--model", f"{name}=cmkit:digits-cd", "--out", str(out), "--teacher",
             str(tmp_path / "no-teacher")]
-    _one_line_error(capsys, main(argv), "--model", "file name under --out")
+    one_line_error(capsys, main(argv), "--model", "file name under --out")
     assert not (tmp_path / "deep").exists()
 
 
@@ -332,10 +323,10 @@ def test_a_decompression_bomb_is_one_line_naming_the_file(tmp_path, capsys, monk
     folder = tmp_path / "images"
     _png(folder / "a.png")
     _png(folder / "b.png")
-    _one_line_error(capsys, main(_train_on(folder, tmp_path / "out")), str(folder / "a.png"), "decompression bomb")
-    _one_line_error(capsys, main(_train_on(_caption_folder(tmp_path / "captioned", ROWS), tmp_path / "out")),
+    one_line_error(capsys, main(_train_on(folder, tmp_path / "out")), str(folder / "a.png"), "decompression bomb")
+    one_line_error(capsys, main(_train_on(_caption_folder(tmp_path / "captioned", ROWS), tmp_path / "out")),
                     "a.png", "decompression bomb")
-    _one_line_error(capsys, main(["edit", "denoise", "cmkit:digits-cd", "--input", str(folder / "a.png"), "--out",
+    one_line_error(capsys, main(["edit", "denoise", "cmkit:digits-cd", "--input", str(folder / "a.png"), "--out",
                                   str(tmp_path / "e.npy")]), "a.png", "decompression bomb")
 
 
@@ -344,11 +335,11 @@ def test_caption_files_cmkit_does_not_read_get_a_hint(tmp_path, capsys):
     _png(csv / "a.png")
     _png(csv / "b.png")
     (csv / "metadata.csv").write_text("file_name,text\na.png,a red bag\nb.png,a blue boot\n")
-    _one_line_error(capsys, main(_train_on(csv, tmp_path / "out")), "metadata.csv", "metadata.jsonl",
+    one_line_error(capsys, main(_train_on(csv, tmp_path / "out")), "metadata.csv", "metadata.jsonl",
                     "convert it")
     nested = tmp_path / "nested"
     _caption_folder(nested / "train", ROWS)
-    _one_line_error(capsys, main(_train_on(nested, tmp_path / "out")), str(nested / "train" / "metadata.jsonl"),
+    one_line_error(capsys, main(_train_on(nested, tmp_path / "out")), str(nested / "train" / "metadata.jsonl"),
                     f"set data.path to {nested / 'train'}")
     assert not (tmp_path / "out").exists()
 
@@ -394,17 +385,7 @@ def test_sigterm_in_a_benchmark_keeps_its_finished_rows(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def lcm_lora_setup(tmp_path_factory):
     """A tiny random SD teacher and a captioned folder of 16x16 images (as tests/test_lcm_training.py makes them)."""
-    from cmkit.latent.families.unet import tiny_pipeline
-
-    root = tmp_path_factory.mktemp("lcm-lora")
-    captions = ["a red bag", "a green boot", "a blue bag", "a red boot"]
-    rng = np.random.default_rng(0)
-    (root / "data").mkdir()
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / "data" / f"{i}.png")
-        (root / "data" / f"{i}.txt").write_text(captions[i % 4])
-    tiny_pipeline("sd", "epsilon", texts=captions, seed=1, image_size=16).save_pretrained(root / "teacher")
-    return root
+    return lcm_lora_folders(tmp_path_factory.mktemp("lcm-lora"), 12)
 
 
 def _lcm_lora_argv(root, out, steps):

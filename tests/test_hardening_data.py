@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 from PIL import Image
 
 from cmkit.cli.commands import main
@@ -25,15 +26,6 @@ from cmkit.cli.jobs import dataset_for
 from cmkit.cli.recipes import DataSection, load_recipe
 from cmkit.data import open_dataset
 from cmkit.data.image_folders import read_image
-
-
-def _one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 @contextmanager
@@ -100,7 +92,7 @@ def test_a_caption_linked_out_of_the_folder_is_refused_unless_links_are_meant(tm
     (data / "001.txt").unlink()
     (data / "001.txt").symlink_to(secret)
     out = tmp_path / "out"
-    _one_line_error(capsys, main(_train_on(data, out)), "001.txt", str(secret), "outside", "data.follow_links")
+    one_line_error(capsys, main(_train_on(data, out)), "001.txt", str(secret), "outside", "data.follow_links")
     assert not out.exists()
     ds = _data(data, "data.follow_links=true")  # links out are meant: read
     assert "root:x:0:0:root" in ds.train_captions + ds.test_captions
@@ -125,7 +117,7 @@ def test_an_image_or_metadata_linked_out_of_the_folder_is_refused(tmp_path, caps
         (data / "002.png").unlink()
         (data / "002.png").symlink_to(outside)
         linked = "002.png"
-    _one_line_error(capsys, main(_train_on(data, tmp_path / "out")), linked, "outside", "data.follow_links")
+    one_line_error(capsys, main(_train_on(data, tmp_path / "out")), linked, "outside", "data.follow_links")
     assert len(_data(data, "data.follow_links=true").train) == 2
 
 
@@ -180,7 +172,7 @@ def test_fifos_named_as_shards_images_or_captions_are_refused_without_hanging(tm
         (data / name).unlink(missing_ok=True)
         os.mkfifo(data / name)
         with _within(10):
-            _one_line_error(capsys, main(_train_on(data, tmp_path / "out")), name, "not a regular file")
+            one_line_error(capsys, main(_train_on(data, tmp_path / "out")), name, "not a regular file")
 
 
 # --- data that lies: truncated tars, 16-bit PNGs in tars, nothing readable -------------------------------------------

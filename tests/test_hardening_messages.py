@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import caption_data
+from conftest import caption_data, one_line_error
 
 import cmkit
 from cmkit.cli.commands import main
@@ -15,10 +15,7 @@ from cmkit.cli.recipes import load_recipe
 
 
 def _one_line(capsys, code: int, *words):
-    # transformers' own "Loading weights" progress bar may stand above the line
-    err = "\n".join(s for s in capsys.readouterr().err.strip().splitlines() if s.strip() and "it/s]" not in s)
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert all(w in err for w in words), err
+    return one_line_error(capsys, code, *words, progress_bars=True)
 
 
 def test_a_huge_caption_is_warned_about_in_one_short_line():

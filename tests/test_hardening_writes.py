@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import lcm_lora_folders
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -72,17 +73,8 @@ def test_an_adamw8bit_run_checkpoints_and_resumes_to_identical_weights(tmp_path,
 
 
 def test_an_adamw8bit_lcm_lora_run_resumes_to_identical_adapter_weights(tmp_path, monkeypatch):
-    import numpy as np
-    from PIL import Image
-
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
-    captions = ["a red bag", "a green boot", "a blue bag", "a red boot"]
-    rng = np.random.default_rng(0)
-    (tmp_path / "data").mkdir()
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / f"{i}.png")
-        (tmp_path / "data" / f"{i}.txt").write_text(captions[i % 4])
-    tiny_pipeline("sd", "epsilon", texts=captions, seed=1, image_size=16).save_pretrained(tmp_path / "teacher")
+    lcm_lora_folders(tmp_path, 4)
 
     def argv(out, steps):
         sets = [f'data.path="{tmp_path / "data"}"', f'teacher.path="{tmp_path / "teacher"}"', "objective.lora_rank=2",
