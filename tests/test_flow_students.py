@@ -217,6 +217,16 @@ def test_generate_samples_a_flow_student_at_guidance_1_and_refuses_more(tmp_path
     assert main(["generate", str(tmp_path / "student"), "--prompt", "a red bag", "--num-per-prompt", "1000000000",
                  "--out", str(out)]) != 0
     assert "lower --num-per-prompt" in capsys.readouterr().err
+    # another size, as the pipelines take it: the student's own sampler at 16x24, the model's size kept after
+    assert main(["generate", str(tmp_path / "student"), "--prompt", "a red bag", "--num-per-prompt", "1",
+                 "--height", "16", "--width", "24", "--max-sequence-length", "8", "--out", str(out)]) == 0
+    wide = torch.from_numpy(np.load(out))
+    ref = cmkit.text_to_image(student, ["a red bag"], generator=torch.Generator().manual_seed(0), height=16, width=24,
+                              max_sequence_length=8).clamp(-1, 1)
+    assert wide.shape == (1, 3, 16, 24) and (wide - ref).abs().max() < 1e-4 and student.sample_shape == (4, 8, 8)
+    assert main(["generate", str(tmp_path / "student"), "--prompt", "a red bag", "--width", "20",
+                 "--out", str(out)]) != 0
+    assert "width 20 is not a positive multiple of 8" in capsys.readouterr().err
 
 
 def test_a_re_noising_student_exports_with_flow_match_lcm_scheduler_and_samples_as_cmkit_does(tmp_path):

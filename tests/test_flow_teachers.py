@@ -235,3 +235,37 @@ def test_the_shipped_flow_teacher_samples_in_its_own_pipeline_as_cmkit_samples_i
     theirs = pipe(prompt=PROMPTS, latents=latents, num_inference_steps=3, guidance_scale=4.0,
                   output_type="latent").images
     assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("steps", [8, 1])
+def test_a_non_square_size_and_prompt_length_are_the_pipelines(saved, steps):
+    """``text_to_image(height=32, width=48, max_sequence_length=16)`` is the pipeline called with the same
+    arguments (Flux's ``mu`` follows the 4x6 packed tokens), and the model's own size is restored after."""
+    kind, teacher, pipe = saved
+    shape, length = teacher.sample_shape, teacher.prompt_encoder.max_sequence_length
+    teacher.prompt_encoder.max_sequence_length = 7  # the call's own length must win over the model's
+    latents = torch.randn(2, shape[0], 8, 12, generator=torch.Generator().manual_seed(steps))
+    w = 4.0 if kind != "flux-schnell" else 1.0
+    ours = cmkit.text_to_image(teacher, PROMPTS, steps=steps, solver="euler", guidance_scale=w, latents=latents,
+                               spacing=None, height=32, width=48, max_sequence_length=16)
+    assert teacher.sample_shape == shape and teacher.prompt_encoder.max_sequence_length == 7
+    teacher.prompt_encoder.max_sequence_length = length
+    kw = dict(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=w, output_type="pt", height=32, width=48,
+              max_sequence_length=16)
+    theirs = pipe(latents=latents if kind.startswith("sd3") else pack(latents), **kw).images
+    assert ours.shape == (2, 3, 32, 48)
+    assert ((ours / 2 + 0.5).clamp(0, 1) - theirs).abs().max() < 1e-4
+
+
+def test_sizes_and_lengths_a_family_cannot_take_are_one_line(saved):
+    kind, teacher, _ = saved
+    shape = teacher.sample_shape
+    multiple = 8  # the VAE's factor 4 times SD3's 2x2 patches or Flux's 2x2 packing
+    cases = [(dict(height=32 + multiple // 2), f"multiple of {multiple}"), (dict(width=0), f"multiple of {multiple}"),
+             (dict(height=33.0), f"multiple of {multiple}"), (dict(max_sequence_length=513), "use at most 512"),
+             (dict(max_sequence_length=0), "max_sequence_length")]
+    for bad, needle in cases:
+        with pytest.raises(ValueError) as e:
+            cmkit.text_to_image(teacher, PROMPTS[:1], steps=1, **bad)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert teacher.sample_shape == shape

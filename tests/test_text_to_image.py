@@ -54,6 +54,28 @@ def test_guided_ddim_matches_diffusers_pipeline(folder):
     assert (unguided - ours).abs().max() > 1e-2
 
 
+def test_a_non_square_size_is_the_pipelines(folder):
+    """height 16, width 24: the pipeline's latents and (SDXL) its time ids of that size; the model's own size after;
+    a max_sequence_length a CLIP-only family does not take is refused."""
+    layout, path = folder
+    teacher = load_teacher(str(path))
+    shape = teacher.sample_shape
+    with teacher.sampling_at(16, 24):
+        wide = teacher.sample_shape
+    assert wide[1:] == (16 // teacher.vae_scale_factor, 24 // teacher.vae_scale_factor)
+    latents = torch.randn(2, *wide, generator=torch.Generator().manual_seed(0))
+    ref = _pipeline(layout, path)(PROMPTS, latents=latents.clone(), num_inference_steps=4, guidance_scale=4.0,
+                                  eta=0.0, output_type="pt", height=16, width=24).images
+    ours = text_to_image(teacher, PROMPTS, steps=4, solver="ddim", guidance_scale=4.0, latents=latents, spacing=None,
+                         height=16, width=24)
+    assert ours.shape == (2, 3, 16, 24) and (ours / 2 + 0.5).clamp(0, 1).sub(ref).abs().max() < 1e-4
+    assert teacher.sample_shape == shape
+    if layout == "sdxl":
+        assert teacher.prompt_encoder.image_size == (teacher.height, teacher.width)
+    with pytest.raises(ValueError, match="takes no max_sequence_length"):
+        text_to_image(teacher, PROMPTS, steps=1, max_sequence_length=77)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_x0_matches_scheduler_step_at_every_timestep(prediction_type):
     from diffusers import DDPMScheduler

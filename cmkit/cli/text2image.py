@@ -21,6 +21,7 @@ def add_generate(sub) -> None:
                    help="classifier-free guidance scale, 1 or more (1: no guidance; default 4 for a teacher or an LCM, "
                         "1 for a student that folds guidance in: an LCM-LoRA, a flow student)")
     g.add_argument("--seed", type=seed_value, default=0)
+    add_size_options(g)
     g.add_argument("--out", default="generated.png", help="output .png grid or .npy batch (default generated.png)")
 
 
@@ -38,6 +39,32 @@ def add_bench_t2i(bsub) -> None:
     b.add_argument("--model-steps", default="1,2,4,8", help="comma-separated steps for --model rows")
     b.add_argument("--out", default="benchmarks/results/text-to-image", help="output folder")
     b.add_argument("--no-progress", action="store_true")
+    add_size_options(b)
+
+
+def add_size_options(parser) -> None:
+    """``--height`` / ``--width`` / ``--max-sequence-length``, as the pipelines take them."""
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    parser.add_argument("--max-sequence-length", type=int, default=None,
+                        help="prompt tokens for a T5 / LLM text encoder (SD3, Flux, ...; default: the pipeline's)")
+
+
+def sized(args, *models):
+    """A context in which every model samples at the command's ``--height`` / ``--width`` /
+    ``--max-sequence-length`` (one-line errors for what a family cannot take)."""
+    from contextlib import ExitStack
+
+    from ..sampling.kinds import sized as sized_model
+
+    stack = ExitStack()
+    try:
+        for m in models:
+            stack.enter_context(sized_model(m, args.height, args.width, args.max_sequence_length))
+    except BaseException:  # a size one model cannot take leaves none resized
+        stack.close()
+        raise
+    return stack
 
 
 def guidance_scale(text: str) -> float:
@@ -130,11 +157,12 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.num_per_prompt < 1 or args.steps is not None and args.steps < 1:
         raise ValueError("--num-per-prompt and --steps must be >= 1")
     model = _t2i_model(args.model)
-    _check_memory(model, len(args.prompt) * args.num_per_prompt)
     prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
-    z = text_to_image(model, prompts, steps=args.steps, solver=args.solver, guidance_scale=args.guidance,
-                      negative_prompts=args.negative_prompt, generator=torch.Generator().manual_seed(args.seed),
-                      output="latent")
+    with sized(args, model):
+        _check_memory(model, len(args.prompt) * args.num_per_prompt)
+        z = text_to_image(model, prompts, steps=args.steps, solver=args.solver, guidance_scale=args.guidance,
+                          negative_prompts=args.negative_prompt, generator=torch.Generator().manual_seed(args.seed),
+                          output="latent")
     finite_tensors(z, f"{args.model}: the sampled latents", "the network made them (its weights or a value it was "
                    "given overflowed); nothing was written")
     with torch.no_grad():
@@ -176,10 +204,11 @@ def run_bench_t2i(args: argparse.Namespace) -> None:
                              "goes to --teacher")
         models[name] = student_rows(student, _ints(args.model_steps, "--model-steps"), args.guidance)
     try:
-        written = text_to_image_benchmark(teacher, resolve(args.teacher), ev, args.out,
-                                          solvers=[s for s in args.solvers.split(",") if s],
-                                          steps=_ints(args.steps, "--steps"), guidance_scale=args.guidance,
-                                          models=models, progress=not args.no_progress)
+        with sized(args, teacher, *{id(r[1]): r[1] for rows in models.values() for r in rows}.values()):
+            written = text_to_image_benchmark(teacher, resolve(args.teacher), ev, args.out,
+                                              solvers=[s for s in args.solvers.split(",") if s],
+                                              steps=_ints(args.steps, "--steps"), guidance_scale=args.guidance,
+                                              models=models, progress=not args.no_progress)
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: the rows finished so far are kept
         raise KeyboardInterrupt(f"interrupted; the finished rows are kept in {Path(args.out) / 'partial'}: run the "
                                 "same command again to go on from them") from None

@@ -80,13 +80,15 @@ def pipeline_job(teacher, folder, steps: int = 25, guidance_scale: float = 4.0) 
     pipe = family.open_pipeline(folder).to(next(teacher.parameters()).device)
     pipe.set_progress_bar_config(disable=True)
     passes = 2 if guidance_scale > 1 and not teacher.denoiser.embeds_guidance else 1
-    size = teacher.image_size
+    size = {"height": teacher.height, "width": teacher.width}
+    if getattr(teacher, "max_sequence_length", None) is not None:  # the families whose pipelines take it
+        size["max_sequence_length"] = teacher.max_sequence_length
 
     def run(n, g, c):
         prompts = prompt_list(n)
         noise = family.pipeline_latents(teacher, torch.randn(n, *teacher.sample_shape, generator=g))
         return _batched(lambda a, b: (pipe(prompts[a:b], latents=noise[a:b], num_inference_steps=steps,
-                                           guidance_scale=guidance_scale, height=size, width=size,
+                                           guidance_scale=guidance_scale, **size,
                                            output_type="pt").images * 2 - 1, passes * steps), n)
     return (f"diffusers pipeline ({type(pipe.scheduler).__name__})", passes * steps, teacher, run)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.assets import hub_file, looks_like_hub_id
 from ..core.checks import finite_tensors
 from ..core.files import refuse_pickles
 from ..core.memory import check_network_fits, meta_params
@@ -111,8 +112,10 @@ def check_component_fits(path, name: str, cls, dtype=None) -> None:
     """Refuse a component whose ``config.json`` builds a network too big for the memory there is, before
     ``from_pretrained`` allocates it: the network is built from the config on the meta device and its parameters
     counted (in ``dtype``, float32 where None). A config the meta build cannot read is left to ``from_pretrained``,
-    which names what is wrong; a hub id is not checked."""
+    which names what is wrong; a hub id is checked from the config in the local hub cache (or the hub's)."""
     config = Path(path) / name / "config.json"
+    if not config.is_file() and looks_like_hub_id(str(path)):
+        config = hub_file(str(path), f"{name}/config.json" if name else "config.json") or config
     if not config.is_file() or not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
         return
     try:

@@ -12,6 +12,7 @@ epsilon, v or velocity.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from pathlib import Path
@@ -133,8 +134,9 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
     """A latent text-to-image model: ``denoiser`` (a guided denoiser of latents in sigma space), ``vae`` and
     ``prompt_encoder``, read and written as a diffusers pipeline folder of its family's class (``family``, by
     ``config["pipeline"]``). Called as a denoiser of latents; ``encode_prompt`` / ``encode`` / ``decode`` are the
-    rest of a pipeline. ``image_size``: the pixel size it samples (the family's default, e.g. the UNet's
-    ``sample_size`` times the VAE's factor; set it to sample another size where the network takes it)."""
+    rest of a pipeline. ``height`` / ``width``: the pixel size it samples (the family's default, e.g. the UNet's
+    ``sample_size`` times the VAE's factor; ``resize`` or ``sampling_at`` for another size where the network takes
+    it)."""
 
     kind = "teacher"  # how it samples (cmkit.sampling.kinds): a guided PF-ODE solve over its pipeline's grid
 
@@ -144,7 +146,8 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         self.config = dict(config or {})
         self.config.setdefault("pipeline", prompt_encoder.pipeline)
         self.family = family_of(self.config["pipeline"])
-        self._image_size = self.config.get("image_size")
+        size = self.config.get("image_size")
+        self._size = (int(size), int(size)) if size else None
 
     # --- the denoiser, as everything above sees it
     def forward(self, z, sigma, **cond):
@@ -158,22 +161,80 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def height(self) -> int:
+        return int(self._size[0] if self._size else self.family.default_image_size(self))
+
+    @property
+    def width(self) -> int:
+        return int(self._size[1] if self._size else self.family.default_image_size(self))
+
+    def resize(self, height: int, width: int | None = None) -> None:
+        """Sample ``height`` x ``width`` images from now on (``width`` defaults to ``height``): a one-line error
+        where the family's patching cannot take it; conditioning that describes the size (SDXL's time ids) and a
+        resolution-dependent shift (Flux's ``mu``) follow."""
+        width = height if width is None else width
+        self.family.latent_shape(self, height, width)
+        self._size = (int(height), int(width))
+        self.family.resized(self)
+
+    @property
     def image_size(self) -> int:
-        return int(self._image_size or self.family.default_image_size(self))
+        """The side of the square images it samples (the family's default until ``resize``)."""
+        if self.height != self.width:
+            raise ValueError(f"this model samples {self.height}x{self.width} images, not squares; read .height and "
+                             ".width")
+        return self.height
 
     @image_size.setter
     def image_size(self, size: int) -> None:
-        self.family.latent_shape(self, int(size))  # one-line error where the family's patching cannot take it
-        self._image_size = int(size)
+        self.resize(size, size)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return self.family.latent_shape(self, self.image_size)
+        return self.family.latent_shape(self, self.height, self.width)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
         """The shape of one decoded image: ``(3, H, W)``."""
-        return (self.vae.config.out_channels, self.image_size, self.image_size)
+        return (self.vae.config.out_channels, self.height, self.width)
+
+    @property
+    def max_sequence_length(self) -> int | None:
+        """The prompt tokens its encoder is asked for (the pipelines' ``max_sequence_length``), where it has one."""
+        n = getattr(self.prompt_encoder, "max_sequence_length", None)
+        return None if self.family.max_sequence_length(self) is None else n
+
+    @max_sequence_length.setter
+    def max_sequence_length(self, n: int) -> None:
+        from ..core.checks import positive_int
+
+        top = self.family.max_sequence_length(self)
+        if top is None:
+            raise ValueError(f"a {self.family.name} takes no max_sequence_length (its CLIP encoders read "
+                             "77 tokens); leave it out")
+        n = positive_int(n, "max_sequence_length")
+        if n > top:
+            raise ValueError(f"max_sequence_length {n} is beyond what a {self.family.name}'s encoder takes ({top}); "
+                             f"use at most {top}")
+        self.prompt_encoder.max_sequence_length = n
+
+    @contextlib.contextmanager
+    def sampling_at(self, height: int | None = None, width: int | None = None,
+                    max_sequence_length: int | None = None):
+        """Within the block, sample ``height`` x ``width`` images (either alone keeps the other side) with prompts
+        encoded at ``max_sequence_length`` tokens, as a pipeline call with those arguments; restored after."""
+        size, n = self._size, getattr(self.prompt_encoder, "max_sequence_length", None)
+        try:
+            if height is not None or width is not None:
+                self.resize(self.height if height is None else height, self.width if width is None else width)
+            if max_sequence_length is not None:
+                self.max_sequence_length = max_sequence_length
+            yield self
+        finally:
+            self._size = size
+            self.family.resized(self)
+            if n is not None:
+                self.prompt_encoder.max_sequence_length = n
 
     # --- the rest of a pipeline
     def encode_prompt(self, prompts, negative_prompts=None, guidance_scale: float = 1.0) -> dict:

@@ -4,7 +4,8 @@ folder's ``model_index.json`` gives (``_class_name``).
 An adapter is the only place that knows its pipeline: reading the folder's components into a denoiser of latents in
 sigma space (the network call, the schedule) with a prompt encoder that encodes exactly as the pipeline does
 (``load``), its scheduler's own grid (``grid``), its default image size and patching (``default_image_size``,
-``latent_shape``), the kind of few-step student it distils into (``student``), its LoRA layout (``network``: the
+``latent_shape`` of any height and width it can patch, ``resized`` where the conditioning describes the size), the
+longest prompt its encoder takes (``max_sequence_length``), the kind of few-step student it distils into (``student``), its LoRA layout (``network``: the
 component a LoRA adapts, ``lora_targets``: its modules, ``write_lora``: the file ``load_lora_weights`` reads), a
 tiny random stand-in of itself (``tiny``: dry runs and tests), and writing a model back as a folder of its pipeline
 class (``pipeline``, ``write``). Everything above sees only ``D(z, sigma, **cond)`` and these hooks. Adding a family
@@ -64,10 +65,19 @@ class PipelineFamily:
         """Latents of ``model.sample_shape`` as the pipeline's ``latents=`` takes them."""
         return latents
 
-    def latent_shape(self, model, image_size: int) -> tuple[int, ...]:
-        """The latent shape of one image of ``image_size`` pixels (a one-line error where patching cannot take
-        it)."""
+    def latent_shape(self, model, height: int, width: int) -> tuple[int, ...]:
+        """The latent shape of one ``height`` x ``width`` image (a one-line error where patching cannot take it;
+        ``patched_shape`` is the common case)."""
         raise NotImplementedError
+
+    def resized(self, model) -> None:
+        """Called after ``model.height`` / ``model.width`` change: conditioning that describes the image size (SDXL's
+        time ids) follows it."""
+
+    def max_sequence_length(self, model) -> int | None:
+        """The most prompt tokens ``model``'s encoder can be asked for (as the pipeline's ``max_sequence_length``
+        check), or None where the pipeline takes no ``max_sequence_length`` (CLIP-only families: 77 tokens)."""
+        return None
 
     def tiny(self, texts: list[str] | None = None, image_size: int = 32, seed: int = 0):
         """A randomly initialised ``TextToImageModel`` of this class, small enough for a CPU (what ``--dry-run``
@@ -90,6 +100,18 @@ class PipelineFamily:
         ``load_lora_weights`` reads."""
         type(self.pipeline(model)).save_lora_weights(folder, **{f"{self.network}_lora_layers": state},
                                                      safe_serialization=True)
+
+
+def patched_shape(channels: int, height: int, width: int, factor: int, patch: int = 1,
+                  why: str = "the VAE's factor") -> tuple[int, int, int]:
+    """``(channels, height / factor, width / factor)``, after a one-line error for a side that is not a positive
+    multiple of ``factor * patch`` (``why`` says where that multiple comes from)."""
+    m = factor * patch
+    for side, n in (("height", height), ("width", width)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < m or n % m:
+            near = max(m, n - n % m) if isinstance(n, int) and not isinstance(n, bool) else m
+            raise ValueError(f"image {side} {n} is not a positive multiple of {m} ({why}); try {near}")
+    return (int(channels), height // factor, width // factor)
 
 
 def register_family(cls):

@@ -22,7 +22,7 @@ from ..core.checks import check_guidance, in_range, positive_int
 from ..core.digests import weights_digest
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
-from .denoiser import LatentDenoiserView, TextToImageModel
+from .denoiser import LatentDenoiserView, TextToImageModel, delegate
 from .families.unet import LatentDenoiser
 from .students import SharedPartsStudent, check_base_hash, check_kind, check_lora_config, load_adapter
 
@@ -144,6 +144,12 @@ class LatentConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
                                         original_inference_steps=self.num_ddim_timesteps)
 
     # --- the rest of a pipeline (the teacher's)
+    sample_shape = delegate("parts.sample_shape")
+    image_shape = delegate("parts.image_shape")
+    height = delegate("parts.height")
+    width = delegate("parts.width")
+    sampling_at = delegate("parts.sampling_at")
+
     def encode_prompt(self, prompts, negative_prompts=None, guidance_scale: float = 1.0) -> dict:
         return self.parts.encode_prompt(prompts, negative_prompts, guidance_scale)
 

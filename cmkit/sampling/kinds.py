@@ -137,20 +137,35 @@ class LCMPolicy(SamplingPolicy):
                           latents=latents, generator=generator, output=output, return_nfe=return_nfe, solver=solver)
 
 
+def sized(model, height, width, max_sequence_length):
+    """``model.sampling_at(...)`` (the size and prompt length of one call), or nothing to do where none is asked."""
+    if height is None and width is None and max_sequence_length is None:
+        return nullcontext()
+    if not hasattr(model, "sampling_at"):
+        raise ValueError(f"a {type(model).__name__} samples at one size; leave out height, width and "
+                         "max_sequence_length")
+    return model.sampling_at(height, width, max_sequence_length)
+
+
 @torch.no_grad()
 def text_to_image(model, prompts, steps: int | None = None, solver: str | None = None,
                   guidance_scale: float | None = None, negative_prompts=None, latents: torch.Tensor | None = None,
                   generator: torch.Generator | None = None, spacing: str | None = "trailing", sigmas=None,
-                  output: str = "image", return_nfe: bool = False):
+                  output: str = "image", return_nfe: bool = False, height: int | None = None,
+                  width: int | None = None, max_sequence_length: int | None = None):
     """Images in [-1, 1] (``output="latent"``: latents) for ``prompts`` from any text-to-image model cmkit opens,
     sampled as its kind samples (``cmkit.sampling.kinds``): a teacher solves the guided PF-ODE with ``solver`` (any
     cmkit solver or torchdiffeq method; default DDIM, 25 steps, guidance 4) over ``timestep_sigmas(steps,
     spacing)`` or explicit ``sigmas``; a distilled student takes its own sampler, steps and guidance by default
     (an LCM its ``LCMScheduler`` steps; a flow student its exported scheduler's, at guidance 1). ``latents``:
     unit-variance starting noise, one per prompt (as diffusers pipelines take it); by default drawn per sample
-    from ``generator``. With ``return_nfe`` also the network passes (a guided evaluation counts two)."""
+    from ``generator``. ``height`` / ``width`` (default: the model's size; either alone keeps the other side) and
+    ``max_sequence_length`` (prompt tokens, where the family's encoder takes it) as the pipelines take them: the
+    latents, a resolution-dependent shift and size conditioning follow. With ``return_nfe`` also the network passes
+    (a guided evaluation counts two)."""
     policy = policy_of(model)
     steps, guidance_scale = policy.resolve(model, steps, guidance_scale)
-    return policy.sample(model, prompts, steps=steps, solver=solver, guidance_scale=guidance_scale,
-                         negative_prompts=negative_prompts, latents=latents, generator=generator, spacing=spacing,
-                         sigmas=sigmas, output=output, return_nfe=return_nfe)
+    with sized(model, height, width, max_sequence_length):
+        return policy.sample(model, prompts, steps=steps, solver=solver, guidance_scale=guidance_scale,
+                             negative_prompts=negative_prompts, latents=latents, generator=generator,
+                             spacing=spacing, sigmas=sigmas, output=output, return_nfe=return_nfe)

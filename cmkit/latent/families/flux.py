@@ -13,7 +13,7 @@ from torch import nn
 from ..builders import flow_vae, small_t5_encoder
 from ..components import in_dtype, load_parts, present
 from ..denoiser import TextToImageModel
-from ..family import register_family
+from ..family import patched_shape, register_family
 from ..text_encoders import build_tokenizer, negatives_for, prompt_list, small_text_encoder, tokenize
 from .flow import FlowDenoiser, FlowFamily
 
@@ -128,12 +128,13 @@ class Flux(FlowFamily):
     def default_image_size(self, model) -> int:
         return 128 * model.vae_scale_factor  # the pipeline's default_sample_size
 
-    def latent_shape(self, model, image_size: int) -> tuple[int, ...]:
+    def latent_shape(self, model, height: int, width: int) -> tuple[int, ...]:
         f = model.vae_scale_factor
-        if image_size % (2 * f) or image_size < 2 * f:
-            raise ValueError(f"image size {image_size} is not a multiple of {2 * f} (the VAE's factor {f} times "
-                             f"Flux's 2x2 packing); try {max(2 * f, image_size - image_size % (2 * f))}")
-        return (int(model.network.config.in_channels) // 4, image_size // f, image_size // f)
+        return patched_shape(int(model.network.config.in_channels) // 4, height, width, f, 2,
+                             f"the VAE's factor {f} times Flux's 2x2 packing")
+
+    def max_sequence_length(self, model) -> int | None:
+        return 512  # FluxPipeline's check_inputs
 
     def pipeline_latents(self, model, latents):
         return pack(latents)

@@ -13,7 +13,7 @@ from torch import nn
 from ..builders import flow_vae, small_sd3_transformer, small_t5_encoder
 from ..components import in_dtype, load_parts, present
 from ..denoiser import TextToImageModel
-from ..family import register_family
+from ..family import patched_shape, register_family
 from ..text_encoders import build_tokenizer, clip_tokenizer, negatives_for, prompt_list, small_text_encoder, tokenize
 from .flow import FlowDenoiser, FlowFamily
 
@@ -181,12 +181,13 @@ class StableDiffusion3(FlowFamily):
     def default_image_size(self, model) -> int:
         return int(model.network.config.sample_size) * model.vae_scale_factor
 
-    def latent_shape(self, model, image_size: int) -> tuple[int, ...]:
+    def latent_shape(self, model, height: int, width: int) -> tuple[int, ...]:
         f, p = model.vae_scale_factor, int(model.network.config.patch_size)
-        if image_size % (f * p) or image_size < f * p:
-            raise ValueError(f"image size {image_size} is not a multiple of {f * p} (the VAE's factor {f} times the "
-                             f"transformer's patch size {p}); try {max(f * p, image_size - image_size % (f * p))}")
-        return (int(model.network.config.in_channels), image_size // f, image_size // f)
+        return patched_shape(model.network.config.in_channels, height, width, f, p,
+                             f"the VAE's factor {f} times the transformer's patch size {p}")
+
+    def max_sequence_length(self, model) -> int | None:
+        return 512  # StableDiffusion3Pipeline's check_inputs
 
     def image_tokens(self, model) -> int:
         _, h, w = model.sample_shape

@@ -14,7 +14,7 @@ from ..autoencoder import small_vae
 from ..builders import small_cond_unet
 from ..components import in_dtype, load_parts, present
 from ..denoiser import GuidedDenoiser, TextToImageModel, guidance_embedding, time_dtype
-from ..family import PipelineFamily
+from ..family import PipelineFamily, patched_shape
 from ..text_encoders import build_tokenizer, negatives_for, prompt_list, small_text_encoder, tokenize
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -160,11 +160,12 @@ class UNetFamily(PipelineFamily):
     def default_image_size(self, model) -> int:
         return int(model.unet.config.sample_size) * model.vae_scale_factor
 
-    def latent_shape(self, model, image_size: int) -> tuple[int, ...]:
-        f = model.vae_scale_factor
-        if image_size % f or image_size < f:
-            raise ValueError(f"image size {image_size} is not a multiple of the VAE's factor {f}")
-        return (int(model.unet.config.in_channels), image_size // f, image_size // f)
+    def latent_shape(self, model, height: int, width: int) -> tuple[int, ...]:
+        return patched_shape(model.unet.config.in_channels, height, width, model.vae_scale_factor)
+
+    def resized(self, model) -> None:
+        if self.xl:  # SDXL's time ids: original and target size, as the pipeline sets them from height / width
+            model.prompt_encoder.image_size = (model.height, model.width)
 
     def grid(self, model, steps: int, spacing: str | None) -> list[float]:
         return timestep_sigmas(model, steps, spacing)
