@@ -208,7 +208,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="without its T5 encoder"):
         cmkit.load_teacher(str(folder))
     flux = tiny_flux_pipeline()
-    with pytest.raises(ValueError, match="not a multiple of 8"):  # the VAE halves twice, packing once more
+    with pytest.raises(ValueError, match="not a positive multiple of 8"):  # the VAE halves twice, packing once more
         flux.image_size = 36
     sd3 = tiny_sd3_pipeline()
     with pytest.raises(ValueError, match="scheduler's own grid"):

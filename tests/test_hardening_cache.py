@@ -65,6 +65,10 @@ TAMPER = {
     "nan-latents": (_fill("mean", float("nan")), "non-finite"),
     "huge-latents": (_fill("mean", 1e30), "absurd"),
     "nan-std-last-row": (_fill("std", float("nan"), -1), "non-finite"),
+    # one value in a row the old check (first and last rows only) never read: every row is read now
+    "nan-mean-middle-row": (_fill("mean", float("nan"), (2, 1, 3, 5)), "non-finite"),
+    "huge-std-middle-row": (_fill("std", 1e30, (1, 3)), "absurd"),
+    "inf-embeds-middle-row": (_fill("embeds.prompt_embeds", float("inf"), (1, 2, 5)), "non-finite"),
     "negative-std": (_fill("std", -1.0), "absurd"),
     "other-resolution": (_other_resolution, "4x16x16"),
     "float16": (_half, "float16"),
@@ -130,30 +134,41 @@ def _tar(path, seed: int) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-def test_a_shard_set_changed_between_a_stop_and_its_resume_is_noted(teacher, tmp_path, monkeypatch, capsys):
-    from cmkit.data.latent_cache import encode_source
-    from cmkit.data.tar_shards import TarShards
+def test_a_shard_set_changed_between_a_stop_and_its_resume_is_noted(tmp_path, monkeypatch, capsys):
+    """The run's checkpoint records its shard set; a resume over other shards names them in one line. Another run
+    opening the same (changed) shards afresh has nothing to compare with and says nothing."""
+    from conftest import lcm_lora_folders
+
+    from cmkit.cli.commands import main
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "shards").mkdir()
+    lcm_lora_folders(tmp_path, 0)
+    shards = tmp_path / "shards"
+    shards.mkdir()
     for s in range(3):
-        _tar(tmp_path / "shards" / f"{s:03d}.tar", s)
+        _tar(shards / f"{s:03d}.tar", s)
 
-    def opened() -> list[str]:
+    def run(out: str, steps: int) -> list[str]:
+        sets = [f'data.path="{shards}"', "data.image_size=16", f'teacher.path="{tmp_path / "teacher"}"',
+                "objective.lora_rank=2", "objective.lora_alpha=2.0", 'objective.lora_targets=["to_q","to_v"]',
+                "train.batch_size=2", "train.checkpoint_every=1", "train.warmup=0", f"train.steps={steps}"]
         capsys.readouterr()
-        encoded = encode_source(teacher.vae, teacher.prompt_encoder, TarShards(str(tmp_path / "shards"), 32),
-                                progress=False)
-        assert len(encoded) == 2 * len(list((tmp_path / "shards").glob("*.tar")))
-        return _notes(capsys.readouterr().err)
+        argv = ["distill", "tiny-t2i-lcm-lora", "--out", str(tmp_path / out), "--no-progress",
+                *[a for kv in sets for a in ("--set", kv)]]
+        assert main(argv) == 0, capsys.readouterr().err
+        return [line for line in _notes(capsys.readouterr().err) if "shards" in line]
 
-    assert opened() == []  # the first run: nothing to compare with
-    assert opened() == []  # its resume on the same shards: nothing to say
-    _tar(tmp_path / "shards" / "003.tar", 3)
-    _tar(tmp_path / "shards" / "004.tar", 4)
-    err = opened()
-    assert len(err) == 1 and "shards" in err[0] and "2 added" in err[0] and "0 removed" in err[0], err
-    assert "(5 now)" in err[0], err
-    (tmp_path / "shards" / "000.tar").unlink()
-    err = opened()
-    assert len(err) == 1 and "0 added" in err[0] and "1 removed" in err[0] and "(4 now)" in err[0], err
-    assert opened() == []
+    assert run("run", 1) == []  # the first run: nothing to compare with
+    assert run("run", 2) == []  # its resume on the same shards: nothing to say
+    _tar(shards / "003.tar", 3)
+    _tar(shards / "004.tar", 4)
+    err = run("run", 3)
+    assert len(err) == 1 and "checkpoint" in err[0] and "2 added (003.tar, 004.tar)" in err[0], err
+    assert "0 removed" in err[0] and "(5 now)" in err[0], err
+    assert run("other", 1) == []  # another run over the same shards: its first, not a resume
+    (shards / "000.tar").unlink()
+    _tar(shards / "001.tar", 11)  # rewritten in place: the same name, other contents
+    err = run("run", 4)
+    assert len(err) == 1 and "0 added" in err[0] and "1 removed (000.tar)" in err[0], err
+    assert "1 changed (001.tar)" in err[0] and "(4 now)" in err[0], err
+    assert run("run", 5) == []

@@ -96,3 +96,69 @@ def test_generate_refuses_a_folder_whose_config_is_too_big_before_loading(tmp_pa
              "unet/config.json", "memory")
     _refused(["generate", _widened(tmp_path, [100000, 100000]), "--prompt", "a red bag", "--out", out], capsys,
              "unet/config.json", "block_out_channels")
+
+
+def test_train_teacher_counts_each_output_ema(tmp_path, capsys, avail):
+    # an MLP of 3.46 M parameters: trained (weights, gradients, Adam) 55 MB, which fits in 84 MB with a batch of 2;
+    # its four output EMAs (another 55 MB) do not
+    avail(24 * 3_455_490)
+    err = _refused(["train-teacher", "quickstart-teacher", "--out", str(tmp_path / "a"), "--no-progress",
+                    "--set", "model.hidden=512", "--set", "model.depth=4", "--set", "train.batch_size=2",
+                    "--set", "train.steps=1", "--set", "train.ema_rates=[0.9, 0.99, 0.999, 0.9999]"],
+                   capsys, "model.hidden", "4 EMA copies (train.ema_rates)", "memory")
+    assert "train.batch_size" not in err
+    assert not (tmp_path / "a" / "model").exists()
+
+
+def test_distill_counts_the_target_network(tmp_path, capsys, avail):
+    # digits-ddpm's UNet, 0.70 M parameters: the trained student (10.7 MiB) fits in 12.8 MiB, its target network
+    # (objective.target_mu > 0: 2.7 MiB more) does not; refused before the student is built, naming the target
+    # (where only the student was counted, the build went ahead and the batch check blamed train.batch_size)
+    avail(int(12.8 * MiB))
+    common = ["--no-progress", "--set", "train.ema_rates=[]", "--set", "train.batch_size=2", "--set", "train.steps=1"]
+    err = _refused(["distill", "digits-cd", "--out", str(tmp_path / "a"), *common], capsys,
+                   "student", "target network (objective.target_mu)", "memory")
+    assert "train.batch_size" not in err and "EMA" not in err
+
+
+def test_rcm_counts_the_fake_score(tmp_path, avail):
+    """rCM with a LoRA student: the adapter is small, but the fake score is a trained float32 copy of the teacher's
+    network (tiny-sd3's 3.5 M parameters: 53 MiB with its gradients and Adam moments)."""
+    recipe = load_recipe("tiny-sd3-rcm-lora", ["train.steps=1", "train.batch_size=2"])
+    avail(32 * MiB)
+    with pytest.raises(ValueError) as e:
+        run_job("distill", recipe, tmp_path / "run", progress=False, data=caption_data(32))
+    msg = str(e.value)
+    assert "fake score (objective.kind='latent_rcm_lora')" in msg and "LoRA adapter" in msg, msg
+    assert "latent_scd_lora" in msg and "train.batch_size" not in msg, msg
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def _fake_hub_cache(root, repo: str, files: dict) -> None:
+    """``files`` (path in the repository -> text) laid out as huggingface_hub's cache holds a download of ``repo``:
+    ``models--ORG--NAME/snapshots/REV/...`` and ``refs/main`` naming REV (configs only: no weights)."""
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = root / "hub" / f"models--{repo.replace('/', '--')}"
+    for name, text in files.items():
+        f = repo_dir / "snapshots" / rev / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(rev)
+
+
+def test_a_hub_teacher_is_sized_from_its_cached_config_before_its_weights(tmp_path, capsys, avail, monkeypatch):
+    import huggingface_hub.constants
+
+    ddpm = asset_path("digits-ddpm")
+    unet = json.loads((ddpm / "unet" / "config.json").read_text())
+    files = {"model_index.json": (ddpm / "model_index.json").read_text(),
+             "scheduler/scheduler_config.json": (ddpm / "scheduler" / "scheduler_config.json").read_text(),
+             "unet/config.json": json.dumps({**unet, "block_out_channels": [100000, 100000]})}
+    _fake_hub_cache(tmp_path / "hf", "someorg/huge-ddpm", files)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    avail(64 * MiB)
+    err = _refused(["distill", "digits-cd", "--teacher", "someorg/huge-ddpm", "--out", str(tmp_path / "a"),
+                    "--no-progress"], capsys, "someorg/huge-ddpm", "unet/config.json", "block_out_channels", "memory")
+    assert "could not load" not in err

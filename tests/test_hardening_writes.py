@@ -186,3 +186,59 @@ def test_a_full_disk_during_export_or_a_cache_write_is_one_line_naming_the_path(
     assert "internal error" not in str(e.value) and "\n" not in str(e.value)
     assert cache.read_bytes() == b"the previous shard"
     assert sorted(p.name for p in cache.parent.iterdir()) == [".cmkit.lock", "shard.safetensors"]
+
+
+def _ddpm_teacher():
+    from diffusers import DDPMScheduler
+
+    from cmkit.models.backbones import small_unet
+    from cmkit.models.denoisers import DiffusersDenoiser
+
+    return DiffusersDenoiser(small_unet(sample_size=8, channels=1, base=16), DDPMScheduler(num_train_timesteps=100))
+
+
+def _cm_to_diffusers():
+    from cmkit.models.backbones import small_unet
+    from cmkit.models.consistency import ConsistencyModel
+
+    cm = ConsistencyModel(small_unet(sample_size=8, channels=1, base=16), sigma_min=0.01, sigma_max=80.0)
+    return cm.to_diffusers
+
+
+def _vae():
+    from cmkit.latent.autoencoder import VAETrainee, small_vae
+
+    return VAETrainee(small_vae(16, (16, 16), norm_num_groups=8))
+
+
+# each writer outside the model-folder helpers that wrote through diffusers' save_pretrained straight into its folder
+WRITERS = {"ddpm-teacher": lambda: _ddpm_teacher().save_pretrained, "cm-to-diffusers": _cm_to_diffusers,
+           "vae": lambda: _vae().save_pretrained}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_a_full_disk_in_a_diffusers_save_names_the_folder_and_keeps_the_previous_one(writer, tmp_path, monkeypatch):
+    """Before: a raw ``SafetensorError`` (or ``[Errno 28]`` without a path) and a half-written folder in place of the
+    previous one. Now: the write goes to a temporary folder renamed into place, and a full disk is one line naming
+    the destination and saying the previous folder there is intact."""
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              f'"{FULL}" }})')
+
+    write = WRITERS[writer]()
+    write(tmp_path / "model")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "model").rglob("*") if p.is_file()}
+    assert any(p.suffix == ".safetensors" for p in before)
+    write(tmp_path / "model")  # its own earlier folder is replaced without a word
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match=r"no space left .* writing \S*model; .*previous folder there is intact") as e:
+        write(tmp_path / "model")
+    assert "tmp-" not in str(e.value) and "\n" not in str(e.value)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "model").rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: None)
+    (tmp_path / "model" / "holiday.jpg").write_bytes(b"mine")  # and a folder holding a user's file is refused
+    with pytest.raises(ValueError, match=r"model.*holiday\.jpg"):
+        write(tmp_path / "model")

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from ..core.digests import weights_digest
 from ..core.files import atomic_write_text, folder_lock
-from ..core.memory import TRAINED_BYTES, check_fits, check_network_fits, lora_params, meta_params, training_bytes
+from ..core.memory import TRAINED_BYTES, check_fits, check_parts_fit, lora_params, meta_params, training_bytes
 from ..data import Dataset, StreamedCaptions, open_dataset
 from ..data.latent_cache import caption_encoder
 from ..eval.metrics import sliced_wasserstein
@@ -58,7 +58,8 @@ def dataset_for(recipe: Recipe) -> Dataset | StreamedCaptions:
 
 def build_backbone(recipe: Recipe, data: Dataset, device=None) -> torch.nn.Module:
     """The recipe's fresh network, counted on the meta device first: one too big to train in the memory ``device``
-    has is refused, naming its size keys, before it is allocated."""
+    has, with the copies the run keeps of it (each output EMA, the target network), is refused, naming its size
+    keys, before it is allocated."""
     m = recipe.model
     if m.class_conditional and not data.num_classes:
         raise ValueError(f"model.class_conditional needs a labelled dataset; {data.name!r} has no labels")
@@ -67,14 +68,38 @@ def build_backbone(recipe: Recipe, data: Dataset, device=None) -> torch.nn.Modul
         return BACKBONES[m.backbone](data.sample_shape, data.num_classes if m.class_conditional else None, m)
     keys = [f"model.{k}" for k in SIZE_KEYS.get(m.backbone, ()) if hasattr(m, k)]
     sizes = ", ".join(f"{k}={getattr(m, k[len('model.'):])}" for k in keys)
-    check_network_fits(meta_params(build), TRAINED_BYTES, f"the model.backbone {m.backbone!r} network of {sizes}, "
-                       "trained in float32 with Adam", f"set a smaller {' / '.join(keys) or 'network'}", device)
+    params = meta_params(build)
+    copies, fix = held_copies(recipe, params, 4, device)
+    check_parts_fit([("network", params * TRAINED_BYTES), *copies],
+                    f"the model.backbone {m.backbone!r} network of {sizes} ({params / 1e6:,.1f} M parameters), "
+                    "trained in float32 with Adam, and the copies the run keeps of it",
+                    f"set a smaller {' / '.join(keys) or 'network'}{fix}", device)
     return build()
+
+
+# objective keys whose value above 0 keeps a target network, an EMA of the trained one (Trainer.target)
+TARGET_KEYS = ("target_mu", "target_ema", "mu0")
+
+
+def held_copies(recipe: Recipe, params: int, per_param: int, device) -> tuple[list[tuple[str, int]], str]:
+    """What a run keeps beside a trained network of ``params`` parameters on ``device`` (``per_param`` bytes each,
+    frozen): an output EMA per ``train.ema_rates`` (none there where ``train.ema_device = "cpu"`` holds them in host
+    memory) and the target network an objective key sets; ``(label, bytes)`` parts and the fix's extra words."""
+    t = recipe.train
+    on_host = t.ema_device == "cpu" and torch.device(device or "cpu").type != "cpu"
+    n = 0 if on_host else len(t.ema_rates)
+    parts = [(f"{n} EMA cop{'y' if n == 1 else 'ies'} (train.ema_rates)", n * params * per_param)]
+    key = next((k for k in TARGET_KEYS if (getattr(recipe.objective, k, 0) or 0) > 0), None)
+    if key:
+        parts.append((f"target network (objective.{key})", params * per_param))
+    return parts, ", or fewer train.ema_rates" if n else ""
 
 
 def check_student_fits(recipe: Recipe, teacher, path, device) -> None:
     """Refuse, before the build allocates it, a student the teacher's size makes too big: a LoRA adapter of
-    ``objective.lora_rank`` on the teacher's network, or a copy of the network that trains in full."""
+    ``objective.lora_rank`` on the teacher's network (the base is the teacher's, held once), or a copy of the
+    network that trains in full; with the copies the run keeps (each output EMA, the target network) and a fake
+    score the objective trains (rCM's, a float32 copy of the teacher's network)."""
     if teacher is None:
         return
     net = getattr(teacher, "network", None)  # a latent teacher's UNet or transformer; a pixel one's backbone below
@@ -82,16 +107,28 @@ def check_student_fits(recipe: Recipe, teacher, path, device) -> None:
     if not isinstance(net, torch.nn.Module):
         return
     cfg = recipe.objective
+    params = sum(p.numel() for p in net.parameters())
+    fake = []
+    if hasattr(cfg, "fake_lr_scale"):  # the kinds that train a fake score (rCM) have its learning-rate scale key
+        denoiser = getattr(teacher, "denoiser", net)
+        fake = [(f"fake score (objective.kind={cfg.kind!r})",
+                 sum(p.numel() for p in denoiser.parameters()) * TRAINED_BYTES)]
+    fix_fake = f", or a kind without a fake score (objective.kind {cfg.kind.replace('rcm', 'scd')!r})" if fake else ""
     if isinstance(cfg, LoRAKeys):
-        targets = lora_spec(cfg, teacher)["targets"]
-        check_network_fits(lora_params(net, targets, cfg.lora_rank), TRAINED_BYTES,
-                           f"the LoRA adapter of objective.lora_rank={cfg.lora_rank} on the teacher's network",
-                           "set a smaller objective.lora_rank", device)
+        adapter = lora_params(net, lora_spec(cfg, teacher)["targets"], cfg.lora_rank)
+        # a LoRA student's copies (EMAs, target) copy the teacher's network it lives in, adapter and all
+        copies, fix = held_copies(recipe, params + adapter, 4, device)
+        check_parts_fit([("LoRA adapter", adapter * TRAINED_BYTES), *copies, *fake],
+                        f"the LoRA adapter of objective.lora_rank={cfg.lora_rank} on the teacher's network "
+                        f"({adapter / 1e6:,.1f} M parameters) and what the run keeps beside it",
+                        f"set a smaller objective.lora_rank{fix}{fix_fake}", device)
         return
-    check_network_fits(sum(p.numel() for p in net.parameters()), TRAINED_BYTES,
-                       f"the student, a copy of the teacher's network ({path}) trained in float32 with Adam",
-                       "distill a smaller teacher, or use a LoRA kind where there is one (objective.kind "
-                       "..._lora; it trains an adapter only)", device)
+    copies, fix = held_copies(recipe, params, 4, device)
+    check_parts_fit([("student", params * TRAINED_BYTES), *copies, *fake],
+                    f"the student, a copy of the teacher's network ({path}, {params / 1e6:,.1f} M parameters) "
+                    "trained in float32 with Adam, and what the run keeps beside it",
+                    f"distill a smaller teacher{fix}{fix_fake}, or use a LoRA kind where there is one (objective.kind "
+                    "..._lora; it trains an adapter only)", device)
 
 
 def build_run(recipe: Recipe, data: Dataset, teacher=None, distance=None, resumed: dict | None = None,

@@ -51,3 +51,23 @@ def looks_like_hub_id(path: str) -> bool:
 def hub_load_kw() -> dict:
     """What a ``from_pretrained`` of a hub id gets: offline, only the local hub cache can answer, at once."""
     return {} if hub_reachable() else {"local_files_only": True}
+
+
+def hub_file(repo_id: str, filename: str) -> Path | None:
+    """A small file of a hub repository (a ``config.json``) as a local path, so a network can be sized before its
+    weights are fetched: the local hub cache's copy (offline, all there is), else the hub's where it answers; None
+    where neither has it."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, filename)
+    except Exception:  # noqa: BLE001 - a malformed id or cache: no file to size from
+        cached = None
+    if isinstance(cached, str):
+        return Path(cached)
+    if not hub_reachable():
+        return None
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except Exception:  # noqa: BLE001 - missing file, gated repository, network error: from_pretrained names it
+        return None

@@ -95,7 +95,9 @@ def _not_written_by_cmkit(folder: Path) -> list[str]:
     """The entries of ``folder`` that no model folder cmkit writes holds (all of them where it holds no marker)."""
     names = sorted(p.name for p in folder.iterdir())
     if not any(m in names for m in MODEL_MARKERS):
-        return names
+        # a diffusers model folder (a VAE's: config.json and its weights) is cmkit's when it holds nothing else
+        mine = "config.json" in names and all(MODEL_FILES.match(n) or _written_for(n) for n in names)
+        return [] if mine else names
     parts: set[str] = set()
     try:
         index = json.loads((folder / "model_index.json").read_text())
@@ -108,7 +110,8 @@ def _not_written_by_cmkit(folder: Path) -> list[str]:
 
 def check_model_folder(folder) -> None:
     """Refuse, in one line, to write a model into ``folder`` unless it is absent, empty or a model folder cmkit wrote
-    before holding nothing else (``MODEL_MARKERS``, a pipeline's parts, ``MODEL_FILES``): writing replaces the whole
+    before holding nothing else (``MODEL_MARKERS``, a pipeline's parts, ``MODEL_FILES``; or, without a marker, a
+    diffusers model's ``config.json`` and weights alone, as a trained VAE's folder is): writing replaces the whole
     folder, which must not take a user's files with it. The one check every model folder write goes through
     (``atomic_dir``)."""
     folder = Path(folder)

@@ -78,12 +78,17 @@ def _measure_activation_floats(model, sample_shape, sigma: float) -> int:
     return total
 
 
+class NotEnoughMemory(ValueError):
+    """A size refused up front (a ``ValueError``: one line, naming what is too big and the key or file to change);
+    its own type so loaders that reword their errors let it through unchanged."""
+
+
 def check_fits(need: int, what: str, fix: str, device=None) -> None:
-    """Raise a one-line ``ValueError`` when ``need`` bytes exceed the memory available on ``device``."""
+    """Raise a one-line ``NotEnoughMemory`` when ``need`` bytes exceed the memory available on ``device``."""
     avail = available_bytes(device)
     if avail is not None and need > avail:
-        raise ValueError(f"{what} needs about {human(need)} of memory, more than the {human(avail)} available; "
-                         f"{fix}")
+        raise NotEnoughMemory(f"{what} needs about {human(need)} of memory, more than the {human(avail)} available; "
+                              f"{fix}")
 
 
 def sampling_bytes(model, num: int, draws: int) -> int:
@@ -135,3 +140,12 @@ def check_network_fits(params: int, per_param: int, what: str, fix: str, device=
     """Refuse a network of ``params`` parameters holding ``per_param`` bytes each (``TRAINED_BYTES`` for one that
     trains) before it is built; ``what`` names it and the keys or file its size comes from."""
     check_fits(params * per_param, f"{what} ({params / 1e6:,.1f} M parameters)", fix, device)
+
+
+def check_parts_fit(parts: list[tuple[str, int]], what: str, fix: str, device=None) -> None:
+    """Refuse a run whose networks, ``parts`` as ``(label, bytes)`` (the trained network, each EMA copy, the
+    target, a fake score...), need more memory together than ``device`` has, before any is built; the one-line
+    message gives the breakdown ("student 1.2 GiB + 2 EMA copies 600 MiB + ...")."""
+    parts = [(label, int(n)) for label, n in parts if n > 0]
+    breakdown = " + ".join(f"{label} {human(n)}" for label, n in parts)
+    check_fits(sum(n for _, n in parts), f"{what} ({breakdown})" if len(parts) > 1 else what, fix, device)

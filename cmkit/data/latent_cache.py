@@ -63,6 +63,7 @@ class EncodedSet:
             raise ValueError(f"no readable captioned images in the data ({why})")
         self.starts = np.cumsum([0] + [s.rows for s in self.shards])
         self.per_image_time_ids = "add_time_ids" in self.shards[0].t
+        self.data_shards: dict | None = None  # ``shard_record`` of the source, for a run's checkpoint
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -198,8 +199,6 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
     keys = [shard_key(encoders, k) for k in source_keys]
     paths = [cache_root() / f"{k}.safetensors" for k in keys]
     rank, world = rank_world()
-    if rank == 0:
-        _note_changed_shards(source, source_keys)
     # in-memory images keep their own height and width; every other source crops to image_size squares
     size = tuple(source.images.shape[-2:]) if isinstance(source, ArraySource) else (source.image_size,) * 2
     latent = expected_latent(vae, size)
@@ -225,40 +224,32 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
                                "run again: finished shards are kept")
         shards.append(shard)
     out = EncodedSet(shards)
+    out.data_shards = shard_record(source.name, source_keys)  # a run's checkpoint records it (training.trainer)
     if rank == 0:
         _report_skipped(out, source.name)
     return out
 
 
-def _shard_set_record(source) -> Path | None:
-    """Where the shard list of ``source`` is recorded when it is opened: a file beside the cache named by what the
-    source is (its kind, name, where its shards lie, its image size, crop and seed), not by which shards it holds;
-    None for images held in memory (hashed whole, not a set of shard files)."""
-    if isinstance(source, ArraySource):
-        return None
-    folders = sorted({str(Path(p).resolve().parent) for p in getattr(source, "paths", [])})
-    what = repr((type(source).__name__, source.name, getattr(source, "where", ""), folders, source.image_size,
-                 getattr(source, "crop", ""), getattr(source, "seed", "")))
-    return cache_root() / "shard-sets" / f"{hashlib.sha256(what.encode()).hexdigest()[:24]}.json"
+def _shard_label(key: str) -> str:
+    """A shard's name for a message, from its source key: a tar's file name, a dataset's row range or stream shard,
+    an in-memory array's short hash."""
+    kind, _, rest = key.partition(":")
+    if kind == "tar":  # tar:PATH:size:mtime:image_size:crop:seed
+        return Path(rest.rsplit(":", 5)[0]).name
+    if kind == "hf":  # hf:fingerprint:WHERE:start:stop
+        start, stop = rest.rsplit(":", 2)[1:]
+        return f"rows {start}-{stop}"
+    if kind == "hf-stream":
+        return f"stream shard {rest.rsplit(':', 1)[1]}"
+    return rest[:12] if kind == "array" else key[:40]
 
 
-def _note_changed_shards(source, keys: list[str]) -> None:
-    """One line when the shards of ``source`` (their identities, ``keys``) differ from those recorded when it was
-    last opened (a run resumed after shards were added or removed), how many of each; then ``keys`` are recorded."""
-    record = _shard_set_record(source)
-    if record is None:
-        return
-    try:
-        before = json.loads(record.read_text())
-    except (OSError, ValueError):
-        before = None
-    if isinstance(before, list) and set(before) != set(keys):
-        added, removed = len(set(keys) - set(before)), len(set(before) - set(keys))
-        note(f"latent cache: the shards of {source.name} changed since it was last opened: {added} added, "
-             f"{removed} removed ({len(keys)} now)")
-    if before != keys:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        cache_write(record, lambda tmp: Path(tmp).write_text(json.dumps(keys)))
+def shard_record(source_name: str, keys: list[str]) -> dict:
+    """What a run's checkpoint records of the data it reads through the cache (``EncodedSet.data_shards``; compared
+    at resume by ``training.checkpoints.shard_changes``): the source's name and each shard's label and identity (a
+    digest of its source key: its file, size and time, or its rows), compact for JSON."""
+    return {"source": source_name,
+            "shards": [[_shard_label(k), hashlib.sha256(k.encode()).hexdigest()[:16]] for k in keys]}
 
 
 def _report_skipped(out: EncodedSet, name: str) -> None:
@@ -352,10 +343,33 @@ def _shape(shape) -> str:
     return "x".join(str(int(d)) for d in shape)
 
 
+SCAN_BYTES = 1 << 24  # the chunk a shard's check reads at a time: memory stays at 16 MB whatever the shard's size
+
+
+def scan(tensor) -> tuple[float, float] | None:
+    """``(smallest, largest)`` value of a floating-point ``StoredTensor`` over every row, None if any is NaN or inf:
+    read in ``SCAN_BYTES`` chunks into one buffer (plain reads, not a memory map, so nothing stays resident), one
+    vectorised ``aminmax`` per chunk."""
+    count, item = int(np.prod(tensor.shape, dtype=np.int64)), tensor.np_dtype.itemsize
+    buf = np.empty(min(count, max(1, SCAN_BYTES // item)), tensor.np_dtype)
+    low, high = float("inf"), float("-inf")
+    with open(tensor.path, "rb") as f:
+        f.seek(tensor.offset)
+        for start in range(0, count, len(buf)):
+            part = buf[: min(len(buf), count - start)]
+            if f.readinto(memoryview(part).cast("B")) != part.nbytes:
+                raise ValueError(f"{tensor.path}: cut short (truncated?)")
+            lo, hi = torch.aminmax(tensor._torch(part).float())
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                return None
+            low, high = min(low, lo.item()), max(high, hi.item())
+    return low, high
+
+
 def doubtful(shard: CacheShard, latent: tuple[int, ...] | None) -> str | None:
     """Why a shard whose key is right still cannot be what this run's encoders wrote, else None: latents of another
-    dtype or shape than ``latent`` (another image size's), or a sample of rows (each tensor's first and last, a read
-    of a few rows, not the shard) holding non-finite values, a negative std or values no VAE gives."""
+    dtype or shape than ``latent`` (another image size's), or any row of its floating-point tensors (every row is
+    read: ``scan``) holding non-finite values, or latents with a negative std or values no VAE gives."""
     if not shard.rows:
         return None
     mean, std = shard.t["mean"], shard.t["std"]
@@ -364,21 +378,22 @@ def doubtful(shard: CacheShard, latent: tuple[int, ...] | None) -> str | None:
     if latent is not None and tuple(mean.shape[1:]) != tuple(latent):
         return (f"latents of shape {_shape(mean.shape[1:])}, not the {_shape(latent)} its VAE gives this run's "
                 "images (another image size's?)")
-    sample = {"mean": mean, "std": std, **{f"embeds.{k}": shard.t[f"embeds.{k}"] for k in shard.embed_keys}}
-    for name, tensor in sample.items():
+    tensors = {"mean": mean, "std": std, **{f"embeds.{k}": shard.t[f"embeds.{k}"] for k in shard.embed_keys}}
+    for name, tensor in tensors.items():
         if not tensor.dtype.is_floating_point or not len(tensor):
             continue
-        rows = tensor.rows(sorted({0, len(tensor) - 1})).float()
-        if not torch.isfinite(rows).all():
+        span = scan(tensor)
+        if span is None:
             return f"non-finite values (NaN or inf) in {name}"
-        if name in ("mean", "std") and (rows.abs().max() > MAX_LATENT or (name == "std" and rows.min() < 0)):
+        low, high = span
+        if name in ("mean", "std") and (max(-low, high) > MAX_LATENT or (name == "std" and low < 0)):
             return f"absurd values in {name} (beyond +-{MAX_LATENT:g}, or a negative std), which no VAE gives"
     return None
 
 
 def open_shard(path: Path, key: str, quiet: bool = False,
                latent: tuple[int, ...] | None = None) -> CacheShard | None:
-    """The cached shard at ``path`` if it is the encoding of key ``key`` (and, checked on a few of its rows, what
+    """The cached shard at ``path`` if it is the encoding of key ``key`` (and, checked over every row, what
     this run expects: latents of shape ``latent``, float32, finite, in range: ``doubtful``); None where it is
     missing, or (with a one-line note unless ``quiet``) unreadable or holding something else."""
     if not path.is_file():
@@ -403,7 +418,10 @@ def open_shard(path: Path, key: str, quiet: bool = False,
             note(f"latent cache {path} holds {why}, not the encoding of this data and these encoders "
                  "(swapped or copied from elsewhere); encoding it again")
         return None
-    why = doubtful(shard, latent)
+    try:
+        why = doubtful(shard, latent)
+    except (ValueError, OSError) as e:
+        why = f"rows that cannot be read ({str(e).removeprefix(f'{path}: ')[:120]})"
     if why is not None:
         if not quiet:
             note(f"latent cache {path} holds {why}; encoding it again")

@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from ..core.files import umask_modes
+from ..core.files import atomic_dir
 
 
 def latent_normalisation(vae) -> tuple[torch.Tensor | float, torch.Tensor | float]:
@@ -83,6 +83,6 @@ class VAETrainee(nn.Module):
         return recon, dist.kl()
 
     def save_pretrained(self, folder) -> Path:
-        self.vae.save_pretrained(folder, safe_serialization=True)
-        umask_modes(folder)  # diffusers leaves its safetensors 0600
+        with atomic_dir(folder) as tmp:  # a full disk names the folder and leaves the previous one intact
+            self.vae.save_pretrained(tmp, safe_serialization=True)
         return Path(folder)

@@ -91,7 +91,14 @@ class GuidedDenoiser:
         both = {k: torch.cat([cond.get("negative_" + k, v), v]) for k, v in pos.items()}
         x0_neg, x0_pos = self._denoise(torch.cat([z, z]), torch.cat([sigma, sigma]), torch.cat([w, w]),
                                        both).chunk(2)
-        return self._clip(x0_neg + append_dims(w.to(z.dtype), z.ndim) * (x0_pos - x0_neg))
+        return self._clip(self._combine(z, sigma, x0_neg, x0_pos, w))
+
+    def _combine(self, z, sigma, x0_neg, x0_pos, w) -> torch.Tensor:
+        """The guided prediction from the unconditional and conditional ones (batched ``sigma`` and ``w``):
+        ``x0_neg + w (x0_pos - x0_neg)``, diffusers' guidance in any parameterisation affine in x0. A family whose
+        pipeline guides otherwise (a norm rescale of the guided velocity, guidance switched off below a time)
+        overrides this."""
+        return x0_neg + append_dims(w.to(z.dtype), z.ndim) * (x0_pos - x0_neg)
 
     def _clip(self, x0: torch.Tensor) -> torch.Tensor:
         return x0.clamp(-self.clip_x0, self.clip_x0) if self.clip_x0 else x0

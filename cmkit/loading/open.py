@@ -11,6 +11,7 @@ import torch
 
 from ..core.assets import hub_load_kw, looks_like_hub_id, resolve
 from ..core.files import refuse_pickles
+from ..core.memory import NotEnoughMemory
 from ..latent.components import check_component_fits, is_text_to_image, read_model_index, safe_load_kw
 from ..latent.denoiser import TextToImageModel
 from ..models.backbones import BACKBONE_CLASSES
@@ -86,6 +87,8 @@ def load_teacher(path_or_hub_id, clip_x0: float | None = None, dtype=None):
     load_kw = hub_load_kw()
     try:
         return _load_diffusers(path, clip_x0, dtype, **load_kw)
+    except NotEnoughMemory:  # sized from the hub id's config before its weights were fetched: said as it is
+        raise
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(f"could not load teacher {path!r}: no such folder here, and as a hub id ({first}); "

@@ -24,7 +24,7 @@ from ..core import (
     karras_steps,
 )
 from ..core.assets import resolve
-from ..core.files import refuse_pickles, umask_modes
+from ..core.files import atomic_dir, refuse_pickles
 from .backbones import network_of
 from .denoisers import DiffusersDenoiser
 from .folder import MODEL_KINDS, read_meta, read_model_folder, write_model_folder
@@ -142,8 +142,8 @@ class ConsistencyModel(Preconditioned):
                                                sigma_max=self.sigma_max, sigma_data=self.sigma_data, rho=RHO,
                                                clip_denoised=False)
         folder = Path(folder)
-        ConsistencyModelPipeline(unet=self.backbone, scheduler=sched).save_pretrained(folder, safe_serialization=True)
-        umask_modes(folder)  # diffusers leaves its safetensors 0600
+        with atomic_dir(folder) as tmp:  # a full disk names the folder and leaves the previous one intact
+            ConsistencyModelPipeline(unet=self.backbone, scheduler=sched).save_pretrained(tmp, safe_serialization=True)
         return folder
 
     def pipeline_timesteps(self, steps: int, num_train_timesteps: int = 40) -> list[int]:

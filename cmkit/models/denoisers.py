@@ -23,7 +23,7 @@ from ..core import (
     edm_scalings,
     schedule_of,
 )
-from ..core.files import umask_modes
+from ..core.files import atomic_dir
 from .backbones import backbone_forward, sample_shape
 from .folder import MODEL_KINDS, read_model_folder, write_model_folder
 from .precond import Preconditioned
@@ -127,6 +127,6 @@ class DiffusersDenoiser(nn.Module):
         from diffusers import DDPMPipeline
 
         folder = Path(folder)
-        DDPMPipeline(unet=self.unet, scheduler=self.scheduler).save_pretrained(folder, safe_serialization=True)
-        umask_modes(folder)  # diffusers leaves its safetensors 0600
+        with atomic_dir(folder) as tmp:  # a full disk names the folder and leaves the previous one intact
+            DDPMPipeline(unet=self.unet, scheduler=self.scheduler).save_pretrained(tmp, safe_serialization=True)
         return folder

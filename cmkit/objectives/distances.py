@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core import Registry
+from ..core.checks import in_range
 from ..core.files import check_weights_file
 
 DISTANCES: Registry[Callable] = Registry("objective.distance")
@@ -128,8 +129,8 @@ for _name, _net in (("lpips", "vgg"), ("lpips-vgg", "vgg"), ("lpips-alex", "alex
 
 def make_distance(name: str, huber_c: float | None = None):
     """A per-sample distance ``(x, y) -> (batch,)`` by name; LPIPS variants build their network once."""
-    if huber_c is not None and not (math.isfinite(huber_c) and huber_c > 0):
-        raise ValueError(f"objective.huber_c must be a finite number > 0 (or unset: 0.00054 sqrt(d)), got {huber_c}")
+    if huber_c is not None:
+        in_range(huber_c, "objective.huber_c", 0, low_open=True, fix="or leave it unset: 0.00054 sqrt(d)")
     return DISTANCES[name](huber_c)
 
 

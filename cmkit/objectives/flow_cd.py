@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..core import append_dims
+from ..core.checks import finite_number
 from ..core.proposals import uniform_index_pairs
 from ..latent.autoencoder import latent_normalisation
 from ..latent.denoiser import TextToImageModel
@@ -104,7 +104,8 @@ def _prepare(cfg: FlowCDConfig, ctx: BuildContext):
                          f"{teacher.family.name}; use the recipe written for it")
     if cfg.solver not in SOLVERS or SOLVERS[cfg.solver].step is None:
         raise ValueError(f"objective.solver must be a step solver ({', '.join(step_solvers())}), got {cfg.solver!r}")
-    if not (1 <= cfg.w_min <= cfg.w_max and math.isfinite(cfg.w_max)):
+    finite_number(cfg.w_max, "objective.w_max", "the largest guidance scale drawn")
+    if not 1 <= cfg.w_min <= cfg.w_max:
         raise ValueError(f"objective.w_min ({cfg.w_min}) must be >= 1 and <= objective.w_max ({cfg.w_max})")
     if cfg.num_grid_steps < 1 or cfg.sample_steps < 1:
         raise ValueError("objective.num_grid_steps and objective.sample_steps must be >= 1")

@@ -14,12 +14,12 @@ seeded-and-frozen CLIP encoders with projection whose tokenizer is learnt over t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..core.checks import finite_number, in_range
 from ..core.proposals import logit_normal_times
 from ..latent.autoencoder import latent_normalisation
 from ..latent.builders import small_sd3_transformer
@@ -85,11 +85,9 @@ class LatentFlowMatchingLoss(FlowMatchingLoss):
 def _check(cfg: FlowMatchingConfig) -> None:
     if not 0 <= cfg.prompt_dropout < 1:
         raise ValueError(f"objective.prompt_dropout must be in [0, 1), got {cfg.prompt_dropout}")
-    if not (math.isfinite(cfg.shift) and cfg.shift > 0):
-        raise ValueError(f"objective.shift must be a positive number, got {cfg.shift}")
-    if not (math.isfinite(cfg.logit_mean) and math.isfinite(cfg.logit_std) and cfg.logit_std > 0):
-        raise ValueError(f"objective.logit_mean must be finite and objective.logit_std > 0, got {cfg.logit_mean}, "
-                         f"{cfg.logit_std}")
+    in_range(cfg.shift, "objective.shift", 0, low_open=True, fix="SD3's is 3.0")
+    finite_number(cfg.logit_mean, "objective.logit_mean", "SD3's is 0.0")
+    in_range(cfg.logit_std, "objective.logit_std", 0, low_open=True, fix="SD3's is 1.0")
 
 
 def _scheduler(cfg: FlowMatchingConfig):
@@ -125,8 +123,8 @@ def _build_latent(cfg: FlowMatchingConfig, ctx: BuildContext):
     # SD3's normalisation: (z - shift_factor) * scaling_factor, measured to zero mean and unit variance
     shift = ctx.resumed.get("shift_factor", encoded.mean.mean().item())
     scale = ctx.resumed.get("scaling_factor") or 1 / (encoded.mean - shift).std().item()
-    if not (math.isfinite(scale) and scale > 0 and math.isfinite(shift)):
-        raise ValueError(f"latent scale {scale} / shift {shift} are not finite; check the VAE")
+    in_range(scale, "the latent scale (1 / std of the training latents)", 0, low_open=True, fix="check the VAE")
+    finite_number(shift, "the latent shift (mean of the training latents)", "check the VAE")
     vae.register_to_config(scaling_factor=scale, shift_factor=shift, latents_mean=None, latents_std=None)
     c, h, _ = encoded.mean.shape[1:]
     tr = small_sd3_transformer(h, c, cfg.layers, cfg.heads, cfg.head_dim, 2 * cfg.text_hidden, 2 * cfg.projection_dim,

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.checks import in_range
 from ..latent.autoencoder import latent_normalisation
 from ..latent.builders import small_cond_unet
 from ..latent.families.unet import LatentDenoiser, PromptEncoder
@@ -80,8 +81,8 @@ def build(cfg: LatentDDPMConfig, ctx: BuildContext):
     prompts = text_side(cfg, bpe, ctx.seed)
     encoded = ctx.encode_captions(vae, prompts)  # the latent cache the job layer hands in
     scale = ctx.resumed.get("scaling_factor") or cfg.scaling_factor or 1 / encoded.mean.std().item()
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"latent scaling factor {scale} is not a positive number; check the VAE")
+    in_range(scale, "the latent scaling factor (objective.scaling_factor, else 1 / std of the training latents)", 0,
+             low_open=True, fix="check the VAE")
     vae.register_to_config(scaling_factor=scale)
     scheduler = DDIMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                               beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type=cfg.prediction_type,

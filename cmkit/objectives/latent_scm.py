@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..core import append_dims
+from ..core.checks import finite_number
 from ..core.proposals import shifted_uniform_sigmas, trigflow_times
 from ..latent.autoencoder import latent_normalisation
 from ..latent.denoiser import TextToImageModel
@@ -259,11 +260,13 @@ class LatentSCM(GuidedLatentBatches, nn.Module):
 
 def _check(cfg: LatentSCDConfig) -> None:
     check_tangent_method(cfg.tangent, cfg.fd_step)
-    if not (1 <= cfg.w_min <= cfg.w_max and math.isfinite(cfg.w_max)):
+    finite_number(cfg.w_max, "objective.w_max", "the largest guidance scale drawn")
+    finite_number(cfg.p_mean, "objective.p_mean", "sCD's is -0.8")
+    if not 1 <= cfg.w_min <= cfg.w_max:
         raise ValueError(f"objective.w_min ({cfg.w_min}) must be >= 1 and <= objective.w_max ({cfg.w_max})")
-    if not (0 < cfg.sigma_min < cfg.sigma_max and cfg.sigma_data > 0 and cfg.p_std > 0 and math.isfinite(cfg.p_mean)):
-        raise ValueError("objective.sigma_min < sigma_max, sigma_data > 0, p_std > 0 and a finite p_mean are needed, "
-                         f"got {cfg.sigma_min}, {cfg.sigma_max}, {cfg.sigma_data}, {cfg.p_std}, {cfg.p_mean}")
+    if not (0 < cfg.sigma_min < cfg.sigma_max and cfg.sigma_data > 0 and cfg.p_std > 0):
+        raise ValueError("objective.sigma_min < sigma_max, sigma_data > 0 and p_std > 0 are needed, "
+                         f"got {cfg.sigma_min}, {cfg.sigma_max}, {cfg.sigma_data}, {cfg.p_std}")
     if not (cfg.tangent_warmup >= 0 and cfg.tangent_norm_c >= 0 and cfg.sample_steps >= 1):
         raise ValueError("objective.tangent_warmup and tangent_norm_c must be >= 0 and sample_steps >= 1")
     if isinstance(cfg, LatentRCMConfig) and not (

@@ -16,12 +16,12 @@ student itself under stop-gradient (LCM-LoRA).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..core import append_dims
+from ..core.checks import finite_number, in_range
 from ..core.proposals import uniform_indices
 from ..latent.autoencoder import latent_normalisation
 from ..latent.denoiser import TextToImageModel
@@ -63,16 +63,14 @@ def elementwise_huber(x, y, c: float):
 def check_config(cfg: LCMConfig) -> None:
     """One-line errors for values an LCM run cannot train with, before anything is loaded or encoded (NaN fails
     every comparison, so each check is written to refuse it)."""
-    if not 0 <= cfg.w_min <= cfg.w_max or not math.isfinite(cfg.w_max):
+    finite_number(cfg.w_max, "objective.w_max", "the largest guidance scale drawn (LCM's 15)")
+    if not 0 <= cfg.w_min <= cfg.w_max:
         raise ValueError(f"objective.w_min ({cfg.w_min}) must be >= 0 and <= objective.w_max ({cfg.w_max})")
-    if not (math.isfinite(cfg.timestep_scaling) and cfg.timestep_scaling > 0):
-        raise ValueError(f"objective.timestep_scaling must be a finite number > 0 (LCM's 10), got "
-                         f"{cfg.timestep_scaling}")
+    in_range(cfg.timestep_scaling, "objective.timestep_scaling", 0, low_open=True, fix="LCM's is 10")
     if not 0 <= cfg.target_ema < 1:
         raise ValueError(f"objective.target_ema must lie in [0, 1) (0: the student itself under stop-gradient; "
                          f"LCM's 0.95), got {cfg.target_ema}")
-    if not (math.isfinite(cfg.huber_c) and cfg.huber_c > 0):
-        raise ValueError(f"objective.huber_c must be a finite number > 0 (LCM's 0.001), got {cfg.huber_c}")
+    in_range(cfg.huber_c, "objective.huber_c", 0, low_open=True, fix="LCM's is 0.001")
     if not cfg.num_ddim_timesteps >= 1:
         raise ValueError(f"objective.num_ddim_timesteps must be >= 1 and divide the teacher's timesteps (LCM's "
                          f"50), got {cfg.num_ddim_timesteps}")

@@ -15,12 +15,12 @@ so the network regresses onto the right-hand side with its own stop-gradient der
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..core import SIGMA_DATA, SIGMA_MIN, append_dims
+from ..core.checks import finite_number, in_range
 from ..core.proposals import meanflow_times
 from ..models import MeanFlowModel
 from .base import BuildContext, ObjectiveConfig, register_objective, replaying_draws, unwrapped
@@ -62,9 +62,10 @@ class MeanFlowLoss:
         if not power >= 0:
             raise ValueError(f"objective.power (the adaptive weight's p; 0 is plain squared L2) must be >= 0, "
                              f"got {power}")
-        if not 0 <= r_neq_t <= 1 or not c > 0 or not p_std > 0 or not math.isfinite(p_mean):
-            raise ValueError(f"objective.r_neq_t must lie in [0, 1], objective.c and objective.p_std be > 0 and "
-                             f"objective.p_mean finite; got {r_neq_t}, {c}, {p_std}, {p_mean}")
+        finite_number(p_mean, "objective.p_mean", "MeanFlow's is -0.4")
+        if not 0 <= r_neq_t <= 1 or not c > 0 or not p_std > 0:
+            raise ValueError(f"objective.r_neq_t must lie in [0, 1], objective.c and objective.p_std be > 0; "
+                             f"got {r_neq_t}, {c}, {p_std}")
         self.p_mean, self.p_std, self.r_neq_t, self.power, self.c = p_mean, p_std, r_neq_t, power, c
         self.tangent, self.fd_step = tangent, fd_step
 
@@ -93,8 +94,7 @@ def build(cfg: MeanFlowConfig, ctx: BuildContext):
     """MeanFlow: one- and few-step generation from a two-time average-velocity network, no teacher."""
     if ctx.teacher is not None:
         raise ValueError("objective.kind 'meanflow' trains without a teacher, but one is given; remove teacher.path")
-    if not (math.isfinite(cfg.sigma_max) and cfg.sigma_max > 0):
-        raise ValueError(f"objective.sigma_max must be a finite number > 0 (sampling starts at flow time "
-                         f"sigma_max / (1 + sigma_max); MeanFlow's 999), got {cfg.sigma_max}")
+    in_range(cfg.sigma_max, "objective.sigma_max", 0, low_open=True,
+             fix="sampling starts at flow time sigma_max / (1 + sigma_max); MeanFlow's is 999")
     model = MeanFlowModel(ctx.make_backbone(), SIGMA_MIN, cfg.sigma_max, SIGMA_DATA)
     return model, MeanFlowLoss(cfg.p_mean, cfg.p_std, cfg.r_neq_t, cfg.power, cfg.c, cfg.tangent, cfg.fd_step)

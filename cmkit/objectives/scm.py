@@ -17,13 +17,13 @@ comes from the proposal ``sd tan t = e^tau``, ``tau ~ N(P_mean, P_std^2)``.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..core import append_dims, trig_velocity_from_x0
+from ..core.checks import finite_number, in_range
 from ..core.proposals import trigflow_times
 from ..models import TrigFlowConsistencyModel
 from ..models.backbones import sinusoidal_embedding
@@ -105,12 +105,11 @@ class SCMLoss(nn.Module):
         super().__init__()
         check_tangent_method(tangent, fd_step)
         # written so that NaN fails each check (NaN passes every `x < 0` test, and trains nothing but skipped steps)
-        if not (tangent_warmup >= 0 and math.isfinite(tangent_norm_c) and tangent_norm_c >= 0
-                and math.isfinite(p_std) and p_std > 0):
-            raise ValueError("objective.tangent_warmup and objective.tangent_norm_c must be finite numbers >= 0 and "
-                             f"objective.p_std > 0, got {tangent_warmup}, {tangent_norm_c}, {p_std}")
-        if not math.isfinite(p_mean):
-            raise ValueError(f"objective.p_mean must be a finite number (sCT's -1.0, sCD's -0.8), got {p_mean}")
+        if not tangent_warmup >= 0:
+            raise ValueError(f"objective.tangent_warmup must be >= 0, got {tangent_warmup}")
+        in_range(tangent_norm_c, "objective.tangent_norm_c", 0, fix="sCM's is 0.1")
+        in_range(p_std, "objective.p_std", 0, low_open=True, fix="sCT's is 1.6, sCD's 1.6")
+        finite_number(p_mean, "objective.p_mean", "sCT's is -1.0, sCD's -0.8")
         self.__dict__["teacher"] = teacher  # not a submodule: never optimised, never checkpointed
         self.sd, self.p_mean, self.p_std = sigma_data, p_mean, p_std
         self.sigma_min, self.sigma_max = sigma_min, sigma_max

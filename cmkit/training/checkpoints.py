@@ -215,6 +215,31 @@ def load_checkpoint(path, nets: dict[str, torch.nn.Module], optimizer) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
+def shard_changes(before, now: dict | None) -> str | None:
+    """One line naming the shards added, removed and changed between ``before`` (what a checkpoint's state records
+    of the data: ``{"source": name, "shards": [[label, digest], ...]}``, ``data.latent_cache.shard_record``) and
+    ``now``, else None (the same shards, or nothing to compare: other data, or a checkpoint from before records)."""
+    if not isinstance(before, dict) or not isinstance(before.get("shards"), list) or not now:
+        return None
+    try:
+        old = {tuple(s) for s in before["shards"]}
+    except TypeError:
+        return None
+    new = {tuple(s) for s in now["shards"]}
+    if old == new:
+        return None
+    added, removed = sorted(n for n, _ in new - old), sorted(n for n, _ in old - new)
+    changed = sorted(set(added) & set(removed))
+    added, removed = [n for n in added if n not in changed], [n for n in removed if n not in changed]
+
+    def names(label: str, items: list[str]) -> str:
+        shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+        return f"{len(items)} {label}" + (f" ({shown})" if items else "")
+    parts = [names("added", added), names("removed", removed)] + ([names("changed", changed)] if changed else [])
+    return (f"the shards of {now['source']} changed since this run's checkpoint: {'; '.join(parts)} "
+            f"({len(new)} now); the run goes on over the shards there now")
+
+
 def _pointer(root: Path) -> str | None:
     try:
         return (root / "latest").read_text().strip() or None

@@ -40,6 +40,7 @@ from .checkpoints import (
     load_checkpoint,
     resume_newest,
     save_checkpoint,
+    shard_changes,
     warn,
 )
 from .ema import EMA, frozen_copy
@@ -233,10 +234,18 @@ class Trainer:
                 raise CheckpointError(f"{self.out} holds a trained model/ but no checkpoint to go on from; rather "
                                       "than train it again from step 0 unasked, the run stops: pass --restart")
             return 0
+        changed = shard_changes(state.get("data_shards"), self._data_shards())
+        if changed is not None and main:
+            quietly(warn, changed)
         self._scaler_state = state.get("scaler")
         for g in self.optimizer.param_groups:  # the recipe's learning rate, which may differ from the saved one's
             g["lr"] = self.lr_at(state["step"]) * g.get("lr_scale", 1.0)
         return state["step"]
+
+    def _data_shards(self) -> dict | None:
+        """The shard set of the cached data the objective reads (its ``encoded`` latent cache: ``data_shards``), which
+        each checkpoint records so that a resume over other shards says so; None for other data."""
+        return getattr(getattr(self.objective, "encoded", None), "data_shards", None)
 
     def _counters(self) -> None:
         """Device-side tallies, read only at log rows and checkpoints: the loss summed over finite steps and their
@@ -424,7 +433,7 @@ class Trainer:
         if acc.is_main_process:
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
             save_checkpoint(self.ckpt_root, self.step_no, nets, optimizer,
-                            {"seed": self.seed, "scaler": scaler, **self.run_info})
+                            {"seed": self.seed, "scaler": scaler, "data_shards": self._data_shards(), **self.run_info})
         acc.wait_for_everyone()
 
     def export_choice(self) -> tuple[str, str]:
