@@ -80,6 +80,29 @@ def build_tokenizer(texts: list[str], max_length: int = 16, vocab_size: int = 10
     return clip_tokenizer(learn_bpe(texts, vocab_size), max_length)
 
 
+def byte_tokenizer(cls: str, specials: list[str], chat_template: str | None = None, **special_tokens):
+    """An offline tokenizer of the ``transformers`` class ``cls`` (``Qwen2Tokenizer``, ``GemmaTokenizer``, ...) for
+    tiny language-model text encoders: byte-level BPE with no merges (one token per UTF-8 byte, so every text,
+    template and language tokenises, deterministically), then ``specials`` (each one token; ``special_tokens`` names
+    their roles: ``eos_token="<|endoftext|>"``) and ``chat_template`` (the Jinja template ``apply_chat_template``
+    renders). Saved and read back through the class's own ``from_pretrained`` as a pipeline folder's tokenizer."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for t in specials:
+        vocab[t] = len(vocab)
+    unk = special_tokens.get("unk_token")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    out = getattr(transformers, cls)(tokenizer_object=tok, **special_tokens)
+    if chat_template is not None:
+        out.chat_template = chat_template
+    return out
+
+
 def small_text_encoder(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, max_length: int = 16,
                        projection_dim: int | None = None, seed: int = 0):
     """A small CLIP text encoder (``CLIPTextModelWithProjection`` when ``projection_dim`` is given, as SDXL's second

@@ -108,7 +108,7 @@ class SCMLoss(nn.Module):
         if not tangent_warmup >= 0:
             raise ValueError(f"objective.tangent_warmup must be >= 0, got {tangent_warmup}")
         in_range(tangent_norm_c, "objective.tangent_norm_c", 0, fix="sCM's is 0.1")
-        in_range(p_std, "objective.p_std", 0, low_open=True, fix="sCT's is 1.6, sCD's 1.6")
+        in_range(p_std, "objective.p_std", 0, low_open=True, fix="sCT's is 1.4, sCD's 1.6")
         finite_number(p_mean, "objective.p_mean", "sCT's is -1.0, sCD's -0.8")
         self.__dict__["teacher"] = teacher  # not a submodule: never optimised, never checkpointed
         self.sd, self.p_mean, self.p_std = sigma_data, p_mean, p_std
