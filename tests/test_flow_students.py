@@ -17,6 +17,7 @@ from cmkit.cli.recipes import load_recipe
 from cmkit.latent.families.flux import pack, tiny_flux_pipeline, unpack
 from cmkit.latent.families.sd3 import tiny_sd3_pipeline
 from cmkit.latent.flow_student import FlowConsistencyModel, add_transformer_lora
+from cmkit.latent.students import export_lora
 from cmkit.objectives.flow_cd import FlowCDConfig, FlowConsistencyDistillation
 
 PROMPTS = ["a red sneaker", "a green bag"]
@@ -83,7 +84,7 @@ def test_exported_student_is_sampled_by_the_teachers_pipeline_as_cmkit_samples_i
 
 def test_lora_student_loads_through_the_pipelines_load_lora_weights(tmp_path):
     folder, teacher = _teacher("sd3", tmp_path)
-    add_transformer_lora(teacher.network, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    add_transformer_lora(teacher.network, 4, 8.0, ["to_q", "to_k", "to_v", "to_out.0"])  # scale 2: alpha kept
     with torch.no_grad():  # an adapter that changes something (peft starts B at zero)
         for name, p in teacher.network.named_parameters():
             if "lora_B" in name:
@@ -96,6 +97,13 @@ def test_lora_student_loads_through_the_pipelines_load_lora_weights(tmp_path):
         ours = cmkit.text_to_image(student, PROMPTS, steps=steps, solver="euler", guidance_scale=1.0,
                                    latents=latents, spacing=None, output="latent")
         assert (ours - _theirs("sd3", pipe, latents, steps)).abs().max() < 1e-4
+    # no kohya layout for SD3: diffusers converts kohya files for it in one direction only
+    with pytest.raises(ValueError, match="not 'kohya'"):
+        export_lora(student, tmp_path / "k.safetensors", layout="kohya")
+    export_lora(student, tmp_path / "one" / "student.safetensors")  # the diffusers layout as one file
+    pipe = _pipeline("sd3", folder, lora=None)
+    pipe.load_lora_weights(tmp_path / "one", weight_name="student.safetensors")
+    assert (_theirs("sd3", pipe, latents, 4) - ours).abs().max() < 1e-4
     again = FlowConsistencyModel.from_pretrained(tmp_path / "lora")  # on the recorded base
     again.parts.prompt_encoder.max_sequence_length = 16
     latents = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(9))

@@ -9,6 +9,7 @@ import torch
 from cmkit import load_model, load_teacher
 from cmkit.latent.families.unet import LatentDenoiser, tiny_pipeline
 from cmkit.latent.lcm import LatentConsistencyModel, LCMFunction, add_lora, student_unet
+from cmkit.latent.students import export_lora
 from cmkit.sampling.text2image import lcm_sample
 
 PROMPTS = ["a red sneaker", "a green bag"]
@@ -63,7 +64,9 @@ def test_exported_lora_loads_into_the_teachers_pipeline(layout, tmp_path):
     teacher = tiny_pipeline(layout, seed=6)
     teacher.save_pretrained(tmp_path / "teacher")
     base = load_teacher(str(tmp_path / "teacher"))
-    add_lora(base.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    # alpha != rank: a loader that took alpha = rank (what diffusers assumes of a file without the adapter's config)
+    # would apply twice the adapter
+    add_lora(base.unet, 4, 2.0, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
     _perturb(torch.nn.ModuleList([m for n, m in base.unet.named_modules() if n.endswith("lora_B")]))
     lcm = LatentConsistencyModel(LCMFunction(base.denoiser), base, lora=True, base=str(tmp_path / "teacher"))
     lcm.save_pretrained(tmp_path / "lora")
@@ -72,6 +75,22 @@ def test_exported_lora_loads_into_the_teachers_pipeline(layout, tmp_path):
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.load_lora_weights(tmp_path / "lora")
     loaded = load_model(tmp_path / "lora")
+    # the kohya / ComfyUI layout, one file, read back by diffusers' own converter
+    export_lora(loaded, tmp_path / "kohya" / "lcm-lora.safetensors", layout="kohya")
+    kohya = _pipe(layout, tmp_path / "teacher")
+    kohya.scheduler = LCMScheduler.from_config(kohya.scheduler.config)
+    kohya.load_lora_weights(tmp_path / "kohya", weight_name="lcm-lora.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "kohya" / "lcm-lora.safetensors", "pt") as f:
+        assert all(k.startswith("lora_unet_") for k in f.keys()) and any(k.endswith(".lora_down.weight")
+                                                                         for k in f.keys())
+        python = {k: f.get_tensor(k) for k in f.keys()}
+    from cmkit.cli.commands import main
+
+    assert main(["export-lora", str(tmp_path / "lora"), str(tmp_path / "cli.safetensors"), "--layout", "kohya"]) == 0
+    with safe_open(tmp_path / "cli.safetensors", "pt") as f:
+        assert set(f.keys()) == set(python) and all(torch.equal(f.get_tensor(k), v) for k, v in python.items())
     latents = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(3))
     for steps in (1, 4):
         ref = pipe(PROMPTS, latents=latents.clone(), num_inference_steps=steps, guidance_scale=1.0,
@@ -79,6 +98,9 @@ def test_exported_lora_loads_into_the_teachers_pipeline(layout, tmp_path):
         ours = lcm_sample(loaded, PROMPTS, steps, guidance_scale=1.0, latents=latents,
                           generator=torch.Generator().manual_seed(4))
         assert (ours / 2 + 0.5).clamp(0, 1).sub(ref).abs().max() < 1e-4
+        theirs = kohya(PROMPTS, latents=latents.clone(), num_inference_steps=steps, guidance_scale=1.0,
+                       generator=torch.Generator().manual_seed(4), output_type="pt").images
+        assert (theirs - ref).abs().max() < 1e-4
     # and the adapter changed the teacher: without it the same sampler gives other images
     plain = LatentConsistencyModel(LCMFunction(load_teacher(str(tmp_path / "teacher")).denoiser), teacher)
     ours_1 = lcm_sample(loaded, PROMPTS, 1, latents=latents)

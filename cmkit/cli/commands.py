@@ -12,7 +12,16 @@ from pathlib import Path
 
 from .. import __version__
 from .streams import guarded_output, signals_interrupt
-from .text2image import add_bench_t2i, add_generate, named_folders, run_bench_t2i, run_generate, seed_value
+from .text2image import (
+    add_bench_t2i,
+    add_export_lora,
+    add_generate,
+    named_folders,
+    run_bench_t2i,
+    run_export_lora,
+    run_generate,
+    seed_value,
+)
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 TRAINING_JOBS = ("train-teacher", "distill", "train")
@@ -90,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit(sub)
     _add_bench(sub)
     add_generate(sub)
+    add_export_lora(sub)
     return parser
 
 
@@ -161,7 +171,7 @@ def _parse_sigmas(text: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     handlers = {"quickstart": run_quickstart, "sample": run_sample, "edit": run_edit, "bench": run_bench,
-                "generate": run_generate,
+                "generate": run_generate, "export-lora": run_export_lora,
                 **{job: run_training for job in TRAINING_JOBS}}
     handlers[args.command](args)
     return 0

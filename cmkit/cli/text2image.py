@@ -25,6 +25,23 @@ def add_generate(sub) -> None:
     g.add_argument("--out", default="generated.png", help="output .png grid or .npy batch (default generated.png)")
 
 
+def add_export_lora(sub) -> None:
+    x = sub.add_parser("export-lora", help="a LoRA student's adapter as one .safetensors file (diffusers or kohya "
+                                            "layout, for ComfyUI / AUTOMATIC1111)")
+    x.add_argument("model", help="a LoRA student folder cmkit wrote (lcm_lora, flow_cd_lora, latent_scd_lora, ...)")
+    x.add_argument("out", help="the .safetensors file to write")
+    x.add_argument("--layout", default="diffusers", choices=["diffusers", "kohya"],
+                   help="key layout: diffusers' (load_lora_weights) or kohya's (lora_unet_..., SD / SDXL)")
+
+
+def run_export_lora(args: argparse.Namespace) -> None:
+    from ..latent.students import export_lora
+
+    student = _t2i_model(args.model)
+    path = export_lora(student, args.out, args.layout)
+    print(f"wrote the {args.layout}-layout LoRA of {args.model} to {path}")
+
+
 def add_bench_t2i(bsub) -> None:
     b = bsub.add_parser("text-to-image", help="a text-to-image teacher's solvers at 1-50 steps on the coloured "
                                               "Fashion-MNIST prompts (item / colour accuracy, Frechet distance)")

@@ -5,8 +5,9 @@ An adapter is the only place that knows its pipeline: reading the folder's compo
 sigma space (the network call, the schedule) with a prompt encoder that encodes exactly as the pipeline does
 (``load``), its scheduler's own grid (``grid``), its default image size and patching (``default_image_size``,
 ``latent_shape`` of any height and width it can patch, ``resized`` where the conditioning describes the size), the
-longest prompt its encoder takes (``max_sequence_length``), the kind of few-step student it distils into (``student``), its LoRA layout (``network``: the
-component a LoRA adapts, ``lora_targets``: its modules, ``write_lora``: the file ``load_lora_weights`` reads), a
+longest prompt its encoder takes (``max_sequence_length``), the kind of few-step student it distils into
+(``student``), its LoRA layout (``network``: the component a LoRA adapts, ``lora_targets``: its modules,
+``write_lora``: the file ``load_lora_weights`` reads, ``lora_state``: other layouts such as kohya's), a
 tiny random stand-in of itself (``tiny``: dry runs and tests), and writing a model back as a folder of its pipeline
 class (``pipeline``, ``write``). Everything above sees only ``D(z, sigma, **cond)`` and these hooks. Adding a family
 is one file in ``families/`` with a ``@register_family`` class, plus its import in ``families/__init__.py``.
@@ -95,11 +96,21 @@ class PipelineFamily:
         finally:
             log.removeFilter(_absent_parts)
 
-    def write_lora(self, model, folder, state: dict) -> None:
+    def write_lora(self, model, folder, state: dict, config=None) -> None:
         """Write a LoRA adapter's ``state`` (peft's key layout) on ``model``'s network as the file this pipeline's
-        ``load_lora_weights`` reads."""
+        ``load_lora_weights`` reads. ``config``: the adapter's peft ``LoraConfig``, written beside the weights so the
+        loader scales by ``lora_alpha / r`` as the adapter was trained (without it diffusers takes alpha = r)."""
+        meta = {f"{self.network}_lora_adapter_metadata": config.to_dict()} if config is not None else {}
         type(self.pipeline(model)).save_lora_weights(folder, **{f"{self.network}_lora_layers": state},
-                                                     safe_serialization=True)
+                                                     safe_serialization=True, **meta)
+
+    lora_layouts: tuple[str, ...] = ("diffusers",)  # the LoRA file layouts cmkit writes for this family
+
+    def lora_state(self, model, state: dict, config, layout: str) -> dict:
+        """A LoRA adapter's tensors keyed as a layout other than diffusers' (``write_lora``) lays them out, for the
+        layouts in ``lora_layouts`` (kohya's, where diffusers converts it for the family)."""
+        raise ValueError(f"cmkit writes {self.name} LoRA files in the {' / '.join(self.lora_layouts)} layout, not "
+                         f"{layout!r}; use layout={self.lora_layouts[0]!r}")
 
 
 def patched_shape(channels: int, height: int, width: int, factor: int, patch: int = 1,

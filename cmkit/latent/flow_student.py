@@ -29,7 +29,14 @@ from ..core.digests import weights_digest
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiserView, TextToImageModel, delegate
-from .students import SharedPartsStudent, check_base_hash, check_kind, check_lora_config, load_adapter
+from .students import (
+    SharedPartsStudent,
+    check_base_hash,
+    check_kind,
+    check_lora_config,
+    load_adapter,
+    write_lora_student,
+)
 
 # the student's sampler -> the scheduler its export samples with: deterministic, or re-noising with fresh noise
 SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler", "consistency": "FlowMatchLCMScheduler"}
@@ -123,22 +130,13 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         meta = self.meta()
         with atomic_dir(folder) as tmp:
             if self.lora:
-                self._save_lora(tmp, meta)
+                write_lora_student(self.parts, self.network, tmp, meta)
             else:
                 den = copy.copy(self.denoiser)
                 den.scheduler = self.student_scheduler()
                 TextToImageModel(den, self.parts.vae, self.parts.prompt_encoder, self.parts.config).save_pretrained(tmp)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return Path(folder)
-
-    def _save_lora(self, tmp: Path, meta: dict) -> None:
-        from peft.utils import get_peft_model_state_dict
-
-        net = self.network
-        adapter = net.peft_config["default"]
-        meta["lora_config"] = {"r": adapter.r, "lora_alpha": adapter.lora_alpha,
-                               "target_modules": sorted(adapter.target_modules)}
-        self.family.write_lora(self.parts, tmp, get_peft_model_state_dict(net))
 
     @classmethod
     def from_pretrained(cls, folder, base=None) -> FlowConsistencyModel:

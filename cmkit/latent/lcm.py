@@ -24,7 +24,14 @@ from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
 from .denoiser import LatentDenoiserView, TextToImageModel, delegate
 from .families.unet import LatentDenoiser
-from .students import SharedPartsStudent, check_base_hash, check_kind, check_lora_config, load_adapter
+from .students import (
+    SharedPartsStudent,
+    check_base_hash,
+    check_kind,
+    check_lora_config,
+    load_adapter,
+    write_lora_student,
+)
 
 LCM_SIGMA_DATA = 0.5
 
@@ -174,11 +181,8 @@ class LatentConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         return Path(folder)
 
     def _save_lora(self, folder, meta: dict) -> Path:
-        adapter = self.unet.peft_config["default"]
-        meta["lora_config"] = {"r": adapter.r, "lora_alpha": adapter.lora_alpha,
-                               "target_modules": sorted(adapter.target_modules)}
         with atomic_dir(folder) as tmp:
-            self.parts.family.write_lora(self.parts, tmp, lora_state_dict(self.unet))
+            write_lora_student(self.parts, self.unet, tmp, meta)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return Path(folder)
 

@@ -125,6 +125,51 @@ def check_kind(folder, meta: dict, kind: str) -> None:
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what a pipeline's load_lora_weights reads
 
 
+def write_lora_student(parts, network, folder: Path, meta: dict) -> None:
+    """A LoRA student's adapter on ``network`` (``parts``' family's network) written into ``folder`` as the file the
+    family's pipeline's ``load_lora_weights`` reads, its shape and scale recorded in ``meta["lora_config"]``."""
+    from peft.utils import get_peft_model_state_dict
+
+    adapter = network.peft_config["default"]
+    meta["lora_config"] = {"r": adapter.r, "lora_alpha": adapter.lora_alpha,
+                           "target_modules": sorted(adapter.target_modules)}
+    parts.family.write_lora(parts, folder, get_peft_model_state_dict(network), adapter)
+
+
+def export_lora(student, path, layout: str = "diffusers") -> Path:
+    """One ``.safetensors`` file of a LoRA student's adapter, for the tools people sample in: ``layout="diffusers"``
+    (what ``load_lora_weights`` reads, the adapter's alpha included, as the student folder holds it) or ``"kohya"``
+    (the ``lora_unet_...`` / ``lora_down`` / ``lora_up`` / ``alpha`` keys ComfyUI, AUTOMATIC1111 and diffusers' own
+    loader read; for the families whose layout diffusers converts, ``family.lora_layouts``). Written atomically."""
+    import os
+    import tempfile
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from ..core.files import atomic_write
+
+    path = Path(path)
+    if not getattr(student, "lora", False):
+        raise ValueError(f"a {type(student).__name__} without an adapter has no LoRA file; export_lora takes a "
+                         "LoRA student (lcm_lora, flow_cd_lora, latent_scd_lora, ...)")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"a LoRA file is written as .safetensors, got {path.name!r}")
+    parts, network = student.parts, student.network
+    state, config = get_peft_model_state_dict(network), network.peft_config["default"]
+    if layout == "diffusers":
+        def write(tmp: Path) -> None:  # the pipeline's own writer (it records the alpha), then moved into place
+            with tempfile.TemporaryDirectory(dir=tmp.parent) as d:
+                parts.family.write_lora(parts, d, state, config)
+                os.replace(Path(d) / LORA_FILE, tmp)
+    else:
+        keyed = parts.family.lora_state(parts, state, config, layout)
+
+        def write(tmp: Path) -> None:
+            save_file({k: v.contiguous() for k, v in keyed.items()}, str(tmp), metadata={"format": "pt"})
+    return atomic_write(path, write)
+
+
 def load_adapter(network, folder, part: str, what: str) -> None:
     """Read a LoRA student's ``LORA_FILE`` into ``network``'s adapter: refused in one line where the file cannot be
     read, holds other parts' tensors (``part``: the prefix its keys carry, "unet" / "transformer"), non-finite

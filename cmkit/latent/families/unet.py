@@ -138,6 +138,17 @@ class UNetFamily(PipelineFamily):
                     "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
     student = "lcm"
     xl = False
+    lora_layouts = ("diffusers", "kohya")
+
+    def lora_state(self, model, state: dict, config, layout: str) -> dict:
+        if layout != "kohya":
+            return super().lora_state(model, state, config, layout)
+        import torch
+        from diffusers.utils import convert_state_dict_to_kohya
+
+        out = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+        # diffusers writes alpha = rank (a scale of 1); the adapter's own scale is lora_alpha / r
+        return {k: torch.tensor(float(config.lora_alpha)) if k.endswith(".alpha") else v for k, v in out.items()}
 
     def load(self, path, index, dtype, clip_x0, load_kw):
         pairs = [(e, e.replace("text_encoder", "tokenizer")) for e in self.encoders]
