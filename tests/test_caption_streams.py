@@ -234,6 +234,15 @@ def _recipe(data, steps, extra):
     return load_recipe(None, [*base, *extra])
 
 
+def test_streamed_shards_without_an_image_size_take_the_teachers_own(data, tmp_path, monkeypatch):
+    """webdataset shards with no data.image_size are cropped to the teacher's own size (its UNet's 16 px here);
+    they were refused with "webdataset shards need data.image_size"."""
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    recipe = _recipe(data, 1, [f'data.path="{data / "shards"}"', "data.image_size=0"])
+    run_job("distill", recipe, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "model" / "pytorch_lora_weights.safetensors").is_file()
+
+
 @pytest.mark.parametrize("where", ["webdataset", "imagefolder"])
 def test_lcm_on_streamed_data_resumes_exactly(data, tmp_path, monkeypatch, capsys, where):
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))

@@ -325,3 +325,20 @@ def test_on_a_gpu_the_encoders_and_the_network_take_turns_on_the_device(kind, tm
     later = [d for m, d in moves[first:] if m in (id(teacher.prompt_encoder), id(teacher.denoiser))]
     assert later == ["cpu", "cuda"]  # the encoders left before the network came on
     assert where[id(teacher.network)] == "cuda" and where[id(teacher.prompt_encoder)] == "cpu"
+
+
+def test_a_flux_teacher_distils_at_its_datas_size_not_only_its_pipelines_default(tmp_path, monkeypatch):
+    """A Flux folder's default size is 128 latent rows (512 px for this VAE); a caption set of 16x16 images is
+    distilled at 16x16 (it was refused: "the teacher takes (3, 512, 512)"), and a size Flux cannot pack is one line."""
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "flux"
+    tiny_flux_pipeline(guidance=True, seed=7).save_pretrained(folder)
+    assert cmkit.load_teacher(str(folder)).image_shape == (3, 512, 512)
+    recipe = load_recipe(None, ['objective.kind="flow_cd_lora"', "objective.num_grid_steps=4", "train.batch_size=2",
+                                "train.steps=1", "train.ema_rates=[]", "objective.lora_rank=2",
+                                "objective.lora_alpha=2.0"])
+    run_job("distill", recipe, tmp_path / "run", str(folder), progress=False, data=caption_data(16))
+    student = cmkit.load_model(tmp_path / "run" / "model")
+    assert student.sample_shape == (4, 4, 4)  # the run's size, kept by the LoRA student's base as it samples
+    with pytest.raises(ValueError, match="the data's images are 12x12.*multiple of 8"):
+        run_job("distill", recipe, tmp_path / "other", str(folder), progress=False, data=caption_data(12))

@@ -44,9 +44,10 @@ def _load(d):
 
 class HFCaptions(CaptionSource):
     def __init__(self, d, seed: int = 0):
-        if d.image_size <= 0:
+        size = d.image_size or getattr(d, "native_size", 0)  # the teacher's own size where none is given
+        if size <= 0:
             raise ValueError("data.hf_dataset needs data.image_size (the training resolution images are resized "
-                             "and cropped to)")
+                             "and cropped to) where the teacher has no size of its own")
         import datasets
 
         ds = _load(d)
@@ -58,9 +59,9 @@ class HFCaptions(CaptionSource):
         self.ds = ds.cast_column(d.image_column, datasets.Image(decode=False))
         self.streaming, self.columns = d.streaming, (d.image_column, d.caption_column)
         self.name = Path(d.path).name if d.hf_dataset == "imagefolder" else d.hf_dataset.rstrip("/").split("/")[-1]
-        self.image_size, self.crop, self.seed, self.size = d.image_size, d.crop, seed, d.shard_size
+        self.image_size, self.crop, self.seed, self.size = size, d.crop, seed, d.shard_size
         where = f"{d.hf_dataset}:{Path(d.path).resolve() if d.path else ''}:{d.split}"
-        self.where = f"{where}:{d.image_size}:{d.crop}:{seed}"
+        self.where = f"{where}:{size}:{d.crop}:{seed}"
 
     def shard_keys(self) -> list[str]:
         if self.streaming:

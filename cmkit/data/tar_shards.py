@@ -138,7 +138,7 @@ class TarShards(CaptionSource):
                  follow_links: bool = False):
         if image_size <= 0:
             raise ValueError("webdataset shards need data.image_size (the training resolution images are resized "
-                             "and cropped to)")
+                             "and cropped to) where the teacher has no size of its own")
         self.paths = tar_paths(pattern, follow_links)
         self.name = Path(pattern.split("{")[0]).name or "shards"
         self.image_size, self.crop, self.seed = image_size, crop, seed
@@ -175,5 +175,6 @@ class TarShards(CaptionSource):
 
 PATH_FORMATS.register("webdataset", PathFormat(
     claims=is_tar_pattern,
-    load=lambda path, d, seed: StreamedCaptions(TarShards(path, d.image_size, d.crop, seed, d.follow_links)),
+    load=lambda path, d, seed: StreamedCaptions(TarShards(path, d.image_size or getattr(d, "native_size", 0), d.crop,
+                                                          seed, d.follow_links)),
     what="webdataset .tar shards: a .tar, a folder of them or a pattern such as shards/{00000..00099}.tar", order=10))

@@ -35,6 +35,8 @@ from .students import (
     check_kind,
     check_lora_config,
     load_adapter,
+    restore_size,
+    size_meta,
     write_lora_student,
 )
 
@@ -124,7 +126,8 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
     def meta(self) -> dict:
         return {"kind": self.kind, "steps": self.steps, "guidance_scale": self.guidance_scale, "sampler": self.sampler,
                 "sample_at_guidance_scale": 1.0, "lora": self.lora, "base": self.base,
-                "pipeline": self.parts.config["pipeline"], "base_hash": weights_digest(self.parts)}
+                "pipeline": self.parts.config["pipeline"], "base_hash": weights_digest(self.parts),
+                **size_meta(self.parts)}
 
     def save_pretrained(self, folder) -> Path:
         meta = self.meta()
@@ -152,12 +155,15 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
             check_guidance(kw["guidance_scale"], f"{where}: guidance_scale")
         if not meta.get("lora"):
             model = TextToImageModel.from_pretrained(str(folder))
+            restore_size(folder, meta, model)
             return cls(model.denoiser, model, base=meta.get("base"), **kw)
         given = base is not None
         if not given and not meta.get("base"):
             raise ValueError(f"{Path(folder) / META_FILE} records no base teacher; pass the one it was trained on "
                              "as base=")
-        base = base if given else TextToImageModel.open(meta["base"])
+        if not given:
+            base = TextToImageModel.open(meta["base"])
+            restore_size(folder, meta, base)
         lc = meta.get("lora_config")
         if not (isinstance(lc, dict) and {"r", "lora_alpha", "target_modules"} <= set(lc)):
             raise ValueError(f"{Path(folder) / META_FILE} lacks lora_config's r, lora_alpha and target_modules; "

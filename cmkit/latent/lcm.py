@@ -30,6 +30,8 @@ from .students import (
     check_kind,
     check_lora_config,
     load_adapter,
+    restore_size,
+    size_meta,
     write_lora_student,
 )
 
@@ -171,7 +173,8 @@ class LatentConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         meta = {"kind": self.kind, "lora": self.lora, "timestep_scaling": self.fn.timestep_scaling,
                 "num_ddim_timesteps": self.num_ddim_timesteps, "base": self.base,
                 # the base's weights (the teacher, its adapter left out), so a base that changed since is noticed
-                "base_hash": self.base_hash if self.base_hash is not None else weights_digest(self.parts)}
+                "base_hash": self.base_hash if self.base_hash is not None else weights_digest(self.parts),
+                **size_meta(self.parts)}
         if self.lora:
             return self._save_lora(folder, meta)
         den = LatentDenoiser(self.unet, self.lcm_scheduler())
@@ -202,11 +205,14 @@ class LatentConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
             meta = {"timestep_scaling": sched.get("timestep_scaling", 10.0),
                     "num_ddim_timesteps": sched.get("original_inference_steps", 50), **meta}
             check_lcm_meta(folder, meta)
+            restore_size(folder, meta, model)
             fn = LCMFunction(model.denoiser, meta["timestep_scaling"])
             return cls(fn, model, meta["num_ddim_timesteps"], base=meta.get("base"),
                        base_hash=meta.get("base_hash", ""))
         check_lcm_meta(folder, meta, lora=True)
         base, given = lora_base(folder, meta, base)
+        if not given:
+            restore_size(folder, meta, base)
         cfg = meta["lora_config"]
         add_lora(base.unet, cfg["r"], cfg["lora_alpha"], cfg["target_modules"])
         model = cls(LCMFunction(base.denoiser, meta["timestep_scaling"]), base, meta["num_ddim_timesteps"],

@@ -125,6 +125,19 @@ def check_kind(folder, meta: dict, kind: str) -> None:
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what a pipeline's load_lora_weights reads
 
 
+def size_meta(parts) -> dict:
+    """What a student's ``cmkit.json`` records of the size it was distilled at, its default sampling size."""
+    return {"height": int(parts.height), "width": int(parts.width)}
+
+
+def restore_size(folder, meta: dict, parts) -> None:
+    """Sample at the size the student was distilled at (its ``cmkit.json``; a folder without it keeps the
+    pipeline's default), refused in one line where the value cannot be a size."""
+    if "height" in meta and "width" in meta:
+        where = Path(folder) / "cmkit.json"
+        parts.resize(*(positive_int(meta[k], f"{where}: {k}", "export the student again") for k in ("height", "width")))
+
+
 def write_lora_student(parts, network, folder: Path, meta: dict) -> None:
     """A LoRA student's adapter on ``network`` (``parts``' family's network) written into ``folder`` as the file the
     family's pipeline's ``load_lora_weights`` reads, its shape and scale recorded in ``meta["lora_config"]``."""
