@@ -4,6 +4,7 @@ runs it and whether it needs a teacher; its build function makes the model and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -49,11 +50,34 @@ SIZE_KEYS = {"mlp": ("hidden", "depth"), "unet": ("base", "levels", "layers_per_
 SAVES = {"train-teacher": "teacher", "distill": "consistency model", "train": "consistency model"}
 
 
-def dataset_for(recipe: Recipe) -> Dataset | StreamedCaptions:
-    """The recipe's data: a set held in memory, or captioned shards streamed into the latent cache."""
+def dataset_for(recipe: Recipe, native_size: int = 0) -> Dataset | StreamedCaptions:
+    """The recipe's data: a set held in memory, or captioned shards streamed into the latent cache. ``native_size``:
+    the teacher's own image size, which streamed shards given no ``data.image_size`` are cropped to."""
     d = recipe.data
     d.check()
+    if native_size and not d.image_size:
+        d = dataclasses.replace(d)
+        d.native_size = int(native_size)
     return open_dataset(d, recipe.seed)
+
+
+def native_size(teacher) -> int:
+    """A latent teacher's own (square) image size, 0 where it has none or samples non-square."""
+    h, w = getattr(teacher, "height", 0), getattr(teacher, "width", 0)
+    return int(h) if h and h == w else 0
+
+
+def fit_teacher_to(data, teacher) -> None:
+    """A latent teacher samples at its data's image size (a one-line error where its family cannot patch it): a
+    Flux or SD3 teacher trained on 512-px crops distils at 512, not at its pipeline's default 1024."""
+    shape = tuple(getattr(data, "sample_shape", ()))
+    if not hasattr(teacher, "resize") or len(shape) != 3 or shape[-2:] == tuple(teacher.image_shape[-2:]):
+        return
+    try:
+        teacher.resize(*shape[-2:])
+    except ValueError as e:
+        raise ValueError(f"the data's images are {shape[-2]}x{shape[-1]}, which the teacher cannot take ({e}); set "
+                         "data.image_size to a size it takes") from None
 
 
 def build_backbone(recipe: Recipe, data: Dataset, device=None) -> torch.nn.Module:
@@ -323,11 +347,16 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
     recipe.train.check()
     recipe.eval.check()
     out = Path(out)
-    data = data if data is not None else dataset_for(recipe)
-    teacher, path = _teacher_for(recipe, job, teacher_path, teacher)
+    # the processes meet first, before each loads data and a teacher at its own pace (the meeting is bounded in time)
     acc = make_accelerator(recipe.train, out)
+    if data is None and recipe.data.image_size:
+        data = dataset_for(recipe)
+    teacher, path = _teacher_for(recipe, job, teacher_path, teacher)
+    if data is None:  # data sized by the teacher's own size where the recipe gives none (streamed shards)
+        data = dataset_for(recipe, native_size(teacher))
     extra = {"teacher_path": path} if path else {}
     if teacher is not None:
+        fit_teacher_to(data, teacher)
         check_data_matches(data, teacher, "teacher")
         extra["teacher_hash"] = weights_digest(teacher)  # a resumed run is refused if the teacher changed since
         # a latent teacher's encoders go on for its cache, then off again as its network comes on (latent.placement)

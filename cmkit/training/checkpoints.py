@@ -221,11 +221,8 @@ def shard_changes(before, now: dict | None) -> str | None:
     ``now``, else None (the same shards, or nothing to compare: other data, or a checkpoint from before records)."""
     if not isinstance(before, dict) or not isinstance(before.get("shards"), list) or not now:
         return None
-    try:
-        old = {tuple(s) for s in before["shards"]}
-    except TypeError:
-        return None
-    new = {tuple(s) for s in now["shards"]}
+    old = {(str(s[0]), str(s[1])) for s in before["shards"] if isinstance(s, list) and len(s) == 2}
+    new = {(str(s[0]), str(s[1])) for s in now["shards"]}
     if old == new:
         return None
     added, removed = sorted(n for n, _ in new - old), sorted(n for n, _ in old - new)

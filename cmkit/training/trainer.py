@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.files import DiskFull, atomic_write, atomic_write_text, clean_partial_writes
+from ..core.processes import setup_guard
 from ..models.folder import annotate_meta
 from .checkpoints import (
     CheckpointError,
@@ -54,7 +55,7 @@ from .sharding import (
     local,
     shard_network,
 )
-from .stop import QuietStream, StopRequest, TrainingInterrupted, quietly
+from .stop import CutShort, QuietStream, StopRequest, TrainingInterrupted, quietly
 
 Batches = Callable[[int, torch.device], tuple[torch.Tensor, dict]]
 START_LEFT = 0.05  # train.export=auto: an EMA still holding more of its starting weights than this is too young
@@ -94,13 +95,25 @@ def make_accelerator(settings: TrainSettings, out) -> Accelerator:
     if need and importlib.util.find_spec(settings.log_with) is None:  # accelerate would skip the tracker silently
         raise ValueError(f"train.log_with = {settings.log_with} needs the {settings.log_with} package: pip install "
                          f"{need}")
+    check_launcher_options()
+    with setup_guard():  # a stale WORLD_SIZE refused; the processes meet within a minute or the run says why
+        return Accelerator(cpu=settings.cpu, mixed_precision=settings.mixed_precision,
+                           log_with=settings.log_with or None, project_dir=str(out))
+
+
+def check_launcher_options() -> None:
+    """accelerate launch options cmkit does not take, refused in one line before the Accelerator reads them."""
     # accelerate launch --gradient_accumulation_steps is not how cmkit accumulates: it would be ignored silently
     steps = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
     if steps.strip() not in ("", "1"):
         raise ValueError(f"accelerate launch --gradient_accumulation_steps {steps} is not used by cmkit; set "
                          "train.micro_batch_size instead (micro-batches accumulate to train.batch_size)")
-    return Accelerator(cpu=settings.cpu, mixed_precision=settings.mixed_precision,
-                       log_with=settings.log_with or None, project_dir=str(out))
+    # --use_fsdp: accelerate's FSDP plugin would wrap the model behind the trainer's EMAs and checkpoints (and on the
+    # CPU fails outright); cmkit shards with torch's FSDP2 itself (training.sharding)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes"):
+        raise ValueError("accelerate launch --use_fsdp is not how cmkit shards: launch without --use_fsdp (and its "
+                         "--fsdp_* options) and set train.fsdp = true, which shards the student, its EMAs and target "
+                         "with torch's FSDP2 over the launched processes")
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -136,7 +149,7 @@ class Trainer:
         self.out, self.run_info, self.progress = Path(out), run_info or {}, progress
         self.acc = accelerator or make_accelerator(settings, out)
         # validate(model, prompts) -> images in [-1, 1]: the job layer knows how its kind samples
-        self.validate = validate
+        self.validate, self._stop = validate, None  # the stop request, while the loop runs
         world = self.acc.num_processes
         if settings.batch_size % world:
             raise ValueError(f"train.batch_size {settings.batch_size} is not divisible by the {world} processes")
@@ -405,7 +418,12 @@ class Trainer:
             return None
         if next(net.parameters()).device != self.online_device:  # an EMA held on the CPU samples on the device
             net = copy.deepcopy(net).to(self.online_device)
-        images = self.validate(net, list(self.s.validation_prompts)).float().cpu().clamp(-1, 1)
+        try:  # a stop signal cuts the images short (at the next network call): the run checkpoints and ends
+            with self._stop.cuts_short(net) if self._stop is not None else contextlib.nullcontext():
+                images = self.validate(net, list(self.s.validation_prompts)).float().cpu().clamp(-1, 1)
+        except CutShort:
+            quietly(self.acc.print, f"validation images at step {self.step_no} cut short by the stop: none written")
+            return None
         path = self.out / "validation" / f"step-{self.step_no:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         from torchvision.utils import save_image
@@ -520,7 +538,7 @@ class Trainer:
         # the bar writes through QuietStream: a closed pipe or a hung-up terminal never stops the run
         bar = tqdm(total=s.steps, initial=start, disable=not (self.progress and self.acc.is_main_process),
                    desc="train", dynamic_ncols=True, file=QuietStream())
-        stop = StopRequest(self.acc, s.log_every)
+        stop = self._stop = StopRequest(self.acc, s.log_every)
         try:
             while self.step_no < s.steps and not stop.requested(self.step_no):
                 self.step()
@@ -540,6 +558,7 @@ class Trainer:
                                       f"checkpoint in {self.ckpt_root}") from None
         finally:
             stop.restore()
+            self._stop = None
             bar.close()
         if stop.stopped and self.step_no < s.steps:
             raise TrainingInterrupted(f"interrupted at step {self.step_no}; checkpoint saved in {self.ckpt_root}, "
