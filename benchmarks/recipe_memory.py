@@ -30,6 +30,110 @@ def _count(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+def _flux2_klein_4b() -> dict:
+    """FLUX.2 klein 4B (black-forest-labs/FLUX.2-klein-base-4B, Flux2KleinPipeline): the transformer's config as
+    diffusers' scripts/convert_flux2_to_diffusers.py gives it for "klein-4b" (5 double and 20 single blocks, 24 heads
+    of 128, joint_attention_dim 7680 = 3 x 2560); the text encoder Qwen3-4B (the klein folder's text_encoder/
+    config.json: hidden 2560, 36 layers, MLP 9728, 32 heads with 8 key-value heads of 128, vocabulary 151936, tied
+    embeddings); the VAE AutoencoderKLFlux2 with diffusers' defaults (what the conversion script builds)."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from cmkit.core.memory import lora_params
+    from cmkit.latent import FAMILIES
+
+    with torch.device("meta"):
+        net = Flux2Transformer2DModel(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20,
+                                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
+                                      timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                                      guidance_embeds=False)
+        text = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                                            num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                                            head_dim=128, tie_word_embeddings=True))
+        vae = AutoencoderKLFlux2()
+    targets = FAMILIES["Flux2KleinPipeline"].lora_targets
+    return {"net": _count(net), "text": _count(text), "vae": _count(vae), "lora64": lora_params(net, targets, 64)}
+
+
+def _qwen_image() -> dict:
+    """Qwen-Image (Qwen/Qwen-Image, QwenImagePipeline): the transformer's published transformer/config.json (60
+    double-stream blocks, 24 heads of 128, joint_attention_dim 3584, in_channels 64, patch 2; diffusers' defaults
+    too: 20.43 B); the text encoder Qwen2.5-VL-7B-Instruct (its config.json: hidden 3584, 28 layers, MLP 18944, 28
+    heads with 4 key-value heads, vocabulary 152064, untied head; the vision tower depth 32, hidden 1280, MLP 3420, 16
+    heads, out 3584), whole as the pipeline loads it; the VAE AutoencoderKLQwenImage with diffusers' defaults (the
+    published vae/config.json's)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from cmkit.core.memory import lora_params
+    from cmkit.latent import FAMILIES
+
+    with torch.device("meta"):
+        net = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=60,
+                                          attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                                          axes_dims_rope=(16, 56, 56))
+        text = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                         "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064},
+            vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                           "out_hidden_size": 3584},
+            vocab_size=152064, hidden_size=3584, tie_word_embeddings=False))
+        vae = AutoencoderKLQwenImage()
+    targets = FAMILIES["QwenImagePipeline"].lora_targets
+    return {"net": _count(net), "text": _count(text), "vae": _count(vae), "lora64": lora_params(net, targets, 64)}
+
+
+def _sana_1600m() -> dict:
+    """Sana 1.6B (Efficient-Large-Model/Sana_1600M_1024px_diffusers, SanaPipeline): the transformer's published
+    transformer/config.json (20 layers, 70 heads of 32, cross-attention 20 heads of 112 over 2240, caption_channels
+    2304, mlp_ratio 2.5, patch 1, 32 latent channels: diffusers' SanaTransformer2DModel defaults); the text encoder
+    gemma-2-2b-it's decoder, Gemma2Model, as diffusers' scripts/convert_sana_to_diffusers.py builds it (hidden 2304,
+    26 layers, MLP 9216, 8 heads with 4 key-value heads of 256, vocabulary 256000); the VAE AutoencoderDC
+    dc-ae-f32c32-sana-1.0 as diffusers' scripts/convert_dcae_to_diffusers.py configures it."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    from cmkit.core.memory import lora_params
+    from cmkit.latent import FAMILIES
+
+    with torch.device("meta"):
+        net = SanaTransformer2DModel()
+        text = Gemma2Model(Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                                        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                                        head_dim=256))
+        vae = AutoencoderDC(latent_channels=32, encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+                            decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+                            encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+                            decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+                            encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+                            decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+                            encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+                            downsample_block_type="conv", upsample_block_type="interpolate",
+                            decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+    targets = FAMILIES["SanaPipeline"].lora_targets
+    return {"net": _count(net), "text": _count(text), "vae": _count(vae), "lora64": lora_params(net, targets, 64)}
+
+
+def _z_image(vae16: int) -> dict:
+    """Z-Image (Tongyi-MAI/Z-Image, 6 B): diffusers' ZImageTransformer2DModel defaults are its published
+    transformer/config.json (dim 3840, 30 layers plus 2 noise and 2 context refiner layers, 30 heads, caption features
+    2560); its text encoder is Qwen3-4B's body (Qwen3Model, Qwen/Qwen3-4B's config.json: hidden 2560, 36 layers, 32
+    heads, 8 KV heads, head 128, intermediate 9728); its VAE the Flux one."""
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from cmkit.core.memory import lora_params
+    from cmkit.latent import FAMILIES
+
+    with torch.device("meta"):
+        net = ZImageTransformer2DModel()
+        text = Qwen3Model(Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                      tie_word_embeddings=True))
+    targets = FAMILIES["ZImagePipeline"].lora_targets
+    return {"net": _count(net), "text": _count(text), "vae": vae16, "lora64": lora_params(net, targets, 64)}
+
+
 def networks() -> dict[str, dict]:
     """Parameter counts of each family's networks, built on the meta device from their published configs."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
@@ -80,6 +184,10 @@ def networks() -> dict[str, dict]:
                   "lora64": lora_params(sd35m, flow_targets, 64)},
         "flux": {"net": _count(flux), "text": clip_l + t5, "vae": vae16,
                  "lora64": lora_params(flux, flow_targets, 64)},
+        "z_image": _z_image(vae16),
+        "flux2-klein-4b": _flux2_klein_4b(),
+        "qwen-image": _qwen_image(),
+        "sana-1.6b": _sana_1600m(),
     }
 
 
@@ -92,6 +200,10 @@ RECIPES = {
     "flux-dev-flow-cd-lora": ("flux", "lora", 0, False),
     "sd35m-rcm": ("sd35m", "full", 1, True),        # EMA 0.9999 and the fake score
     "flux-dev-rcm": ("flux", "full", 1, True),
+    "z-image-flow-cd": ("z_image", "full", 1, False),  # the target network (target_ema 0.95)
+    "flux2-klein-flow-cd-lora": ("flux2-klein-4b", "lora", 0, False),
+    "qwen-image-flow-cd-lora": ("qwen-image", "lora", 0, False),
+    "sana-1.6b-scd": ("sana-1.6b", "full", 1, False),  # EMA 0.9999; sCD's target is the online network
 }
 
 

@@ -1,7 +1,16 @@
 """The pipeline families cmkit has adapters for, one file each; importing this package registers them all."""
 
 from ..family import FAMILIES
-from . import flux, sd, sd3, sdxl  # noqa: F401  (each registers its pipeline class)
+from . import (  # noqa: F401  (each registers its pipeline class)
+    flux,
+    flux2,
+    qwen_image,  # noqa: F401  (registers QwenImagePipeline)
+    sana,  # noqa: F401  (registers SanaPipeline)
+    sd,
+    sd3,
+    sdxl,
+    z_image,
+)
 
 ANY = {"": "StableDiffusion3Pipeline", "lcm": "StableDiffusionPipeline"}  # "any" stands in as, by student kind
 
