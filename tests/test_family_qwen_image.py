@@ -196,13 +196,6 @@ def test_bad_inputs_are_one_line(saved, tmp_path):
         teacher.prompt_encoder(PROMPTS, ["only one negative"])
 
 
-def _packed_noise(randn_like):
-    """``torch.randn_like`` drawing 4-D latents' noise in the pipeline's packed token order (the same numbers)."""
-    def draw(x, **kw):
-        return unpack(randn_like(pack(x), **kw), *x.shape[-2:]) if x.ndim == 4 else randn_like(x, **kw)
-    return draw
-
-
 def _data():
     return caption_data(32, ("sneaker", "bag"))
 
@@ -232,12 +225,9 @@ def test_students_after_a_few_steps_sample_in_the_pipeline_as_cmkit_samples_them
     for steps in (1, 4):
         latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
         torch.manual_seed(10 + steps)  # a re-noising sampler (sCD's) draws its fresh noise from torch's generator
-        with pytest.MonkeyPatch.context() as mp:
-            # the same numbers in the pipeline's packed layout: cmkit's consistency step draws randn_like of the
-            # unpacked latents, the pipeline's FlowMatchLCMScheduler randn of the packed ones (shared code: reported)
-            mp.setattr(torch, "randn_like", _packed_noise(torch.randn_like))
-            ours = cmkit.text_to_image(student, PROMPTS, steps=steps, solver=student.sampler, guidance_scale=1.0,
-                                       latents=latents, spacing=None, output="latent", height=32, width=32)
+        # a re-noising step draws its noise in the pipeline's packed token order (family.fresh_noise)
+        ours = cmkit.text_to_image(student, PROMPTS, steps=steps, solver=student.sampler, guidance_scale=1.0,
+                                   latents=latents, spacing=None, output="latent", height=32, width=32)
         torch.manual_seed(10 + steps)
         lat, _ = _theirs(pipe, latents, 32, 32, num_inference_steps=steps, true_cfg_scale=1.0)
         assert (ours - lat).abs().max() < 1e-4

@@ -198,7 +198,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
     lora = FlowConsistencyModel(teacher.denoiser, teacher, lora=True)
     add_transformer_lora(teacher.network, 2, 2.0, ["to_q", "to_v"])
     lora.save_pretrained(tmp_path / "lora")
-    with pytest.raises(ValueError, match="does not fit this base"):
+    with pytest.raises(ValueError, match="its base here is a FluxPipeline"):
         FlowConsistencyModel.from_pretrained(tmp_path / "lora", base=tiny_flux_pipeline())
 
 
@@ -237,18 +237,20 @@ def test_generate_samples_a_flow_student_at_guidance_1_and_refuses_more(tmp_path
     assert "width 20 is not a positive multiple of 8" in capsys.readouterr().err
 
 
-def test_a_re_noising_student_exports_with_flow_match_lcm_scheduler_and_samples_as_cmkit_does(tmp_path):
-    _, teacher = _teacher("sd3", tmp_path)
+@pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
+def test_a_re_noising_student_exports_with_flow_match_lcm_scheduler_and_samples_as_cmkit_does(kind, tmp_path):
+    """The fresh noise of each step is the pipeline's from the same torch seed, Flux's drawn as its packed tokens."""
+    _, teacher = _teacher(kind, tmp_path)
     student = FlowConsistencyModel(_perturbed(teacher.denoiser), teacher, steps=4, sampler="consistency")
     student.save_pretrained(tmp_path / "student")
-    pipe = _pipeline("sd3", tmp_path / "student")
+    pipe = _pipeline(kind, tmp_path / "student")
     assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
     loaded = cmkit.load_model(tmp_path / "student")
     assert loaded.sampler == "consistency"
     for steps in (1, 4):
         latents = torch.randn(2, *teacher.sample_shape, generator=torch.Generator().manual_seed(steps))
         torch.manual_seed(10 + steps)  # the scheduler draws its fresh noise from torch's generator
-        theirs = _theirs("sd3", pipe, latents, steps)
+        theirs = _theirs(kind, pipe, latents, steps)
         torch.manual_seed(10 + steps)
         ours = cmkit.text_to_image(student, PROMPTS, steps=steps, solver="consistency", guidance_scale=1.0,
                                    latents=latents, spacing=None, output="latent")
@@ -342,3 +344,4 @@ def test_a_flux_teacher_distils_at_its_datas_size_not_only_its_pipelines_default
     assert student.sample_shape == (4, 4, 4)  # the run's size, kept by the LoRA student's base as it samples
     with pytest.raises(ValueError, match="the data's images are 12x12.*multiple of 8"):
         run_job("distill", recipe, tmp_path / "other", str(folder), progress=False, data=caption_data(12))
+

@@ -143,3 +143,17 @@ def test_nan_in_a_recipe_float_no_kind_checks_is_refused():
     """EDM's p_mean has no range check of its own: NaN reached the first step (inf was refused already)."""
     with pytest.raises(ValueError, match="objective.p_mean must be a finite number, got nan"):
         load_recipe("quickstart-teacher", ["objective.p_mean=nan"])
+
+
+def test_the_truncation_warning_counts_only_the_prompts_cut_and_quotes_their_text():
+    """With a tokenizer whose padding token decodes to text (Gemma's ``<pad>``), a short prompt padded beside a long
+    one was counted as cut and its padding quoted as the dropped text."""
+    from cmkit.latent.text_encoders import byte_tokenizer, tokenize
+
+    tok = byte_tokenizer("GemmaTokenizer", ["<unk>", "<pad>", "<bos>", "<eos>"], unk_token="<unk>",
+                         pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        tokenize(tok, ["a bag", "a red sneaker on a wooden floor"], 12)
+    text = [str(w.message) for w in seen if "truncated" in str(w.message)]
+    assert len(text) == 1 and text[0].startswith("1 prompt longer than 12") and "<pad>" not in text[0], text

@@ -77,7 +77,7 @@ def fit_teacher_to(data, teacher) -> None:
         teacher.resize(*shape[-2:])
     except ValueError as e:
         raise ValueError(f"the data's images are {shape[-2]}x{shape[-1]}, which the teacher cannot take ({e}); set "
-                         "data.image_size to a size it takes") from None
+                         "data.image_size (or data.height and data.width) to a size it takes") from None
 
 
 def build_backbone(recipe: Recipe, data: Dataset, device=None) -> torch.nn.Module:

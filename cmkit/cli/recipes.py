@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..core.checks import finite_number, in_range
+from ..data.formats import target_size
 from ..eval import EvalSettings
 from ..objectives import OBJECTIVES, ObjectiveConfig
 from ..training import TrainSettings
@@ -28,6 +29,10 @@ class DataSection:
     path: str = ""                      # a .npy file or a folder of images instead of a named set
     follow_links: bool = False          # read sample files (images, captions, shards) linked from outside data.path
     image_size: int = 0                 # image folders: resize to this size (0 = keep)
+    # captioned images (caption folders, webdataset shards, hf_dataset): a non-square training size, both or neither
+    # (0 = data.image_size's square); each image resized to cover height x width keeping its aspect, then cropped
+    height: int = 0
+    width: int = 0
     channels: int = 0                   # image folders: 1 or 3 (0 = as the first image)
     hflip: bool = False                 # random horizontal flips of training images
     # captioned sets streamed from shards (text-to-image kinds): data.path a folder of webdataset .tar files or a
@@ -39,7 +44,7 @@ class DataSection:
     caption_column: str = "text"
     streaming: bool = False             # hf_dataset read as it streams (large sets), in its own file shards
     shard_size: int = 10000             # hf_dataset held on disk: rows a latent-cache shard takes
-    crop: str = "center"                # streamed images: short side resized to image_size, then "center" / "random"
+    crop: str = "center"                # streamed images: resized to cover the size, then a "center" / "random" crop
     workers: int = 0                    # dataloader workers reading (decoding, cropping) streamed shards
     encode_batch_size: int = 256        # latent kinds: images per VAE / text-encoder batch when building the cache
 
@@ -51,6 +56,7 @@ class DataSection:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        target_size(self)  # height and width both or neither, positive, agreeing with image_size
 
 
 @dataclass

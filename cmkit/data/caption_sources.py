@@ -3,8 +3,9 @@ identity string each: what a cached shard is keyed on) and reads any of them as 
 captions. The sources: a ``Dataset`` held in memory (``ArraySource``, fixed-size chunks of its rows), webdataset tar
 shards and Hugging Face datasets (``cmkit.data.tar_shards`` / ``hf_captions``, registered in
 ``cmkit.data.caption_streams``), read as diffusers' training scripts read them: the shorter side resized to
-``data.image_size``, then a centre or random crop, the original size and crop offset kept (SDXL's time ids). A sample
-that cannot be read is skipped and reported with its key, never a crash mid-encode.
+``data.image_size``, then a centre or random crop, the original size and crop offset kept (SDXL's time ids); a
+``data.height`` x ``data.width`` size resizes each image to cover it, keeping its aspect ratio, then crops to it. A
+sample that cannot be read is skipped and reported with its key, never a crash mid-encode.
 
 ``read_shards`` hands a process's shards to dataloader workers (whole shards per worker, so a shard's rows stay in
 order and its cached encoding does not depend on the worker count)."""
@@ -36,9 +37,15 @@ class Chunk:
 
 
 class CaptionSource:
-    """What the latent cache reads: ``name``, ``image_size``, ``shard_keys()`` and ``read(shard, batch)``."""
+    """What the latent cache reads: ``name``, ``image_size`` (or ``size``, (height, width), for non-square images),
+    ``shard_keys()`` and ``read(shard, batch)``."""
     name: str = "captions"
     image_size: int = 0
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The (height, width) of the images it reads."""
+        return self.image_size, self.image_size
 
     def shard_keys(self) -> list[str]:
         raise NotImplementedError
@@ -49,14 +56,24 @@ class CaptionSource:
 
 class ArraySource(CaptionSource):
     """Images already in memory ((n, 3, H, W) in [-1, 1]) with one caption each, as shards of ``shard_size`` rows;
-    a shard's key hashes its pixels and captions, so a cached shard is found again whatever data it sits in."""
+    a shard's key hashes its pixels and captions (and ``sizes`` where given), so a cached shard is found again
+    whatever data it sits in. ``sizes``: each image's (original height, width, crop top, crop left), for images
+    cropped from larger ones; default: the images' own size, uncropped."""
 
-    def __init__(self, images: torch.Tensor, captions: list[str], name: str = "captions", shard_size: int = 4096):
+    def __init__(self, images: torch.Tensor, captions: list[str], name: str = "captions", shard_size: int = 4096,
+                 sizes: torch.Tensor | None = None):
         if len(captions) != len(images):
             raise ValueError(f"{len(captions)} captions for {len(images)} images; every image needs one caption")
+        if sizes is not None and tuple(sizes.shape) != (len(images), 4):
+            raise ValueError(f"sizes of shape {tuple(sizes.shape)} for {len(images)} images; expected (n, 4)")
         self.images, self.captions, self.name = images.contiguous(), list(captions), name
         self.image_size, self.shard_size = int(images.shape[-1]), shard_size
+        self.sizes = None if sizes is None else sizes.to(torch.long)
         self._keys = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.images.shape[-2]), int(self.images.shape[-1])
 
     def _rows(self, shard: int) -> slice:
         return slice(shard * self.shard_size, min(len(self.images), (shard + 1) * self.shard_size))
@@ -67,6 +84,8 @@ class ArraySource(CaptionSource):
             for i in range(-(-len(self.images) // self.shard_size)):
                 h = hashlib.sha256(self.images[self._rows(i)].numpy().tobytes())
                 h.update("\n".join(self.captions[self._rows(i)]).encode())
+                if self.sizes is not None:
+                    h.update(self.sizes[self._rows(i)].numpy().tobytes())
                 keys.append(f"array:{h.hexdigest()[:32]}")
             self._keys = keys
         return self._keys
@@ -76,44 +95,63 @@ class ArraySource(CaptionSource):
         h, w = self.images.shape[-2:]
         for start in range(rows.start, rows.stop, batch):
             stop = min(rows.stop, start + batch)
-            sizes = torch.tensor([[h, w, 0, 0]] * (stop - start), dtype=torch.long)
+            sizes = torch.tensor([[h, w, 0, 0]] * (stop - start), dtype=torch.long) if self.sizes is None \
+                else self.sizes[start:stop]
             yield Chunk(shard, self.images[start:stop], self.captions[start:stop], sizes, last=stop == rows.stop)
 
 
-def fit_image(data: bytes, size: int, crop: str, seed: int, key: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """An encoded image as an RGB ``(size, size, 3)`` uint8 array, as diffusers' scripts prepare one: the shorter
-    side resized to ``size`` (bilinear), then a centre crop or a random one (drawn from ``seed`` and the sample's
-    ``key``, so a re-encode crops the same). Returns the array and (original height, width, crop top, crop left)."""
+def cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """The (new height, new width) an ``h`` x ``w`` image is resized to so that it covers ``height`` x ``width``
+    keeping its aspect ratio (scale max(height / h, width / w)), as torchvision's ``Resize(int)`` rounds for a square:
+    the binding side becomes its target exactly, the other ``int(target * other / binding)``, never below its own
+    target."""
+    if h * width <= w * height:  # height binds (for a square: the short side is the height)
+        return height, max(width, int(height * w / h))
+    return max(height, int(width * h / w)), width
+
+
+def fit_image(data: bytes, size, crop: str, seed: int, key: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """An encoded image as an RGB ``(height, width, 3)`` uint8 array, as diffusers' scripts prepare one: resized
+    (bilinear) to cover ``size`` (an int: a square, the shorter side resized to it; or (height, width)) keeping its
+    aspect ratio, then a centre crop or a random one (drawn from ``seed`` and the sample's ``key``, so a re-encode
+    crops the same). Returns the array and (original height, width, crop top, crop left)."""
     from PIL import Image
 
+    height, width = (int(size[0]), int(size[1])) if isinstance(size, tuple | list) else (int(size), int(size))
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         rgb = to_rgb(img)  # 16-bit grey scaled as every reader scales it, not clipped to white
     w, h = rgb.size
     if min(w, h) < 1:
         raise ValueError("empty image")
-    # torchvision's Resize(size) for an int: the short side becomes size, the long side int(size * long / short)
-    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    nh, nw = cover_size(h, w, height, width)
     if (nw, nh) != (w, h):
         rgb = rgb.resize((nw, nh), Image.BILINEAR)
     if crop == "center":  # torchvision's CenterCrop rounding
-        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        top, left = int(round((nh - height) / 2.0)), int(round((nw - width) / 2.0))
     else:
         digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
         rng = np.random.default_rng([seed, digest])
-        top, left = int(rng.integers(0, nh - size + 1)), int(rng.integers(0, nw - size + 1))
-    arr = np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        top, left = int(rng.integers(0, nh - height + 1)), int(rng.integers(0, nw - width + 1))
+    arr = np.asarray(rgb.crop((left, top, left + width, top + height)), dtype=np.uint8)
     return arr, (h, w, top, left)
 
 
-def to_chunk(shard: int, samples: list, skipped: list[str], last: bool, size: int) -> Chunk:
-    """A chunk from ``(array, caption, sizes)`` samples (arrays from ``fit_image``)."""
+def to_chunk(shard: int, samples: list, skipped: list[str], last: bool, size) -> Chunk:
+    """A chunk from ``(array, caption, sizes)`` samples (arrays from ``fit_image``); ``size``: the images' side or
+    (height, width)."""
     if samples:
         x = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
     else:
-        x = torch.zeros(0, 3, size, size)
+        x = torch.zeros(0, 3, *(size if isinstance(size, tuple | list) else (size, size)))
     sizes = torch.tensor([s[2] for s in samples], dtype=torch.long).reshape(-1, 4)
     return Chunk(shard, x.contiguous(), [s[1] for s in samples], sizes, skipped, last)
+
+
+def source_size(source) -> tuple[int, int]:
+    """A caption source's (height, width): its ``size``, or ``image_size`` squared for one that only has that."""
+    size = getattr(source, "size", None)
+    return (int(size[0]), int(size[1])) if size is not None else (source.image_size, source.image_size)
 
 
 def _why(e: Exception) -> str:
@@ -130,15 +168,15 @@ def decoded_chunks(source, shard: int, items, batch: int) -> Iterator[Chunk]:
             data, caption = read()
             if not isinstance(caption, str):
                 raise ValueError(f"caption is {type(caption).__name__}, not text")
-            arr, sizes = fit_image(data, source.image_size, source.crop, source.seed, key)
+            arr, sizes = fit_image(data, source_size(source), source.crop, source.seed, key)
         except Exception as e:  # noqa: BLE001 - PIL, tarfile and json raise many types for a damaged sample
             skipped.append(f"{key}: {_why(e)}")
             continue
         samples.append((arr, caption.strip(), sizes))
         if len(samples) == batch:
-            yield to_chunk(shard, samples, skipped, False, source.image_size)
+            yield to_chunk(shard, samples, skipped, False, source_size(source))
             samples, skipped = [], []
-    yield to_chunk(shard, samples, skipped, True, source.image_size)
+    yield to_chunk(shard, samples, skipped, True, source_size(source))
 
 
 class _Shards(torch.utils.data.IterableDataset):

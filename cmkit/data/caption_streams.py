@@ -36,7 +36,8 @@ class StreamedCaptions:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        return (3, self.source.image_size, self.source.image_size)
+        size = getattr(self.source, "size", None) or (self.source.image_size,) * 2  # (height, width)
+        return (3, int(size[0]), int(size[1]))
 
     def caption_source(self):
         return self.source

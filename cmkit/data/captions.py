@@ -1,7 +1,9 @@
 """Captioned image folders for text-to-image training, in the two layouts users already have: every image with a
 same-name ``.txt`` caption beside it, or a Hugging Face image folder with a ``metadata.jsonl`` of
 ``{"file_name": ..., "text": ...}`` rows. Asked before plain image folders: a folder with captions is this format
-(and a folder with a caption file cmkit does not read, a ``metadata.csv``, is a one-line error saying what to do)."""
+(and a folder with a caption file cmkit does not read, a ``metadata.csv``, is a one-line error saying what to do).
+``data.image_size`` resizes every image to a square; a non-square ``data.height`` x ``data.width`` resizes each to
+cover it, keeping its aspect ratio, and crops (``data.crop``), as streamed shards are read (``fit_image``)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import json
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
+import torch
 
+from .caption_sources import fit_image
 from .dataset import Dataset, split
-from .formats import PATH_FORMATS, PathFormat
+from .formats import PATH_FORMATS, PathFormat, target_size
 from .image_folders import IMAGE_SUFFIXES, read_image
 from .paths import data_file
 
@@ -107,10 +111,28 @@ def _captions_from_txt(root: Path, follow_links: bool) -> dict[Path, str]:
         raise ValueError(f"a caption under {root} is not UTF-8 text ({e.reason}); save the captions as UTF-8") from None
 
 
-def load_caption_folder(path, size: int = 0, test_fraction: float = 0.1, follow_links: bool = False) -> Dataset:
+def _fitted(root: Path, files, size: tuple[int, int], crop: str, seed: int) -> tuple[list, list]:
+    """Each image resized to cover ``size`` (height, width) and cropped to it (``fit_image``: a random crop drawn
+    from ``seed`` and the file's path in the folder), and its (original height, width, crop top, crop left)."""
+    arrays, sizes = [], []
+    for p in files:
+        key = p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)  # (a link followed out)
+        try:
+            arr, where = fit_image(p.read_bytes(), size, crop, seed, key)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged image
+            raise ValueError(f"{p} is not a readable image ({type(e).__name__}); remove or replace it") from None
+        arrays.append(arr.astype(np.float32))
+        sizes.append(where)
+    return arrays, sizes
+
+
+def load_caption_folder(path, size=0, test_fraction: float = 0.1, follow_links: bool = False,
+                        crop: str = "center", seed: int = 0) -> Dataset:
     """A captioned image folder as RGB images in [-1, 1] with ``train_captions`` / ``test_captions``; ``size``
-    resizes to size x size (images must agree in size otherwise). Every file read passes ``data_file``'s rule
-    (inside the folder unless ``follow_links``; a regular file)."""
+    (an int) resizes to size x size (images must agree in size otherwise); ``size`` a non-square (height, width)
+    resizes each image to cover it and crops to it (``crop``: "center" or "random", drawn from ``seed``), keeping
+    each image's original size and crop offset (``train_sizes``, SDXL's time ids). Every file read passes
+    ``data_file``'s rule (inside the folder unless ``follow_links``; a regular file)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"caption folder {str(root)!r} does not exist")
@@ -118,7 +140,12 @@ def load_caption_folder(path, size: int = 0, test_fraction: float = 0.1, follow_
     captions = read(root, follow_links)
     if len(captions) < 2:
         raise ValueError(f"{root} holds {len(captions)} captioned image; need at least 2 (one is held out)")
-    arrays = [read_image(p, "RGB", size) for p in captions]
+    if isinstance(size, tuple | list) and size[0] == size[1]:
+        size = int(size[0])  # a square: resized as data.image_size resizes it
+    if not isinstance(size, tuple | list):
+        arrays, sizes = [read_image(p, "RGB", size) for p in captions], None
+    else:
+        arrays, sizes = _fitted(root, list(captions), size, crop, seed)
     shapes = sorted({a.shape for a in arrays})
     if len(shapes) > 1:
         raise ValueError(f"images under {root} differ in size ({shapes[0]} and {shapes[1]} ...); set data.image_size")
@@ -127,11 +154,13 @@ def load_caption_folder(path, size: int = 0, test_fraction: float = 0.1, follow_
     idx = np.arange(len(x))
     n_test = max(1, int(round(test_fraction * len(x))))
     tr, te, itr, ite = split(x, idx, n_test)
+    train_sizes = None if sizes is None else torch.tensor(sizes, dtype=torch.long)[itr]
     return Dataset(root.name, tr, te, train_captions=[texts[i] for i in itr.tolist()],
-                   test_captions=[texts[i] for i in ite.tolist()])
+                   test_captions=[texts[i] for i in ite.tolist()], train_sizes=train_sizes)
 
 
 PATH_FORMATS.register("caption_folder", PathFormat(
     claims=lambda path: Path(path).is_dir() and has_captions(path),
-    load=lambda path, d, seed: load_caption_folder(path, d.image_size, follow_links=d.follow_links),
+    load=lambda path, d, seed: load_caption_folder(path, target_size(d, native=False), follow_links=d.follow_links,
+                                                   crop=d.crop, seed=seed),
     what=f"a folder of images with captions, a .txt beside each or a {METADATA}", order=20))

@@ -30,6 +30,7 @@ class Dataset:
     num_classes: int | None = None
     train_captions: list[str] | None = None    # text-to-image sets: one caption per image
     test_captions: list[str] | None = None
+    train_sizes: torch.Tensor | None = None    # (n, 4) original height, width, crop top, left of cropped images
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -39,7 +40,7 @@ class Dataset:
         """The captioned images as a source of latent-cache shards (None for a set without captions)."""
         if self.train_captions is None:
             return None
-        return ArraySource(self.train, self.train_captions, self.name)
+        return ArraySource(self.train, self.train_captions, self.name, sizes=self.train_sizes)
 
     def batches(self, conditional: bool = False, hflip: bool = False):
         """A batch source for the trainer: ``(n, device) -> (x0, cond)``, drawn with torch's global generator.

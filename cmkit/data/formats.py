@@ -37,9 +37,43 @@ class PathOptions:
     """The ``[data]`` keys the built-in formats read, for callers without a recipe (``load_dataset``); a job hands
     its whole data section instead, so a format may read any ``data.*`` key."""
     image_size: int = 0     # resize (image folders) or resize and crop (streamed shards) to this size; 0 keeps
+    height: int = 0         # captioned images: resized to cover height x width, then cropped to it (0: image_size)
+    width: int = 0
     channels: int = 0       # image folders: 1 or 3 (0: as the first image)
     crop: str = "center"    # streamed shards: "center" or "random"
     follow_links: bool = False  # sample files linked from outside the data folder are read (refused if off)
+
+
+def target_size(d, native: bool = True) -> tuple[int, int]:
+    """The (height, width) a data section ``d`` sizes images to: ``data.height`` x ``data.width`` where given,
+    else ``data.image_size`` squared, else (``native``) the teacher's own size (``d.native_size``, set by the job
+    layer for streamed shards), else (0, 0) (kept as they are). One-line errors: a height without a width (or the
+    reverse), a negative side, and an ``image_size`` the two disagree with."""
+    h, w, size = int(getattr(d, "height", 0) or 0), int(getattr(d, "width", 0) or 0), int(d.image_size or 0)
+    for key, value in (("height", h), ("width", w)):
+        if value < 0:
+            raise ValueError(f"data.{key} must be a positive number of pixels (0: data.image_size), got {value}")
+    if bool(h) != bool(w):
+        given, missing = ("height", "width") if h else ("width", "height")
+        raise ValueError(f"data.{given} = {h or w} needs data.{missing} too: give both (a height x width size) or "
+                         "neither (data.image_size's square)")
+    if h and size and (h, w) != (size, size):
+        raise ValueError(f"data.image_size = {size} disagrees with data.height x data.width = {h}x{w}; give one: "
+                         "data.height and data.width, or data.image_size for a square")
+    if h:
+        return h, w
+    size = size or (int(getattr(d, "native_size", 0) or 0) if native else 0)
+    return size, size
+
+
+def square_size(d, what: str) -> int:
+    """The side a format that sizes images to squares only resizes to (``target_size``'s, which must be square;
+    0 keeps); ``what``: the format, for the error."""
+    h, w = target_size(d, native=False)
+    if h != w:
+        raise ValueError(f"data.height x data.width = {h}x{w}: {what} are resized to squares only; set "
+                         "data.image_size (height and width resize and crop captioned images)")
+    return h
 
 
 def asking_order() -> list[str]:

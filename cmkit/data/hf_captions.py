@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .caption_sources import CaptionSource, decoded_chunks
 from .caption_streams import CAPTION_STREAMS, CaptionStream
+from .formats import target_size
 from .paths import data_file
 
 
@@ -44,8 +45,8 @@ def _load(d):
 
 class HFCaptions(CaptionSource):
     def __init__(self, d, seed: int = 0):
-        size = d.image_size or getattr(d, "native_size", 0)  # the teacher's own size where none is given
-        if size <= 0:
+        height, width = target_size(d)  # the teacher's own size where none is given
+        if min(height, width) <= 0:
             raise ValueError("data.hf_dataset needs data.image_size (the training resolution images are resized "
                              "and cropped to) where the teacher has no size of its own")
         import datasets
@@ -59,28 +60,35 @@ class HFCaptions(CaptionSource):
         self.ds = ds.cast_column(d.image_column, datasets.Image(decode=False))
         self.streaming, self.columns = d.streaming, (d.image_column, d.caption_column)
         self.name = Path(d.path).name if d.hf_dataset == "imagefolder" else d.hf_dataset.rstrip("/").split("/")[-1]
-        self.image_size, self.crop, self.seed, self.size = size, d.crop, seed, d.shard_size
+        self.height, self.width, self.crop, self.seed, self.rows = height, width, d.crop, seed, d.shard_size
+        self.image_size = height if height == width else max(height, width)
         where = f"{d.hf_dataset}:{Path(d.path).resolve() if d.path else ''}:{d.split}"
+        # a square's key is its side, as it always was (caches stay valid); a non-square one's is HxW
+        size = height if height == width else f"{height}x{width}"
         self.where = f"{where}:{size}:{d.crop}:{seed}"
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.height, self.width
 
     def shard_keys(self) -> list[str]:
         if self.streaming:
             n = self.ds.n_shards
             return [f"hf-stream:{self.where}:{i}/{n}" for i in range(n)]
         rows = len(self.ds)
-        return [f"hf:{self.ds._fingerprint}:{self.where}:{a}:{min(rows, a + self.size)}"
-                for a in range(0, rows, self.size)]
+        return [f"hf:{self.ds._fingerprint}:{self.where}:{a}:{min(rows, a + self.rows)}"
+                for a in range(0, rows, self.rows)]
 
     def _rows(self, shard: int):
         if self.streaming:
             return self.ds.shard(num_shards=self.ds.n_shards, index=shard)
-        return self.ds.select(range(shard * self.size, min(len(self.ds), (shard + 1) * self.size)))
+        return self.ds.select(range(shard * self.rows, min(len(self.ds), (shard + 1) * self.rows)))
 
     def _items(self, shard: int):
         image_col, caption_col = self.columns
         for i, row in enumerate(self._rows(shard)):
             image = row[image_col] or {}
-            key = Path(image["path"]).name if image.get("path") else f"row {shard * self.size + i}"
+            key = Path(image["path"]).name if image.get("path") else f"row {shard * self.rows + i}"
             yield key, lambda image=image, caption=row[caption_col]: (
                 image.get("bytes") or Path(image["path"]).read_bytes(), caption)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import Dataset, split
-from .formats import PATH_FORMATS, PathFormat
+from .formats import PATH_FORMATS, PathFormat, square_size
 from .paths import data_file
 from .pixels import GREY_MODES, WIDE_MODES, wide_to_float
 
@@ -77,5 +77,6 @@ def load_image_folder(path, size: int = 0, channels: int = 0, test_fraction: flo
 
 PATH_FORMATS.register("image_folder", PathFormat(
     claims=lambda path: Path(path).is_dir(),
-    load=lambda path, d, seed: load_image_folder(path, d.image_size, d.channels, follow_links=d.follow_links),
+    load=lambda path, d, seed: load_image_folder(path, square_size(d, "plain image folders"), d.channels,
+                                                 follow_links=d.follow_links),
     what="a folder of images, a subfolder per class if labelled", order=90))

@@ -32,7 +32,7 @@ from ..core.digests import weights_hash
 from ..core.files import cache_write, note
 from ..core.processes import barrier, rank_world
 from ..core.tensor_rows import open_safetensors
-from .caption_sources import CUT_SHORT, ArraySource, read_shards
+from .caption_sources import CUT_SHORT, ArraySource, read_shards, source_size
 
 CACHE_KEY = "cmkit_cache_key"  # the file's own key, in its safetensors metadata
 # a shard's tensors: per image (mean, std, caption_index, and SDXL's add_time_ids when the encoder gives them)
@@ -199,9 +199,8 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
     keys = [shard_key(encoders, k) for k in source_keys]
     paths = [cache_root() / f"{k}.safetensors" for k in keys]
     rank, world = rank_world()
-    # in-memory images keep their own height and width; every other source crops to image_size squares
-    size = tuple(source.images.shape[-2:]) if isinstance(source, ArraySource) else (source.image_size,) * 2
-    latent = expected_latent(vae, size)
+    # in-memory images keep their own height and width; every other source crops to its (height, width)
+    latent = expected_latent(vae, source_size(source))
     # shard i is process i % world's, whatever is cached: every process agrees on the split without talking
     opened = {i: open_shard(paths[i], keys[i], quiet=False, latent=latent) for i in range(rank, len(keys), world)}
     mine = [i for i, shard in opened.items() if shard is None]
@@ -302,12 +301,12 @@ def _encode_shards(vae, prompt_encoder, source, todo: dict, batch_size: int, wor
         acc["skipped"] += chunk.skipped
         if chunk.last:
             path, key = todo[chunk.shard]
-            _write_shard(path, key, parts.pop(chunk.shard), prompt_encoder, batch_size, source.image_size)
+            _write_shard(path, key, parts.pop(chunk.shard), prompt_encoder, batch_size, source_size(source))
             bar.update()
     bar.close()
 
 
-def _write_shard(path: Path, key: str, acc: dict, prompt_encoder, batch_size: int, image_size: int) -> None:
+def _write_shard(path: Path, key: str, acc: dict, prompt_encoder, batch_size: int, size: tuple[int, int]) -> None:
     meta = {CACHE_KEY: key, "rows": str(len(acc["captions"])), "skipped": json.dumps(acc["skipped"])}
     tensors = {}
     if acc["captions"]:
@@ -319,7 +318,7 @@ def _write_shard(path: Path, key: str, acc: dict, prompt_encoder, batch_size: in
                    **{f"embeds.{k}": v.contiguous() for k, v in embeds.items()}}
         if "add_time_ids" in embeds:  # SDXL: each image's own original size and crop, at the training size
             sizes = torch.cat(acc["sizes"])
-            target = torch.tensor([image_size, image_size]).expand(len(sizes), 2)
+            target = torch.tensor([int(size[0]), int(size[1])]).expand(len(sizes), 2)  # (height, width)
             tensors["add_time_ids"] = torch.cat([sizes, target], 1).contiguous()
         bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:

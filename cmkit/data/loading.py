@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .caption_streams import StreamedCaptions, claimed_stream
 from .dataset import DATASETS, Dataset
-from .formats import PathOptions, open_path
+from .formats import PathOptions, open_path, target_size
 
 
 def dataset_names() -> list[str]:
@@ -19,22 +19,27 @@ def open_dataset(d, seed: int = 0) -> Dataset | StreamedCaptions:
     return claimed_stream(d, seed) or _load(d.name, d.path or None, d, seed)
 
 
-def load_dataset(name: str | None = None, path: str | None = None, image_size: int = 0,
-                 channels: int = 0) -> Dataset | StreamedCaptions:
+def load_dataset(name: str | None = None, path: str | None = None, image_size: int = 0, channels: int = 0,
+                 height: int = 0, width: int = 0) -> Dataset | StreamedCaptions:
     """A named dataset, or the data at ``path`` in any registered format (a ``.npy`` file, a folder of images, a
-    captioned folder, webdataset shards, ...). One-line errors name the known choices."""
-    return _load(name, path, PathOptions(image_size=image_size, channels=channels), 0)
+    captioned folder, webdataset shards, ...); ``height`` and ``width`` (both or neither) size captioned images
+    to a non-square crop. One-line errors name the known choices."""
+    return _load(name, path, PathOptions(image_size=image_size, channels=channels, height=height, width=width), 0)
 
 
 def _load(name: str | None, path: str | None, d, seed: int) -> Dataset | StreamedCaptions:
     if d.channels not in (0, 1, 3):
         raise ValueError(f"data.channels must be 1 (gray), 3 (RGB) or 0 (as the first image), got {d.channels}")
+    target_size(d)  # height / width / image_size agree (one-line errors)
     if path:
         return open_path(path, d, seed)
     try:
         loader = DATASETS[name]
     except ValueError as e:
         raise ValueError(f"{e}; or set data.path to a .npy file or an image folder") from None
+    if getattr(d, "height", 0) or getattr(d, "width", 0):
+        raise ValueError(f"data.height / data.width size images read from data.path; data.name {name!r} comes at "
+                         "its own size: remove them")
     data = loader()
     size = data.sample_shape[-1] if len(data.sample_shape) == 3 else None
     if d.image_size and d.image_size != size:  # a named set comes at its own size: silently ignoring the key misleads

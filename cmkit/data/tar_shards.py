@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .caption_sources import CUT_SHORT, CaptionSource, decoded_chunks
 from .caption_streams import StreamedCaptions
-from .formats import PATH_FORMATS, PathFormat
+from .formats import PATH_FORMATS, PathFormat, target_size
 from .paths import data_file
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -134,20 +134,30 @@ def _image_and_caption(sample: dict) -> tuple[bytes, str]:
 
 
 class TarShards(CaptionSource):
-    def __init__(self, pattern: str, image_size: int, crop: str = "center", seed: int = 0,
+    """``image_size``: the side of the square crops, or their (height, width)."""
+
+    def __init__(self, pattern: str, image_size, crop: str = "center", seed: int = 0,
                  follow_links: bool = False):
-        if image_size <= 0:
+        height, width = map(int, image_size if isinstance(image_size, tuple | list) else (image_size, image_size))
+        if min(height, width) <= 0:
             raise ValueError("webdataset shards need data.image_size (the training resolution images are resized "
                              "and cropped to) where the teacher has no size of its own")
         self.paths = tar_paths(pattern, follow_links)
         self.name = Path(pattern.split("{")[0]).name or "shards"
-        self.image_size, self.crop, self.seed = image_size, crop, seed
+        self.height, self.width, self.crop, self.seed = height, width, crop, seed
+        self.image_size = height if height == width else max(height, width)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.height, self.width
 
     def shard_keys(self) -> list[str]:
         keys = []
+        # a square's key is its side, as it always was (caches stay valid); a non-square one's is HxW
+        size = self.height if self.height == self.width else f"{self.height}x{self.width}"
         for p in self.paths:
             st = p.stat()
-            keys.append(f"tar:{p.resolve()}:{st.st_size}:{st.st_mtime_ns}:{self.image_size}:{self.crop}:{self.seed}")
+            keys.append(f"tar:{p.resolve()}:{st.st_size}:{st.st_mtime_ns}:{size}:{self.crop}:{self.seed}")
         return keys
 
     def _items(self, shard: int):
@@ -175,6 +185,5 @@ class TarShards(CaptionSource):
 
 PATH_FORMATS.register("webdataset", PathFormat(
     claims=is_tar_pattern,
-    load=lambda path, d, seed: StreamedCaptions(TarShards(path, d.image_size or getattr(d, "native_size", 0), d.crop,
-                                                          seed, d.follow_links)),
+    load=lambda path, d, seed: StreamedCaptions(TarShards(path, target_size(d), d.crop, seed, d.follow_links)),
     what="webdataset .tar shards: a .tar, a folder of them or a pattern such as shards/{00000..00099}.tar", order=10))

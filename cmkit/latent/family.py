@@ -43,7 +43,8 @@ class PipelineFamily:
         raise NotImplementedError
 
     def pipeline(self, model):
-        """The diffusers pipeline object of this class holding ``model``'s components (for ``save_pretrained``)."""
+        """The diffusers pipeline object of this class holding ``model``'s components (for ``save_pretrained``;
+        ``model.config["guidance_folded"]``: a student that folds guidance in, for a pipeline with a flag for it)."""
         raise NotImplementedError
 
     def grid(self, model, steps: int, spacing: str | None) -> list[float]:
@@ -65,6 +66,14 @@ class PipelineFamily:
     def pipeline_latents(self, model, latents):
         """Latents of ``model.sample_shape`` as the pipeline's ``latents=`` takes them."""
         return latents
+
+    def fresh_noise(self, model, like):
+        """Unit noise shaped as ``like`` (latents as the network sees them) from torch's global generator, drawn in
+        the layout the pipeline's scheduler draws it (packed tokens where it packs), so a re-noising sampler's noise
+        is the exported pipeline's from the same seed."""
+        import torch
+
+        return torch.randn_like(like)
 
     def latent_shape(self, model, height: int, width: int) -> tuple[int, ...]:
         """The latent shape of one ``height`` x ``width`` image (a one-line error where patching cannot take it;

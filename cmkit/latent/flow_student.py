@@ -98,6 +98,10 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
     sample_shape = delegate("parts.sample_shape")
     image_shape = delegate("parts.image_shape")
 
+    def fresh_noise(self, like):
+        """The re-noising sampler's noise, in its pipeline's latent layout (``PipelineFamily.fresh_noise``)."""
+        return self.family.fresh_noise(self, like)
+
     def grid(self, steps: int, spacing=None) -> list[float]:
         return self.family.grid(self, int(steps), spacing)
 
@@ -137,7 +141,9 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
             else:
                 den = copy.copy(self.denoiser)
                 den.scheduler = self.student_scheduler()
-                TextToImageModel(den, self.parts.vae, self.parts.prompt_encoder, self.parts.config).save_pretrained(tmp)
+                # guidance_folded: a family whose pipeline has a flag for a guidance-distilled model sets it
+                config = {**self.parts.config, "guidance_folded": True}
+                TextToImageModel(den, self.parts.vae, self.parts.prompt_encoder, config).save_pretrained(tmp)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return Path(folder)
 
@@ -164,6 +170,10 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         if not given:
             base = TextToImageModel.open(meta["base"])
             restore_size(folder, meta, base)
+        made_for, given_class = meta.get("pipeline"), base.config.get("pipeline")
+        if made_for and made_for != given_class:
+            raise ValueError(f"{Path(folder)} is a LoRA of a {made_for} teacher; its base here is a {given_class}: "
+                             f"load it on the {made_for} it was trained on")
         lc = meta.get("lora_config")
         if not (isinstance(lc, dict) and {"r", "lora_alpha", "target_modules"} <= set(lc)):
             raise ValueError(f"{Path(folder) / META_FILE} lacks lora_config's r, lora_alpha and target_modules; "

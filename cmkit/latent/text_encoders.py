@@ -148,11 +148,13 @@ def tokenize(tok, texts: list[str], max_length: int, **kw):
     it was cut to)."""
     tokens = tok(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt",
                  **kw)
-    ids = tokens.input_ids
-    full = tok(texts, padding="longest", return_tensors="pt", **kw).input_ids
-    if full.shape[-1] > ids.shape[-1] or (full.shape[-1] == ids.shape[-1] and not torch.equal(full, ids)):
-        cut = [c for c in tok.batch_decode(full[:, max_length - 1: -1]) if c.strip()]
-        first = cut[0] if cut else ""
+    full = tok(texts, padding="longest", return_tensors="pt", **kw)
+    # each prompt's own tokens (the mask: padding on either side is no prompt text), beyond what the encoder keeps;
+    # the last kept position holds the end token where the tokenizer adds one, as CLIP's truncation does
+    real = [ids[mask.bool()] for ids, mask in zip(full.input_ids, full.attention_mask, strict=True)]
+    cut = [tok.decode(r[max_length - 1: -1], skip_special_tokens=True) for r in real if len(r) > max_length]
+    if cut:
+        first = next((c for c in cut if c.strip()), "")
         first = first if len(first) <= 60 else f"{first[:57]}... ({len(first)} characters)"  # one short line
         warnings.warn(f"{len(cut)} prompt{'s' if len(cut) != 1 else ''} longer than {max_length} tokens were "
                       f"truncated (the encoder takes {max_length}); dropped, first: {first!r}", stacklevel=3)

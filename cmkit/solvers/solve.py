@@ -56,6 +56,8 @@ def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 
         nonlocal nfe
         nfe += passes(**c) if passes is not None else 1
         return den(xx, s, **c)
+    if hasattr(den, "fresh_noise"):  # a re-noising step draws in the model's pipeline layout (solvers/steps.py)
+        counted.fresh_noise = den.fresh_noise
 
     solver = SOLVERS[method] if method in SOLVERS else None
     if churn and (solver is None or solver.step is None):

@@ -81,9 +81,11 @@ def dpm2(den, x: torch.Tensor, sigma_from, sigma_to, **cond) -> torch.Tensor:
 @step_solver("consistency", evals_per_step=1)
 def consistency(den, x: torch.Tensor, sigma_from, sigma_to, **cond) -> torch.Tensor:
     """Multistep consistency sampling: denoise, then re-noise with fresh noise, ``D(x, sigma_from) + sigma_to eps``
-    (``eps`` from torch's global generator, as ``FlowMatchLCMScheduler`` draws it when a pipeline passes none).
-    A consistency model's sampler; on a diffusion model it is a stochastic (and poor) one."""
+    (``eps`` from torch's global generator, as ``FlowMatchLCMScheduler`` draws it when a pipeline passes none; a
+    model with ``fresh_noise(like)`` draws it in its pipeline's latent layout, so the same seed gives the same
+    noise). A consistency model's sampler; on a diffusion model it is a stochastic (and poor) one."""
     x0 = den(x, as_batch_sigma(sigma_from, x), **cond)
     if _to_zero(sigma_to):
         return x0
-    return x0 + append_dims(as_batch_sigma(sigma_to, x), x.ndim) * torch.randn_like(x0)
+    eps = den.fresh_noise(x0) if hasattr(den, "fresh_noise") else torch.randn_like(x0)
+    return x0 + append_dims(as_batch_sigma(sigma_to, x), x.ndim) * eps

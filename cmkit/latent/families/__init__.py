@@ -4,8 +4,8 @@ from ..family import FAMILIES
 from . import (  # noqa: F401  (each registers its pipeline class)
     flux,
     flux2,
-    qwen_image,  # noqa: F401  (registers QwenImagePipeline)
-    sana,  # noqa: F401  (registers SanaPipeline)
+    qwen_image,
+    sana,
     sd,
     sd3,
     sdxl,

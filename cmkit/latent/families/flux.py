@@ -32,6 +32,12 @@ def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
+def packed_noise(like: torch.Tensor) -> torch.Tensor:
+    """Unit noise of ``like``'s shape drawn as packed tokens (the order a scheduler stepping packed latents draws
+    it), then unpacked."""
+    return unpack(torch.randn(pack(like).shape, dtype=like.dtype, device=like.device), *like.shape[-2:])
+
+
 def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     """(h/2 * w/2, 3) position ids of the packed image tokens: (0, row, column)."""
     ids = torch.zeros(h // 2, w // 2, 3)
@@ -138,6 +144,9 @@ class Flux(FlowFamily):
 
     def pipeline_latents(self, model, latents):
         return pack(latents)
+
+    def fresh_noise(self, model, like):
+        return packed_noise(like)
 
     def set_timesteps_kwargs(self, model, steps: int) -> dict:
         if model.scheduler.config.get("use_flow_sigmas"):

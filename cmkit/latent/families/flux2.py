@@ -302,6 +302,12 @@ class Flux2Family(FlowFamily):
         """The prompt encoder and the denoiser of this pipeline class."""
         raise NotImplementedError
 
+    def fresh_noise(self, model, like):
+        # the scheduler steps (B, h*w, 4C) tokens (``_pack_latents``): the noise is drawn in that order
+        b, c, h, w = like.shape
+        tokens = torch.randn(b, h * w, c, dtype=like.dtype, device=like.device)
+        return tokens.permute(0, 2, 1).reshape(b, c, h, w)
+
     def default_image_size(self, model) -> int:
         return 64 * model.vae_scale_factor  # the pipeline's default_sample_size 128 times the VAE's own factor 8
 
@@ -360,7 +366,10 @@ class Flux2Klein(Flux2Family):
         pe = model.prompt_encoder
         return diffusers.Flux2KleinPipeline(scheduler=model.scheduler, vae=model.vae.vae, text_encoder=pe.encoder,
                                             tokenizer=pe.tokenizers[0], transformer=model.network,
-                                            is_distilled=model.denoiser.distilled)
+                                            # a student folds guidance in: its folder says so, and the
+                                            # pipeline then samples it unguided by default, as it must
+                                            is_distilled=model.denoiser.distilled
+                                            or bool(model.config.get("guidance_folded")))
 
     def tiny(self, texts=None, image_size: int = 32, seed: int = 0):
         return tiny_flux2_klein_pipeline(texts, seed=seed, image_size=image_size)

@@ -28,7 +28,7 @@ from ..denoiser import TextToImageModel
 from ..family import patched_shape, register_family
 from ..text_encoders import byte_tokenizer, negatives_for, prompt_list
 from .flow import FlowDenoiser, FlowFamily
-from .flux import pack, unpack
+from .flux import pack, packed_noise, unpack
 
 PIPELINE = "QwenImagePipeline"
 # QwenImagePipeline.__init__'s prompt_template_encode / prompt_template_encode_start_idx / tokenizer_max_length
@@ -228,6 +228,9 @@ class QwenImage(FlowFamily):
 
     def pipeline_latents(self, model, latents):
         return pack(latents)
+
+    def fresh_noise(self, model, like):
+        return packed_noise(like)
 
     def grid(self, model, steps: int, spacing: str | None) -> list[float]:
         sigmas = super().grid(model, steps, spacing)
