@@ -196,6 +196,24 @@ def test_bad_inputs_are_one_line(saved, tmp_path):
         teacher.prompt_encoder(PROMPTS, ["only one negative"])
 
 
+def test_a_student_of_the_stock_scheduler_samples_at_one_step_in_its_pipeline(saved, tmp_path):
+    """The stock folder's terminal stretch has no 1-step grid (NaN in the pipeline too); its students sample and
+    export without it (``student_scheduler``), so a 1-step student runs in QwenImagePipeline as in cmkit."""
+    from cmkit.latent.flow_student import FlowConsistencyModel
+
+    _, teacher, _ = saved["qwen"]
+    student = FlowConsistencyModel(teacher.denoiser, teacher, steps=1)
+    assert teacher.scheduler.config.shift_terminal == 0.02 and student.scheduler.config.shift_terminal is None
+    student.save_pretrained(tmp_path / "student")
+    pipe = _pipe(tmp_path / "student")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for steps in (1, 4):
+        ours = cmkit.text_to_image(student, PROMPTS, steps=steps, latents=latents, output="latent", height=32,
+                                   width=32)
+        lat, _ = _theirs(pipe, latents, 32, 32, num_inference_steps=steps, true_cfg_scale=1.0)
+        assert torch.isfinite(ours).all() and (ours - lat).abs().max() < 1e-4, steps
+
+
 def _data():
     return caption_data(32, ("sneaker", "bag"))
 

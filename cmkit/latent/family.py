@@ -63,6 +63,11 @@ class PipelineFamily:
         absent = {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
         return diffusers.DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **absent)
 
+    def student_scheduler(self, model, scheduler):
+        """The scheduler a few-step student of ``model`` samples over and exports with (its grid; the class follows
+        its sampler): the teacher's ``scheduler`` where that serves 1 to 8 steps, else a family's variant of it."""
+        return scheduler
+
     def pipeline_latents(self, model, latents):
         """Latents of ``model.sample_shape`` as the pipeline's ``latents=`` takes them."""
         return latents

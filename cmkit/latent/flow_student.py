@@ -98,6 +98,12 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
     sample_shape = delegate("parts.sample_shape")
     image_shape = delegate("parts.image_shape")
 
+    @property
+    def scheduler(self):
+        """The scheduler it samples over and exports with: its family's for students
+        (``PipelineFamily.student_scheduler``; the teacher's own by default)."""
+        return self.family.student_scheduler(self.parts, self.denoiser.scheduler)
+
     def fresh_noise(self, like):
         """The re-noising sampler's noise, in its pipeline's latent layout (``PipelineFamily.fresh_noise``)."""
         return self.family.fresh_noise(self, like)

@@ -226,6 +226,13 @@ class QwenImage(FlowFamily):
     def max_sequence_length(self, model) -> int | None:
         return MAX_TOKENS
 
+    def student_scheduler(self, model, scheduler):
+        # a student samples 1 to 4 steps: without the terminal stretch, whose 1-step grid is 0/0 (NaN in the
+        # pipeline too), the stretch being a many-step schedule's
+        if scheduler.config.get("shift_terminal"):
+            return type(scheduler).from_config(scheduler.config, shift_terminal=None)
+        return scheduler
+
     def pipeline_latents(self, model, latents):
         return pack(latents)
 

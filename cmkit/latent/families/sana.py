@@ -239,19 +239,20 @@ class Sana(FlowFamily):
         return super().checked_scheduler(path, scheduler)
 
     def grid(self, model, steps: int, spacing: str | None) -> list[float]:
-        """The teacher's: its scheduler's sigmas as the pipeline sets them. A student (LoRA ones share the teacher's
-        DPM scheduler): the ``FlowMatchEulerDiscreteScheduler`` of the same shift, which its export samples with."""
+        """Its scheduler's sigmas as the pipeline sets them (a student's: ``student_scheduler``)."""
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if spacing not in FLOW_SPACINGS:
             raise ValueError(f"spacing {spacing!r} is a DDPM-table spacing; a {self.name} runs its scheduler's own "
                              "grid (spacing=None)")
-        sched = model.scheduler
-        if getattr(model, "kind", "teacher") != "teacher":
-            sched = continuous_scheduler(sched)
-        sched = type(sched).from_config(sched.config)
+        sched = type(model.scheduler).from_config(model.scheduler.config)
         sched.set_timesteps(num_inference_steps=int(steps))  # retrieve_timesteps(scheduler, steps) in the pipeline
         return model.schedule.sigma(sched.sigmas.to(torch.float64)).tolist()
+
+    def student_scheduler(self, model, scheduler):
+        # a student (LoRA ones share the teacher's DPM scheduler) samples in continuous time over the
+        # FlowMatchEulerDiscreteScheduler of the same shift, which its export carries
+        return continuous_scheduler(scheduler)
 
     def pipeline(self, model):
         import diffusers
