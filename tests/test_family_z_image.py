@@ -60,13 +60,12 @@ def _theirs(pipe, latents, steps, g, output_type, height=32, width=32, **options
 
 
 def _ours(teacher, latents, steps, w, height=32, width=32, output="image", **options):
-    teacher.denoiser.guide_with(**{"cfg_normalization": 0.0, "cfg_truncation": 1.0, **options})
-    try:
-        return cmkit.text_to_image(teacher, PROMPTS, steps=steps, solver="euler", guidance_scale=w, latents=latents,
-                                   spacing=None, height=height, width=width, max_sequence_length=LENGTH,
-                                   output=output)
-    finally:
-        teacher.denoiser.guide_with(cfg_normalization=0.0, cfg_truncation=1.0)
+    """The options as a call's own (``text_to_image(..., cfg_truncation=...)``), the teacher's restored after."""
+    out = cmkit.text_to_image(teacher, PROMPTS, steps=steps, solver="euler", guidance_scale=w, latents=latents,
+                              spacing=None, height=height, width=width, max_sequence_length=LENGTH, output=output,
+                              **options)
+    assert (teacher.denoiser.cfg_normalization, teacher.denoiser.cfg_truncation) == (0.0, 1.0)
+    return out
 
 
 # cmkit's guidance w is the pipeline's g = w - 1 (cmkit's 1 = no guidance, the pipeline's 0); the guided case caps

@@ -263,7 +263,8 @@ def test_sizes_and_lengths_a_family_cannot_take_are_one_line(saved):
     multiple = 8  # the VAE's factor 4 times SD3's 2x2 patches or Flux's 2x2 packing
     cases = [(dict(height=32 + multiple // 2), f"multiple of {multiple}"), (dict(width=0), f"multiple of {multiple}"),
              (dict(height=33.0), f"multiple of {multiple}"), (dict(max_sequence_length=513), "use at most 512"),
-             (dict(max_sequence_length=0), "max_sequence_length")]
+             (dict(max_sequence_length=0), "max_sequence_length"),
+             (dict(cfg_normalization=True), "no guidance option 'cfg_normalization'")]  # Z-Image's, not theirs
     for bad, needle in cases:
         with pytest.raises(ValueError) as e:
             cmkit.text_to_image(teacher, PROMPTS[:1], steps=1, **bad)

@@ -62,6 +62,14 @@ class GuidedDenoiser:
     def embeds_guidance(self) -> bool:
         return False
 
+    def guide_with(self, **options) -> None:
+        """Set the pipeline's own guidance options (Z-Image's ``cfg_normalization`` / ``cfg_truncation``, a two-expert
+        model's second scale), each an attribute of this denoiser; a family whose pipeline has some overrides this
+        to check and set them. Here: none, and a one-line error naming the option given."""
+        for name in options:
+            raise ValueError(f"a {type(self).__name__} has no guidance option {name!r} (its pipeline guides with "
+                             "guidance_scale alone); leave it out")
+
     def passes(self, negative_prompt_embeds=None, guidance_scale=1.0, **cond) -> int:
         """Network passes one call costs: 2 when guided (a batch of twice the size), else 1."""
         return 2 if self._guided(negative_prompt_embeds, guidance_scale) else 1

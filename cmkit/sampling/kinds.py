@@ -8,7 +8,7 @@ branch on kind names, so a new student kind is one policy class plus one ``@regi
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -137,6 +137,20 @@ class LCMPolicy(SamplingPolicy):
                           latents=latents, generator=generator, output=output, return_nfe=return_nfe, solver=solver)
 
 
+@contextmanager
+def guided_with(model, options: dict):
+    """Within the block, ``model``'s denoiser guides with the pipeline options ``options`` (``guide_with``: a
+    one-line error for one its family does not have); its own values restored after."""
+    den = model.denoiser
+    before = {k: getattr(den, k, None) for k in options}
+    den.guide_with(**options)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(den, k, v)
+
+
 def sized(model, height, width, max_sequence_length):
     """``model.sampling_at(...)`` (the size and prompt length of one call), or nothing to do where none is asked."""
     if height is None and width is None and max_sequence_length is None:
@@ -152,7 +166,7 @@ def text_to_image(model, prompts, steps: int | None = None, solver: str | None =
                   guidance_scale: float | None = None, negative_prompts=None, latents: torch.Tensor | None = None,
                   generator: torch.Generator | None = None, spacing: str | None = "trailing", sigmas=None,
                   output: str = "image", return_nfe: bool = False, height: int | None = None,
-                  width: int | None = None, max_sequence_length: int | None = None):
+                  width: int | None = None, max_sequence_length: int | None = None, **guidance_options):
     """Images in [-1, 1] (``output="latent"``: latents) for ``prompts`` from any text-to-image model cmkit opens,
     sampled as its kind samples (``cmkit.sampling.kinds``): a teacher solves the guided PF-ODE with ``solver`` (any
     cmkit solver or torchdiffeq method; default DDIM, 25 steps, guidance 4) over ``timestep_sigmas(steps,
@@ -161,11 +175,14 @@ def text_to_image(model, prompts, steps: int | None = None, solver: str | None =
     unit-variance starting noise, one per prompt (as diffusers pipelines take it); by default drawn per sample
     from ``generator``. ``height`` / ``width`` (default: the model's size; either alone keeps the other side) and
     ``max_sequence_length`` (prompt tokens, where the family's encoder takes it) as the pipelines take them: the
-    latents, a resolution-dependent shift and size conditioning follow. With ``return_nfe`` also the network passes
-    (a guided evaluation counts two)."""
+    latents, a resolution-dependent shift and size conditioning follow. ``guidance_options``: a pipeline's own
+    guidance arguments where its family has them (Z-Image's ``cfg_normalization`` / ``cfg_truncation``), for this
+    call; one its family does not have is a one-line error. With ``return_nfe`` also the network passes (a guided
+    evaluation counts two)."""
     policy = policy_of(model)
     steps, guidance_scale = policy.resolve(model, steps, guidance_scale)
-    with sized(model, height, width, max_sequence_length):
+    options = guided_with(model, guidance_options) if guidance_options else nullcontext()
+    with sized(model, height, width, max_sequence_length), options:
         return policy.sample(model, prompts, steps=steps, solver=solver, guidance_scale=guidance_scale,
                              negative_prompts=negative_prompts, latents=latents, generator=generator,
                              spacing=spacing, sigmas=sigmas, output=output, return_nfe=return_nfe)
