@@ -67,7 +67,7 @@ _EXPORTS = {
     **dict.fromkeys(("LatentConsistencyModel", "LatentDenoiser", "TextToImageModel"), "latent"),
     **dict.fromkeys(("load_model", "load_teacher"), "loading"),
     **dict.fromkeys(("colorize", "denoise", "inpaint", "interpolate", "lcm_sample", "sample", "sample_teacher",
-                     "sdedit", "superres", "text_to_image"), "sampling"),
+                     "sdedit", "superres", "text_to_image", "text_to_video"), "sampling"),
     **dict.fromkeys(("ode_solve", "ode_step", "pf_ode_drift", "teacher_grid"), "solvers"),
 }
 __all__ = sorted(_EXPORTS)

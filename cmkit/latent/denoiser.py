@@ -163,6 +163,7 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         self.family = family_of(self.config["pipeline"])
         size = self.config.get("image_size")
         self._size = (int(size), int(size)) if size else None
+        self._frames = None  # a video model's frame count: the family's default until resize
 
     # --- the denoiser, as everything above sees it
     def forward(self, z, sigma, **cond):
@@ -183,12 +184,26 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
     def width(self) -> int:
         return int(self._size[1] if self._size else self.family.default_image_size(self))
 
-    def resize(self, height: int, width: int | None = None) -> None:
-        """Sample ``height`` x ``width`` images from now on (``width`` defaults to ``height``): a one-line error
-        where the family's patching cannot take it; conditioning that describes the size (SDXL's time ids) and a
-        resolution-dependent shift (Flux's ``mu``) follow."""
+    @property
+    def num_frames(self) -> int | None:
+        """A video model's frame count (the family's default until ``resize``); None for an image model."""
+        return self._frames or self.family.default_num_frames(self)
+
+    def resize(self, height: int, width: int | None = None, num_frames: int | None = None) -> None:
+        """Sample ``height`` x ``width`` images (a video model: of ``num_frames`` frames) from now on (``width``
+        defaults to ``height``): a one-line error where the family's patching cannot take it; conditioning that
+        describes the size (SDXL's time ids) and a resolution-dependent shift (Flux's ``mu``) follow."""
         width = height if width is None else width
-        self.family.latent_shape(self, height, width)
+        frames = self._frames
+        if num_frames is not None:
+            if self.family.default_num_frames(self) is None:
+                raise ValueError(f"a {self.family.name} makes images, not videos; leave num_frames out")
+            self._frames = int(num_frames)
+        try:
+            self.family.latent_shape(self, height, width)
+        except ValueError:
+            self._frames = frames
+            raise
         self._size = (int(height), int(width))
         self.family.resized(self)
 
@@ -210,8 +225,9 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
 
     @property
     def image_shape(self) -> tuple[int, ...]:
-        """The shape of one decoded image: ``(3, H, W)``."""
-        return (self.vae.config.out_channels, self.height, self.width)
+        """The shape of one decoded image, ``(3, H, W)``, or video, ``(3, F, H, W)``."""
+        frames = () if self.num_frames is None else (self.num_frames,)
+        return (self.vae.config.out_channels, *frames, self.height, self.width)
 
     @property
     def max_sequence_length(self) -> int | None:
@@ -235,18 +251,20 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
 
     @contextlib.contextmanager
     def sampling_at(self, height: int | None = None, width: int | None = None,
-                    max_sequence_length: int | None = None):
-        """Within the block, sample ``height`` x ``width`` images (either alone keeps the other side) with prompts
-        encoded at ``max_sequence_length`` tokens, as a pipeline call with those arguments; restored after."""
-        size, n = self._size, getattr(self.prompt_encoder, "max_sequence_length", None)
+                    max_sequence_length: int | None = None, num_frames: int | None = None):
+        """Within the block, sample ``height`` x ``width`` images (either alone keeps the other side; a video model:
+        ``num_frames`` frames) with prompts encoded at ``max_sequence_length`` tokens, as a pipeline call with those
+        arguments; restored after."""
+        size, frames, n = self._size, self._frames, getattr(self.prompt_encoder, "max_sequence_length", None)
         try:
-            if height is not None or width is not None:
-                self.resize(self.height if height is None else height, self.width if width is None else width)
+            if height is not None or width is not None or num_frames is not None:
+                self.resize(self.height if height is None else height, self.width if width is None else width,
+                            num_frames)
             if max_sequence_length is not None:
                 self.max_sequence_length = max_sequence_length
             yield self
         finally:
-            self._size = size
+            self._size, self._frames = size, frames
             self.family.resized(self)
             if n is not None:
                 self.prompt_encoder.max_sequence_length = n

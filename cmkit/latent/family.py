@@ -85,6 +85,11 @@ class PipelineFamily:
         ``patched_shape`` is the common case)."""
         raise NotImplementedError
 
+    def default_num_frames(self, model) -> int | None:
+        """A video family's default frame count (its pipeline's ``num_frames``); None for an image family. A video
+        family's ``latent_shape`` reads ``model.num_frames`` and gives ``(C, F', H', W')``."""
+        return None
+
     def resized(self, model) -> None:
         """Called after ``model.height`` / ``model.width`` change: conditioning that describes the image size (SDXL's
         time ids) follows it."""

@@ -92,6 +92,7 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
     vae = delegate("parts.vae")
     image_size = delegate("parts.image_size")
     height = delegate("parts.height")
+    num_frames = delegate("parts.num_frames")
     width = delegate("parts.width")
     sampling_at = delegate("parts.sampling_at")
     vae_scale_factor = delegate("parts.vae_scale_factor")

@@ -156,6 +156,7 @@ class LatentConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
     sample_shape = delegate("parts.sample_shape")
     image_shape = delegate("parts.image_shape")
     height = delegate("parts.height")
+    num_frames = delegate("parts.num_frames")
     width = delegate("parts.width")
     sampling_at = delegate("parts.sampling_at")
 

@@ -151,14 +151,15 @@ def guided_with(model, options: dict):
             setattr(den, k, v)
 
 
-def sized(model, height, width, max_sequence_length):
-    """``model.sampling_at(...)`` (the size and prompt length of one call), or nothing to do where none is asked."""
-    if height is None and width is None and max_sequence_length is None:
+def sized(model, height, width, max_sequence_length, num_frames=None):
+    """``model.sampling_at(...)`` (the size, frame count and prompt length of one call), or nothing to do where none
+    is asked."""
+    if height is None and width is None and max_sequence_length is None and num_frames is None:
         return nullcontext()
     if not hasattr(model, "sampling_at"):
-        raise ValueError(f"a {type(model).__name__} samples at one size; leave out height, width and "
+        raise ValueError(f"a {type(model).__name__} samples at one size; leave out height, width, num_frames and "
                          "max_sequence_length")
-    return model.sampling_at(height, width, max_sequence_length)
+    return model.sampling_at(height, width, max_sequence_length, num_frames)
 
 
 @torch.no_grad()
@@ -166,7 +167,8 @@ def text_to_image(model, prompts, steps: int | None = None, solver: str | None =
                   guidance_scale: float | None = None, negative_prompts=None, latents: torch.Tensor | None = None,
                   generator: torch.Generator | None = None, spacing: str | None = "trailing", sigmas=None,
                   output: str = "image", return_nfe: bool = False, height: int | None = None,
-                  width: int | None = None, max_sequence_length: int | None = None, **guidance_options):
+                  width: int | None = None, max_sequence_length: int | None = None, num_frames: int | None = None,
+                  **guidance_options):
     """Images in [-1, 1] (``output="latent"``: latents) for ``prompts`` from any text-to-image model cmkit opens,
     sampled as its kind samples (``cmkit.sampling.kinds``): a teacher solves the guided PF-ODE with ``solver`` (any
     cmkit solver or torchdiffeq method; default DDIM, 25 steps, guidance 4) over ``timestep_sigmas(steps,
@@ -182,7 +184,27 @@ def text_to_image(model, prompts, steps: int | None = None, solver: str | None =
     policy = policy_of(model)
     steps, guidance_scale = policy.resolve(model, steps, guidance_scale)
     options = guided_with(model, guidance_options) if guidance_options else nullcontext()
-    with sized(model, height, width, max_sequence_length), options:
+    with sized(model, height, width, max_sequence_length, num_frames), options:
         return policy.sample(model, prompts, steps=steps, solver=solver, guidance_scale=guidance_scale,
                              negative_prompts=negative_prompts, latents=latents, generator=generator,
                              spacing=spacing, sigmas=sigmas, output=output, return_nfe=return_nfe)
+
+
+@torch.no_grad()
+def text_to_video(model, prompts, steps: int | None = None, solver: str | None = None,
+                  guidance_scale: float | None = None, negative_prompts=None, latents: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None, spacing: str | None = "trailing", sigmas=None,
+                  output: str = "image", return_nfe: bool = False, height: int | None = None,
+                  width: int | None = None, num_frames: int | None = None, max_sequence_length: int | None = None,
+                  **guidance_options):
+    """Videos ``(B, C, F, H, W)`` in [-1, 1] (``output="latent"``: latents ``(B, C, F', H', W')``) for ``prompts``
+    from a text-to-video model (a video family's teacher or one of its students), sampled as ``text_to_image``
+    samples (its kind's policy, the family's grid and guidance; ``num_frames`` as the pipeline takes it, a count
+    the VAE's temporal factor cannot take a one-line error). ``guidance_options``: the pipeline's own (a
+    two-expert Wan 2.2's ``guidance_scale_2``)."""
+    if getattr(model, "num_frames", None) is None:
+        raise ValueError(f"a {type(model).__name__} of a {getattr(getattr(model, 'family', None), 'name', '?')} "
+                         "makes images, not videos; use cmkit.text_to_image")
+    return text_to_image(model, prompts, steps, solver, guidance_scale, negative_prompts, latents, generator, spacing,
+                         sigmas, output, return_nfe, height, width, max_sequence_length, num_frames,
+                         **guidance_options)
