@@ -15,6 +15,7 @@ import importlib.abc
 import importlib.machinery
 import logging
 import sys
+import warnings
 
 from .core.lazy import lazy_exports
 
@@ -54,6 +55,9 @@ class _NoHubKernelsInBitsandbytes(importlib.abc.MetaPathFinder):
 if not any(isinstance(f, _NoHubKernelsInBitsandbytes) for f in sys.meta_path):
     sys.meta_path.insert(0, _NoHubKernelsInBitsandbytes())
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# diffusers' config download of a hub id passes huggingface_hub an argument it deprecated: a line about an internal
+# call of another library, above cmkit's own output, that the user can do nothing about
+warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated", category=UserWarning)
 
 __version__ = "0.2.0"
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 from conftest import caption_data
 
+import cmkit
 from cmkit.cli.commands import main
 from cmkit.cli.jobs import run_job
 from cmkit.cli.recipes import load_recipe
@@ -132,6 +133,24 @@ def test_rcm_counts_the_fake_score(tmp_path, avail):
     assert "fake score (objective.kind='latent_rcm_lora')" in msg and "LoRA adapter" in msg, msg
     assert "latent_scd_lora" in msg and "train.batch_size" not in msg, msg
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_under_fsdp_each_process_counts_its_share(tmp_path, avail, monkeypatch):
+    """rCM's fake score refused above is sharded over the processes under train.fsdp: with 4 of them each holds a
+    quarter, which fits (it was refused as if one process held it all)."""
+    from cmkit.cli import jobs
+
+    recipe = load_recipe("tiny-sd3-rcm-lora", ["train.steps=1", "train.batch_size=2"])
+    teacher = cmkit.load_teacher("cmkit:tiny-sd3")
+    avail(32 * MiB)
+    with pytest.raises(ValueError, match="fake score"):
+        jobs.check_student_fits(recipe, teacher, "cmkit:tiny-sd3", None)
+    recipe.train.fsdp = True
+    monkeypatch.setattr(jobs, "rank_world", lambda: (0, 4))
+    jobs.check_student_fits(recipe, teacher, "cmkit:tiny-sd3", None)  # 53 MiB / 4 of fake score, and the adapter
+    avail(8 * MiB)
+    with pytest.raises(ValueError, match=r"fake score \(objective.kind='latent_rcm_lora'\) / 4 processes"):
+        jobs.check_student_fits(recipe, teacher, "cmkit:tiny-sd3", None)
 
 
 def _fake_hub_cache(root, repo: str, files: dict) -> None:

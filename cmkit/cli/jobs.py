@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from ..core.digests import weights_digest
 from ..core.files import atomic_write_text, folder_lock
 from ..core.memory import TRAINED_BYTES, check_fits, check_parts_fit, lora_params, meta_params, training_bytes
+from ..core.processes import rank_world
 from ..data import Dataset, StreamedCaptions, open_dataset
 from ..data.latent_cache import caption_encoder
 from ..eval.metrics import sliced_wasserstein
@@ -94,7 +95,7 @@ def build_backbone(recipe: Recipe, data: Dataset, device=None) -> torch.nn.Modul
     sizes = ", ".join(f"{k}={getattr(m, k[len('model.'):])}" for k in keys)
     params = meta_params(build)
     copies, fix = held_copies(recipe, params, 4, device)
-    check_parts_fit([("network", params * TRAINED_BYTES), *copies],
+    check_parts_fit(sharded(recipe, [("network", params * TRAINED_BYTES), *copies]),
                     f"the model.backbone {m.backbone!r} network of {sizes} ({params / 1e6:,.1f} M parameters), "
                     "trained in float32 with Adam, and the copies the run keeps of it",
                     f"set a smaller {' / '.join(keys) or 'network'}{fix}", device)
@@ -117,6 +118,15 @@ def held_copies(recipe: Recipe, params: int, per_param: int, device) -> tuple[li
     if key:
         parts.append((f"target network (objective.{key})", params * per_param))
     return parts, ", or fewer train.ema_rates" if n else ""
+
+
+def sharded(recipe: Recipe, parts: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Each process's share of what a run trains: under ``train.fsdp`` the trained network, its EMAs, the target and
+    a fake score are sharded over the processes (``training.sharding``), so each holds 1 / world of them."""
+    world = rank_world()[1] if recipe.train.fsdp else 1
+    if world == 1:
+        return parts
+    return [(f"{label} / {world} processes (train.fsdp)", -(-size // world)) for label, size in parts]
 
 
 def check_student_fits(recipe: Recipe, teacher, path, device) -> None:
@@ -142,13 +152,13 @@ def check_student_fits(recipe: Recipe, teacher, path, device) -> None:
         adapter = lora_params(net, lora_spec(cfg, teacher)["targets"], cfg.lora_rank)
         # a LoRA student's copies (EMAs, target) copy the teacher's network it lives in, adapter and all
         copies, fix = held_copies(recipe, params + adapter, 4, device)
-        check_parts_fit([("LoRA adapter", adapter * TRAINED_BYTES), *copies, *fake],
+        check_parts_fit(sharded(recipe, [("LoRA adapter", adapter * TRAINED_BYTES), *copies, *fake]),
                         f"the LoRA adapter of objective.lora_rank={cfg.lora_rank} on the teacher's network "
                         f"({adapter / 1e6:,.1f} M parameters) and what the run keeps beside it",
                         f"set a smaller objective.lora_rank{fix}{fix_fake}", device)
         return
     copies, fix = held_copies(recipe, params, 4, device)
-    check_parts_fit([("student", params * TRAINED_BYTES), *copies, *fake],
+    check_parts_fit(sharded(recipe, [("student", params * TRAINED_BYTES), *copies, *fake]),
                     f"the student, a copy of the teacher's network ({path}, {params / 1e6:,.1f} M parameters) "
                     "trained in float32 with Adam, and what the run keeps beside it",
                     f"distill a smaller teacher{fix}{fix_fake}, or use a LoRA kind where there is one (objective.kind "
