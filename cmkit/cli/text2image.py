@@ -15,8 +15,8 @@ def add_generate(sub) -> None:
     g.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default 4)")
     g.add_argument("--steps", type=int, default=None,
                    help="steps (default: the model's own: 25 for a teacher, 4 for an LCM, a student's distilled count)")
-    g.add_argument("--solver", default=None, help="ddim, dpmpp_2m, euler, heun, ... (default ddim; an LCM and a flow "
-                                                  "student take none: they sample with their own schedulers)")
+    g.add_argument("--solver", default=None, help="ddim, dpmpp_2m, euler, heun, unipc, ... (default ddim; an LCM and a "
+                                                  "flow student take none: they sample with their own schedulers)")
     g.add_argument("--guidance", type=guidance_scale, default=None,
                    help="classifier-free guidance scale, 1 or more (1: no guidance; default 4 for a teacher or an LCM, "
                         "1 for a student that folds guidance in: an LCM-LoRA, a flow student)")
@@ -50,7 +50,8 @@ def add_bench_t2i(bsub) -> None:
     b.add_argument("--num", type=int, default=1000, help="samples per setting and seed (default 1000)")
     b.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     b.add_argument("--steps", default="1,2,4,8,16,25,50", help="comma-separated step counts")
-    b.add_argument("--solvers", default="ddim,dpmpp_2m,euler", help="comma-separated solvers")
+    b.add_argument("--solvers", default="ddim,dpmpp_2m,euler",
+                   help="comma-separated solvers (ddim, dpmpp_2m, euler, heun, unipc, ...)")
     b.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER",
                    help="a distilled LCM or LCM-LoRA folder to score at --model-steps (repeatable)")
     b.add_argument("--model-steps", default="1,2,4,8", help="comma-separated steps for --model rows")

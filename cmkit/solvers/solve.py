@@ -28,9 +28,9 @@ def ode_solve(den, x: torch.Tensor, sigmas, method: str = "heun", rtol: float = 
     """Integrate the PF-ODE from ``sigmas[0]`` through ``sigmas[-1]`` (a descending grid; may end at 0).
 
     ``method``: a registered step solver ("euler", "heun", "dpm2", "ddim") steps along the grid; a grid solver
-    ("dpmpp_2m") runs it; anything else ("dopri5", "rk4", "bosh3", ...) is handed to ``torchdiffeq.odeint`` in the
-    variable log(sigma), with the grid as output times and ``rtol``/``atol`` as tolerances (a final 0 is reached by
-    one exact denoise, since the drift is singular there). ``sigmas[0]`` may be ``inf`` (pure noise, where
+    ("dpmpp_2m", "unipc") runs it; anything else ("dopri5", "rk4", "bosh3", ...) is handed to ``torchdiffeq.odeint``
+    in the variable log(sigma), with the grid as output times and ``rtol``/``atol`` as tolerances (a final 0 is reached
+    by one exact denoise, since the drift is singular there). ``sigmas[0]`` may be ``inf`` (pure noise, where
     flow-matching pipelines start): then ``x`` holds the unit noise eps and the first step is Euler's exact limit
     ``D(eps, inf) + sigma_1 eps`` (Heun, DPM-Solver-2 and adaptive methods take that step too). Returns the end
     state, and with ``return_nfe`` also the number of network passes (denoiser evaluations, a guided one counting two).
@@ -114,7 +114,7 @@ def _adaptive(den, x, sig: torch.Tensor, method: str, rtol: float, atol: float, 
 def teacher_grid(nfe: int, solver: str, sigma_min: float, sigma_max: float, rho: float = RHO) -> list[float]:
     """A Karras grid ending in 0 whose solve costs exactly ``nfe`` denoiser evaluations with ``solver``.
 
-    One-evaluation solvers (euler, ddim, dpmpp_2m): nfe + 1 points. Two-evaluation solvers (heun, dpm2): 2
+    One-evaluation solvers (euler, ddim, dpmpp_2m, unipc): nfe + 1 points. Two-evaluation solvers (heun, dpm2): 2
     evaluations a step except the last (Euler to 0), so nfe must be odd.
     """
     if nfe < 1:
