@@ -187,7 +187,7 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
     @property
     def num_frames(self) -> int | None:
         """A video model's frame count (the family's default until ``resize``); None for an image model."""
-        return self._frames or self.family.default_num_frames(self)
+        return self._frames if self._frames is not None else self.family.default_num_frames(self)
 
     def resize(self, height: int, width: int | None = None, num_frames: int | None = None) -> None:
         """Sample ``height`` x ``width`` images (a video model: of ``num_frames`` frames) from now on (``width``
@@ -198,7 +198,9 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         if num_frames is not None:
             if self.family.default_num_frames(self) is None:
                 raise ValueError(f"a {self.family.name} makes images, not videos; leave num_frames out")
-            self._frames = int(num_frames)
+            from ..core.checks import positive_int
+
+            self._frames = positive_int(num_frames, "num_frames")
         try:
             self.family.latent_shape(self, height, width)
         except ValueError:

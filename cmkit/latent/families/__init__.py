@@ -9,6 +9,7 @@ from . import (  # noqa: F401  (each registers its pipeline class)
     sd,
     sd3,
     sdxl,
+    wan,
     z_image,
 )
 
