@@ -240,21 +240,21 @@ def test_bad_inputs_are_one_line(saved, tmp_path):
 @pytest.mark.parametrize("version", ["2.1", "2.2"])
 def test_unipc_over_the_folders_own_scheduler_is_the_pipeline(saved, version):
     """The folders' UniPCMultistepScheduler (flow sigmas, flow_shift) as the pipeline runs it, and cmkit's unipc over
-    the same grid, the network seeing the scheduler's integer timesteps: 8 steps, guided, both in float64 (in
-    float32 cmkit's state at the grid's first sigma, ~1e6 where t = 1 - 1e-6, rounds: 4e-3 apart on these random
-    networks, an open item)."""
+    the same grid, the network seeing the scheduler's integer timesteps: 8 steps, guided, in float32. (The grid's
+    first point is t = 1 - 1e-6, sigma about 1e6: a flow schedule that took alpha as 1 - t there lost 3% of it to
+    t's float32 rounding, 4e-3 here.)"""
     import diffusers
 
     folder, _, _ = saved[version]
-    teacher = cmkit.load_teacher(str(folder)).double()
-    pipe = diffusers.WanPipeline.from_pretrained(folder, torch_dtype=torch.float64)
+    teacher = cmkit.load_teacher(str(folder))
+    pipe = diffusers.WanPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler).__name__ == "UniPCMultistepScheduler" and teacher.denoiser.integer_timesteps
-    latents = _latents((16, 16), 3).double()
+    latents = _latents((16, 16), 3)
     kw = dict(steps=8, guidance_scale=4.0, latents=latents, spacing=None, height=16, width=16, num_frames=FRAMES,
               max_sequence_length=LENGTH, output="latent")
     ours = cmkit.text_to_video(teacher, PROMPTS, solver="unipc", **kw)
     theirs = _theirs(pipe, latents, 8, 4.0, "latent", 16, 16)
-    assert (ours - theirs).abs().max() < 1e-5
+    assert (ours - theirs).abs().max() < 1e-4
     euler = cmkit.text_to_video(teacher, PROMPTS, solver="euler", **kw)
     assert (euler - theirs).abs().max() > 1e-3  # the solver matters: UniPC is what the folder's pipeline runs

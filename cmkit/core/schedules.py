@@ -121,7 +121,9 @@ class FlowMatchSchedule(NoiseSchedule):
     outputs = ("epsilon", "v_prediction", "sample", "flow")
 
     def alpha(self, sigma):
-        return 1 - self.time(sigma)
+        # 1 - t, computed without the cancellation of 1 - t near t = 1: at sigma 1e6 (a UniPC grid's first point,
+        # t = 1 - 1e-6) t's float32 rounding alone is 3% of 1 - t
+        return 1 / (1 + sigma)
 
     def beta(self, sigma):
         return self.time(sigma)
