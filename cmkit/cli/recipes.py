@@ -47,6 +47,10 @@ class DataSection:
     crop: str = "center"                # streamed images: resized to cover the size, then a "center" / "random" crop
     workers: int = 0                    # dataloader workers reading (decoding, cropping) streamed shards
     encode_batch_size: int = 256        # latent kinds: images per VAE / text-encoder batch when building the cache
+    # captioned video (a folder of .mp4 / .webm clips, or webdataset shards of them): frames a clip is sampled to
+    # (0 = images), taken at data.fps (0 = each clip's own rate) from the start (data.crop = "random": a random start)
+    num_frames: int = 0
+    fps: float = 0.0
 
     def check(self) -> None:
         if self.crop not in ("center", "random"):
@@ -56,6 +60,13 @@ class DataSection:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        if self.num_frames < 0:
+            raise ValueError(f"data.num_frames must be >= 1 for video clips (0 = images), got {self.num_frames}")
+        if self.fps < 0:
+            raise ValueError(f"data.fps must be >= 0 (0 = each clip's own rate), got {self.fps:g}")
+        if self.fps and not self.num_frames:
+            raise ValueError(f"data.fps = {self.fps:g} samples video clips; set data.num_frames too (the frames a "
+                             "clip is sampled to), or remove data.fps for images")
         target_size(self)  # height and width both or neither, positive, agreeing with image_size
 
 

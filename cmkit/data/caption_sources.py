@@ -29,7 +29,7 @@ CUT_SHORT = "cut short"  # begins the skipped entry of a shard whose file ends e
 class Chunk:
     """Up to a batch of one shard's samples."""
     shard: int                 # the shard's index in ``source.shard_keys()``
-    images: torch.Tensor       # (b, 3, H, W) float32 in [-1, 1]
+    images: torch.Tensor       # (b, 3, H, W) float32 in [-1, 1]; clips (b, 3, F, H, W)
     captions: list[str]
     sizes: torch.Tensor        # (b, 4) int64: original height, width, crop top, crop left
     skipped: list[str] = field(default_factory=list)  # "key: why" of this chunk's samples that could not be read
@@ -117,10 +117,17 @@ def fit_image(data: bytes, size, crop: str, seed: int, key: str) -> tuple[np.nda
     crops the same). Returns the array and (original height, width, crop top, crop left)."""
     from PIL import Image
 
-    height, width = (int(size[0]), int(size[1])) if isinstance(size, tuple | list) else (int(size), int(size))
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         rgb = to_rgb(img)  # 16-bit grey scaled as every reader scales it, not clipped to white
+    return fit_rgb(rgb, size, crop, seed, key)
+
+
+def fit_rgb(rgb, size, crop: str, seed: int, key: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``fit_image`` of a decoded RGB PIL image (a video frame: every frame of a clip, one key, crops the same)."""
+    from PIL import Image
+
+    height, width = (int(size[0]), int(size[1])) if isinstance(size, tuple | list) else (int(size), int(size))
     w, h = rgb.size
     if min(w, h) < 1:
         raise ValueError("empty image")
@@ -137,13 +144,14 @@ def fit_image(data: bytes, size, crop: str, seed: int, key: str) -> tuple[np.nda
     return arr, (h, w, top, left)
 
 
-def to_chunk(shard: int, samples: list, skipped: list[str], last: bool, size) -> Chunk:
-    """A chunk from ``(array, caption, sizes)`` samples (arrays from ``fit_image``); ``size``: the images' side or
-    (height, width)."""
-    if samples:
-        x = torch.from_numpy(np.stack([s[0] for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+def to_chunk(shard: int, samples: list, skipped: list[str], last: bool, size, frames: int = 0) -> Chunk:
+    """A chunk from ``(array, caption, sizes)`` samples (arrays from ``fit_image``, (H, W, 3); or clips,
+    (F, H, W, 3)); ``size``: the images' side or (height, width); ``frames``: a clip's frames (0: images)."""
+    if samples:  # channels first: (b, 3, H, W), or (b, 3, F, H, W) for clips
+        x = torch.from_numpy(np.stack([s[0] for s in samples])).movedim(-1, 1).float() / 127.5 - 1
     else:
-        x = torch.zeros(0, 3, *(size if isinstance(size, tuple | list) else (size, size)))
+        side = size if isinstance(size, tuple | list) else (size, size)
+        x = torch.zeros(0, 3, *([frames] if frames else []), *side)
     sizes = torch.tensor([s[2] for s in samples], dtype=torch.long).reshape(-1, 4)
     return Chunk(shard, x.contiguous(), [s[1] for s in samples], sizes, skipped, last)
 
@@ -159,24 +167,26 @@ def _why(e: Exception) -> str:
     return first or type(e).__name__
 
 
-def decoded_chunks(source, shard: int, items, batch: int) -> Iterator[Chunk]:
+def decoded_chunks(source, shard: int, items, batch: int, fit=fit_image) -> Iterator[Chunk]:
     """Chunks of ``batch`` samples from ``items``, ``(key, read)`` pairs whose ``read()`` gives the sample's
-    encoded image and caption; a sample whose read or decode fails is skipped with its key and why."""
+    encoded image and caption; a sample whose read or decode fails is skipped with its key and why. ``fit``: the
+    decoder, ``fit(data, size, crop, seed, key) -> (array, sizes)`` (``fit_image``; a clip's, for video)."""
     samples, skipped = [], []
+    frames = int(getattr(source, "num_frames", 0) or 0)
     for key, read in items:
         try:
             data, caption = read()
             if not isinstance(caption, str):
                 raise ValueError(f"caption is {type(caption).__name__}, not text")
-            arr, sizes = fit_image(data, source_size(source), source.crop, source.seed, key)
-        except Exception as e:  # noqa: BLE001 - PIL, tarfile and json raise many types for a damaged sample
+            arr, sizes = fit(data, source_size(source), source.crop, source.seed, key)
+        except Exception as e:  # noqa: BLE001 - PIL, PyAV, tarfile and json raise many types for a damaged sample
             skipped.append(f"{key}: {_why(e)}")
             continue
         samples.append((arr, caption.strip(), sizes))
         if len(samples) == batch:
-            yield to_chunk(shard, samples, skipped, False, source_size(source))
+            yield to_chunk(shard, samples, skipped, False, source_size(source), frames)
             samples, skipped = [], []
-    yield to_chunk(shard, samples, skipped, True, source_size(source))
+    yield to_chunk(shard, samples, skipped, True, source_size(source), frames)
 
 
 class _Shards(torch.utils.data.IterableDataset):

@@ -35,9 +35,10 @@ class StreamedCaptions:
         return self.source.name
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def sample_shape(self) -> tuple[int, ...]:
         size = getattr(self.source, "size", None) or (self.source.image_size,) * 2  # (height, width)
-        return (3, int(size[0]), int(size[1]))
+        frames = int(getattr(self.source, "num_frames", 0) or 0)  # video clips: (3, F, H, W)
+        return (3, *([frames] if frames else []), int(size[0]), int(size[1]))
 
     def caption_source(self):
         return self.source

@@ -95,14 +95,16 @@ def _captions_from_metadata(root: Path, follow_links: bool) -> dict[Path, str]:
     return out
 
 
-def _captions_from_txt(root: Path, follow_links: bool) -> dict[Path, str]:
-    files = sorted(data_file(p, root, follow_links) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+def _captions_from_txt(root: Path, follow_links: bool, suffixes=IMAGE_SUFFIXES, what: str = "images"
+                       ) -> dict[Path, str]:
+    """Each file of ``suffixes`` under ``root`` (images; video clips) and the ``.txt`` caption beside it."""
+    files = sorted(data_file(p, root, follow_links) for p in root.rglob("*") if p.suffix.lower() in suffixes)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+        raise FileNotFoundError(f"no {what} ({', '.join(suffixes)}) under {root}")
     txt = {p: data_file(p.with_suffix(".txt"), root, follow_links) for p in files}
     missing = [p for p in files if not txt[p].exists()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(files)} images under {root} have no caption (first: "
+        raise FileNotFoundError(f"{len(missing)} of {len(files)} {what} under {root} have no caption (first: "
                                 f"{missing[0].name} needs {missing[0].with_suffix('.txt').name}); add them or write "
                                 f"a {METADATA}")
     try:

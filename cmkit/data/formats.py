@@ -27,6 +27,7 @@ class PathFormat:
     load: Callable          # (data.path, d, seed) -> Dataset | StreamedCaptions; d: the data section (PathOptions)
     what: str = ""          # a few words for the error naming every format: "a .npy array file"
     order: int = 0          # where it is asked: lowest first (built-in formats 10 .. 100; a new one 0, before them)
+    video: bool = False     # reads clips (data.num_frames >= 1); open_path refuses data.num_frames for the others
 
 
 PATH_FORMATS: Registry[PathFormat] = Registry("data.path format")
@@ -42,6 +43,8 @@ class PathOptions:
     channels: int = 0       # image folders: 1 or 3 (0: as the first image)
     crop: str = "center"    # streamed shards: "center" or "random"
     follow_links: bool = False  # sample files linked from outside the data folder are read (refused if off)
+    num_frames: int = 0     # captioned video: frames a clip is sampled to (0: images)
+    fps: float = 0          # captioned video: the rate frames are taken at (0: the clip's own)
 
 
 def target_size(d, native: bool = True) -> tuple[int, int]:
@@ -96,4 +99,9 @@ def open_path(path: str, d=None, seed: int = 0):
         where = "does not exist" if not Path(path).exists() else "is in none of the formats cmkit reads"
         error = FileNotFoundError if not Path(path).exists() else ValueError
         raise error(f"data.path {path!r} {where}; data.path takes: {known}")
-    return PATH_FORMATS[name].load(path, d if d is not None else PathOptions(), seed)
+    d = d if d is not None else PathOptions()
+    frames = int(getattr(d, "num_frames", 0) or 0)
+    if frames and not PATH_FORMATS[name].video:
+        raise ValueError(f"data.num_frames = {frames}, but data.path {path!r} is {PATH_FORMATS[name].what or name}, "
+                         "not video clips; remove data.num_frames (and data.fps) to read it as images")
+    return PATH_FORMATS[name].load(path, d, seed)

@@ -200,7 +200,7 @@ def encode_source(vae, prompt_encoder, source, batch_size: int = 256, workers: i
     paths = [cache_root() / f"{k}.safetensors" for k in keys]
     rank, world = rank_world()
     # in-memory images keep their own height and width; every other source crops to its (height, width)
-    latent = expected_latent(vae, source_size(source))
+    latent = expected_latent(vae, source_size(source), int(getattr(source, "num_frames", 0) or 0))
     # shard i is process i % world's, whatever is cached: every process agrees on the split without talking
     opened = {i: open_shard(paths[i], keys[i], quiet=False, latent=latent) for i in range(rank, len(keys), world)}
     mine = [i for i, shard in opened.items() if shard is None]
@@ -328,18 +328,36 @@ def _write_shard(path: Path, key: str, acc: dict, prompt_encoder, batch_size: in
     cache_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def expected_latent(vae, size: tuple[int, int]) -> tuple[int, ...] | None:
-    """The latent shape ``vae`` (a diffusers ``AutoencoderKL``: each block after the first halves the size) gives
-    an image of ``size`` (height, width); None where its config does not say."""
+def expected_latent(vae, size: tuple[int, int], frames: int = 0) -> tuple[int | None, ...] | None:
+    """The latent shape ``vae`` gives an image of ``size`` (height, width), or with ``frames`` a clip of that many
+    frames; None where its config does not say. An image's: a diffusers ``AutoencoderKL``'s (``latent_channels``;
+    each block of ``block_out_channels`` after the first halves the size). A clip's: the same, the spatial factor
+    ``spatial_compression_ratio`` where the config has one (``z_dim`` for channels, ``dim_mult`` for blocks where it
+    has those), and ``1 + (F - 1) // t`` latent frames for a ``temporal_compression_ratio`` /
+    ``scale_factor_temporal`` t, else None (the frame count unchecked rather than guessed)."""
     config = getattr(vae, "config", None) or {}
     channels, blocks = config.get("latent_channels"), config.get("block_out_channels")
-    if not all(size) or not channels or not blocks:
+    if not frames:
+        if not all(size) or not channels or not blocks:
+            return None
+        return (int(channels), *(int(side) // 2 ** (len(blocks) - 1) for side in size))
+    channels, blocks = channels or config.get("z_dim"), blocks or config.get("dim_mult")
+    factor = config.get("spatial_compression_ratio") or (2 ** (len(blocks) - 1) if blocks else None)
+    if not all(size) or not channels or not factor:
         return None
-    return (int(channels), *(int(side) // 2 ** (len(blocks) - 1) for side in size))
+    t = config.get("temporal_compression_ratio") or config.get("scale_factor_temporal")
+    return (int(channels), 1 + (int(frames) - 1) // int(t) if t else None,
+            *(int(side) // int(factor) for side in size))
 
 
 def _shape(shape) -> str:
-    return "x".join(str(int(d)) for d in shape)
+    return "x".join("?" if d is None else str(int(d)) for d in shape)
+
+
+def _fits(shape, latent) -> bool:
+    """Whether a stored latent ``shape`` is ``latent`` (None entries: any size, a clip's unknown frame count)."""
+    return len(shape) == len(latent) and all(want is None or int(d) == want for d, want in zip(shape, latent,
+                                                                                               strict=True))
 
 
 SCAN_BYTES = 1 << 24  # the chunk a shard's check reads at a time: memory stays at 16 MB whatever the shard's size
@@ -367,14 +385,15 @@ def scan(tensor) -> tuple[float, float] | None:
 
 def doubtful(shard: CacheShard, latent: tuple[int, ...] | None) -> str | None:
     """Why a shard whose key is right still cannot be what this run's encoders wrote, else None: latents of another
-    dtype or shape than ``latent`` (another image size's), or any row of its floating-point tensors (every row is
-    read: ``scan``) holding non-finite values, or latents with a negative std or values no VAE gives."""
+    dtype or shape than ``latent`` (another image size's; a None entry matches any), or any row of its
+    floating-point tensors (every row is read: ``scan``) holding non-finite values, or latents with a negative std or
+    values no VAE gives."""
     if not shard.rows:
         return None
     mean, std = shard.t["mean"], shard.t["std"]
     if mean.dtype != torch.float32 or std.dtype != torch.float32:
         return f"latents of dtype {str(mean.dtype).removeprefix('torch.')}, not the float32 this cache writes"
-    if latent is not None and tuple(mean.shape[1:]) != tuple(latent):
+    if latent is not None and not _fits(mean.shape[1:], latent):
         return (f"latents of shape {_shape(mean.shape[1:])}, not the {_shape(latent)} its VAE gives this run's "
                 "images (another image size's?)")
     tensors = {"mean": mean, "std": std, **{f"embeds.{k}": shard.t[f"embeds.{k}"] for k in shard.embed_keys}}

@@ -16,7 +16,11 @@ def dataset_names() -> list[str]:
 def open_dataset(d, seed: int = 0) -> Dataset | StreamedCaptions:
     """The data a ``[data]`` section ``d`` names: a set held in memory, or captioned shards streamed into the latent
     cache. ``seed``: the run's (random crops of streamed images)."""
-    return claimed_stream(d, seed) or _load(d.name, d.path or None, d, seed)
+    stream = claimed_stream(d, seed)
+    if stream is not None and int(getattr(d, "num_frames", 0) or 0):
+        raise ValueError(f"data.num_frames = {d.num_frames} samples video clips read from data.path; the stream "
+                         f"{stream.name!r} holds images: remove data.num_frames (and data.fps)")
+    return stream or _load(d.name, d.path or None, d, seed)
 
 
 def load_dataset(name: str | None = None, path: str | None = None, image_size: int = 0, channels: int = 0,
@@ -37,6 +41,9 @@ def _load(name: str | None, path: str | None, d, seed: int) -> Dataset | Streame
         loader = DATASETS[name]
     except ValueError as e:
         raise ValueError(f"{e}; or set data.path to a .npy file or an image folder") from None
+    if int(getattr(d, "num_frames", 0) or 0):
+        raise ValueError(f"data.num_frames samples video clips read from data.path; data.name {name!r} holds no "
+                         "clips: remove data.num_frames (and data.fps), or set data.path to a folder of clips")
     if getattr(d, "height", 0) or getattr(d, "width", 0):
         raise ValueError(f"data.height / data.width size images read from data.path; data.name {name!r} comes at "
                          "its own size: remove them")

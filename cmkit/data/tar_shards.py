@@ -118,10 +118,10 @@ def cut_short(path: Path) -> str | None:
     return f"{CUT_SHORT} at byte {size:,}, before the tar's end: the samples after it are missing"
 
 
-def _image_and_caption(sample: dict) -> tuple[bytes, str]:
-    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+def _image_and_caption(sample: dict, keys=IMAGE_KEYS, what: str = "image") -> tuple[bytes, str]:
+    image = next((sample[k] for k in keys if k in sample), None)
     if image is None:
-        raise ValueError(f"no image ({', '.join(IMAGE_KEYS)})")
+        raise ValueError(f"no {what} ({', '.join(keys)})")
     if "txt" in sample:
         return image, sample["txt"].decode("utf-8-sig")
     if "json" in sample:
@@ -135,6 +135,7 @@ def _image_and_caption(sample: dict) -> tuple[bytes, str]:
 
 class TarShards(CaptionSource):
     """``image_size``: the side of the square crops, or their (height, width)."""
+    media = (IMAGE_KEYS, "image")  # a sample's file extensions read, and their name (``video_clips``: clips)
 
     def __init__(self, pattern: str, image_size, crop: str = "center", seed: int = 0,
                  follow_links: bool = False):
@@ -154,11 +155,14 @@ class TarShards(CaptionSource):
     def shard_keys(self) -> list[str]:
         keys = []
         # a square's key is its side, as it always was (caches stay valid); a non-square one's is HxW
-        size = self.height if self.height == self.width else f"{self.height}x{self.width}"
+        size = self._size_key()
         for p in self.paths:
             st = p.stat()
             keys.append(f"tar:{p.resolve()}:{st.st_size}:{st.st_mtime_ns}:{size}:{self.crop}:{self.seed}")
         return keys
+
+    def _size_key(self) -> str:
+        return str(self.height) if self.height == self.width else f"{self.height}x{self.width}"
 
     def _items(self, shard: int):
         """``(key, read)`` of each sample of the shard's tar; a tar that breaks off, or is cut short (``cut_short``),
@@ -170,7 +174,7 @@ class TarShards(CaptionSource):
             with open(path, "rb") as f:
                 files = ({**entry, "__url__": str(path)} for entry in tar_file_iterator(f))
                 for sample in group_by_keys(files):
-                    yield sample["__key__"], lambda s=sample: _image_and_caption(s)
+                    yield sample["__key__"], lambda s=sample: _image_and_caption(s, *self.media)
         except Exception as e:  # noqa: BLE001 - tarfile / webdataset raise their own errors for a damaged tar
             why = f"the tar breaks off ({type(e).__name__}); the rest of it is skipped"
         why = cut_short(path) or why
