@@ -258,3 +258,18 @@ def test_unipc_over_the_folders_own_scheduler_is_the_pipeline(saved, version):
     assert (ours - theirs).abs().max() < 1e-4
     euler = cmkit.text_to_video(teacher, PROMPTS, solver="euler", **kw)
     assert (euler - theirs).abs().max() > 1e-3  # the solver matters: UniPC is what the folder's pipeline runs
+
+
+def test_a_video_teacher_takes_its_clips_frame_count_and_size():
+    """A run on 9-frame 16x32 clips samples the teacher at that (it would sample the pipeline's 81 x 480 x 832);
+    a count the VAE cannot take is one line naming data.num_frames."""
+    from types import SimpleNamespace
+
+    from cmkit.cli.jobs import fit_teacher_to
+
+    teacher = tiny_wan_pipeline(seed=1)
+    fit_teacher_to(SimpleNamespace(sample_shape=(3, 9, 16, 32)), teacher)
+    assert teacher.image_shape == (3, 9, 16, 32) and teacher.sample_shape == (8, 3, 2, 4)
+    with pytest.raises(ValueError, match="10 frames of 16x32.*data.num_frames") as e:
+        fit_teacher_to(SimpleNamespace(sample_shape=(3, 10, 16, 32)), teacher)
+    assert "\n" not in str(e.value)

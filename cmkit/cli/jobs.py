@@ -69,16 +69,21 @@ def native_size(teacher) -> int:
 
 
 def fit_teacher_to(data, teacher) -> None:
-    """A latent teacher samples at its data's image size (a one-line error where its family cannot patch it): a
-    Flux or SD3 teacher trained on 512-px crops distils at 512, not at its pipeline's default 1024."""
+    """A latent teacher samples at its data's image size, and a video teacher at its clips' frame count (a one-line
+    error where its family cannot take it): a Flux or SD3 teacher trained on 512-px crops distils at 512, not at its
+    pipeline's default 1024; a Wan teacher on 9-frame clips at 9 frames, not 81."""
     shape = tuple(getattr(data, "sample_shape", ()))
-    if not hasattr(teacher, "resize") or len(shape) != 3 or shape[-2:] == tuple(teacher.image_shape[-2:]):
+    video = getattr(teacher, "num_frames", None) is not None
+    if not hasattr(teacher, "resize") or len(shape) != (4 if video else 3) or shape == tuple(teacher.image_shape):
         return
+    frames = {"num_frames": shape[1]} if video else {}
     try:
-        teacher.resize(*shape[-2:])
+        teacher.resize(*shape[-2:], **frames)
     except ValueError as e:
-        raise ValueError(f"the data's images are {shape[-2]}x{shape[-1]}, which the teacher cannot take ({e}); set "
-                         "data.image_size (or data.height and data.width) to a size it takes") from None
+        what = f"{shape[1]} frames of " if video else ""
+        keys = "data.image_size (or data.height and data.width)" + (" and data.num_frames" if video else "")
+        raise ValueError(f"the data's images are {what}{shape[-2]}x{shape[-1]}, which the teacher cannot take ({e}); "
+                         f"set {keys} to a size it takes") from None
 
 
 def build_backbone(recipe: Recipe, data: Dataset, device=None) -> torch.nn.Module:
