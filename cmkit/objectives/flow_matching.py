@@ -9,7 +9,9 @@ In sigma space (``x_sigma = x_t / (1 - t)``, ``sigma = t / (1 - t)``) the denois
 Two targets: a latent SD3 teacher (``objective.vae`` set: an ``SD3Transformer2DModel`` on the VAE's latents, two
 seeded-and-frozen CLIP encoders with projection whose tokenizer is learnt over the captions, no T5, saved as a
 ``StableDiffusion3Pipeline`` folder), or a pixel network (``objective.vae`` empty: the recipe's backbone, a diffusers
-``UNet2DModel``, over a ``FlowMatchEulerDiscreteScheduler``, saved as a ``unet/`` + ``scheduler/`` folder).
+``UNet2DModel``, over a ``FlowMatchEulerDiscreteScheduler``, saved as a ``unet/`` + ``scheduler/`` folder). With
+``objective.pipeline = "WanPipeline"`` (and ``objective.vae`` an ``AutoencoderKLWan``), a Wan text-to-video teacher
+on captioned clips (``data.num_frames``), the same loss over 5-D latents, saved as a ``WanPipeline`` folder.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class FlowMatchingConfig(ObjectiveConfig):
     max_length: int = 8
     projection_dim: int = 32
     max_sequence_length: int = 256  # the zero tokens a T5-less SD3 pipeline appends (its default)
+    pipeline: str = ""              # "": the SD3 teacher above; "WanPipeline": a Wan text-to-video teacher on clips
 
 
 class FlowMatchingLoss:
@@ -79,7 +82,8 @@ class LatentFlowMatchingLoss(FlowMatchingLoss):
 
     def batches(self, n: int, device):
         z, cond = self.encoded.batch(n, device, self.normalisation, self.p_drop)
-        return z, self.prompts.collapsed(cond)
+        collapse = getattr(self.prompts, "collapsed", None)  # SD3's; Wan's UMT5 tokens pass through the text MLP
+        return z, cond if collapse is None else collapse(cond)
 
 
 def _check(cfg: FlowMatchingConfig) -> None:
@@ -88,6 +92,12 @@ def _check(cfg: FlowMatchingConfig) -> None:
     in_range(cfg.shift, "objective.shift", 0, low_open=True, fix="SD3's is 3.0")
     finite_number(cfg.logit_mean, "objective.logit_mean", "SD3's is 0.0")
     in_range(cfg.logit_std, "objective.logit_std", 0, low_open=True, fix="SD3's is 1.0")
+    if cfg.pipeline not in ("", "WanPipeline"):
+        raise ValueError(f"objective.pipeline must be '' (an SD3 teacher) or 'WanPipeline' (a Wan video teacher), "
+                         f"got {cfg.pipeline!r}")
+    if cfg.pipeline and not cfg.vae:
+        raise ValueError(f"objective.pipeline {cfg.pipeline!r} trains on a VAE's latents: set objective.vae to an "
+                         "AutoencoderKLWan folder")
 
 
 def _scheduler(cfg: FlowMatchingConfig):
@@ -136,6 +146,42 @@ def _build_latent(cfg: FlowMatchingConfig, ctx: BuildContext):
     return den, loss
 
 
+def _wan_vae(cfg: FlowMatchingConfig):
+    from diffusers import AutoencoderKLWan
+
+    from ..core.assets import resolve
+    from ..latent.families.wan import WanVAE
+
+    path = resolve(cfg.vae)
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"objective.vae {cfg.vae!r} is not an AutoencoderKLWan folder (no config.json); give "
+                                "a Wan folder's vae/ (or a saved AutoencoderKLWan)")
+    return WanVAE(AutoencoderKLWan.from_pretrained(path).eval().requires_grad_(False))
+
+
+def _build_wan(cfg: FlowMatchingConfig, ctx: BuildContext):
+    """A Wan 2.1 text-to-video teacher: a small ``WanTransformer3DModel`` (``layers`` / ``heads`` / ``head_dim``) on
+    the clips' latents of the ``AutoencoderKLWan`` at ``objective.vae`` (normalised per channel by its own
+    ``latents_mean`` / ``latents_std``, as the pipeline does), prompts through a seeded, frozen tiny UMT5 at Wan's
+    512 tokens; saved as a ``WanPipeline`` folder with a ``FlowMatchEulerDiscreteScheduler`` (``objective.shift``)."""
+    from ..latent.families import wan
+
+    if ctx.encode_captions is None:  # clips are streamed from their files: no train_captions in memory
+        raise ValueError("objective.pipeline 'WanPipeline' trains on captioned clips: set data.path to a folder of "
+                         ".mp4 / .webm clips with captions and data.num_frames")
+    vae = _wan_vae(cfg)
+    prompts = wan.tiny_wan_text_side(ctx.seed, wan.MAX_TOKENS).requires_grad_(False)
+    encoded = ctx.encode_captions(vae, prompts)  # the latent cache the job layer hands in
+    if encoded.mean.ndim != 5:
+        raise ValueError(f"objective.pipeline 'WanPipeline' trains on clips, but the data gave latents of shape "
+                         f"{tuple(encoded.mean.shape[1:])}; set data.num_frames (1 + a multiple of 4, e.g. 9)")
+    tr = wan.small_wan_transformer(encoded.mean.shape[1], cfg.layers, cfg.heads, cfg.head_dim, wan.TINY_TEXT_DIM,
+                                   seed=ctx.seed)
+    den = wan.WanDenoiser(tr, _scheduler(cfg))
+    den.pipeline_parts = (vae, prompts, {"pipeline": wan.PIPELINE})
+    return den, LatentFlowMatchingLoss(cfg, encoded, latent_normalisation(vae), prompts)
+
+
 @register_objective("flow_matching", FlowMatchingConfig, job="train-teacher")
 def build(cfg: FlowMatchingConfig, ctx: BuildContext):
     """Flow-matching teacher: a latent SD3 pipeline (``objective.vae`` set) or a pixel UNet2DModel."""
@@ -144,6 +190,8 @@ def build(cfg: FlowMatchingConfig, ctx: BuildContext):
     from ..models import DiffusersDenoiser
 
     _check(cfg)
+    if cfg.pipeline == "WanPipeline":
+        return _build_wan(cfg, ctx)
     if cfg.vae:
         return _build_latent(cfg, ctx)
     backbone = ctx.make_backbone()

@@ -344,6 +344,41 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
+TINY_TEXT_DIM = 32  # tiny_wan_text_side's width: the transformer's text_dim
+
+
+def tiny_wan_text_side(seed: int = 0, max_sequence_length: int = MAX_TOKENS) -> WanPromptEncoder:
+    """Wan's text side for a small model: a one-layer UMT5 encoder (d_model ``TINY_TEXT_DIM``) drawn from
+    ``seed`` (the global generator untouched) with ``tiny_t5_tokenizer``, as ``tiny_wan_pipeline`` builds it."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = tiny_t5_tokenizer()
+    cfg = UMT5Config(vocab_size=len(tok), d_model=TINY_TEXT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=4,
+                     relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = UMT5EncoderModel(cfg).eval()
+    return WanPromptEncoder(encoder, tok, max_sequence_length).eval()
+
+
+def small_wan_transformer(channels: int, layers: int, heads: int, head_dim: int, text_dim: int, seed: int = 0):
+    """A seeded ``WanTransformer3DModel`` on ``channels`` latent channels (Wan 2.1's block: ``(1, 2, 2)`` patches,
+    cross-attention norm, RMS q/k norm across heads), ``heads x head_dim`` wide with a feed-forward twice that,
+    reading ``text_dim``-wide prompt embeddings; the global generator untouched."""
+    from diffusers import WanTransformer3DModel
+
+    if head_dim < 6 or head_dim % 2:
+        raise ValueError(f"objective.head_dim {head_dim}: Wan's 3-D rotary embedding splits each head over frames, "
+                         "rows and columns; give an even width of 6 or more (12, 32, 64, 128)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                                     in_channels=channels, out_channels=channels, text_dim=text_dim, freq_dim=64,
+                                     ffn_dim=2 * heads * head_dim, num_layers=layers, cross_attn_norm=True,
+                                     qk_norm="rms_norm_across_heads")
+
+
 def tiny_wan_pipeline(texts: list[str] | None = None, seed: int = 0, image_size: int = 16, num_frames: int = 9,
                       two_experts: bool = False, boundary_ratio: float = 0.875, flow_shift: float = 3.0,
                       max_sequence_length: int = MAX_TOKENS) -> TextToImageModel:
@@ -354,12 +389,7 @@ def tiny_wan_pipeline(texts: list[str] | None = None, seed: int = 0, image_size:
     folders ship (``UniPCMultistepScheduler`` over flow sigmas, ``flow_shift``). ``texts`` is unused (the tokenizer
     reads every English text); it is there for the ``tiny`` hook's signature."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
-    tok = tiny_t5_tokenizer()
-    cfg = UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4,
-                     relative_attention_num_buckets=8, relative_attention_max_distance=32,
-                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=0)
     z = 8
 
     def transformer():
@@ -368,8 +398,7 @@ def tiny_wan_pipeline(texts: list[str] | None = None, seed: int = 0, image_size:
                                      cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        encoder = UMT5EncoderModel(cfg).eval()
+        prompts = tiny_wan_text_side(seed, max_sequence_length)
         torch.manual_seed(seed + 1)
         tr = transformer().eval()
         torch.manual_seed(seed + 2)
@@ -381,7 +410,6 @@ def tiny_wan_pipeline(texts: list[str] | None = None, seed: int = 0, image_size:
                                latents_std=(stats[1] + 0.5).tolist()).eval()
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
     den = WanDenoiser(tr, sched, tr2, boundary_ratio if two_experts else None)
-    model = TextToImageModel(den, WanVAE(vae), WanPromptEncoder(encoder, tok, max_sequence_length).eval(),
-                             {"pipeline": PIPELINE})
+    model = TextToImageModel(den, WanVAE(vae), prompts, {"pipeline": PIPELINE})
     model.resize(image_size, image_size, num_frames)
     return model
