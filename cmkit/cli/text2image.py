@@ -8,7 +8,8 @@ from pathlib import Path
 
 def add_generate(sub) -> None:
     g = sub.add_parser("generate", help="images from prompts with a text-to-image teacher (a diffusers SD/SDXL "
-                                        "folder, hub id or cmkit:tiny-t2i) or an LCM / LCM-LoRA cmkit wrote")
+                                        "folder, hub id or cmkit:tiny-t2i) or an LCM / LCM-LoRA cmkit wrote; videos "
+                                        "(.mp4, .gif, .npy) from a video model (a WanPipeline folder)")
     g.add_argument("model", help="a text-to-image pipeline folder, hub id, cmkit:NAME, or an LCM / LCM-LoRA folder")
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     g.add_argument("--negative-prompt", default=None, help="one negative prompt for every prompt (default \"\")")
@@ -21,8 +22,13 @@ def add_generate(sub) -> None:
                    help="classifier-free guidance scale, 1 or more (1: no guidance; default 4 for a teacher or an LCM, "
                         "1 for a student that folds guidance in: an LCM-LoRA, a flow student)")
     g.add_argument("--seed", type=seed_value, default=0)
-    add_size_options(g)
-    g.add_argument("--out", default="generated.png", help="output .png grid or .npy batch (default generated.png)")
+    add_size_options(g, frames=True)
+    g.add_argument("--fps", type=frame_rate, default=None,
+                   help="a video model's .mp4 / .gif frame rate (default 16, Wan's)")
+    g.add_argument("--out", default=None,
+                   help="an image model: a .png grid or an .npy batch (N, 3, H, W) (default generated.png); a video "
+                        "model: an .mp4 or .gif per sample (one sample: OUT itself; more: OUT-stem_0.mp4, _1, ... "
+                        "in prompt order) or one .npy batch (N, 3, F, H, W) in [-1, 1] (default generated.mp4)")
 
 
 def add_export_lora(sub) -> None:
@@ -60,10 +66,14 @@ def add_bench_t2i(bsub) -> None:
     add_size_options(b)
 
 
-def add_size_options(parser) -> None:
-    """``--height`` / ``--width`` / ``--max-sequence-length``, as the pipelines take them."""
+def add_size_options(parser, frames: bool = False) -> None:
+    """``--height`` / ``--width`` / ``--max-sequence-length`` (``frames``: ``--num-frames`` too), as the pipelines
+    take them."""
     parser.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    if frames:
+        parser.add_argument("--num-frames", type=int, default=None,
+                            help="a video model's frames (Wan: 1 + a multiple of 4; default: the model's, 81)")
     parser.add_argument("--max-sequence-length", type=int, default=None,
                         help="prompt tokens for a T5 / LLM text encoder (SD3, Flux, ...; default: the pipeline's)")
 
@@ -78,7 +88,8 @@ def sized(args, *models):
     stack = ExitStack()
     try:
         for m in models:
-            stack.enter_context(sized_model(m, args.height, args.width, args.max_sequence_length))
+            stack.enter_context(sized_model(m, args.height, args.width, args.max_sequence_length,
+                                            getattr(args, "num_frames", None)))
     except BaseException:  # a size one model cannot take leaves none resized
         stack.close()
         raise
@@ -99,6 +110,16 @@ def guidance_scale(text: str) -> float:
         return check_guidance(w, "the guidance scale")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def frame_rate(text: str) -> float:
+    """An ``--fps``: a number in (0, 1000]."""
+    from ..data.videofiles import check_fps
+
+    try:
+        return check_fps(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if "fps" in str(e) else f"wants a number, got {text!r}") from None
 
 
 def seed_value(text: str) -> int:
@@ -162,22 +183,41 @@ def _t2i_model(path: str):
     return model
 
 
+IMAGE_OUTPUTS, VIDEO_OUTPUTS = (".png", ".npy"), (".mp4", ".gif", ".npy")
+
+
 def run_generate(args: argparse.Namespace) -> None:
+    """Images (a .png grid or an .npy batch) or, from a video model (one with ``num_frames``: a WanPipeline folder
+    or a student of one), videos: an .mp4 / .gif per sample (``videofiles.video_paths``) or one .npy batch
+    ``(N, 3, F, H, W)``."""
     import torch
 
     from ..core.checks import finite_tensors
     from ..data.imagefiles import save_images
     from ..sampling.kinds import text_to_image
 
-    out = Path(args.out)
-    if out.suffix not in (".npy", ".png"):
-        raise ValueError(f"--out must end in .npy or .png, got {out.name!r}")
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and out.suffix not in (*IMAGE_OUTPUTS, *VIDEO_OUTPUTS):
+        raise ValueError(f"--out must end in .png or .npy (images), or .mp4, .gif or .npy (videos), got {out.name!r}")
     if args.num_per_prompt < 1 or args.steps is not None and args.steps < 1:
         raise ValueError("--num-per-prompt and --steps must be >= 1")
     model = _t2i_model(args.model)
+    video = getattr(model, "num_frames", None) is not None
+    what = ("video" if video else "image") + "s" * (len(args.prompt) * args.num_per_prompt != 1)
+    if not video:
+        if getattr(args, "num_frames", None) is not None:
+            raise ValueError(f"{args.model} makes images, not videos; leave --num-frames out")
+        if getattr(args, "fps", None) is not None:
+            raise ValueError(f"{args.model} makes images, not videos; leave --fps out")
+    out = out or Path("generated.mp4" if video else "generated.png")
+    allowed = VIDEO_OUTPUTS if video else IMAGE_OUTPUTS
+    if out.suffix not in allowed:
+        kind = "videos" if video else "images"
+        raise ValueError(f"{args.model} makes {kind}: --out must end in {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                         f"got {out.name!r}")
     prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
     with sized(args, model):
-        _check_memory(model, len(args.prompt) * args.num_per_prompt)
+        _check_memory(model, len(prompts))
         z = text_to_image(model, prompts, steps=args.steps, solver=args.solver, guidance_scale=args.guidance,
                           negative_prompts=args.negative_prompt, generator=torch.Generator().manual_seed(args.seed),
                           output="latent")
@@ -185,23 +225,36 @@ def run_generate(args: argparse.Namespace) -> None:
                    "given overflowed); nothing was written")
     with torch.no_grad():
         x = model.decode(z)
-    finite_tensors(x, f"{args.model}: the images the VAE decoder made of finite latents", "its weights overflow; "
-                   "nothing was written")
-    save_images(x.clamp(-1, 1), out)
-    print(f"wrote {len(prompts)} images ({args.num_per_prompt} per prompt) to {out}")
+    finite_tensors(x, f"{args.model}: the {'frames' if video else 'images'} the VAE decoder made of finite latents",
+                   "its weights overflow; nothing was written")
+    x = x.clamp(-1, 1)
+    if out.suffix == ".npy" or not video:
+        save_images(x, out)
+        where = out
+    else:
+        from ..data.videofiles import DEFAULT_FPS, save_video, video_paths
+
+        paths = video_paths(out, len(x))
+        for v, path in zip(x, paths, strict=True):
+            save_video(v, path, DEFAULT_FPS if args.fps is None else args.fps)
+        where = out if len(paths) == 1 else f"{paths[0]} ... {paths[-1].name}"
+    frames = f" of {x.shape[2]} frames" if video else ""
+    print(f"wrote {len(prompts)} {what}{frames} ({args.num_per_prompt} per prompt) to {where}")
 
 
 def _check_memory(model, num: int) -> None:
-    """Refuse, before anything is allocated, a batch whose decoded images, latents and their two guided copies
-    alone exceed the memory there is (a lower bound: the networks' activations come on top)."""
+    """Refuse, before anything is allocated, a batch whose decoded images (a video model's: every frame; its
+    ``image_shape`` is ``(3, F, H, W)``), latents and their two guided copies alone exceed the memory there is (a
+    lower bound: the networks' activations come on top)."""
     import math
 
     from ..core.memory import FLOAT_BYTES, check_fits
 
     image = getattr(model, "image_shape", None) or model.parts.image_shape
     per = math.prod(image) * 2 + math.prod(model.sample_shape) * 6
-    check_fits(int(num * per * FLOAT_BYTES), f"generating {num} images", "lower --num-per-prompt or give fewer "
-               "--prompt")
+    what = "videos" if len(image) == 4 else "images"
+    check_fits(int(num * per * FLOAT_BYTES), f"generating {num} {what}", "lower --num-per-prompt or give fewer "
+               "--prompt" + (" or --num-frames" if len(image) == 4 else ""))
 
 
 def run_bench_t2i(args: argparse.Namespace) -> None:
