@@ -42,6 +42,17 @@ class PipelineFamily:
         """A ``TextToImageModel`` of the folder at ``path``."""
         raise NotImplementedError
 
+    def needed_parts(self, path, index: dict, needed: list[str], load_kw: dict, why: str = "") -> dict:
+        """The folder's components ``needed``, read through their own ``from_pretrained``, after one line naming
+        every one the folder's ``model_index.json`` lacks (``why``: what makes one of them needed)."""
+        from .components import load_parts, present
+
+        missing = [c for c in needed if not present(index, c)]
+        if missing:
+            raise ValueError(f"{path} is a {self.name} folder without {', '.join(missing)}{why}; it needs "
+                             f"{', '.join(needed)}")
+        return load_parts(path, index, needed, load_kw)
+
     def pipeline(self, model):
         """The diffusers pipeline object of this class holding ``model``'s components (for ``save_pretrained``;
         ``model.config["guidance_folded"]``: a student that folds guidance in, for a pipeline with a flag for it)."""

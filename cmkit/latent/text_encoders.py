@@ -103,6 +103,28 @@ def byte_tokenizer(cls: str, specials: list[str], chat_template: str | None = No
     return out
 
 
+class OneEncoderPrompts(torch.nn.Module):
+    """What a prompt encoder of one language-model text encoder holds (Qwen-Image's, Z-Image's, Wan's): the encoder,
+    its tokenizer and the prompt tokens asked for (``max_sequence_length``, the class's ``default_length`` unless
+    given), and ``settings()``, what besides the weights decides the embeddings (the latent cache's key; a family
+    adds its template and the like)."""
+
+    pipeline = ""
+    default_length = 512
+
+    def __init__(self, text_encoder: torch.nn.Module, tokenizer, max_sequence_length: int | None = None):
+        super().__init__()
+        self.text_encoder, self.tokenizers = text_encoder, [tokenizer]
+        self.max_sequence_length = int(self.default_length if max_sequence_length is None else max_sequence_length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_encoder.parameters()).device
+
+    def settings(self) -> tuple:
+        return (self.pipeline, self.max_sequence_length)
+
+
 def small_text_encoder(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, max_length: int = 16,
                        projection_dim: int | None = None, seed: int = 0):
     """A small CLIP text encoder (``CLIPTextModelWithProjection`` when ``projection_dim`` is given, as SDXL's second

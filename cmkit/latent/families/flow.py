@@ -69,11 +69,15 @@ class FlowFamily(PipelineFamily):
                              "grid (spacing=None)")
         sched = type(model.scheduler).from_config(model.scheduler.config)
         kw = self.set_timesteps_kwargs(model, int(steps))
-        if sched.config.get("use_dynamic_shifting"):
-            kw["mu"] = self.mu(model)
-        sched.set_timesteps(**kw)
+        mu = self.grid_mu(model, sched, int(steps))
+        sched.set_timesteps(**kw, **({} if mu is None else {"mu": mu}))
         t = sched.sigmas.to(torch.float64)
         return model.schedule.sigma(t).tolist()
+
+    def grid_mu(self, model, scheduler, steps: int) -> float | None:
+        """The ``mu`` the pipeline passes ``set_timesteps`` for a ``steps``-step solve: the resolution-dependent
+        shift where the scheduler shifts dynamically, else none."""
+        return self.mu(model) if scheduler.config.get("use_dynamic_shifting") else None
 
     def set_timesteps_kwargs(self, model, steps: int) -> dict:
         return {"num_inference_steps": steps}

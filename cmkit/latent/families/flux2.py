@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..components import in_dtype, load_parts, present
+from ..components import in_dtype
 from ..denoiser import TextToImageModel
 from ..family import patched_shape, register_family
 from ..text_encoders import byte_tokenizer, prompt_list, tokenize
-from .flow import FLOW_SPACINGS, FlowDenoiser, FlowFamily
+from .flow import FlowDenoiser, FlowFamily
 
 KLEIN, DEV = "Flux2KleinPipeline", "Flux2Pipeline"
 HIDDEN_LAYERS = {KLEIN: (9, 18, 27), DEV: (10, 20, 30)}  # the pipelines' text_encoder_out_layers defaults
@@ -278,12 +278,7 @@ class Flux2Family(FlowFamily):
                     "to_qkv_mlp_proj", *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(48)))
 
     def load(self, path, index, dtype, clip_x0, load_kw):
-        needed = ["transformer", "vae", "scheduler", "text_encoder", "tokenizer"]
-        missing = [c for c in needed if not present(index, c)]
-        if missing:
-            raise ValueError(f"{path} is a {self.name} folder without {', '.join(missing)}; it needs "
-                             f"{', '.join(needed)}")
-        p = load_parts(path, index, needed, load_kw)
+        p = self.needed_parts(path, index, ["transformer", "vae", "scheduler", "text_encoder", "tokenizer"], load_kw)
         sched = self.checked_scheduler(path, p["scheduler"])
         tr, vae = in_dtype(p["transformer"], dtype), in_dtype(p["vae"], torch.float32)
         if not hasattr(vae, "bn"):
@@ -320,17 +315,9 @@ class Flux2Family(FlowFamily):
         # the pipeline checks none; the text encoder's positions are the limit
         return positions(model.prompt_encoder.encoder)
 
-    def grid(self, model, steps: int, spacing: str | None) -> list[float]:
-        # FlowFamily's grid, with mu depending on the step count too (compute_empirical_mu)
-        if int(steps) < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if spacing not in FLOW_SPACINGS:
-            raise ValueError(f"spacing {spacing!r} is a DDPM-table spacing; a {self.name} runs its scheduler's own "
-                             "grid (spacing=None)")
-        sched = type(model.scheduler).from_config(model.scheduler.config)
-        kw = self.set_timesteps_kwargs(model, int(steps))
-        sched.set_timesteps(**kw, mu=self.mu(model, int(steps)))  # the pipeline passes mu whether or not it is used
-        return model.schedule.sigma(sched.sigmas.to(torch.float64)).tolist()
+    def grid_mu(self, model, scheduler, steps: int) -> float:
+        # mu depends on the step count too (compute_empirical_mu); the pipeline passes it whether or not it is used
+        return self.mu(model, steps)
 
     def set_timesteps_kwargs(self, model, steps: int) -> dict:
         if model.scheduler.config.get("use_flow_sigmas"):

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from ...core import append_dims
-from ..components import in_dtype, load_parts, present
+from ..components import in_dtype
 from ..denoiser import TextToImageModel
 from ..family import patched_shape, register_family
-from ..text_encoders import byte_tokenizer, negatives_for, prompt_list
+from ..text_encoders import OneEncoderPrompts, byte_tokenizer, negatives_for, prompt_list
 from .flow import FlowDenoiser, FlowFamily
 from .flux import pack, packed_noise, unpack
 
@@ -127,21 +127,13 @@ class QwenImageDenoiser(FlowDenoiser):
         return x_n - t * unpack(comb, *z.shape[-2:])
 
 
-class QwenImagePromptEncoder(nn.Module):
+class QwenImagePromptEncoder(OneEncoderPrompts):
     """Prompts -> Qwen-Image's conditioning (``prompt_embeds`` and ``prompt_embeds_mask``, and the negatives'),
     padded with zeros to ``max_sequence_length`` tokens under the mask. Negatives are always given (``" "`` by
     default), so guidance above 1 is the pipeline's true CFG with that negative prompt."""
 
     pipeline = PIPELINE
-
-    def __init__(self, text_encoder, tokenizer, max_sequence_length: int = DEFAULT_LENGTH):
-        super().__init__()
-        self.text_encoder, self.tokenizers = text_encoder, [tokenizer]
-        self.max_sequence_length = int(max_sequence_length)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
+    default_length = DEFAULT_LENGTH
 
     def settings(self) -> tuple:
         return (self.pipeline, self.max_sequence_length, TEMPLATE, DROP, DEFAULT_NEGATIVE)
@@ -187,12 +179,7 @@ class QwenImage(FlowFamily):
                     "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")
 
     def load(self, path, index, dtype, clip_x0, load_kw):
-        needed = ["transformer", "vae", "scheduler", "text_encoder", "tokenizer"]
-        missing = [c for c in needed if not present(index, c)]
-        if missing:
-            raise ValueError(f"{path} is a Qwen-Image folder without {', '.join(missing)}; it needs "
-                             f"{', '.join(needed)}")
-        p = load_parts(path, index, needed, load_kw)
+        p = self.needed_parts(path, index, ["transformer", "vae", "scheduler", "text_encoder", "tokenizer"], load_kw)
         sched = self.checked_scheduler(path, p["scheduler"])
         tr, vae = in_dtype(p["transformer"], dtype), in_dtype(p["vae"], torch.float32)
         if tr.config.guidance_embeds:

@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..components import in_dtype, load_parts, present
+from ..components import in_dtype
 from ..denoiser import TextToImageModel
 from ..family import patched_shape, register_family
 from ..text_encoders import byte_tokenizer, negatives_for, prompt_list, tokenize
@@ -204,11 +204,7 @@ class Sana(FlowFamily):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention of every block
 
     def load(self, path, index, dtype, clip_x0, load_kw):
-        needed = ["transformer", "vae", "scheduler", "text_encoder", "tokenizer"]
-        missing = [c for c in needed if not present(index, c)]
-        if missing:
-            raise ValueError(f"{path} is a Sana folder without {', '.join(missing)}; it needs {', '.join(needed)}")
-        p = load_parts(path, index, needed, load_kw)
+        p = self.needed_parts(path, index, ["transformer", "vae", "scheduler", "text_encoder", "tokenizer"], load_kw)
         sched = self.checked_scheduler(path, p["scheduler"])
         tr, vae = in_dtype(p["transformer"], dtype), in_dtype(p["vae"], torch.float32)
         if tr.config.in_channels != vae.config.latent_channels:

@@ -32,10 +32,10 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..components import in_dtype, load_parts, present
+from ..components import in_dtype
 from ..denoiser import TextToImageModel
 from ..family import patched_shape, register_family
-from ..text_encoders import negatives_for, prompt_list, tokenize
+from ..text_encoders import OneEncoderPrompts, negatives_for, prompt_list, tokenize
 from .flow import FlowDenoiser, FlowFamily
 
 PIPELINE = "WanPipeline"
@@ -135,23 +135,12 @@ def _clean(texts: list[str]) -> list[str]:
     return [prompt_clean(t) for t in texts]
 
 
-class WanPromptEncoder(nn.Module):
+class WanPromptEncoder(OneEncoderPrompts):
     """Prompts -> Wan's conditioning: UMT5's last hidden state over ``max_sequence_length`` tokens, each prompt's own
     tokens kept and the rest zero (``_get_t5_prompt_embeds``)."""
 
     pipeline = PIPELINE
-
-    def __init__(self, text_encoder: nn.Module, tokenizer, max_sequence_length: int = MAX_TOKENS):
-        super().__init__()
-        self.text_encoder, self.tokenizers = text_encoder, [tokenizer]
-        self.max_sequence_length = int(max_sequence_length)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
-
-    def settings(self) -> tuple:
-        return (self.pipeline, self.max_sequence_length)
+    default_length = MAX_TOKENS
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
         tokens = tokenize(self.tokenizers[0], _clean(texts), self.max_sequence_length)
@@ -260,12 +249,8 @@ class Wan(FlowFamily):
         ratio = index.get("boundary_ratio")
         needed = ["transformer", "vae", "scheduler", "text_encoder", "tokenizer"]
         needed += ["transformer_2"] if ratio is not None else []
-        missing = [c for c in needed if not present(index, c)]
-        if missing:
-            why = f" (its model_index.json sets boundary_ratio {ratio}: a two-expert Wan 2.2)" if ratio else ""
-            raise ValueError(f"{path} is a Wan folder without {', '.join(missing)}{why}; it needs "
-                             f"{', '.join(needed)}")
-        p = load_parts(path, index, needed, load_kw)
+        why = f" (its model_index.json sets boundary_ratio {ratio}: a two-expert Wan 2.2)" if ratio else ""
+        p = self.needed_parts(path, index, needed, load_kw, why)
         sched = self.checked_scheduler(path, p["scheduler"])
         tr, vae = in_dtype(p["transformer"], dtype), in_dtype(p["vae"], torch.float32)
         tr2 = in_dtype(p.get("transformer_2"), dtype)

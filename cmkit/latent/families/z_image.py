@@ -28,10 +28,10 @@ from torch import nn
 
 from ...core import append_dims
 from ..builders import flow_vae
-from ..components import in_dtype, load_parts, present
+from ..components import in_dtype
 from ..denoiser import TextToImageModel
 from ..family import patched_shape, register_family
-from ..text_encoders import byte_tokenizer, negatives_for, prompt_list, tokenize
+from ..text_encoders import OneEncoderPrompts, byte_tokenizer, negatives_for, prompt_list, tokenize
 from .flow import FlowDenoiser, FlowFamily
 
 PIPELINE = "ZImagePipeline"
@@ -115,24 +115,13 @@ def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
                                           add_generation_prompt=True, enable_thinking=True) for p in prompts]
 
 
-class ZImagePromptEncoder(nn.Module):
+class ZImagePromptEncoder(OneEncoderPrompts):
     """Prompts -> Z-Image's conditioning: the text encoder's second-to-last hidden state over the chat-templated
     prompt padded to ``max_sequence_length`` tokens (zero where padded), and ``prompt_attention_mask`` saying which
     tokens the pipeline keeps."""
 
     pipeline = PIPELINE
-
-    def __init__(self, text_encoder: nn.Module, tokenizer, max_sequence_length: int = 512):
-        super().__init__()
-        self.text_encoder, self.tokenizers = text_encoder, [tokenizer]
-        self.max_sequence_length = int(max_sequence_length)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.text_encoder.parameters()).device
-
-    def settings(self) -> tuple:
-        return (self.pipeline, self.max_sequence_length)
+    default_length = 512
 
     def _embed(self, texts):
         tok = self.tokenizers[0]
@@ -159,11 +148,7 @@ class ZImage(FlowFamily):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
     def load(self, path, index, dtype, clip_x0, load_kw):
-        needed = ["transformer", "vae", "scheduler", "text_encoder", "tokenizer"]
-        missing = [c for c in needed if not present(index, c)]
-        if missing:
-            raise ValueError(f"{path} is a Z-Image folder without {', '.join(missing)}; it needs {', '.join(needed)}")
-        p = load_parts(path, index, needed, load_kw)
+        p = self.needed_parts(path, index, ["transformer", "vae", "scheduler", "text_encoder", "tokenizer"], load_kw)
         sched = self.checked_scheduler(path, p["scheduler"])
         tr, vae = in_dtype(p["transformer"], dtype), in_dtype(p["vae"], torch.float32)
         if tr.config.in_channels != vae.config.latent_channels:
