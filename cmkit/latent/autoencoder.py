@@ -55,6 +55,25 @@ def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(z / _on(scale, z) + _on(offset, z)).sample
 
 
+class VAEView(nn.Module):
+    """A family's VAE that is not read as an ``AutoencoderKL`` (a frame axis, patchified batch-norm latents, a
+    deterministic encoder), held as ``.vae`` (what its pipeline is given) and shown to cmkit's VAE code as one: a
+    subclass presents ``config``, ``encode(x).latent_dist`` and ``decode(z).sample`` in the latent space the
+    network sees; ``dtype`` and ``device`` are the held VAE's."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+
 def small_vae(sample_size: int = 32, channels: tuple[int, ...] = (32, 64, 64), latent_channels: int = 4,
               layers_per_block: int = 1, norm_num_groups: int = 16) -> AutoencoderKL:
     """A small ``AutoencoderKL``: ``len(channels) - 1`` halvings, so 32x32 RGB with three levels -> 8x8 latents."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..autoencoder import VAEView
 from ..components import in_dtype
 from ..denoiser import TextToImageModel
 from ..family import patched_shape, register_family
@@ -93,7 +94,7 @@ class _Decoded:
         self.sample = sample
 
 
-class PatchedVAE(nn.Module):
+class PatchedVAE(VAEView):
     """``AutoencoderKLFlux2`` (``.vae``) as an ``AutoencoderKL``-like VAE of the latents the transformer sees: the
     2x2-patchified latents, ``(4C, H/16, W/16)``. ``encode(x).latent_dist`` has the patchified ``mean`` / ``std`` /
     ``sample``; ``decode(z)`` unpatchifies and decodes; ``config`` is the real one's with ``latent_channels`` 4C, one
@@ -101,10 +102,6 @@ class PatchedVAE(nn.Module):
     running statistics as ``latents_mean`` / ``latents_std`` (``sqrt(running_var + batch_norm_eps)``), so cmkit's
     ``(z - mean) / std`` is the pipeline's normalisation and ``z * std + mean`` its de-normalisation before decoding.
     """
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
 
     @property
     def config(self):
@@ -116,14 +113,6 @@ class PatchedVAE(nn.Module):
         return FrozenDict({**c, "latent_channels": 4 * c.latent_channels, "block_out_channels": blocks + blocks[-1:],
                            "scaling_factor": 1.0, "shift_factor": None,
                            "latents_mean": bn.running_mean.float().tolist(), "latents_std": std.tolist()})
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vae.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.vae.device
 
     def encode(self, x: torch.Tensor) -> _Encoded:
         return _Encoded(self.vae.encode(x).latent_dist)

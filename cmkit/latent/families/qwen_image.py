@@ -20,9 +20,9 @@ import warnings
 
 import numpy as np
 import torch
-from torch import nn
 
 from ...core import append_dims
+from ..autoencoder import VAEView
 from ..components import in_dtype
 from ..denoiser import TextToImageModel
 from ..family import patched_shape, register_family
@@ -41,7 +41,7 @@ DEFAULT_NEGATIVE = " "          # the model card's negative prompt: a single spa
 DEFAULT_LENGTH = 512            # QwenImagePipeline.__call__'s max_sequence_length
 
 
-class QwenImageVAE(nn.Module):
+class QwenImageVAE(VAEView):
     """``AutoencoderKLQwenImage`` (held as ``.vae``, what the pipeline is given) as cmkit's VAE code reads a VAE: 4-D
     images and latents (one frame: ``x[:, :, None]`` in, ``[:, :, 0]`` out), ``encode(x).latent_dist`` with ``.mean``
     / ``.std`` / ``.sample``, ``decode(z).sample``, and ``config`` with ``latent_channels`` (``z_dim``),
@@ -50,13 +50,12 @@ class QwenImageVAE(nn.Module):
     decodes ``z * std + mean``."""
 
     def __init__(self, vae):
-        super().__init__()
+        super().__init__(vae)
         c = vae.config
         if len(c.dim_mult) != len(c.temperal_downsample) + 1:
             raise ValueError(f"a QwenImage VAE with dim_mult {list(c.dim_mult)} downsamples "
                              f"{len(c.dim_mult) - 1} times but temperal_downsample names {len(c.temperal_downsample)} "
                              "levels (the pipeline's factor); give one entry per downsampling level")
-        self.vae = vae
 
     @property
     def config(self):
@@ -67,14 +66,6 @@ class QwenImageVAE(nn.Module):
                           in_channels=int(c.input_channels), out_channels=int(c.input_channels),
                           latents_mean=list(c.latents_mean), latents_std=list(c.latents_std), scaling_factor=1.0,
                           shift_factor=None)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vae.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.vae.device
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution

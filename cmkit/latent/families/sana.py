@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ..autoencoder import VAEView
 from ..components import in_dtype
 from ..denoiser import TextToImageModel
 from ..family import patched_shape, register_family
@@ -83,29 +84,20 @@ class DeterministicLatents:
         return self.mean
 
 
-class DCAutoencoder(nn.Module):
+class DCAutoencoder(VAEView):
     """An ``AutoencoderDC`` (held as ``.vae``, what the pipeline is handed) presented as the AutoencoderKL-like VAE
     cmkit's VAE code reads: ``encode(x).latent_dist`` with ``std`` 0, ``decode(z).sample``, and a ``config`` with
     ``latent_channels``, ``block_out_channels`` (the encoder's, whose length gives the factor ``2 ** (n - 1)``, 32 for
     Sana's), ``scaling_factor`` (``z = scaling_factor * latent``, no shift), ``in_channels`` / ``out_channels``."""
 
     def __init__(self, vae: nn.Module):
-        super().__init__()
+        super().__init__(vae)
         from diffusers.configuration_utils import FrozenDict
 
-        self.vae = vae
         c = vae.config
         self.config = FrozenDict(latent_channels=int(c.latent_channels), scaling_factor=float(c.scaling_factor),
                                  block_out_channels=tuple(c.encoder_block_out_channels), shift_factor=None,
                                  in_channels=int(c.in_channels), out_channels=int(c.in_channels))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vae.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.vae.device
 
     def encode(self, x: torch.Tensor) -> SimpleNamespace:
         return SimpleNamespace(latent_dist=DeterministicLatents(self.vae.encode(x).latent))

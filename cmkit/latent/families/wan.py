@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ..autoencoder import VAEView
 from ..components import in_dtype
 from ..denoiser import TextToImageModel
 from ..family import patched_shape, register_family
@@ -187,17 +188,13 @@ class _Decoded:
         self.sample = sample
 
 
-class WanVAE(nn.Module):
+class WanVAE(VAEView):
     """The ``AutoencoderKLWan`` (``.vae``) as cmkit's VAE code reads a VAE: ``encode(videos).latent_dist`` and
     ``decode(latents).sample`` on ``(B, 3, F, H, W)`` videos in [-1, 1] and ``(B, C, F', H', W')`` latents normalised
     per channel as the pipeline normalises them, and a ``config`` with ``latent_channels`` (``z_dim``),
     ``block_out_channels`` (one more entry than the spatial factor's halvings, so ``2 ** (len - 1)`` is that factor),
     ``scaling_factor`` 1 and ``shift_factor`` 0 (the normalisation is inside), the temporal and spatial factors, and
     the per-channel ``folded_latents_mean`` / ``folded_latents_std`` (so a latent cache keys on them)."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
 
     @property
     def config(self):
@@ -210,14 +207,6 @@ class WanVAE(nn.Module):
                           shift_factor=0.0, scale_factor_temporal=int(c.scale_factor_temporal),
                           scale_factor_spatial=int(c.scale_factor_spatial),
                           folded_latents_mean=list(c.latents_mean), folded_latents_std=list(c.latents_std))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.vae.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.vae.device
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.vae.config
