@@ -270,7 +270,7 @@ def test_a_symlink_inside_the_folder_is_fine_and_duplicate_rows_are_an_error(tmp
                     "one row per image")
 
 
-@pytest.mark.parametrize("command", ["text-to-image", "quality-vs-steps"])
+@pytest.mark.parametrize("command", ["text-to-image", "text-to-video", "quality-vs-steps"])
 @pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", "x\\..\\y", "tab\there"])
 def test_a_bench_model_name_cannot_write_outside_out(tmp_path, capsys, command, name):
     out = tmp_path / "deep" / "out"

@@ -14,10 +14,12 @@ from .. import __version__
 from .streams import guarded_output, signals_interrupt
 from .text2image import (
     add_bench_t2i,
+    add_bench_t2v,
     add_export_lora,
     add_generate,
     named_folders,
     run_bench_t2i,
+    run_bench_t2v,
     run_export_lora,
     run_generate,
     seed_value,
@@ -139,6 +141,7 @@ def _add_bench(sub) -> None:
     bq.add_argument("--inception-weights", metavar="PATH",
                     help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (default: torch's hub cache)")
     add_bench_t2i(bsub)
+    add_bench_t2v(bsub)
 
 
 def _kinds(job: str) -> str:
@@ -235,6 +238,8 @@ def run_sample(args: argparse.Namespace) -> None:
 def run_bench(args: argparse.Namespace) -> None:
     if args.bench == "text-to-image":
         return run_bench_t2i(args)
+    if args.bench == "text-to-video":
+        return run_bench_t2v(args)
     from ..eval.bench import run_benchmark
     from ..loading import load_teacher
     from ..models import ConsistencyModel

@@ -1,4 +1,5 @@
-"""``cmkit generate`` (prompts -> images from a text-to-image teacher) and ``cmkit bench text-to-image``."""
+"""``cmkit generate`` (prompts -> images from a text-to-image teacher), ``cmkit bench text-to-image`` and ``cmkit
+bench text-to-video``."""
 
 from __future__ import annotations
 
@@ -64,6 +65,29 @@ def add_bench_t2i(bsub) -> None:
     b.add_argument("--out", default="benchmarks/results/text-to-image", help="output folder")
     b.add_argument("--no-progress", action="store_true")
     add_size_options(b)
+
+
+def add_bench_t2v(bsub) -> None:
+    b = bsub.add_parser("text-to-video", help="a text-to-video teacher's (WanPipeline folder) solvers at 1-50 steps "
+                                              "and its pipeline's own row on the moving Fashion-MNIST prompts (item / "
+                                              "colour / direction accuracy, Frechet distance), students beside them")
+    b.add_argument("--teacher", required=True, help="teacher folder: a WanPipeline folder or cmkit:NAME")
+    b.add_argument("--guidance", "--guidance-scale", dest="guidance", type=guidance_scale, default=5.0,
+                   help="guidance scale, 1 or more (default 5, WanPipeline's)")
+    b.add_argument("--num", "--num-samples", dest="num", type=int, default=640,
+                   help="videos per setting and seed (default 640: each of the 160 prompts 4 times)")
+    b.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    b.add_argument("--steps", default="1,2,4,8,16,25,50", help="comma-separated step counts")
+    b.add_argument("--solvers", default="euler,unipc,dpmpp_2m",
+                   help="comma-separated solvers (euler, unipc, dpmpp_2m, heun, ...)")
+    b.add_argument("--pipeline-steps", type=int, default=50,
+                   help="steps of the pipeline's own row (its scheduler; default 50, WanPipeline's)")
+    b.add_argument("--model", "--models", dest="model", action="append", default=[], metavar="NAME=FOLDER",
+                   help="a distilled video model folder cmkit wrote to score at --model-steps (repeatable)")
+    b.add_argument("--model-steps", default="1,2,4,8", help="comma-separated steps for --model rows")
+    b.add_argument("--out", default="benchmarks/results/text-to-video", help="output folder")
+    b.add_argument("--no-progress", action="store_true")
+    add_size_options(b, frames=True)
 
 
 def add_size_options(parser, frames: bool = False) -> None:
@@ -257,15 +281,12 @@ def _check_memory(model, num: int) -> None:
                "--prompt" + (" or --num-frames" if len(image) == 4 else ""))
 
 
-def run_bench_t2i(args: argparse.Namespace) -> None:
-    from ..core.assets import resolve
-    from ..eval.bench import EvalSettings
-    from ..eval.t2i_bench import student_rows, text_to_image_benchmark
+def _student_rows(folders: dict, steps: list[int], guidance: float, prompts, check=None) -> dict:
+    """``{name: student_rows(...)}`` of the ``--model`` folders (each a distilled model cmkit wrote, passed to
+    ``check(model, what)`` where given), prompted with ``prompts(n)``."""
+    from ..eval.t2i_bench import student_rows
     from ..sampling.kinds import POLICIES, TEACHER_KIND
 
-    folders = named_folders(args.model)  # before anything is loaded
-    ev = EvalSettings(num_samples=args.num, seeds=_ints(args.seeds, "--seeds"))
-    teacher = _t2i_model(args.teacher)
     models = {}
     for name, folder in folders.items():
         student = _t2i_model(folder)
@@ -273,14 +294,75 @@ def run_bench_t2i(args: argparse.Namespace) -> None:
             raise ValueError(f"--model {folder}: not a distilled text-to-image model cmkit wrote (no cmkit.json of "
                              f"a kind in {', '.join(k for k in POLICIES.names() if k != TEACHER_KIND)}); a teacher "
                              "goes to --teacher")
-        models[name] = student_rows(student, _ints(args.model_steps, "--model-steps"), args.guidance)
+        if check is not None:
+            check(student, f"--model {folder}")
+        models[name] = student_rows(student, steps, guidance, prompts)
+    return models
+
+
+def _bench_models(teacher, models: dict) -> list:
+    """The teacher and every distinct student of ``models``' rows, to size together."""
+    return [teacher, *{id(r[1]): r[1] for rows in models.values() for r in rows}.values()]
+
+
+def _solver_names(text: str) -> list[str]:
+    from ..solvers import SOLVERS
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SOLVERS]
+    if not names or unknown:
+        raise ValueError(f"--solvers {text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}; give "
+                         f"comma-separated names of {', '.join(sorted(SOLVERS))}")
+    return names
+
+
+def run_bench_t2i(args: argparse.Namespace) -> None:
+    from ..core.assets import resolve
+    from ..eval.bench import EvalSettings
+    from ..eval.t2i_bench import prompt_list, text_to_image_benchmark
+
+    folders = named_folders(args.model)  # before anything is loaded
+    ev = EvalSettings(num_samples=args.num, seeds=_ints(args.seeds, "--seeds"))
+    teacher = _t2i_model(args.teacher)
+    models = _student_rows(folders, _ints(args.model_steps, "--model-steps"), args.guidance, prompt_list)
     try:
-        with sized(args, teacher, *{id(r[1]): r[1] for rows in models.values() for r in rows}.values()):
+        with sized(args, *_bench_models(teacher, models)):
             written = text_to_image_benchmark(teacher, resolve(args.teacher), ev, args.out,
                                               solvers=[s for s in args.solvers.split(",") if s],
                                               steps=_ints(args.steps, "--steps"), guidance_scale=args.guidance,
                                               models=models, progress=not args.no_progress)
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: the rows finished so far are kept
-        raise KeyboardInterrupt(f"interrupted; the finished rows are kept in {Path(args.out) / 'partial'}: run the "
-                                "same command again to go on from them") from None
+        raise KeyboardInterrupt(_kept(args.out)) from None
+    print(written["header"] + written["table"])
+
+
+def _kept(out) -> str:
+    return (f"interrupted; the finished rows are kept in {Path(out) / 'partial'}: run the same command again to go "
+            "on from them")
+
+
+def run_bench_t2v(args: argparse.Namespace) -> None:
+    """``cmkit bench text-to-video``: ``t2v_bench.text_to_video_benchmark`` at the command's options, each bad one a
+    one-line error before a model loads where it can be told without one."""
+    from ..core.assets import resolve
+    from ..eval.bench import EvalSettings
+    from ..eval.t2v_bench import check_video_teacher, text_to_video_benchmark, video_prompt_list
+
+    folders = named_folders(args.model)  # before anything is loaded
+    ev = EvalSettings(num_samples=args.num, seeds=_ints(args.seeds, "--seeds"))
+    ev.check()
+    steps, model_steps = _ints(args.steps, "--steps"), _ints(args.model_steps, "--model-steps")
+    if min(steps + model_steps) < 1 or args.pipeline_steps < 1:
+        raise ValueError("--steps, --model-steps and --pipeline-steps must be >= 1")
+    solvers = _solver_names(args.solvers)
+    teacher = _t2i_model(args.teacher)
+    check_video_teacher(teacher, args.teacher)
+    models = _student_rows(folders, model_steps, args.guidance, video_prompt_list, check_video_teacher)
+    try:
+        with sized(args, *_bench_models(teacher, models)):
+            written = text_to_video_benchmark(teacher, resolve(args.teacher), ev, args.out, solvers=solvers,
+                                              steps=steps, guidance_scale=args.guidance, models=models,
+                                              pipeline_steps=args.pipeline_steps, progress=not args.no_progress)
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: the rows finished so far are kept
+        raise KeyboardInterrupt(_kept(args.out)) from None
     print(written["header"] + written["table"])

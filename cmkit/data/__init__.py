@@ -12,6 +12,7 @@ from . import (  # noqa: F401
     hf_captions,
     image_folders,
     images,
+    moving_fashion,
     npy_files,
     tar_shards,
     toy2d,

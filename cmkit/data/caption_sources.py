@@ -55,10 +55,10 @@ class CaptionSource:
 
 
 class ArraySource(CaptionSource):
-    """Images already in memory ((n, 3, H, W) in [-1, 1]) with one caption each, as shards of ``shard_size`` rows;
-    a shard's key hashes its pixels and captions (and ``sizes`` where given), so a cached shard is found again
-    whatever data it sits in. ``sizes``: each image's (original height, width, crop top, crop left), for images
-    cropped from larger ones; default: the images' own size, uncropped."""
+    """Images or clips already in memory ((n, 3, H, W) / (n, 3, F, H, W) in [-1, 1]) with one caption each, as
+    shards of ``shard_size`` rows; a shard's key hashes its pixels and captions (and ``sizes`` where given), so a
+    cached shard is found again whatever data it sits in. ``sizes``: each image's (original height, width, crop
+    top, crop left), for images cropped from larger ones; default: the images' own size, uncropped."""
 
     def __init__(self, images: torch.Tensor, captions: list[str], name: str = "captions", shard_size: int = 4096,
                  sizes: torch.Tensor | None = None):
@@ -74,6 +74,11 @@ class ArraySource(CaptionSource):
     @property
     def size(self) -> tuple[int, int]:
         return int(self.images.shape[-2]), int(self.images.shape[-1])
+
+    @property
+    def num_frames(self) -> int:
+        """Clips held in memory ((n, 3, F, H, W)): their frame count, so the cache expects video latents; else 0."""
+        return int(self.images.shape[2]) if self.images.ndim == 5 else 0
 
     def _rows(self, shard: int) -> slice:
         return slice(shard * self.shard_size, min(len(self.images), (shard + 1) * self.shard_size))

@@ -16,7 +16,8 @@ METRICS = {"sw": ("sliced W2", True), "mmd": ("MMD²", True), "fd": ("Fréchet d
            "confidence": ("classifier confidence", False), "recognised": ("recognised", False),
            "precision": ("precision", False), "recall": ("recall", False),
            "fid": ("FID (Inception)", True), "kid": ("KID (Inception)", True),
-           "item_acc": ("item accuracy", False), "colour_acc": ("colour accuracy", False)}
+           "item_acc": ("item accuracy", False), "colour_acc": ("colour accuracy", False),
+           "direction_acc": ("direction accuracy", False)}
 
 
 def machine_info() -> dict:
@@ -89,7 +90,8 @@ def plot(result: dict, reference: torch.Tensor, path) -> None:
             a.set_xlim(-1.6, 1.6)
             a.set_ylim(-1.6, 1.6)
             a.set_aspect("equal")
-        elif x.ndim == 4:
+        elif x.ndim in (4, 5):  # videos (N, C, F, H, W): their middle frames
+            x = x[:, :, x.shape[2] // 2] if x.ndim == 5 else x
             a.imshow(image_grid(x[:36], 6), cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
         a.set_title(title, fontsize=8)
         a.set_xticks([])

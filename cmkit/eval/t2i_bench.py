@@ -21,8 +21,18 @@ T2I_STEPS = (1, 2, 4, 8, 16, 25, 50)
 
 def prompt_list(n: int) -> list[str]:
     """``n`` prompts cycling through every prompt of the set, so any n >= 40 covers all of them evenly."""
-    every = all_prompts()
+    return cycled(all_prompts(), n)
+
+
+def cycled(every: list[str], n: int) -> list[str]:
+    """``n`` prompts cycling through ``every``."""
     return [every[i % len(every)] for i in range(n)]
+
+
+def guided_passes(teacher, guidance_scale: float) -> int:
+    """Network passes of one guided evaluation of ``teacher``: two (conditional and unconditional) where it guides
+    by classifier-free guidance, one where it does not (``guidance_scale`` 1, or guidance embedded in the network)."""
+    return 2 if guidance_scale > 1 and not teacher.denoiser.embeds_guidance else 1
 
 
 def _batched(run, n: int, batch: int = 500):
@@ -34,16 +44,19 @@ def _batched(run, n: int, batch: int = 500):
     return torch.cat(outs), nfe
 
 
-def teacher_t2i_jobs(teacher, solvers=T2I_SOLVERS, steps=T2I_STEPS, guidance_scale: float = 4.0) -> list[tuple]:
+def teacher_t2i_jobs(teacher, solvers=T2I_SOLVERS, steps=T2I_STEPS, guidance_scale: float = 4.0,
+                     prompts=prompt_list) -> list[tuple]:
+    """``(method, nfe, model, run)`` jobs of ``teacher`` with each solver at each step count over its trailing grid
+    (a flow family: its folder's own), the ``n`` samples' prompts ``prompts(n)``."""
     def job(solver, k):
         def run(n, g, c):
-            prompts = prompt_list(n)
+            texts = prompts(n)
             noise = torch.randn(n, *teacher.sample_shape, generator=g)
-            return _batched(lambda a, b: text_to_image(teacher, prompts[a:b], steps=k, solver=solver,
+            return _batched(lambda a, b: text_to_image(teacher, texts[a:b], steps=k, solver=solver,
                                                        guidance_scale=guidance_scale, latents=noise[a:b],
                                                        return_nfe=True), n)
-        passes = 2 if guidance_scale > 1 and not teacher.denoiser.embeds_guidance else 1
-        return (f"teacher {solver}", passes * grid_passes(solver, teacher.grid(k, "trailing")), teacher, run)
+        return (f"teacher {solver}", guided_passes(teacher, guidance_scale) * grid_passes(solver, teacher.grid(
+            k, "trailing")), teacher, run)
 
     return [job(solver, k) for solver in solvers for k in steps]
 
@@ -57,59 +70,85 @@ def grid_passes(solver: str, sigmas: list[float]) -> int:
     return sum(1 if math.isinf(a) or b == 0 else per for a, b in zip(sigmas, sigmas[1:], strict=False))
 
 
-def student_rows(model, steps=(1, 2, 4, 8), guidance_scale: float = 4.0) -> list[tuple]:
+def student_rows(model, steps=(1, 2, 4, 8), guidance_scale: float = 4.0, prompts=prompt_list) -> list[tuple]:
     """``(nfe, model, run)`` rows of a distilled text-to-image model at each step count, sampled as its kind
     samples (``cmkit.sampling.kinds``): at ``guidance_scale`` where its kind follows a teacher's guidance (a full
-    LCM's embedding), else at its own default (a student that folds guidance in samples unguided)."""
+    LCM's embedding), else at its own default (a student that folds guidance in samples unguided).
+    ``prompts(n)``: the ``n`` samples' prompts."""
     w = guidance_scale if policy_of(model).follows_guidance(model) else None
 
     def row(k):
         def run(n, g, c):
-            prompts = prompt_list(n)
+            texts = prompts(n)
             noise = torch.randn(n, *model.sample_shape, generator=g)
-            return _batched(lambda a, b: text_to_image(model, prompts[a:b], steps=k, guidance_scale=w,
+            return _batched(lambda a, b: text_to_image(model, texts[a:b], steps=k, guidance_scale=w,
                                                        latents=noise[a:b], generator=g, return_nfe=True), n)
         return (k, model, run)
     return [row(k) for k in steps]
 
 
-def pipeline_job(teacher, folder, steps: int = 25, guidance_scale: float = 4.0) -> tuple:
+def pipeline_job(teacher, folder, steps: int = 25, guidance_scale: float = 4.0, prompts=prompt_list) -> tuple:
     """diffusers' own pipeline for ``folder`` (``StableDiffusionPipeline`` or the SDXL one, with the folder's
-    scheduler and spacing), on the teacher's device."""
+    scheduler and spacing; a video family's ``WanPipeline``), on the teacher's device, at the teacher's size (and
+    frame count), from the same starting noise as the teacher's rows. Images (N, 3, H, W) or videos
+    (N, 3, F, H, W) in [-1, 1]."""
     family = teacher.family
     pipe = family.open_pipeline(folder).to(next(teacher.parameters()).device)
     pipe.set_progress_bar_config(disable=True)
-    passes = 2 if guidance_scale > 1 and not teacher.denoiser.embeds_guidance else 1
+    passes = guided_passes(teacher, guidance_scale)
     size = {"height": teacher.height, "width": teacher.width}
     if getattr(teacher, "max_sequence_length", None) is not None:  # the families whose pipelines take it
         size["max_sequence_length"] = teacher.max_sequence_length
+    video = getattr(teacher, "num_frames", None) is not None
+    if video:
+        size["num_frames"] = teacher.num_frames
+
+    def call(texts, latents):
+        out = pipe(texts, latents=latents, num_inference_steps=steps, guidance_scale=guidance_scale, **size,
+                   output_type="pt")
+        # a video pipeline's frames are (B, F, C, H, W) in [0, 1]; cmkit's videos (B, C, F, H, W) in [-1, 1]
+        return (out.frames.transpose(1, 2) if video else out.images) * 2 - 1
 
     def run(n, g, c):
-        prompts = prompt_list(n)
+        texts = prompts(n)
         noise = family.pipeline_latents(teacher, torch.randn(n, *teacher.sample_shape, generator=g))
-        return _batched(lambda a, b: (pipe(prompts[a:b], latents=noise[a:b], num_inference_steps=steps,
-                                           guidance_scale=guidance_scale, **size,
-                                           output_type="pt").images * 2 - 1, passes * steps), n)
+        return _batched(lambda a, b: (call(texts[a:b], noise[a:b]), passes * steps), n)
     return (f"diffusers pipeline ({type(pipe.scheduler).__name__})", passes * steps, teacher, run)
 
 
+def check_model_names(models: dict | None, out) -> None:
+    """A one-line error for a row name that would reach outside ``out`` (names are part of the file names under
+    ``out/partial``)."""
+    for name in models or {}:
+        if not name.strip(". ") or any(c in name for c in "/\\\0"):
+            raise ValueError(f"model name {name!r} would reach outside {out}: use one without '/', '\\' or only dots")
+
+
+def benchmark_jobs(teacher, folder, *, solvers, steps, guidance_scale: float, pipeline_steps: int,
+                   models: dict | None, prompts) -> list[tuple]:
+    """Every row of a prompt benchmark: the pipeline's own at ``pipeline_steps``, the teacher's solvers at each step
+    count, and the ``models`` rows (``name -> [(nfe, model, run)]``)."""
+    jobs = [pipeline_job(teacher, folder, pipeline_steps, guidance_scale, prompts)]
+    jobs += teacher_t2i_jobs(teacher, solvers, steps, guidance_scale, prompts)
+    for name, rows in (models or {}).items():
+        jobs += [(name, nfe, model, run) for nfe, model, run in rows]
+    return jobs
+
+
 def text_to_image_benchmark(teacher, folder, ev: EvalSettings, out, *, solvers=T2I_SOLVERS, steps=T2I_STEPS,
-                            guidance_scale: float = 4.0, models: dict | None = None, progress: bool = True) -> dict:
+                            guidance_scale: float = 4.0, models: dict | None = None, progress: bool = True,
+                            pipeline_steps: int = 25) -> dict:
     """Measure and write ``out/quality_vs_steps.{md,json,png}``; ``models``: extra rows, ``name -> [(nfe, model,
     run)]`` (distilled models; ``run`` as in ``bench.measure_jobs``). Resumable under ``out/partial``."""
     from .prompt_scores import PromptScorer
     from .report import write_results
 
     ev.check()
-    for name in models or {}:  # a name is part of the file names under out/partial
-        if not name.strip(". ") or any(c in name for c in "/\\\0"):
-            raise ValueError(f"model name {name!r} would reach outside {out}: use one without '/', '\\' or only dots")
+    check_model_names(models, out)
     scorer = PromptScorer(progress=progress)
     prompts = prompt_list(ev.num_samples)
-    jobs = [pipeline_job(teacher, folder, 25, guidance_scale)]
-    jobs += teacher_t2i_jobs(teacher, solvers, steps, guidance_scale)
-    for name, rows in (models or {}).items():
-        jobs += [(name, nfe, model, run) for nfe, model, run in rows]
+    jobs = benchmark_jobs(teacher, folder, solvers=solvers, steps=steps, guidance_scale=guidance_scale,
+                          pipeline_steps=pipeline_steps, models=models, prompts=prompt_list)
     result = measure_jobs(jobs, lambda x: scorer(x, prompts), ev, progress=progress,
                           partial_dir=Path(out) / "partial", score_tag=f"t2i-w{guidance_scale:g}")
     reference = scorer.reference(prompts[:64])

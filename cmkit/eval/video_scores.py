@@ -8,6 +8,9 @@ offline, on three axes, each decided per video:
   majority of the frames;
 - direction: the item's track, its intensity-weighted centroid per frame (pixels above ``BRIGHT``); the direction is
   the larger axis of the net displacement from the first frame to the last (None where a frame shows no item).
+
+and on fidelity: the Frechet distance in the item classifier's features (of the item crops above) to held-out real
+clips, per frame (every frame of every video a point; the default) or per video (the mean of its frames' features).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import torch
 from ..data.fashion_colours import ITEM_NAMES, load_fashion_items
 from ..data.moving_fashion import DIRECTION_NAMES, ITEM, parse_moving_prompt
 from .classifier import load_or_train_classifier
+from .metrics import frechet_distance
 from .prompt_scores import BRIGHT, colour_of
+
+FEATURES_PER = ("frame", "video")
 
 
 def majority(votes: list) -> object:
@@ -106,6 +112,24 @@ def item_of_video(net, videos: torch.Tensor) -> list[str | None]:
     return [majority([ITEM_NAMES[k] for k in labels[i * f: (i + 1) * f]]) for i in range(n)]
 
 
+@torch.no_grad()
+def video_features(net, videos: torch.Tensor, per: str = "frame") -> torch.Tensor:
+    """The item classifier's features of videos (N, 3, F, H, W) in [-1, 1], read on ``item_crops``: one row per
+    frame, (N * F, D) (``per="frame"``), or per video the mean of its frames', (N, D) (``per="video"``)."""
+    if per not in FEATURES_PER:
+        raise ValueError(f"per must be one of {', '.join(FEATURES_PER)}, got {per!r}")
+    if videos.ndim != 5 or videos.shape[1] != 3:
+        raise ValueError(f"videos must be (N, 3, F, H, W), got shape {tuple(videos.shape)}")
+    feats = net.features(item_crops(videos))
+    return feats if per == "frame" else feats.unflatten(0, videos.shape[:1] + videos.shape[2:3]).mean(1)
+
+
+def video_frechet_distance(net, videos: torch.Tensor, reference: torch.Tensor, per: str = "frame") -> float:
+    """The Frechet distance between ``videos`` and ``reference`` (held-out clips; any number of frames where
+    ``per="frame"``) in the item classifier ``net``'s features (``video_features``)."""
+    return frechet_distance(video_features(net, videos, per), video_features(net, reference, per))
+
+
 def score_videos(videos: torch.Tensor, prompts: list[str], net=None) -> dict:
     """``{"item_acc", "colour_acc", "direction_acc"}`` for videos (N, 3, F, H, W) in [-1, 1] and their prompts;
     ``item_acc`` only where an item classifier ``net`` is given."""
@@ -125,15 +149,23 @@ def score_videos(videos: torch.Tensor, prompts: list[str], net=None) -> dict:
 
 class VideoScorer:
     """``scorer(videos, prompts) -> {"item_acc", "colour_acc", "direction_acc"}`` for the moving Fashion-MNIST
-    prompts; the item classifier is ``PromptScorer``'s (cached, trained on first use), or ``net`` where given."""
+    prompts, with ``"fd"`` too where ``reference`` clips are given (``video_frechet_distance`` to them, ``per``
+    frame or video); the item classifier is ``PromptScorer``'s (cached, trained on first use), or ``net`` where
+    given."""
 
     directions = DIRECTION_NAMES
 
-    def __init__(self, net=None, progress: bool = True):
+    def __init__(self, net=None, progress: bool = True, reference: torch.Tensor | None = None, per: str = "frame"):
         self.info = {}
         if net is None:
             net, self.info = load_or_train_classifier(load_fashion_items(), progress=progress)
         self.net = net.eval()
+        self.per = per
+        self.reference_features = None if reference is None else video_features(self.net, reference.float(), per)
 
     def __call__(self, videos: torch.Tensor, prompts: list[str]) -> dict:
-        return score_videos(videos, prompts, self.net)
+        out = score_videos(videos, prompts, self.net)
+        if self.reference_features is not None:
+            out["fd"] = frechet_distance(video_features(self.net, videos.float(), self.per),
+                                         self.reference_features)
+        return out

@@ -13,6 +13,7 @@ epsilon, v or velocity.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import operator
 from pathlib import Path
@@ -122,6 +123,28 @@ class GuidedDenoiser:
         return TextToImageModel(self, vae, prompts, config).save_pretrained(folder)
 
 
+# A pipeline folder cmkit trained at a size other than its pipeline's default (a tiny video teacher's 9 frames of
+# 32x32 where WanPipeline defaults to 81 of 480x832) says so here, so cmkit samples it at that size; the pipeline
+# itself reads nothing of it (pass height / width / num_frames to it).
+SIZE_FILE = "sample_size.json"
+
+
+def _restore_sample_size(path, model) -> None:
+    from ..core.checks import positive_int
+
+    where = Path(str(path)) / SIZE_FILE
+    if not where.is_file():
+        return
+    try:
+        size = json.loads(where.read_text())
+        h, w = (positive_int(size[k], f"{where}: {k}", "delete the file to sample at the pipeline's default")
+                for k in ("height", "width"))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{where} is not a sample size ({type(e).__name__}: {e}); write {{\"height\": H, "
+                         f"\"width\": W}} (and \"num_frames\" for a video model) or delete it") from None
+    model.resize(h, w, size.get("num_frames"))
+
+
 def delegate(path: str) -> property:
     """A read-only attribute that is another object's (``delegate("denoiser.unet")``): how a wrapper shows the
     parts it holds."""
@@ -163,7 +186,10 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         self.family = family_of(self.config["pipeline"])
         size = self.config.get("image_size")
         self._size = (int(size), int(size)) if size else None
-        self._frames = None  # a video model's frame count: the family's default until resize
+        if self.config.get("height"):  # a non-square size to sample at
+            self._size = (int(self.config["height"]), int(self.config["width"]))
+        frames = self.config.get("num_frames")
+        self._frames = int(frames) if frames else None  # a video model's frame count: the family's default until resize
 
     # --- the denoiser, as everything above sees it
     def forward(self, z, sigma, **cond):
@@ -297,6 +323,10 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
             self.family.write(self, tmp)
+            if self._size is not None or self._frames is not None:  # not the pipeline's default: say which
+                size = {"height": self.height, "width": self.width}
+                size.update({"num_frames": self.num_frames} if self.num_frames is not None else {})
+                (tmp / SIZE_FILE).write_text(json.dumps(size) + "\n")
         return folder
 
     @classmethod
@@ -328,6 +358,7 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
             raise ValueError(f"{path} is a {name} ({UNSUPPORTED[name]}); cmkit takes text-to-image pipelines ("
                              f"{', '.join(FAMILIES.names())})")
         model = family_of(name, path).load(str(path), index, torch.float32, clip_x0, load_kw)
+        _restore_sample_size(path, model)
         if dtype != torch.float32:
             # what students record of their base is the weights as stored, whatever they are held in here
             from ..core.digests import weights_digest

@@ -134,6 +134,9 @@ class PipelineFamily:
         type(self.pipeline(model)).save_lora_weights(folder, **{f"{self.network}_lora_layers": state},
                                                      safe_serialization=True, **meta)
 
+    def check_lora(self, model) -> None:
+        """A one-line error where a LoRA student of ``model`` cannot be trained (nothing by default)."""
+
     lora_layouts: tuple[str, ...] = ("diffusers",)  # the LoRA file layouts cmkit writes for this family
 
     def lora_state(self, model, state: dict, config, layout: str) -> dict:

@@ -74,6 +74,12 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         super().__init__()
         if sampler not in SAMPLERS:
             raise ValueError(f"a flow student's sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        sched = parts.family.student_scheduler(parts, denoiser.scheduler)
+        if sched is not denoiser.scheduler:
+            # it samples, and so trains, on its own scheduler's times (float ones where a Wan teacher's UniPC hands
+            # its network whole ones); the teacher's denoiser, whose network a LoRA student shares, keeps its own
+            denoiser = copy.copy(denoiser)
+            denoiser.scheduler = sched
         self.denoiser = denoiser
         self.__dict__["parts"] = parts
         self.steps, self.guidance_scale, self.sampler = int(steps), float(guidance_scale), sampler

@@ -126,8 +126,10 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # what a pipeline's load_lora_we
 
 
 def size_meta(parts) -> dict:
-    """What a student's ``cmkit.json`` records of the size it was distilled at, its default sampling size."""
-    return {"height": int(parts.height), "width": int(parts.width)}
+    """What a student's ``cmkit.json`` records of the size it was distilled at, its default sampling size (a video
+    student's frame count too)."""
+    frames = getattr(parts, "num_frames", None)
+    return {"height": int(parts.height), "width": int(parts.width), **({"num_frames": int(frames)} if frames else {})}
 
 
 def restore_size(folder, meta: dict, parts) -> None:
@@ -135,7 +137,10 @@ def restore_size(folder, meta: dict, parts) -> None:
     pipeline's default), refused in one line where the value cannot be a size."""
     if "height" in meta and "width" in meta:
         where = Path(folder) / "cmkit.json"
-        parts.resize(*(positive_int(meta[k], f"{where}: {k}", "export the student again") for k in ("height", "width")))
+        frames = meta.get("num_frames")
+        h, w, *f = (positive_int(meta[k], f"{where}: {k}", "export the student again")
+                    for k in ("height", "width", *(("num_frames",) if frames is not None else ())))
+        parts.resize(h, w, *f)
 
 
 def write_lora_student(parts, network, folder: Path, meta: dict) -> None:

@@ -178,7 +178,12 @@ def _build_wan(cfg: FlowMatchingConfig, ctx: BuildContext):
     tr = wan.small_wan_transformer(encoded.mean.shape[1], cfg.layers, cfg.heads, cfg.head_dim, wan.TINY_TEXT_DIM,
                                    seed=ctx.seed)
     den = wan.WanDenoiser(tr, _scheduler(cfg))
-    den.pipeline_parts = (vae, prompts, {"pipeline": wan.PIPELINE})
+    # the size trained at, saved with the folder (WanPipeline's own default is 81 frames of 480x832)
+    _, f, h, w = encoded.mean.shape[1:]
+    c = vae.config
+    size = {"height": h * c.scale_factor_spatial, "width": w * c.scale_factor_spatial,
+            "num_frames": 1 + (f - 1) * c.scale_factor_temporal}
+    den.pipeline_parts = (vae, prompts, {"pipeline": wan.PIPELINE, **size})
     return den, LatentFlowMatchingLoss(cfg, encoded, latent_normalisation(vae), prompts)
 
 

@@ -39,5 +39,6 @@ class LoRAKeys:
 def lora_spec(cfg: LoRAKeys, teacher) -> dict:
     """A LoRA student's adapter: the config's rank and alpha, and its ``lora_targets`` or, where the recipe names
     none, the teacher family's (``PipelineFamily.lora_targets``)."""
+    teacher.family.check_lora(teacher)
     targets = list(cfg.lora_targets) or list(teacher.family.lora_targets)
     return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": targets}

@@ -271,6 +271,26 @@ class Wan(FlowFamily):
                  fix="give the value the pipeline was trained with")
         return scheduler
 
+    def check_lora(self, model) -> None:
+        # one adapter on one expert would leave the other expert's steps untrained, and WanPipeline's
+        # load_lora_weights fills one expert per file: the pair's students are full ones (both experts trained)
+        if model.denoiser.transformer_2 is not None:
+            raise ValueError("a LoRA student of a two-expert Wan 2.2 teacher is not supported (one adapter serves one "
+                             "expert); distil a full student (flow_cd, latent_scd, latent_rcm: both experts trained, "
+                             "exported as a two-expert WanPipeline folder)")
+
+    def student_scheduler(self, model, scheduler):
+        """A few-step student samples over the Euler grid of the teacher's flow shift: the UniPC scheduler the Wan
+        folders ship is a multistep solver of the teacher's flow (its ``flow_shift`` is not the Euler scheduler's
+        ``shift`` key, which a plain config copy would drop to 1)."""
+        if type(scheduler).__name__ != "UniPCMultistepScheduler":
+            return scheduler
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        c = scheduler.config
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=c.num_train_timesteps,
+                                               shift=float(c.get("flow_shift", 1.0)))
+
     def pipeline(self, model):
         import diffusers
 

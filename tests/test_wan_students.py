@@ -1,0 +1,110 @@
+"""Issue 34's first part: few-step students of Wan teachers (2.1 and 2.2's two experts): flow CD, sCD and rCM, full
+and LoRA, trained three steps on captioned clips of the tiny teacher, exported, then sampled by ``WanPipeline`` (a
+LoRA through its ``load_lora_weights`` on the teacher's folder) as cmkit samples them, at 1 and 4 steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+if not hasattr(diffusers, "WanPipeline"):
+    pytest.skip("this diffusers has no WanPipeline", allow_module_level=True)
+
+import cmkit  # noqa: E402
+from cmkit.cli.jobs import run_job  # noqa: E402
+from cmkit.cli.recipes import load_recipe  # noqa: E402
+from cmkit.latent.families.wan import tiny_wan_pipeline  # noqa: E402
+from cmkit.latent.flow_student import SAMPLERS  # noqa: E402
+
+PROMPTS = ["a red bag moving left", "a blue sneaker moving up"]
+FRAMES, SIZE, LENGTH = 9, 16, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def clip_data():
+    """12 captioned 9-frame 16x16 clips (10 to train on), moving random items."""
+    from cmkit.data import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 3, FRAMES, SIZE, SIZE, generator=g) * 2 - 1
+    caps = [PROMPTS[i % 2] for i in range(12)]
+    return Dataset("tiny-clips", x[:10], x[10:], train_captions=caps[:10], test_captions=caps[10:])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = {}
+    for version, two in (("2.1", False), ("2.2", True)):
+        folder = tmp_path_factory.mktemp("wan") / version
+        tiny_wan_pipeline(seed=4, two_experts=two, image_size=SIZE, num_frames=FRAMES).save_pretrained(folder)
+        out[version] = folder
+    return out
+
+
+def _pipe(folder, lora=None):
+    pipe = diffusers.WanPipeline.from_pretrained(folder)
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("version", ["2.1", "2.2"])
+@pytest.mark.parametrize("kind", ["flow_cd", "flow_cd_lora", "latent_scd", "latent_scd_lora", "latent_rcm"])
+def test_students_sample_in_the_pipeline_as_cmkit_samples_them(kind, version, folders, tmp_path, monkeypatch):
+    if version == "2.2" and kind in ("latent_scd", "latent_rcm"):
+        pytest.skip("2.1 covers these kinds; 2.2 flow_cd (full: both experts trained) and the LoRA refusal")
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    folder = folders[version]
+    sets = [f'objective.kind="{kind}"', "objective.w_min=3.0", "objective.w_max=3.0", "train.batch_size=4",
+            "train.steps=3", "train.lr=1e-3", "train.log_every=3", "train.checkpoint_every=3", "train.ema_rates=[]"]
+    sets += ["objective.num_grid_steps=4"] if kind.startswith("flow_cd") else ["objective.tangent_warmup=2"]
+    if kind.endswith("lora"):
+        sets += ["objective.lora_rank=4", "objective.lora_alpha=4.0"]
+    teacher = cmkit.load_teacher(str(folder))
+    if version == "2.2" and kind.endswith("lora"):
+        with pytest.raises(ValueError, match="two-expert Wan 2.2 teacher is not supported") as e:
+            run_job("distill", load_recipe(None, sets), tmp_path / "run", str(folder), progress=False,
+                    teacher=teacher, data=clip_data())
+        assert "\n" not in str(e.value)
+        return
+    assert (teacher.height, teacher.width, teacher.num_frames) == (SIZE, SIZE, FRAMES)  # its sample_size.json
+    run_job("distill", load_recipe(None, sets), tmp_path / "run", str(folder), progress=False, teacher=teacher,
+            data=clip_data())
+    out = tmp_path / "run" / "model"
+    student = cmkit.load_model(out)
+    assert (student.height, student.width, student.num_frames) == (SIZE, SIZE, FRAMES)
+    # a two-expert teacher's full student is the pair, each expert trained on its side of the boundary
+    assert (student.denoiser.transformer_2 is not None) == (version == "2.2")
+    if version == "2.2":
+        for name in ("transformer", "transformer_2"):
+            before, after = getattr(teacher.denoiser, name).state_dict(), getattr(student.denoiser, name).state_dict()
+            assert any((before[k] - after[k]).abs().max() > 0 for k in before), name
+    lora = kind.endswith("lora")
+    pipe = _pipe(folder, lora=out) if lora else _pipe(out)
+    if lora:  # the base folder's scheduler is the teacher's: the student's sampler in its place
+        pipe.scheduler = student.student_scheduler()
+    assert type(pipe.scheduler).__name__ == SAMPLERS[student.sampler]
+    fresh = cmkit.load_teacher(str(folder))
+    for steps in (1, 4):
+        latents = torch.randn(2, 8, 3, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(steps))
+        torch.manual_seed(10 + steps)  # a re-noising scheduler draws its fresh noise from torch's generator
+        ours = cmkit.text_to_video(student, PROMPTS, steps=steps, latents=latents, spacing=None, output="latent",
+                                   max_sequence_length=LENGTH)
+        torch.manual_seed(10 + steps)
+        theirs = pipe(prompt=PROMPTS, latents=latents, num_inference_steps=steps, guidance_scale=0.0, height=SIZE,
+                      width=SIZE, num_frames=FRAMES, max_sequence_length=LENGTH, output_type="latent").frames
+        assert ours.shape == latents.shape
+        assert (ours - theirs).abs().max() < 1e-4, steps
+        # trained: not the teacher's own sample
+        teacher_out = cmkit.text_to_video(fresh, PROMPTS, steps=steps, solver="euler", latents=latents, spacing=None,
+                                          guidance_scale=1.0, output="latent", max_sequence_length=LENGTH)
+        assert (ours - teacher_out).abs().max() > 1e-6, steps
