@@ -108,3 +108,28 @@ def test_students_sample_in_the_pipeline_as_cmkit_samples_them(kind, version, fo
         teacher_out = cmkit.text_to_video(fresh, PROMPTS, steps=steps, solver="euler", latents=latents, spacing=None,
                                           guidance_scale=1.0, output="latent", max_sequence_length=LENGTH)
         assert (ours - teacher_out).abs().max() > 1e-6, steps
+
+
+def test_a_teacher_trained_off_the_pipelines_defaults_says_so_in_its_folder(tmp_path):
+    """sample_size.json: the size, frame count and prompt length cmkit samples a saved teacher at; absent, the
+    pipeline's defaults; a bad one is one line naming the file."""
+    import json
+
+    from cmkit.latent.denoiser import SIZE_FILE
+
+    model = tiny_wan_pipeline(seed=1, image_size=16, num_frames=FRAMES)
+    model.max_sequence_length = LENGTH
+    model.save_pretrained(tmp_path / "t")
+    assert json.loads((tmp_path / "t" / SIZE_FILE).read_text()) == {"height": 16, "width": 16, "num_frames": FRAMES,
+                                                                    "max_sequence_length": LENGTH}
+    back = cmkit.load_teacher(str(tmp_path / "t"))
+    assert (back.height, back.width, back.num_frames, back.max_sequence_length) == (16, 16, FRAMES, LENGTH)
+    (tmp_path / "t" / SIZE_FILE).unlink()
+    back = cmkit.load_teacher(str(tmp_path / "t"))
+    assert (back.height, back.width, back.num_frames, back.max_sequence_length) == (480, 832, 81, 512)
+    for bad, needle in (({"height": 2.5, "width": 16}, "height must be an integer"), ([16], "is not a sample size"),
+                        ({"num_frames": 8}, "not 1 + a multiple of 4")):
+        (tmp_path / "t" / SIZE_FILE).write_text(json.dumps(bad))
+        with pytest.raises(ValueError) as e:
+            cmkit.load_teacher(str(tmp_path / "t"))
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)

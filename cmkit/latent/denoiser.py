@@ -123,9 +123,10 @@ class GuidedDenoiser:
         return TextToImageModel(self, vae, prompts, config).save_pretrained(folder)
 
 
-# A pipeline folder cmkit trained at a size other than its pipeline's default (a tiny video teacher's 9 frames of
-# 32x32 where WanPipeline defaults to 81 of 480x832) says so here, so cmkit samples it at that size; the pipeline
-# itself reads nothing of it (pass height / width / num_frames to it).
+# A pipeline folder cmkit trained at a size or prompt length other than its pipeline's defaults (a tiny video
+# teacher's 9 frames of 32x32 at 32 prompt tokens where WanPipeline defaults to 81 of 480x832 at 512) says so here,
+# so cmkit samples it as trained; the pipeline itself reads nothing of it (pass height / width / num_frames /
+# max_sequence_length to it).
 SIZE_FILE = "sample_size.json"
 
 
@@ -135,14 +136,19 @@ def _restore_sample_size(path, model) -> None:
     where = Path(str(path)) / SIZE_FILE
     if not where.is_file():
         return
+    fix = "delete the file to sample at the pipeline's defaults"
     try:
         size = json.loads(where.read_text())
-        h, w = (positive_int(size[k], f"{where}: {k}", "delete the file to sample at the pipeline's default")
-                for k in ("height", "width"))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{where} is not a sample size ({type(e).__name__}: {e}); write {{\"height\": H, "
-                         f"\"width\": W}} (and \"num_frames\" for a video model) or delete it") from None
-    model.resize(h, w, size.get("num_frames"))
+        h, w = (positive_int(size.get(k, d), f"{where}: {k}", fix) for k, d in (("height", model.height),
+                                                                               ("width", model.width)))
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{where} is not a sample size ({type(e).__name__}); write {{\"height\": H, \"width\": W}} "
+                         "(\"num_frames\", \"max_sequence_length\" where they differ from the pipeline's) or delete "
+                         "it") from None
+    frames = size.get("num_frames")
+    model.resize(h, w, None if frames is None else positive_int(frames, f"{where}: num_frames", fix))
+    if size.get("max_sequence_length") is not None:
+        model.max_sequence_length = positive_int(size["max_sequence_length"], f"{where}: max_sequence_length", fix)
 
 
 def delegate(path: str) -> property:
@@ -323,9 +329,11 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
             self.family.write(self, tmp)
-            if self._size is not None or self._frames is not None:  # not the pipeline's default: say which
-                size = {"height": self.height, "width": self.width}
-                size.update({"num_frames": self.num_frames} if self.num_frames is not None else {})
+            n, size = self.max_sequence_length, {}  # what is not the pipeline's default, said
+            size.update({"height": self.height, "width": self.width} if self._size is not None else {})
+            size.update({"num_frames": self._frames} if self._frames is not None else {})
+            size.update({"max_sequence_length": n} if n != self.family.max_sequence_length(self) else {})
+            if size:
                 (tmp / SIZE_FILE).write_text(json.dumps(size) + "\n")
         return folder
 

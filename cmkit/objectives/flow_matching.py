@@ -48,7 +48,7 @@ class FlowMatchingConfig(ObjectiveConfig):
     text_heads: int = 4
     max_length: int = 8
     projection_dim: int = 32
-    max_sequence_length: int = 256  # the zero tokens a T5-less SD3 pipeline appends (its default)
+    max_sequence_length: int = 0    # prompt tokens: SD3's zero tokens of its absent T5 (0: its 256), Wan's (0: 512)
     pipeline: str = ""              # "": the SD3 teacher above; "WanPipeline": a Wan text-to-video teacher on clips
 
 
@@ -128,7 +128,7 @@ def _build_latent(cfg: FlowMatchingConfig, ctx: BuildContext):
     vae = _latent_vae(cfg)
     bpe = ctx.resumed.get("tokenizer") or learn_bpe(sorted(set(data.train_captions)))
     prompts = sd3_text_side(bpe, cfg.text_hidden, cfg.text_layers, cfg.text_heads, cfg.max_length,
-                            cfg.projection_dim, cfg.max_sequence_length, ctx.seed)
+                            cfg.projection_dim, cfg.max_sequence_length or 256, ctx.seed)
     encoded = ctx.encode_captions(vae, prompts)  # the latent cache the job layer hands in
     # SD3's normalisation: (z - shift_factor) * scaling_factor, measured to zero mean and unit variance
     shift = ctx.resumed.get("shift_factor", encoded.mean.mean().item())
@@ -170,7 +170,8 @@ def _build_wan(cfg: FlowMatchingConfig, ctx: BuildContext):
         raise ValueError("objective.pipeline 'WanPipeline' trains on captioned clips: set data.path to a folder of "
                          ".mp4 / .webm clips with captions and data.num_frames")
     vae = _wan_vae(cfg)
-    prompts = wan.tiny_wan_text_side(ctx.seed, wan.MAX_TOKENS).requires_grad_(False)
+    # a prompt length below the pipeline's 512 is recorded with the folder (sample_size.json) and sampled at
+    prompts = wan.tiny_wan_text_side(ctx.seed, cfg.max_sequence_length or wan.MAX_TOKENS).requires_grad_(False)
     encoded = ctx.encode_captions(vae, prompts)  # the latent cache the job layer hands in
     if encoded.mean.ndim != 5:
         raise ValueError(f"objective.pipeline 'WanPipeline' trains on clips, but the data gave latents of shape "
