@@ -59,6 +59,7 @@ def saved(tmp_path_factory):
     for version, two in (("2.1", False), ("2.2", True)):
         folder = tmp_path_factory.mktemp("wan") / version
         tiny_wan_pipeline(seed=4, two_experts=two, flow_shift=SHIFT).save_pretrained(folder)
+        (folder / "sample_size.json").unlink()  # cmkit's note of the tiny model's size: a Wan repository has none
         teacher, pipe = _open(folder)
         # the pipeline's defaults
         assert (teacher.height, teacher.width, teacher.num_frames) == (480, 832, 81)
@@ -273,3 +274,25 @@ def test_a_video_teacher_takes_its_clips_frame_count_and_size():
     with pytest.raises(ValueError, match="10 frames of 16x32.*data.num_frames") as e:
         fit_teacher_to(SimpleNamespace(sample_shape=(3, 10, 16, 32)), teacher)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("steps", [8, 1])
+def test_the_ti2v_5b_layout_is_the_pipeline(tmp_path, steps):
+    """Wan 2.2 TI2V-5B's layout (``expand_timesteps``: a timestep per token; a residual, patchified VAE of spatial
+    factor 16) read from its folder and sampled as WanPipeline samples it, guided, on latents and frames."""
+    import json
+
+
+    folder = tmp_path / "ti2v"
+    tiny_wan_pipeline(seed=5, ti2v=True, flow_shift=SHIFT, image_size=32).save_pretrained(folder)
+    assert json.loads((folder / "model_index.json").read_text())["expand_timesteps"] is True
+    teacher, pipe = _open(folder)
+    assert teacher.denoiser.expand_timesteps and teacher.sample_shape == (12, 3, 2, 2)  # its sample_size.json
+    latents = torch.randn(2, 12, 3, 2, 2, generator=torch.Generator().manual_seed(steps))
+    ours = _ours(teacher, latents, steps, 4.0, 32, 32, output="latent")
+    theirs = _theirs(pipe, latents, steps, 4.0, "latent", 32, 32)
+    assert ours.shape == theirs.shape == latents.shape and (ours - theirs).abs().max() < 1e-4
+    video = _ours(teacher, latents, steps, 4.0, 32, 32)
+    frames = _theirs(pipe, latents, steps, 4.0, "pt", 32, 32)
+    assert video.shape == (2, 3, FRAMES, 32, 32)
+    assert ((video / 2 + 0.5).clamp(0, 1) - frames.transpose(1, 2)).abs().max() < 1e-4

@@ -133,6 +133,8 @@ def test_the_teacher_saves_a_wan_pipeline_that_samples_as_cmkit_does(trained):
     assert pipe.transformer.config.num_layers == 1 and pipe.transformer.config.in_channels == 8
     teacher = cmkit.load_teacher(str(folder))
     assert type(teacher.denoiser).__name__ == "WanDenoiser"
+    # the clips' size and frame count, recorded (sample_size.json): not the pipeline's 81 frames of 480x832
+    assert (teacher.height, teacher.width, teacher.num_frames) == (SIZE, SIZE, FRAMES)
     prompts = ["a red bag", "two birds"]
     latents = torch.randn(2, 8, 1 + (FRAMES - 1) // 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
     for g in (4.0, 1.0):

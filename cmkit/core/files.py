@@ -51,8 +51,8 @@ _STARTED = time.time()  # when this process took up cmkit's file helpers: a temp
 # a folder holding one of these is a model folder cmkit wrote (its own cmkit.json, or a diffusers pipeline folder)
 MODEL_MARKERS = ("cmkit.json", "model_index.json")
 # the other top-level files of the model folders cmkit writes (a pipeline folder's parts are its model_index.json's
-# keys): a pixel model's backbone (sharded or not) and a LoRA student's adapter
-MODEL_FILES = re.compile(r"^(config\.json|pytorch_lora_weights\.safetensors|"
+# keys): a pixel model's backbone (sharded or not), a LoRA student's adapter, a teacher's sample size
+MODEL_FILES = re.compile(r"^(config\.json|pytorch_lora_weights\.safetensors|sample_size\.json|"
                          r"diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors(\.index\.json)?)$")
 
 

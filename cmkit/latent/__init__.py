@@ -8,8 +8,10 @@ from . import families  # noqa: F401  (registers every pipeline family)
 from .denoiser import GuidedDenoiser, TextToImageModel
 from .families.unet import LatentDenoiser, PromptEncoder
 from .family import FAMILIES, PipelineFamily, register_family
+from .flow_map import FlowMapModel
 from .flow_student import FlowConsistencyModel
 from .lcm import LatentConsistencyModel
 
-__all__ = ["FAMILIES", "FlowConsistencyModel", "GuidedDenoiser", "LatentConsistencyModel", "LatentDenoiser",
+__all__ = ["FAMILIES", "FlowConsistencyModel", "FlowMapModel", "GuidedDenoiser", "LatentConsistencyModel",
+           "LatentDenoiser",
            "PipelineFamily", "PromptEncoder", "TextToImageModel", "register_family"]

@@ -28,7 +28,7 @@ from ..core.checks import check_guidance, positive_int
 from ..core.digests import weights_digest
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
-from .denoiser import LatentDenoiserView, TextToImageModel, delegate
+from .denoiser import LatentDenoiserView, TextToImageModel
 from .students import (
     SharedPartsStudent,
     check_base_hash,
@@ -94,16 +94,6 @@ class FlowConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
         return 1
 
     # --- the rest of the teacher's pipeline
-    family = delegate("parts.family")
-    vae = delegate("parts.vae")
-    image_size = delegate("parts.image_size")
-    height = delegate("parts.height")
-    num_frames = delegate("parts.num_frames")
-    width = delegate("parts.width")
-    sampling_at = delegate("parts.sampling_at")
-    vae_scale_factor = delegate("parts.vae_scale_factor")
-    sample_shape = delegate("parts.sample_shape")
-    image_shape = delegate("parts.image_shape")
 
     @property
     def scheduler(self):

@@ -22,7 +22,7 @@ from ..core.checks import check_guidance, in_range, positive_int
 from ..core.digests import weights_digest
 from ..core.files import atomic_dir
 from ..models.folder import META_FILE, MODEL_KINDS, read_meta
-from .denoiser import LatentDenoiserView, TextToImageModel, delegate
+from .denoiser import LatentDenoiserView, TextToImageModel
 from .families.unet import LatentDenoiser
 from .students import (
     SharedPartsStudent,
@@ -153,12 +153,6 @@ class LatentConsistencyModel(SharedPartsStudent, LatentDenoiserView, nn.Module):
                                         original_inference_steps=self.num_ddim_timesteps)
 
     # --- the rest of a pipeline (the teacher's)
-    sample_shape = delegate("parts.sample_shape")
-    image_shape = delegate("parts.image_shape")
-    height = delegate("parts.height")
-    num_frames = delegate("parts.num_frames")
-    width = delegate("parts.width")
-    sampling_at = delegate("parts.sampling_at")
 
     def encode_prompt(self, prompts, negative_prompts=None, guidance_scale: float = 1.0) -> dict:
         return self.parts.encode_prompt(prompts, negative_prompts, guidance_scale)

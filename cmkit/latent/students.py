@@ -11,6 +11,7 @@ from pathlib import Path
 from ..core.checks import finite_tensors, in_range, positive_int
 from ..core.digests import weights_digest
 from ..core.files import note
+from .denoiser import delegate
 
 
 class SharedPartsStudent:
@@ -18,6 +19,18 @@ class SharedPartsStudent:
     and ``self.lora``."""
 
     lora = False
+
+    # --- the rest of the teacher's pipeline, as the student samples in it
+    family = delegate("parts.family")
+    vae = delegate("parts.vae")
+    height = delegate("parts.height")
+    width = delegate("parts.width")
+    num_frames = delegate("parts.num_frames")
+    image_size = delegate("parts.image_size")
+    sampling_at = delegate("parts.sampling_at")
+    sample_shape = delegate("parts.sample_shape")
+    image_shape = delegate("parts.image_shape")
+    vae_scale_factor = delegate("parts.vae_scale_factor")
 
     def __deepcopy__(self, memo):
         """Copies (EMAs, the target network, the exported copy) share the teacher's parts instead of copying them.

@@ -2,7 +2,24 @@
 ``objective.kind`` (``OBJECTIVES``); distances and weightings (registries too). Importing this package registers
 every kind; a new kind is a new module here plus its line below."""
 
-from . import cd, ct, ddpm, ect, edm, flow_cd, flow_matching, latent_ddpm, latent_scm, lcm, meanflow, scm, vae, wan_vae  # noqa: F401  (each registers its kinds)
+from . import (  # noqa: F401  (each registers its kinds)
+    cd,
+    ct,
+    ddpm,
+    dmd2,
+    ect,
+    edm,
+    flow_cd,
+    flow_map,
+    flow_matching,
+    latent_ddpm,
+    latent_scm,
+    lcm,
+    meanflow,
+    scm,
+    vae,
+    wan_vae,
+)
 from .base import OBJECTIVES, BuildContext, LevelsConfig, ObjectiveConfig, kinds_for, paired_passes, register_objective
 from .cd import ConsistencyDistillation
 from .ct import ConsistencyTraining, ImprovedConsistencyTraining

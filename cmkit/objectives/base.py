@@ -144,6 +144,18 @@ class GuidedLatentBatches:
     def target_ema(self, step: int) -> float:
         return self.cfg.target_ema
 
+    def hold_teacher(self, teacher, encoded, cfg, lora: bool) -> None:
+        """What a continuous-time distillation (sCD / rCM, DMD2) keeps: the teacher and its latents outside the
+        module (never optimised, never checkpointed), the latents' normalisation, and the sigma range both the
+        config and the teacher cover."""
+        from ..latent.autoencoder import latent_normalisation
+
+        self.__dict__.update(teacher=teacher, encoded=encoded)
+        self.cfg, self.lora, self.sd = cfg, lora, float(cfg.sigma_data)
+        self.normalisation = latent_normalisation(teacher.vae)
+        self.sigma_lo = max(cfg.sigma_min, float(teacher.sigma_min))
+        self.sigma_hi = min(cfg.sigma_max, float(teacher.sigma_max))
+
     def batches(self, n: int, device):
         z, cond = self.encoded.batch(n, device, self.normalisation)
         return z, {**cond, **{k: v.to(device) for k, v in self.encoded.negatives(n).items()}}

@@ -32,7 +32,7 @@ from ..latent.students import adapters_off
 from ..solvers import SOLVERS, ode_step, step_solvers
 from .base import BuildContext, GuidedLatentBatches, ObjectiveConfig, encoded_captions, register_objective
 from .distances import make_distance
-from .students import LoRAKeys, lora_spec
+from .students import LoRAKeys, latent_teacher, lora_spec
 
 
 @dataclass
@@ -95,13 +95,7 @@ class FlowConsistencyDistillation(GuidedLatentBatches):
 
 
 def _prepare(cfg: FlowCDConfig, ctx: BuildContext):
-    teacher = ctx.teacher
-    if not isinstance(teacher, TextToImageModel) or teacher.family.student != "flow_cm":
-        raise ValueError(f"objective.kind {cfg.kind!r} distils a flow-matching text-to-image teacher (an SD3 or Flux "
-                         "pipeline folder, or cmkit:tiny-sd3); for SD / SDXL UNets use kind 'lcm'")
-    if cfg.teacher_pipeline not in ("any", teacher.family.name):
-        raise ValueError(f"this recipe is for a {cfg.teacher_pipeline} teacher but the teacher given is a "
-                         f"{teacher.family.name}; use the recipe written for it")
+    teacher = latent_teacher(cfg, ctx, flow=True)
     if cfg.solver not in SOLVERS or SOLVERS[cfg.solver].step is None:
         raise ValueError(f"objective.solver must be a step solver ({', '.join(step_solvers())}), got {cfg.solver!r}")
     finite_number(cfg.w_max, "objective.w_max", "the largest guidance scale drawn")

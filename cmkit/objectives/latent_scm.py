@@ -23,13 +23,13 @@ noised to ``x = G + s eps`` at ``s`` from the flow-shifted proposal, the regular
 
 whose gradient in ``G`` is ``2 grad / D`` (the KL's: fake score minus real score, DMD's normalisation), weighted
 ``dmd_weight`` against the sCM term (rCM's 1 : 100); the fake score's loss is ``||G - D_fake(x, s)||^2 / sin^2 t``.
+These pieces live in ``objectives.dmd``, shared with DMD2.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,6 @@ from torch import nn
 from ..core import append_dims
 from ..core.checks import finite_number
 from ..core.proposals import shifted_uniform_sigmas, trigflow_times
-from ..latent.autoencoder import latent_normalisation
 from ..latent.denoiser import TextToImageModel
 from ..latent.students import adapters_off
 from .base import (
@@ -50,10 +49,11 @@ from .base import (
     replaying_draws,
     unwrapped,
 )
+from .dmd import dmd_loss, fake_denoising_loss, student_sample
 from .flow_cd import flow_student
 from .lcm import lcm_student
 from .scm import AdaptiveWeight, adaptive_weighted_loss, normalise_tangent, scm_tangent
-from .students import LoRAKeys, lora_spec
+from .students import LoRAKeys, latent_teacher, lora_spec
 from .tangents import check_tangent_method
 
 
@@ -69,7 +69,7 @@ class LatentSCDConfig(ObjectiveConfig):
     tangent_norm_c: float = 0.1
     adaptive_weight: bool = True       # sCM's learnt w_phi(t)
     weight_embed_dim: int = 128
-    tangent: str = "jvp"               # jvp | finite_difference
+    tangent: str = "jvp"               # jvp | jvp_math | finite_difference
     fd_step: float = 1e-3
     w_min: float = 4.0                 # the teacher's guidance scale w ~ U[w_min, w_max] (pipeline convention)
     w_max: float = 4.0
@@ -121,15 +121,6 @@ class TrigFlowView:
         return (cos * x_t - d) / (self.sd * sin)
 
 
-def dmd_loss(g: torch.Tensor, x_fake: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
-    """Per sample ``||G - sg(G - grad)||^2 / D`` with ``grad = (x_fake - x_real) / mean|G - x_real|``: its gradient
-    in ``G`` is ``2 grad / D``."""
-    with torch.no_grad():
-        scale = (g - x_real).abs().flatten(1).mean(1).clamp_min(1e-5)
-        grad = (x_fake - x_real) / append_dims(scale, g.ndim)
-    return (g - (g - grad).detach()).pow(2).flatten(1).mean(1)
-
-
 def _twice(cond: dict, n: int) -> dict:
     return {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v for k, v in cond.items()}
 
@@ -140,11 +131,7 @@ class LatentSCM(GuidedLatentBatches, nn.Module):
     def __init__(self, teacher: TextToImageModel, encoded, cfg: LatentSCDConfig, lora: bool = False, fake=None,
                  student_takes_w: bool = False):
         nn.Module.__init__(self)
-        self.__dict__.update(teacher=teacher, encoded=encoded)  # never optimised, never checkpointed
-        self.cfg, self.lora, self.sd = cfg, lora, float(cfg.sigma_data)
-        self.normalisation = latent_normalisation(teacher.vae)
-        self.sigma_lo = max(cfg.sigma_min, float(teacher.sigma_min))
-        self.sigma_hi = min(cfg.sigma_max, float(teacher.sigma_max))
+        self.hold_teacher(teacher, encoded, cfg, lora)
         self.weight = AdaptiveWeight(cfg.weight_embed_dim) if cfg.adaptive_weight else None
         self.fake, self.student_takes_w = fake, student_takes_w
         self.sigma_start = float(teacher.sigma_max)  # the student samples from here (inf: the state is the noise)
@@ -197,15 +184,8 @@ class LatentSCM(GuidedLatentBatches, nn.Module):
     def student_sample(self, net, z0: torch.Tensor, scond: dict, no_grad_steps: int):
         """``(x, sigma)`` after ``no_grad_steps`` consistency steps from pure noise, re-noised at DMD times."""
         n = z0.shape[0]
-        sigma = torch.full((n,), self.sigma_start, device=z0.device, dtype=z0.dtype)
-        eps = torch.randn_like(z0)
-        x = eps if math.isinf(self.sigma_start) else self.sigma_start * eps
-        for _ in range(no_grad_steps):
-            with torch.no_grad():
-                x0 = net(x, sigma, **scond)
-            sigma = torch.minimum(self.dmd_sigmas(n, z0.device).to(z0.dtype), sigma)
-            x = x0 + append_dims(sigma, z0.ndim) * torch.randn_like(z0)
-        return x, sigma
+        return student_sample(net, z0, scond, no_grad_steps, self.sigma_start,
+                              lambda i, s: torch.minimum(self.dmd_sigmas(n, z0.device).to(z0.dtype), s))
 
     def forward(self, model, z0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
         c, n = self.cfg, z0.shape[0]
@@ -254,8 +234,7 @@ class LatentSCM(GuidedLatentBatches, nn.Module):
             g_x0 = student(x_g, s_g, **scond)
         s = self.dmd_sigmas(z0.shape[0], z0.device).to(z0.dtype)
         x = g_x0 + append_dims(s, z0.ndim) * torch.randn_like(z0)
-        inv_sin2 = append_dims((self.sd**2 + s**2) / s**2, z0.ndim)
-        return ((g_x0 - self.fake(x, s, **pos)).pow(2) * inv_sin2).flatten(1).mean(1).mean()
+        return fake_denoising_loss(self.fake(x, s, **pos), g_x0, s, self.sd).mean()
 
 
 def _check(cfg: LatentSCDConfig) -> None:
@@ -279,13 +258,7 @@ def _check(cfg: LatentSCDConfig) -> None:
 
 def _build(cfg: LatentSCDConfig, ctx: BuildContext, lora: bool, rcm: bool):
     _check(cfg)
-    teacher = ctx.teacher
-    if not isinstance(teacher, TextToImageModel):
-        raise ValueError(f"objective.kind {cfg.kind!r} distils a text-to-image teacher (a diffusers SD / SDXL / SD3 / "
-                         "Flux folder, cmkit:tiny-t2i or cmkit:tiny-sd3); the teacher given is not one")
-    if cfg.teacher_pipeline not in ("any", teacher.family.name):
-        raise ValueError(f"this recipe is for a {cfg.teacher_pipeline} teacher but the teacher given is a "
-                         f"{teacher.family.name}; use the recipe written for it")
+    teacher = latent_teacher(cfg, ctx)
     encoded = encoded_captions(cfg.kind, ctx, teacher)
     flow = teacher.family.student == "flow_cm"
     # the fake score starts as the teacher, copied before a LoRA student's adapter goes onto the teacher's network

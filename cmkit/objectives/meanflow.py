@@ -35,7 +35,7 @@ class MeanFlowConfig(ObjectiveConfig):
     r_neq_t: float = 0.25               # share of pairs with r != t
     power: float = 1.0                  # adaptive loss weight 1 / (||delta||^2 + c)^p (0: plain squared L2)
     c: float = 1e-3
-    tangent: str = "jvp"                # jvp | finite_difference
+    tangent: str = "jvp"                # jvp | jvp_math | finite_difference
     fd_step: float = 1e-3
     sigma_max: float = 999.0            # sampling starts at flow time t = sigma_max / (1 + sigma_max)
 

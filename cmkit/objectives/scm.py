@@ -41,7 +41,7 @@ class SCTConfig(LevelsConfig):
     tangent_norm_c: float = 0.1         # g / (||g|| + c)
     adaptive_weight: bool = True        # the learnt w_phi(t)
     weight_embed_dim: int = 128         # w_phi's Fourier features of c_noise(t)
-    tangent: str = "jvp"                # jvp | finite_difference (backbones without forward-mode AD)
+    tangent: str = "jvp"                # jvp | jvp_math | finite_difference (backbones without forward-mode AD)
     fd_step: float = 1e-3               # the finite difference's step along the tangent
 
 

@@ -28,6 +28,24 @@ def student_from_teacher(cfg: LevelsConfig, ctx: BuildContext, wrap_vp: bool) ->
     return cls.from_teacher(teacher, sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=cfg.sigma_data)
 
 
+def latent_teacher(cfg, ctx: BuildContext, flow: bool = False):
+    """The run's teacher, refused in one line unless it is a latent text-to-image one (``flow``: a flow-matching
+    one) of the pipeline the recipe names (``objective.teacher_pipeline``, "any" for every one)."""
+    from ..latent.denoiser import TextToImageModel
+
+    teacher = ctx.teacher
+    if not isinstance(teacher, TextToImageModel) or flow and teacher.family.student != "flow_cm":
+        what = ("a flow-matching teacher (SD3, Flux, Wan, ... pipeline folders, or cmkit:tiny-sd3)" if flow else
+                "a text-to-image teacher (a diffusers SD / SDXL / SD3 / Flux / Wan folder, cmkit:tiny-t2i or "
+                "cmkit:tiny-sd3)")
+        raise ValueError(f"objective.kind {cfg.kind!r} distils {what}; the teacher given is not one"
+                         + (" (for SD / SDXL UNets use kind 'lcm' or 'latent_scd')" if flow else ""))
+    if cfg.teacher_pipeline not in ("any", teacher.family.name):
+        raise ValueError(f"this recipe is for a {cfg.teacher_pipeline} teacher but the teacher given is a "
+                         f"{teacher.family.name}; use the recipe written for it")
+    return teacher
+
+
 @dataclass
 class LoRAKeys:
     """The ``[objective]`` keys of a LoRA student's adapter (LCM-LoRA, flow CD, sCD and rCM alike)."""

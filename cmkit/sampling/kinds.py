@@ -16,7 +16,7 @@ from ..core import Registry
 from ..core.checks import check_guidance, positive_int
 from ..latent.flow_student import SAMPLERS
 from ..latent.lcm import lcm_default_guidance
-from .text2image import draw_latents, lcm_sample, solve_text_to_image
+from .text2image import draw_latents, flow_map_sample, lcm_sample, solve_text_to_image
 
 POLICIES: Registry = Registry("text-to-image model kind")
 TEACHER_KIND = "teacher"  # a TextToImageModel (a diffusers pipeline folder) samples as a teacher
@@ -112,6 +112,24 @@ class FlowStudentPolicy(SamplingPolicy):
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
             return solve_text_to_image(model, prompts, steps, solver or model.sampler, guidance_scale, latents=latents,
                                        generator=generator, **kw)
+
+
+@register_policy("flow_map")
+class FlowMapPolicy(FlowStudentPolicy):
+    """A flow-map student: jumps over ``FlowMapEulerDiscreteScheduler``'s grid of any step count from one checkpoint
+    (default: the count it recorded), one pass a jump, guidance folded in (another guidance value refused, as for
+    the other flow students)."""
+
+    def sample(self, model, prompts, *, steps, solver, guidance_scale, negative_prompts, latents, generator,
+               spacing, sigmas, output, return_nfe):
+        if solver is not None:
+            raise ValueError(f"a flow-map student samples by its own jumps; solver {solver!r} does not apply: leave "
+                             "the solver out")
+        if negative_prompts is not None:
+            raise ValueError("a flow-map student folds guidance in and takes no negative prompt; leave it out")
+        times = None if sigmas is None else [s / (1 + s) if s != float("inf") else 1.0 for s in sigmas]
+        return flow_map_sample(model, prompts, steps, latents=latents, generator=generator, output=output,
+                               return_nfe=return_nfe, times=times)
 
 
 @register_policy("lcm")

@@ -108,3 +108,22 @@ def lcm_sample(model, prompts, steps: int | None = 4, guidance_scale: float | No
                 x = x + sig[i + 1] * eps.to(device)
     out = model.decode(x) if output == "image" else x
     return (out, passes) if return_nfe else out
+
+
+@torch.no_grad()
+def flow_map_sample(model, prompts, steps: int, latents=None, generator=None, output: str = "image",
+                    return_nfe: bool = False, times=None):
+    """Images (or latents) from a flow-map student (``latent.flow_map``): jumps ``z_r = z_t - (t - r) u(z_t, r, t)``
+    over its grid of ``steps`` steps (``model.grid``: ``FlowMapEulerDiscreteScheduler``'s) or the descending flow
+    ``times`` given (from 1 to 0), from unit noise at t = 1; one network pass a jump."""
+    cond, latents = _prepare(model, prompts, None, 1.0, latents, generator, output)
+    ts = model.grid(steps) if times is None else [float(t) for t in times]
+    if any(not b < a for a, b in zip(ts, ts[1:], strict=False)) or not 0 <= ts[-1] < ts[0] <= 1:
+        raise ValueError(f"a flow-map sample's times must fall from at most 1 to at least 0, got {ts}")
+    z, passes = latents, 0
+    with eval_mode(model):
+        for t, r in zip(ts, ts[1:], strict=False):
+            z = model.jump(z, torch.tensor(t, dtype=torch.float64), torch.tensor(r, dtype=torch.float64), **cond)
+            passes += 1
+    out = model.decode(z) if output == "image" else z
+    return (out, passes) if return_nfe else out

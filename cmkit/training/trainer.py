@@ -172,8 +172,11 @@ class Trainer:
         # (a fake-score network, rCM's) at its own learning-rate scale (``objective.lr_groups()``)
         self.extra = [p for p in objective.parameters() if p.requires_grad] if isinstance(objective, nn.Module) else []
         groups = objective.lr_groups() if hasattr(objective, "lr_groups") else [(self.extra, 1.0)]
+        # parameters an objective claims may sit inside the model (DMD2-LoRA's fake-score adapter on the network
+        # its student shares): they train in the objective's group only
+        claimed = {id(p) for ps, _ in groups for p in ps}
         self.optimizer = make_optimizer(
-            [{"params": list(model.parameters()), "lr_scale": 1.0}]
+            [{"params": [p for p in model.parameters() if id(p) not in claimed], "lr_scale": 1.0}]
             + [{"params": ps, "lr": settings.lr * scale, "lr_scale": scale} for ps, scale in groups if ps], settings)
         self.nets = {"model": model, **self.emas, **({"target": self.target} if self.target is not None else {}),
                      **({"objective": objective} if self.extra else {})}
@@ -393,6 +396,8 @@ class Trainer:
         row = {"step": step, "loss": mean_loss, "lr": self.lr_at(step - 1),
                "target_mu": self.objective.target_ema(step), "sec_per_step": (now - since_time) / (step - since_step),
                "elapsed": now - started}
+        if hasattr(self.objective, "log_metrics"):  # an objective's own signals (DMD2's collapse watch)
+            row.update(self.objective.log_metrics())
         if self.acc.is_main_process:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -59,7 +59,23 @@ class FlowFamily(PipelineFamily):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
     student = "flow_cm"
+    flow_map_time_module = "time_text_embed"  # where a flow-map student's r-embedding joins the time embedding
     mu_defaults = (256, 4096, 0.5, 1.15)  # base / max image tokens, base / max shift, as the pipeline reads them
+
+    def flow_map_network(self, teacher, gate_value: float = 0.25, lora: dict | None = None) -> nn.Module:
+        """A flow-map student's network ``u(z, r, t)``, starting as the teacher's velocity at r = t
+        (``latent.flow_map``): the teacher's transformer (a float32 copy; ``lora``: rank, alpha, targets, an adapter
+        on the teacher's own) with an r-embedding on its time embedding."""
+        import copy
+
+        from ..flow_map import REmbeddedNetwork
+        from ..flow_student import add_transformer_lora
+
+        if lora is None:
+            return REmbeddedNetwork(copy.deepcopy(teacher.denoiser).float().requires_grad_(True),
+                                    self.flow_map_time_module)
+        add_transformer_lora(teacher.network, lora["rank"], lora["alpha"], lora["targets"])
+        return REmbeddedNetwork(teacher.denoiser, self.flow_map_time_module)
 
     def grid(self, model, steps: int, spacing: str | None) -> list[float]:
         if int(steps) < 1:

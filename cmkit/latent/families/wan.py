@@ -20,6 +20,9 @@ What is matched here, as ``WanPipeline.__call__`` computes it:
   and ``(B, C, F', H', W')`` latents already normalised per channel as the pipeline normalises them
   (``z = (z_vae - latents_mean) / latents_std``; decoding ``z / (1 / latents_std) + latents_mean``), with
   ``scaling_factor`` 1 and ``shift_factor`` 0 in its config so the shared normalisation is the identity.
+- Wan 2.2 TI2V-5B (``expand_timesteps`` in its ``model_index.json``): one transformer that takes a timestep per
+  latent token (the pipeline's ``mask[:, ::2, ::2] * t``, all ones for text to video), over the latents of its
+  residual, 2x2-patchified VAE (spatial factor 16, 48 channels); read and sampled as text to video.
 - The grid: the folder's scheduler as the pipeline sets it. The Wan folders ship ``UniPCMultistepScheduler`` with
   ``use_flow_sigmas`` and ``flow_shift``; a ``FlowMatchEulerDiscreteScheduler`` swapped in runs its own grid.
 """
@@ -50,7 +53,7 @@ class WanDenoiser(FlowDenoiser):
     docstring)."""
 
     def __init__(self, transformer: nn.Module, scheduler, transformer_2: nn.Module | None = None,
-                 boundary_ratio: float | None = None, clip_x0: float | None = None):
+                 boundary_ratio: float | None = None, clip_x0: float | None = None, expand_timesteps: bool = False):
         # the smallest flow time: a FlowMatch scheduler's sigma_min; Wan's UniPC has none (its config's is None), and
         # its flow sigmas end at 1 / num_train_timesteps as FlowMatch's default does
         t_min = getattr(scheduler, "sigma_min", None) if not type(scheduler).__name__.startswith("UniPC") else None
@@ -59,6 +62,7 @@ class WanDenoiser(FlowDenoiser):
         self.scheduler, self.transformer_2 = scheduler, transformer_2
         self.boundary_ratio = None if boundary_ratio is None else float(boundary_ratio)
         self.guidance_scale_2 = None  # the pipeline's default: guidance_scale
+        self.expand_timesteps = bool(expand_timesteps)  # TI2V-5B: the network takes a timestep per token
 
     @property
     def two_experts(self) -> bool:
@@ -98,10 +102,18 @@ class WanDenoiser(FlowDenoiser):
         t = (self.schedule.time(sigma.double()) * self.timestep_scale).float()
         return t.floor() if self.integer_timesteps else t
 
+    def _per_token(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """TI2V-5B's timesteps, ``(B, F' * ceil(H' / 2) * ceil(W' / 2))``: the pipeline's ``mask[:, ::2, ::2] * t``
+        flattened, its mask all ones for text to video (``t`` once per token of the 2x2-patched latent)."""
+        f, h, w = x_t.shape[2], (x_t.shape[3] + 1) // 2, (x_t.shape[4] + 1) // 2
+        return timestep[:, None].expand(-1, f * h * w)
+
     def _velocity(self, x_t, timestep, w, cond):
         if self.integer_timesteps:
             timestep = timestep.floor()
         low = self._low_noise(timestep)
+        if self.expand_timesteps:
+            timestep = self._per_token(x_t, timestep)
         embeds = cond["prompt_embeds"]
         out = None
         for expert, rows in ((self.transformer, ~low), (self.transformer_2, low)):
@@ -202,8 +214,10 @@ class WanVAE(VAEView):
 
         c = self.vae.config
         halvings = int(round(math.log2(int(c.scale_factor_spatial))))
+        patch = int(c.get("patch_size") or 1) ** 2  # a patchified VAE (TI2V-5B's) reads 2x2 pixels as 12 channels
         return FrozenDict(latent_channels=int(c.z_dim), block_out_channels=[int(c.base_dim)] * (halvings + 1),
-                          in_channels=int(c.in_channels), out_channels=int(c.out_channels), scaling_factor=1.0,
+                          in_channels=int(c.in_channels) // patch, out_channels=int(c.out_channels) // patch,
+                          scaling_factor=1.0,
                           shift_factor=0.0, scale_factor_temporal=int(c.scale_factor_temporal),
                           scale_factor_spatial=int(c.scale_factor_spatial),
                           folded_latents_mean=list(c.latents_mean), folded_latents_std=list(c.latents_std))
@@ -232,9 +246,6 @@ class Wan(FlowFamily):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 
     def load(self, path, index, dtype, clip_x0, load_kw):
-        if index.get("expand_timesteps"):
-            raise ValueError(f"{path} is a Wan 2.2 TI2V folder (expand_timesteps: per-token timesteps); cmkit reads "
-                             "Wan 2.1 and Wan 2.2 A14B text-to-video folders")
         ratio = index.get("boundary_ratio")
         needed = ["transformer", "vae", "scheduler", "text_encoder", "tokenizer"]
         needed += ["transformer_2"] if ratio is not None else []
@@ -248,7 +259,8 @@ class Wan(FlowFamily):
                 raise ValueError(f"{path}: the {name} takes {t.config.in_channels} latent channels, the VAE gives "
                                  f"{vae.config.z_dim}; the folder's parts do not belong together")
         prompts = WanPromptEncoder(in_dtype(p["text_encoder"], dtype), p["tokenizer"])
-        den = WanDenoiser(tr, sched, tr2 if ratio is not None else None, ratio, clip_x0)
+        den = WanDenoiser(tr, sched, tr2 if ratio is not None else None, ratio, clip_x0,
+                          expand_timesteps=bool(index.get("expand_timesteps", False)))
         model = TextToImageModel(den, WanVAE(vae.eval()), prompts.eval(), {"pipeline": self.name})
         model.resize(*DEFAULT_SIZE)  # the pipeline's 480 x 832, not a square
         return model
@@ -279,6 +291,24 @@ class Wan(FlowFamily):
                              "expert); distil a full student (flow_cd, latent_scd, latent_rcm: both experts trained, "
                              "exported as a two-expert WanPipeline folder)")
 
+    def flow_map_network(self, teacher, gate_value: float = 0.25, lora: dict | None = None):
+        """A flow-map student of a Wan 2.1 teacher: its transformer as diffusers' ``AnyFlowTransformer3DModel``
+        (``latent.flow_map.AnyFlowNetwork``), exported as an ``AnyFlowPipeline`` folder; ``lora`` (rank, alpha,
+        targets): an adapter on one holding the teacher's own weights, its ``delta_embedder`` trained in full."""
+        from ..flow_map import AnyFlowNetwork
+        from ..flow_student import add_transformer_lora
+
+        if teacher.denoiser.transformer_2 is not None:
+            raise ValueError("a flow-map student of a two-expert Wan 2.2 teacher is not supported (an "
+                             "AnyFlowTransformer3DModel is one network, and u(z, t, t) must be the teacher's velocity "
+                             "at every t); distil a Wan 2.1 teacher, or a flow_cd / latent_scd student of this one")
+        if lora is None:
+            return AnyFlowNetwork.from_wan(teacher.denoiser.transformer, gate_value)
+        net = AnyFlowNetwork.from_wan(teacher.denoiser.transformer, gate_value, tied=True)
+        add_transformer_lora(net.transformer, lora["rank"], lora["alpha"], lora["targets"])
+        net.transformer.condition_embedder.delta_embedder.requires_grad_(True)
+        return net
+
     def student_scheduler(self, model, scheduler):
         """A few-step student samples over the Euler grid of the teacher's flow shift: the UniPC scheduler the Wan
         folders ship is a multistep solver of the teacher's flow (its ``flow_shift`` is not the Euler scheduler's
@@ -297,7 +327,8 @@ class Wan(FlowFamily):
         den, pe = model.denoiser, model.prompt_encoder
         return diffusers.WanPipeline(tokenizer=pe.tokenizers[0], text_encoder=pe.text_encoder, vae=model.vae.vae,
                                      scheduler=model.scheduler, transformer=den.transformer,
-                                     transformer_2=den.transformer_2, boundary_ratio=den.boundary_ratio)
+                                     transformer_2=den.transformer_2, boundary_ratio=den.boundary_ratio,
+                                     expand_timesteps=den.expand_timesteps)
 
     def default_image_size(self, model) -> int:
         return DEFAULT_SIZE[0]  # the pipeline's height (its width is 832: load sets both)
@@ -375,16 +406,18 @@ def small_wan_transformer(channels: int, layers: int, heads: int, head_dim: int,
 
 def tiny_wan_pipeline(texts: list[str] | None = None, seed: int = 0, image_size: int = 16, num_frames: int = 9,
                       two_experts: bool = False, boundary_ratio: float = 0.875, flow_shift: float = 3.0,
-                      max_sequence_length: int = MAX_TOKENS) -> TextToImageModel:
+                      max_sequence_length: int = MAX_TOKENS, ti2v: bool = False) -> TextToImageModel:
     """A randomly initialised ``WanPipeline`` model, sampling ``num_frames`` frames of ``image_size`` squares: a
     one-layer UMT5 encoder (d_model 32) with ``tiny_t5_tokenizer``, one-layer ``WanTransformer3DModel``\\ s
     (hidden 24; ``two_experts``: Wan 2.2's pair with ``boundary_ratio``), a 8-channel ``AutoencoderKLWan`` (spatial
     factor 8, temporal 4) with per-channel latent statistics that are not the identity, and the scheduler the Wan
-    folders ship (``UniPCMultistepScheduler`` over flow sigmas, ``flow_shift``). ``texts`` is unused (the tokenizer
+    folders ship (``UniPCMultistepScheduler`` over flow sigmas, ``flow_shift``). ``ti2v``: Wan 2.2 TI2V-5B's layout
+    instead, a timestep per token (``expand_timesteps``) and its VAE's kind (residual, 2x2 patchified: a 12-channel
+    spatial factor 16, ``image_size`` a multiple of 32). ``texts`` is unused (the tokenizer
     reads every English text); it is there for the ``tiny`` hook's signature."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 
-    z = 8
+    z = 12 if ti2v else 8
 
     def transformer():
         return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=z,
@@ -399,11 +432,13 @@ def tiny_wan_pipeline(texts: list[str] | None = None, seed: int = 0, image_size:
         tr2 = transformer().eval() if two_experts else None
         torch.manual_seed(seed + 3)
         stats = torch.rand(2, z)
+        kind = dict(is_residual=True, patch_size=2, scale_factor_spatial=16, in_channels=12,
+                    out_channels=12) if ti2v else {}
         vae = AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True], latents_mean=(stats[0] - 0.5).tolist(),
-                               latents_std=(stats[1] + 0.5).tolist()).eval()
+                               latents_std=(stats[1] + 0.5).tolist(), **kind).eval()
     sched = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
-    den = WanDenoiser(tr, sched, tr2, boundary_ratio if two_experts else None)
+    den = WanDenoiser(tr, sched, tr2, boundary_ratio if two_experts else None, expand_timesteps=ti2v)
     model = TextToImageModel(den, WanVAE(vae), prompts, {"pipeline": PIPELINE})
     model.resize(image_size, image_size, num_frames)
     return model
