@@ -59,7 +59,6 @@ def saved(tmp_path_factory):
     for version, two in (("2.1", False), ("2.2", True)):
         folder = tmp_path_factory.mktemp("wan") / version
         tiny_wan_pipeline(seed=4, two_experts=two, flow_shift=SHIFT).save_pretrained(folder)
-        (folder / "sample_size.json").unlink()  # cmkit's note of the tiny model's size: a Wan repository has none
         teacher, pipe = _open(folder)
         # the pipeline's defaults
         assert (teacher.height, teacher.width, teacher.num_frames) == (480, 832, 81)
@@ -284,7 +283,7 @@ def test_the_ti2v_5b_layout_is_the_pipeline(tmp_path, steps):
 
 
     folder = tmp_path / "ti2v"
-    tiny_wan_pipeline(seed=5, ti2v=True, flow_shift=SHIFT, image_size=32).save_pretrained(folder)
+    tiny_wan_pipeline(seed=5, ti2v=True, flow_shift=SHIFT, image_size=32).save_pretrained(folder, record_size=True)
     assert json.loads((folder / "model_index.json").read_text())["expand_timesteps"] is True
     teacher, pipe = _open(folder)
     assert teacher.denoiser.expand_timesteps and teacher.sample_shape == (12, 3, 2, 2)  # its sample_size.json

@@ -44,7 +44,8 @@ def folders(tmp_path_factory):
     out = {}
     for version, two in (("2.1", False), ("2.2", True)):
         folder = tmp_path_factory.mktemp("wan") / version
-        tiny_wan_pipeline(seed=4, two_experts=two, image_size=SIZE, num_frames=FRAMES).save_pretrained(folder)
+        tiny_wan_pipeline(seed=4, two_experts=two, image_size=SIZE, num_frames=FRAMES).save_pretrained(
+            folder, record_size=True)
         out[version] = folder
     return out
 
@@ -119,7 +120,9 @@ def test_a_teacher_trained_off_the_pipelines_defaults_says_so_in_its_folder(tmp_
 
     model = tiny_wan_pipeline(seed=1, image_size=16, num_frames=FRAMES)
     model.max_sequence_length = LENGTH
-    model.save_pretrained(tmp_path / "t")
+    model.save_pretrained(tmp_path / "plain")  # a save not asked to record it: the pipeline's defaults on loading
+    assert not (tmp_path / "plain" / SIZE_FILE).exists()
+    model.save_pretrained(tmp_path / "t", record_size=True)
     assert json.loads((tmp_path / "t" / SIZE_FILE).read_text()) == {"height": 16, "width": 16, "num_frames": FRAMES,
                                                                     "max_sequence_length": LENGTH}
     back = cmkit.load_teacher(str(tmp_path / "t"))

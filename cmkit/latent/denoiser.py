@@ -323,17 +323,20 @@ class TextToImageModel(LatentDenoiserView, nn.Module):
         """The descending sigma grid of a ``steps``-step solve; ``spacing=None``: as the folder's pipeline runs."""
         return self.family.grid(self, int(steps), spacing)
 
-    def save_pretrained(self, folder) -> Path:
+    def save_pretrained(self, folder, record_size: bool | None = None) -> Path:
         """A diffusers pipeline folder of this model's class (``StableDiffusionPipeline``, ...XLPipeline,
-        ``StableDiffusion3Pipeline``, ``FluxPipeline``)."""
+        ``StableDiffusion3Pipeline``, ``FluxPipeline``). ``record_size`` (default: the model's config
+        ``"sample_size"``, which a teacher cmkit trains sets): write ``SIZE_FILE`` with its size, frame count and
+        prompt length where they are not the pipeline's defaults, so cmkit samples the folder at them."""
         folder = Path(folder)
+        record = self.config.get("sample_size", False) if record_size is None else record_size
         with atomic_dir(folder) as tmp:
             self.family.write(self, tmp)
             n, size = self.max_sequence_length, {}  # what is not the pipeline's default, said
             size.update({"height": self.height, "width": self.width} if self._size is not None else {})
             size.update({"num_frames": self._frames} if self._frames is not None else {})
             size.update({"max_sequence_length": n} if n != self.family.max_sequence_length(self) else {})
-            if size:
+            if record and size:
                 (tmp / SIZE_FILE).write_text(json.dumps(size) + "\n")
         return folder
 

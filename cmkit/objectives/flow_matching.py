@@ -184,7 +184,7 @@ def _build_wan(cfg: FlowMatchingConfig, ctx: BuildContext):
     c = vae.config
     size = {"height": h * c.scale_factor_spatial, "width": w * c.scale_factor_spatial,
             "num_frames": 1 + (f - 1) * c.scale_factor_temporal}
-    den.pipeline_parts = (vae, prompts, {"pipeline": wan.PIPELINE, **size})
+    den.pipeline_parts = (vae, prompts, {"pipeline": wan.PIPELINE, **size, "sample_size": True})
     return den, LatentFlowMatchingLoss(cfg, encoded, latent_normalisation(vae), prompts)
 
 
