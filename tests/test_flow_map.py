@@ -185,7 +185,7 @@ def test_wan_flow_map_student_samples_in_anyflow_pipeline_as_cmkit_samples_it(ki
 
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "teacher"
-    tiny_wan_pipeline(seed=4, image_size=SIZE, num_frames=FRAMES).save_pretrained(folder)
+    tiny_wan_pipeline(seed=4, image_size=SIZE, num_frames=FRAMES).save_pretrained(folder, record_size=True)
     teacher = cmkit.load_teacher(str(folder))
     before = {k: v.clone() for k, v in teacher.network.state_dict().items()}
     sets = [*SETS, f'objective.kind="{kind}"'] + (LORA if kind.endswith("lora") else [])

@@ -67,7 +67,7 @@ def stand_ins(monkeypatch):
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("t2v") / "wan"
-    tiny_wan_pipeline(seed=3, image_size=32, num_frames=9).save_pretrained(path)
+    tiny_wan_pipeline(seed=3, image_size=32, num_frames=9).save_pretrained(path, record_size=True)
     return path
 
 

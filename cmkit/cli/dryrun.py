@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
+from ..core.assets import resolve
 from ..data import Dataset
 from ..loading import load_teacher
 from ..models import DiffusersDenoiser, EDMDenoiser, TimeMLP, small_unet
@@ -63,7 +64,7 @@ def _stand_in_vae(recipe: Recipe, data: Dataset, tmp: Path, echo) -> Recipe:
     """A text-to-image teacher's UNet stage names the VAE folder its first stage writes; without it, a random
     small VAE of the data's size stands in."""
     vae = getattr(recipe.objective, "vae", None)
-    if vae is None or (Path(vae) / "config.json").is_file():
+    if vae is None or (Path(resolve(vae)) / "config.json").is_file():  # a folder, or a shipped one ("cmkit:...")
         return recipe
     from ..latent.autoencoder import small_vae
 
