@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.files import atomic_dir
 from .base import BuildContext, ObjectiveConfig, register_objective
+from .vae import VAELoss
 
 
 @dataclass
@@ -124,14 +125,8 @@ class WanVAETrainee(nn.Module):
         return Path(folder)
 
 
-class WanVAELoss:
-    def __init__(self, kl_weight: float):
-        if kl_weight < 0:
-            raise ValueError(f"objective.kl_weight must be >= 0, got {kl_weight}")
-        self.kl_weight = kl_weight
-
-    def target_ema(self, step: int) -> float:
-        return 0.0
+class WanVAELoss(VAELoss):
+    """The image VAE's loss (its checks), on the window the trainee drew."""
 
     def __call__(self, model, x0: torch.Tensor, target=None, step: int = 0, **cond) -> torch.Tensor:
         recon, window, kl = model(x0)
