@@ -22,6 +22,7 @@ from ..data import Dataset, StreamedCaptions, open_dataset
 from ..data.latent_cache import caption_encoder
 from ..eval.metrics import sliced_wasserstein
 from ..latent.placement import for_the_cache, for_training, park_prompt_encoders
+from ..latent.quantize import PROBE_SIGMAS, check_quantize, quantize_teacher
 from ..loading import load_teacher
 from ..models import BACKBONES, ConsistencyModel, network_of, num_classes_of
 from ..models.folder import annotate_meta, read_meta
@@ -272,6 +273,26 @@ def validator(model):
     return validate
 
 
+def quantize_frozen_teacher(recipe: Recipe, teacher, echo: bool = True) -> None:
+    """``teacher.quantize``: the frozen teacher (a LoRA kind's base) quantised in place before the objective adds
+    its adapter, its error printed; it keeps answering with its stored weights' digest, so the exported LoRA's base
+    is the full-precision folder."""
+    mode = check_quantize(recipe.teacher.quantize)
+    if not mode:
+        return
+    if not isinstance(recipe.objective, LoRAKeys):
+        raise ValueError(f"teacher.quantize = {mode!r} holds the frozen base of a LoRA student; objective.kind "
+                         f"{recipe.objective.kind!r} trains a full copy of the teacher, which would start from the "
+                         "quantised weights: use its LoRA kind, or remove teacher.quantize")
+    teacher.__dict__.setdefault("source_digest", weights_digest(teacher))
+    w = getattr(recipe.objective, "w_max", 1.0)
+    report = quantize_teacher(teacher, mode, guidance_scale=float(w))
+    if echo:
+        print(f"teacher quantised to {mode} (torchao weight-only, {report['layers']} linear layers): one-step "
+              f"denoising error {100 * report['relative_error']:.2f}% of the full-precision teacher's output "
+              f"(guidance {w:g}, {len(PROBE_SIGMAS)} noise levels)", flush=True)
+
+
 def _teacher_for(recipe: Recipe, job: str, teacher_path: str | None, teacher):
     """The loaded teacher a kind needs (None for kinds without one) and the path recorded for it."""
     spec = OBJECTIVES[recipe.objective.kind]
@@ -361,6 +382,7 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
     check_job(recipe, job)
     recipe.train.check()
     recipe.eval.check()
+    check_quantize(recipe.teacher.quantize)
     out = Path(out)
     # the processes meet first, before each loads data and a teacher at its own pace (the meeting is bounded in time)
     acc = make_accelerator(recipe.train, out)
@@ -374,6 +396,7 @@ def run_job(job: str, recipe: Recipe, out, teacher_path: str | None = None, prog
         fit_teacher_to(data, teacher)
         check_data_matches(data, teacher, "teacher")
         extra["teacher_hash"] = weights_digest(teacher)  # a resumed run is refused if the teacher changed since
+        quantize_frozen_teacher(recipe, teacher, acc.is_main_process)
         # a latent teacher's encoders go on for its cache, then off again as its network comes on (latent.placement)
         for_the_cache(teacher.requires_grad_(False).eval(), acc.device)
     torch.manual_seed(recipe.seed)

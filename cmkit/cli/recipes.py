@@ -93,6 +93,9 @@ class ModelSection:
 class TeacherSection:
     path: str = ""                      # teacher folder, hub id or cmkit:NAME (distillation, tuning)
     clip_x0: float | None = None        # clip the teacher's x0 estimate to [-c, c] (default: no clipping)
+    # LoRA kinds of latent teachers: the frozen teacher (the adapter's base) with weight-only int8 / int4 linear
+    # layers (torchao); its one-step denoising error against the unquantised teacher is printed at start
+    quantize: str = ""
 
 
 @dataclass
