@@ -118,8 +118,7 @@ def test_gaussian_one_jump_map_converges_to_the_exact_one():
 
 @pytest.mark.skipif(not ANYFLOW, reason="this diffusers has no AnyFlowPipeline")
 def test_fresh_wan_flow_map_is_the_teacher_velocity_at_r_equal_t():
-    from cmkit.latent.families.wan import tiny_wan_pipeline
-    from cmkit.latent.flow_map import AnyFlowNetwork
+    from cmkit.latent.families.wan import AnyFlowNetwork, tiny_wan_pipeline
 
     teacher = tiny_wan_pipeline(seed=4, image_size=32, num_frames=FRAMES)
     net = teacher.family.flow_map_network(teacher)

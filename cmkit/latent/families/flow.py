@@ -13,6 +13,7 @@ from torch import nn
 from ...core import FlowMatchSchedule, append_dims, flux_mu
 from ..denoiser import GuidedDenoiser, time_dtype
 from ..family import PipelineFamily
+from ..flow_map_networks import REmbeddedNetwork
 
 FLOW_SPACINGS = (None, "trailing")  # the pipeline's own grid already starts at the last training time
 
@@ -68,7 +69,6 @@ class FlowFamily(PipelineFamily):
         on the teacher's own) with an r-embedding on its time embedding."""
         import copy
 
-        from ..flow_map import REmbeddedNetwork
         from ..flow_student import add_transformer_lora
 
         if lora is None:

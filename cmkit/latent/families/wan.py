@@ -30,15 +30,18 @@ What is matched here, as ``WanPipeline.__call__`` computes it:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
+from ...core.checks import in_range
 from ..autoencoder import VAEView
 from ..components import in_dtype
 from ..denoiser import TextToImageModel
 from ..family import patched_shape, register_family
+from ..flow_map_networks import FLOW_MAP_NETWORKS, TIMESTEP_SCALE, batch_times, merged
 from ..text_encoders import OneEncoderPrompts, negatives_for, prompt_list, tokenize
 from .flow import FlowDenoiser, FlowFamily
 
@@ -293,9 +296,8 @@ class Wan(FlowFamily):
 
     def flow_map_network(self, teacher, gate_value: float = 0.25, lora: dict | None = None):
         """A flow-map student of a Wan 2.1 teacher: its transformer as diffusers' ``AnyFlowTransformer3DModel``
-        (``latent.flow_map.AnyFlowNetwork``), exported as an ``AnyFlowPipeline`` folder; ``lora`` (rank, alpha,
-        targets): an adapter on one holding the teacher's own weights, its ``delta_embedder`` trained in full."""
-        from ..flow_map import AnyFlowNetwork
+        (``AnyFlowNetwork``), exported as an ``AnyFlowPipeline`` folder; ``lora`` (rank, alpha, targets): an adapter
+        on one holding the teacher's own weights, its ``delta_embedder`` trained in full."""
         from ..flow_student import add_transformer_lora
 
         if teacher.denoiser.transformer_2 is not None:
@@ -442,3 +444,91 @@ def tiny_wan_pipeline(texts: list[str] | None = None, seed: int = 0, image_size:
     model = TextToImageModel(den, WanVAE(vae), prompts, {"pipeline": PIPELINE})
     model.resize(image_size, image_size, num_frames)
     return model
+
+
+@FLOW_MAP_NETWORKS.register("anyflow")
+class AnyFlowNetwork(nn.Module):
+    """A Wan teacher's transformer as diffusers' ``AnyFlowTransformer3DModel`` (module docstring), called on cmkit's
+    ``(B, C, F, H, W)`` latents (the model's own layout is ``(B, F, C, H, W)``, one timestep per latent frame)."""
+
+    name = "anyflow"
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    @classmethod
+    def from_wan(cls, wan: nn.Module, gate_value: float = 0.25, tied: bool = False) -> AnyFlowNetwork:
+        """The Wan 2.1 text-to-video transformer's weights in an ``AnyFlowTransformer3DModel`` (the same key names;
+        ``delta_embedder`` copied from ``time_embedder``), in float32; ``tied``: holding the Wan transformer's own
+        parameters (frozen, in their dtype; a LoRA student's base), the ``delta_embedder`` its own."""
+        from diffusers import AnyFlowTransformer3DModel
+
+        c = wan.config
+        if tuple(c.patch_size)[0] != 1 or c.get("qk_norm") != "rms_norm_across_heads" or c.get("added_kv_proj_dim") \
+                or c.get("image_dim") or c.get("pos_embed_seq_len"):
+            raise ValueError("an AnyFlow flow-map student takes a Wan 2.1 text-to-video transformer (patch (1, p, p), "
+                             "rms_norm_across_heads q/k norm, no image conditioning); this transformer is not one")
+        in_range(gate_value, "objective.gate_value", 0, 1, low_open=True, fix="AnyFlow's is 0.25")
+        af = AnyFlowTransformer3DModel(
+            patch_size=tuple(c.patch_size), num_attention_heads=c.num_attention_heads,
+            attention_head_dim=c.attention_head_dim, in_channels=c.in_channels, out_channels=c.out_channels,
+            text_dim=c.text_dim, freq_dim=c.freq_dim, ffn_dim=c.ffn_dim, num_layers=c.num_layers,
+            cross_attn_norm=c.cross_attn_norm, eps=c.eps, rope_max_seq_len=c.rope_max_seq_len,
+            gate_value=float(gate_value), deltatime_type="r")
+        state = {k: v.float() for k, v in wan.state_dict().items()}
+        prefix = "condition_embedder.time_embedder."
+        state.update({k.replace(prefix, "condition_embedder.delta_embedder."): v.clone()
+                      for k, v in state.items() if k.startswith(prefix)})
+        af.load_state_dict(state, strict=True)
+        af.float().train()
+        if tied:
+            for name, p in wan.named_parameters():
+                owner, _, attr = name.rpartition(".")
+                setattr(af.get_submodule(owner), attr, p)
+        return cls(af)
+
+    def forward(self, z, r, t, prompt_embeds=None, **_):
+        b, f = z.shape[0], z.shape[2]
+        dt = self.transformer.dtype
+        ts, rs = ((batch_times(v, z) * TIMESTEP_SCALE).float()[:, None].expand(b, f) for v in (t, r))
+        u = self.transformer(hidden_states=z.permute(0, 2, 1, 3, 4).to(dt), timestep=ts, r_timestep=rs,
+                             encoder_hidden_states=prompt_embeds.to(z.device, dt), return_dict=False)[0]
+        self._drop_traced_rope()
+        return u.permute(0, 2, 1, 3, 4).to(z.dtype)
+
+    def _drop_traced_rope(self) -> None:
+        """The rotary table the model caches on first use: one built inside a JVP (``torch.func``) is a wrapped
+        tensor that outlives its transform (a later copy or pass fails on it), so it is dropped, rebuilt next call."""
+        rope = self.transformer.rope
+        cache = getattr(rope, "_freqs_cache", None)
+        if cache is not None and torch._C._functorch.is_functorch_wrapped_tensor(cache[1]):
+            rope._freqs_cache = None
+
+    def pipeline(self, parts, scheduler):
+        import diffusers
+
+        pe = parts.prompt_encoder
+        return diffusers.AnyFlowPipeline(tokenizer=pe.tokenizers[0], text_encoder=pe.text_encoder,
+                                         transformer=merged(self.transformer), vae=parts.vae.vae, scheduler=scheduler)
+
+    def write(self, parts, folder: Path, shift: float) -> None:
+        from diffusers import FlowMapEulerDiscreteScheduler
+
+        n = int(parts.scheduler.config.num_train_timesteps)
+        self.pipeline(parts, FlowMapEulerDiscreteScheduler(num_train_timesteps=n, shift=shift)).save_pretrained(
+            folder, safe_serialization=True)
+
+    @classmethod
+    def read(cls, folder: Path, meta: dict):
+        """``(network, parts)`` of an ``AnyFlowPipeline`` folder: the parts a Wan teacher's sampling needs (its
+        prompt encoder, VAE, latent shape) around the flow-map transformer."""
+        import diffusers
+
+        pipe = diffusers.AnyFlowPipeline.from_pretrained(str(folder), use_safetensors=True)
+        n = int(pipe.scheduler.config.num_train_timesteps)
+        grid = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=n, shift=float(meta["shift"]))
+        den = WanDenoiser(pipe.transformer.float(), grid)  # never called: the parts' latent shape and scheduler
+        prompts = WanPromptEncoder(pipe.text_encoder.eval(), pipe.tokenizer)
+        parts = TextToImageModel(den, WanVAE(pipe.vae.float().eval()), prompts.eval(), {"pipeline": PIPELINE})
+        return cls(pipe.transformer), parts
