@@ -44,8 +44,18 @@ def test_loss_is_the_velocity_error_at_shifted_logit_normal_times():
     torch.testing.assert_close(loss, expected, rtol=2e-4, atol=1e-6)
 
 
-def test_collapsed_zero_tokens_give_the_pipelines_prediction_exactly():
+@pytest.mark.parametrize("dual", [False, True])
+def test_collapsed_zero_tokens_give_the_pipelines_prediction_exactly(dual):
     model = tiny_sd3_pipeline(seed=5)
+    if dual:  # SD3.5's layout: dual-attention blocks (a second, image-only attention) and q/k RMS norms
+        from diffusers import SD3Transformer2DModel
+
+        torch.manual_seed(3)
+        tr = model.denoiser.transformer
+        kw = {k: v for k, v in tr.config.items() if not k.startswith("_")}
+        model.denoiser.transformer = SD3Transformer2DModel(**{**kw, "dual_attention_layers": (0,),
+                                                              "qk_norm": "rms_norm"}).eval()
+        assert model.denoiser.transformer.transformer_blocks[0].attn2 is not None
     model.prompt_encoder.max_sequence_length = 64
     model.prompt_encoder.collapse_zero_tokens = False
     cond = model.encode_prompt(["a red sneaker", "a green bag"], guidance_scale=3.0)

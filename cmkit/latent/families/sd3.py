@@ -26,7 +26,9 @@ class RepeatedTokenAttention:
     with equal values give (``n e^{q.k} = e^{q.k + log n}``). Every other operation of the transformer acts on each
     token alone, and the text stream has no position embedding, so the copies stay identical through every block.
     A T5-less SD3 pipeline pads each prompt with ``max_sequence_length`` zero tokens (256 by default); training on
-    one of them with this bias is exact and an order of magnitude cheaper (``SD3Denoiser.repeated_zero_tokens``)."""
+    one of them with this bias is exact and an order of magnitude cheaper (``SD3Denoiser.repeated_zero_tokens``).
+    A call without text (SD3.5's second, image-only attention of its dual-attention blocks, ``attn2``, which is
+    handed the same keyword arguments) is plain self-attention of the image tokens, as diffusers computes it."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, log_repeats=None):
         b, n_img = hidden_states.shape[0], hidden_states.shape[1]
@@ -37,6 +39,9 @@ class RepeatedTokenAttention:
 
         q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
         q, k = (attn.norm_q(q) if attn.norm_q else q), (attn.norm_k(k) if attn.norm_k else k)
+        if encoder_hidden_states is None:  # no text stream here: no repeated token either
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n_img, -1).to(q.dtype)
+            return attn.to_out[1](attn.to_out[0](out))
         e = encoder_hidden_states
         eq, ek, ev = split(attn.add_q_proj(e)), split(attn.add_k_proj(e)), split(attn.add_v_proj(e))
         eq = attn.norm_added_q(eq) if attn.norm_added_q else eq
