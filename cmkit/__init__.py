@@ -55,6 +55,10 @@ class _NoHubKernelsInBitsandbytes(importlib.abc.MetaPathFinder):
 if not any(isinstance(f, _NoHubKernelsInBitsandbytes) for f in sys.meta_path):
     sys.meta_path.insert(0, _NoHubKernelsInBitsandbytes())
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# diffusers imports torchao whenever it is installed (cmkit's quant extra, for teacher.quantize alone), and torchao
+# then says at every command that its C++ extensions do not match this torch: they hold custom kernels cmkit does
+# not call (its weight-only int8 runs on plain tensor subclasses)
+logging.getLogger("torchao").setLevel(logging.ERROR)
 # diffusers' config download of a hub id passes huggingface_hub an argument it deprecated: a line about an internal
 # call of another library, above cmkit's own output, that the user can do nothing about
 warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated", category=UserWarning)

@@ -33,7 +33,7 @@ def _config(mode: str):
     except ImportError:
         raise ImportError(f"teacher.quantize = {mode!r} needs torchao: pip install 'cmkit[quant]' (or torchao)") \
             from None
-    return Int8WeightOnlyConfig() if mode == "int8" else Int4WeightOnlyConfig(group_size=32)
+    return Int8WeightOnlyConfig(version=2) if mode == "int8" else Int4WeightOnlyConfig(group_size=32)
 
 
 @torch.no_grad()
