@@ -158,3 +158,60 @@ def test_bad_settings_are_refused_in_one_line(key, value, says):
     with pytest.raises(ValueError, match=says) as e:
         check_config(DMD2Config(**{key: value}))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["dmd2", "dmd2_lora"])
+def test_a_unet_teachers_student_samples_in_stable_diffusion_pipeline_as_cmkit_samples_it(kind, tmp_path,
+                                                                                          monkeypatch):
+    """A UNet teacher's (SD layout) DMD2 generator is an LCM: a full one a ``StableDiffusionPipeline`` folder with
+    ``LCMScheduler``, a LoRA one the file its ``load_lora_weights`` reads on the teacher's folder."""
+    import diffusers
+    from diffusers import LCMScheduler
+
+    from cmkit.latent.families.unet import tiny_pipeline
+    from cmkit.latent.lcm import LatentConsistencyModel
+    from cmkit.sampling.text2image import lcm_sample
+
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    teacher_dir = tmp_path / "teacher"
+    tiny_pipeline("sd", seed=5).save_pretrained(teacher_dir)
+    size = cmkit.load_teacher(str(teacher_dir)).image_shape[-1]
+    run_job("distill", _recipe(kind, 2), tmp_path / "run", str(teacher_dir), progress=False,
+            data=caption_data(size, ("sneaker", "bag")))
+    student = cmkit.load_model(tmp_path / "run" / "model")
+    assert isinstance(student, LatentConsistencyModel)
+    if kind == "dmd2":
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "model")
+    else:
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(teacher_dir)
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        pipe.load_lora_weights(tmp_path / "run" / "model")
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    latents = torch.randn(2, *student.sample_shape, generator=torch.Generator().manual_seed(3))
+    untrained = diffusers.StableDiffusionPipeline.from_pretrained(teacher_dir)  # the generator's start: the teacher
+    untrained.scheduler = LCMScheduler.from_config(untrained.scheduler.config)
+    untrained.set_progress_bar_config(disable=True)
+    for steps in (1, 2):
+        ref = pipe(PROMPTS, latents=latents.clone(), num_inference_steps=steps, guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(4), output_type="pt").images
+        ours = lcm_sample(student, PROMPTS, steps, guidance_scale=1.0, latents=latents,
+                          generator=torch.Generator().manual_seed(4))
+        assert (ours / 2 + 0.5).clamp(0, 1).sub(ref).abs().max() < 1e-4, steps
+        start = untrained(PROMPTS, latents=latents.clone(), num_inference_steps=steps, guidance_scale=1.0,
+                          generator=torch.Generator().manual_seed(4), output_type="pt").images
+        assert (start - ref).abs().max() > 1e-4, steps  # trained: not the untrained generator's sample
+
+
+def test_a_lora_run_with_gradient_checkpointing_takes_the_steps_of_one_without(tmp_path, monkeypatch):
+    """The two adapters share one network: a checkpointed block recomputed in the backward pass must see the adapter
+    its forward saw (the fake adapter's passes keep their activations), so the weights equal a plain run's."""
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    data = caption_data(16, ("sneaker", "bag"))
+    for name, ckpt in (("plain", "false"), ("ckpt", "true")):
+        run_job("distill", _recipe("dmd2_lora", 2, [f"train.gradient_checkpointing={ckpt}"]), tmp_path / name,
+                "cmkit:tiny-sd3", progress=False, data=data)
+    a = load_file(tmp_path / "plain" / "checkpoints" / "step-00000002" / "model.safetensors")
+    b = load_file(tmp_path / "ckpt" / "checkpoints" / "step-00000002" / "model.safetensors")
+    assert a.keys() == b.keys() and any(".fake." in k for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

@@ -184,8 +184,14 @@ class DMD2(GuidedLatentBatches, nn.Module):
         """The fake network (its adapter switched on for a LoRA student) with the hook capturing; ``trainable``
         False: its and the head's parameters take no gradient from this pass (the generator's GAN term)."""
         params = self.fake_parameters() + list(self.head.parameters())
+        net = self.fake.network
+        # gradient checkpointing recomputes a block in the backward pass under the adapter active then (the
+        # student's): the fake adapter's passes keep their activations instead
+        recompute = self.lora and getattr(net, "is_gradient_checkpointing", False)
         if self.lora:
-            self.fake.network.set_adapter(FAKE)
+            net.set_adapter(FAKE)
+        if recompute:
+            net.disable_gradient_checkpointing()
         for p in params:
             p.requires_grad_(trainable)
         self._feats, self._capture = [], True
@@ -195,6 +201,8 @@ class DMD2(GuidedLatentBatches, nn.Module):
             self._capture, self._feats = False, []
             for p in params:
                 p.requires_grad_(True)
+            if recompute:
+                net.enable_gradient_checkpointing()
             self._student_adapter()
 
     def _student_adapter(self) -> None:
