@@ -7,7 +7,8 @@ counted on the recipe's own target modules, and the bytes per parameter of what 
     VAE                                       float32 (4)
     trained weights                           float32 (4) + gradients (4) + AdamW moments (8; adamw8bit: 2)
     output EMAs, the LCM target network       float32 (4 each; train.ema_device = "cpu" moves EMAs off the device)
-    rCM's fake score                          a trained float32 copy of the teacher network (16)
+    rCM's and DMD2's fake score               a trained float32 copy of the teacher network (16); a LoRA kind's
+                                              is a second rank-64 adapter on the frozen teacher (16 per parameter)
 
 Activations come on top and scale with the per-device micro-batch (train.micro_batch_size, gradient checkpointing);
 they are not estimated here. Per device under DDP; train.fsdp divides the trained weights' and rCM's fake score's
@@ -134,6 +135,38 @@ def _z_image(vae16: int) -> dict:
     return {"net": _count(net), "text": _count(text), "vae": vae16, "lora64": lora_params(net, targets, 64)}
 
 
+def _wan() -> dict[str, dict]:
+    """Wan 2.1 T2V 1.3B and 14B and Wan 2.2 TI2V-5B (WanPipeline; the Wan-AI/*-Diffusers folders): the transformers'
+    published transformer/config.json (1.3B: 30 layers, 12 heads of 128, FFN 8960; 14B: 40 layers, 40 heads of 128,
+    FFN 13824 (diffusers' defaults); TI2V-5B: 30 layers, 24 heads of 128, FFN 14336, 48 latent channels); the
+    text encoder UMT5-XXL's encoder (d_model 4096, 24 layers, 64 heads of 64, FFN 10240 gated-GELU, vocabulary
+    256384); the VAEs AutoencoderKLWan with diffusers' defaults (2.1: base 96, 16 latent channels) and Wan 2.2's
+    (base 160, decoder base 256, 48 latent channels, residual, 2x2 patches). A flow-map student is
+    AnyFlowTransformer3DModel, the 1.3B backbone with its second (target-time) embedding."""
+    from diffusers import AnyFlowTransformer3DModel, AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from cmkit.core.memory import lora_params
+    from cmkit.latent import FAMILIES
+
+    small = {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
+    with torch.device("meta"):
+        nets = {"wan21-1.3b": WanTransformer3DModel(**small), "wan21-14b": WanTransformer3DModel(),
+                "wan22-ti2v-5b": WanTransformer3DModel(num_attention_heads=24, ffn_dim=14336, num_layers=30,
+                                                       in_channels=48, out_channels=48)}
+        anyflow = _count(AnyFlowTransformer3DModel(**small))
+        text = _count(UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240,
+                                                  num_layers=24, num_heads=64, feed_forward_proj="gated-gelu")))
+        vae21 = _count(AutoencoderKLWan())
+        vae22 = _count(AutoencoderKLWan(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True,
+                                        in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16))
+    targets = FAMILIES["WanPipeline"].lora_targets
+    out = {name: {"net": _count(net), "text": text, "vae": vae22 if name.startswith("wan22") else vae21,
+                  "lora64": lora_params(net, targets, 64)} for name, net in nets.items()}
+    out["wan21-1.3b-flow-map"] = {**out["wan21-1.3b"], "student": anyflow}
+    return out
+
+
 def networks() -> dict[str, dict]:
     """Parameter counts of each family's networks, built on the meta device from their published configs."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
@@ -188,10 +221,12 @@ def networks() -> dict[str, dict]:
         "flux2-klein-4b": _flux2_klein_4b(),
         "qwen-image": _qwen_image(),
         "sana-1.6b": _sana_1600m(),
+        **_wan(),
     }
 
 
-# recipe -> (family, trained: "lora" | "full", extra float32 copies of the student (EMAs + target), fake score)
+# recipe -> (family, trained: "lora" | "full", extra float32 copies of the student (EMAs + target),
+#            fake score: False | True (a trained copy of the network) | "lora" (an adapter of rank 64 on it))
 RECIPES = {
     "sd15-lcm-lora": ("sd15", "lora", 0, False),
     "sd15-lcm": ("sd15", "full", 2, False),        # EMA 0.95 and the target network
@@ -204,6 +239,18 @@ RECIPES = {
     "flux2-klein-flow-cd-lora": ("flux2-klein-4b", "lora", 0, False),
     "qwen-image-flow-cd-lora": ("qwen-image", "lora", 0, False),
     "sana-1.6b-scd": ("sana-1.6b", "full", 1, False),  # EMA 0.9999; sCD's target is the online network
+    "wan21-1.3b-flow-cd-lora": ("wan21-1.3b", "lora", 0, False),
+    "wan21-1.3b-rcm": ("wan21-1.3b", "full", 1, True),
+    "wan21-1.3b-flow-map": ("wan21-1.3b-flow-map", "full", 1, False),  # EMA 0.9999; the JVP's network the student's
+    "wan21-14b-flow-cd-lora": ("wan21-14b", "lora", 0, False),
+    "wan21-14b-rcm": ("wan21-14b", "full", 0, True),  # its EMA held on the host (train.ema_device = "cpu")
+    "wan22-ti2v-5b-flow-cd-lora": ("wan22-ti2v-5b", "lora", 0, False),
+    # DMD2: the fake score a trained float32 copy of the teacher (full kinds) or a second adapter of the student's
+    # rank on the frozen teacher ("lora"); the GAN head's few hundred thousand parameters are not counted
+    "sd15-dmd2": ("sd15", "full", 0, True),
+    "sdxl-dmd2-lora": ("sdxl", "lora", 0, "lora"),
+    "sd35m-dmd2": ("sd35m", "full", 1, True),      # EMA 0.9999
+    "flux-dev-dmd2-lora": ("flux", "lora", 0, "lora"),
 }
 
 
@@ -211,11 +258,11 @@ def estimate(counts: dict, trained: str, copies: int, fake: bool, weight_bytes: 
              moment_bytes: int = 8) -> dict:
     frozen = counts["net"] * weight_bytes + counts["vae"] * 4  # the text encoders are parked once the cache is built
     text = counts["text"] * weight_bytes
-    n = counts["lora64"] if trained == "lora" else counts["net"]
+    n = counts["lora64"] if trained == "lora" else counts.get("student", counts["net"])  # a flow map: its own net
     train = n * (4 + 4 + moment_bytes) + copies * n * 4
-    fake_score = counts["net"] * (4 + 4 + moment_bytes) if fake else 0
+    fake_score = {True: counts["net"], "lora": counts["lora64"]}.get(fake, 0) * (4 + 4 + moment_bytes)
     caching = text + counts["vae"] * 4
-    setup = max(caching, frozen + n * 4 * (trained == "full") + counts["net"] * 4 * fake)
+    setup = max(caching, frozen + n * 4 * (trained == "full") + counts["net"] * 4 * (fake is True))
     return {"frozen": frozen / GB, "setup": setup / GB, "trained": train / GB, "fake": fake_score / GB,
             "total": (frozen + train + fake_score) / GB, "trained_params": n}
 
@@ -229,9 +276,8 @@ def main() -> None:
               f"{c['lora64'] / 1e6:.1f} M |")
     print()
     print("| recipe | set-up (the larger of: text encoders + fp32 VAE; bf16 network + VAE + fresh student) | frozen "
-          "while training (text "
-          "encoders on the CPU) | trained (fp32 + grads + AdamW + copies) | rCM fake score | training total | with "
-          "adamw8bit | device needs (weights) |")
+          "while training (text encoders on the CPU) | trained (fp32 + grads + AdamW + copies) | fake score (rCM, "
+          "DMD2) | training total | with adamw8bit | device needs (weights) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for recipe, (fam, trained, copies, fake) in RECIPES.items():
         e = estimate(fams[fam], trained, copies, fake)

@@ -29,12 +29,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def clip_data():
-    """12 captioned 9-frame 16x16 clips (10 to train on), moving random items."""
+def clip_data(size: int = SIZE):
+    """12 captioned 9-frame clips of ``size`` squares (10 to train on), random pixels."""
     from cmkit.data import Dataset
 
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(12, 3, FRAMES, SIZE, SIZE, generator=g) * 2 - 1
+    x = torch.rand(12, 3, FRAMES, size, size, generator=g) * 2 - 1
     caps = [PROMPTS[i % 2] for i in range(12)]
     return Dataset("tiny-clips", x[:10], x[10:], train_captions=caps[:10], test_captions=caps[10:])
 
@@ -42,12 +42,15 @@ def clip_data():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     out = {}
-    for version, two in (("2.1", False), ("2.2", True)):
+    for version, two, ti2v in (("2.1", False, False), ("2.2", True, False), ("ti2v", False, True)):
         folder = tmp_path_factory.mktemp("wan") / version
-        tiny_wan_pipeline(seed=4, two_experts=two, image_size=SIZE, num_frames=FRAMES).save_pretrained(
-            folder, record_size=True)
+        tiny_wan_pipeline(seed=4, two_experts=two, image_size=SIZES[version], num_frames=FRAMES,
+                          ti2v=ti2v).save_pretrained(folder, record_size=True)
         out[version] = folder
     return out
+
+
+SIZES = {"2.1": SIZE, "2.2": SIZE, "ti2v": 32}  # TI2V-5B's VAE: spatial factor 16 and 2x2 patches
 
 
 def _pipe(folder, lora=None):
@@ -58,11 +61,14 @@ def _pipe(folder, lora=None):
     return pipe
 
 
-@pytest.mark.parametrize("version", ["2.1", "2.2"])
+@pytest.mark.parametrize("version", ["2.1", "2.2", "ti2v"])
 @pytest.mark.parametrize("kind", ["flow_cd", "flow_cd_lora", "latent_scd", "latent_scd_lora", "latent_rcm"])
 def test_students_sample_in_the_pipeline_as_cmkit_samples_them(kind, version, folders, tmp_path, monkeypatch):
     if version == "2.2" and kind in ("latent_scd", "latent_rcm"):
         pytest.skip("2.1 covers these kinds; 2.2 flow_cd (full: both experts trained) and the LoRA refusal")
+    if version == "ti2v" and kind not in ("flow_cd_lora", "latent_scd"):
+        pytest.skip("2.1 covers these kinds; TI2V-5B's layout: its GPU recipe's kind and one tangent kind")
+    size = SIZES[version]
     monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
     folder = folders[version]
     sets = [f'objective.kind="{kind}"', "objective.w_min=3.0", "objective.w_max=3.0", "train.batch_size=4",
@@ -77,12 +83,12 @@ def test_students_sample_in_the_pipeline_as_cmkit_samples_them(kind, version, fo
                     teacher=teacher, data=clip_data())
         assert "\n" not in str(e.value)
         return
-    assert (teacher.height, teacher.width, teacher.num_frames) == (SIZE, SIZE, FRAMES)  # its sample_size.json
+    assert (teacher.height, teacher.width, teacher.num_frames) == (size, size, FRAMES)  # its sample_size.json
     run_job("distill", load_recipe(None, sets), tmp_path / "run", str(folder), progress=False, teacher=teacher,
-            data=clip_data())
+            data=clip_data(size))
     out = tmp_path / "run" / "model"
     student = cmkit.load_model(out)
-    assert (student.height, student.width, student.num_frames) == (SIZE, SIZE, FRAMES)
+    assert (student.height, student.width, student.num_frames) == (size, size, FRAMES)
     # a two-expert teacher's full student is the pair, each expert trained on its side of the boundary
     assert (student.denoiser.transformer_2 is not None) == (version == "2.2")
     if version == "2.2":
@@ -96,13 +102,13 @@ def test_students_sample_in_the_pipeline_as_cmkit_samples_them(kind, version, fo
     assert type(pipe.scheduler).__name__ == SAMPLERS[student.sampler]
     fresh = cmkit.load_teacher(str(folder))
     for steps in (1, 4):
-        latents = torch.randn(2, 8, 3, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(steps))
+        latents = torch.randn(2, *student.sample_shape, generator=torch.Generator().manual_seed(steps))
         torch.manual_seed(10 + steps)  # a re-noising scheduler draws its fresh noise from torch's generator
         ours = cmkit.text_to_video(student, PROMPTS, steps=steps, latents=latents, spacing=None, output="latent",
                                    max_sequence_length=LENGTH)
         torch.manual_seed(10 + steps)
-        theirs = pipe(prompt=PROMPTS, latents=latents, num_inference_steps=steps, guidance_scale=0.0, height=SIZE,
-                      width=SIZE, num_frames=FRAMES, max_sequence_length=LENGTH, output_type="latent").frames
+        theirs = pipe(prompt=PROMPTS, latents=latents, num_inference_steps=steps, guidance_scale=0.0, height=size,
+                      width=size, num_frames=FRAMES, max_sequence_length=LENGTH, output_type="latent").frames
         assert ours.shape == latents.shape
         assert (ours - theirs).abs().max() < 1e-4, steps
         # trained: not the teacher's own sample
@@ -135,4 +141,38 @@ def test_a_teacher_trained_off_the_pipelines_defaults_says_so_in_its_folder(tmp_
         (tmp_path / "t" / SIZE_FILE).write_text(json.dumps(bad))
         with pytest.raises(ValueError) as e:
             cmkit.load_teacher(str(tmp_path / "t"))
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_wan_student_bad_inputs_are_one_line(folders, tmp_path, monkeypatch):
+    """A guidance-folded Wan student asked for guidance, a step count its schedule cannot take, and a LoRA of an
+    image family (SD3) put on a Wan teacher: one line each, nothing sampled."""
+    from cmkit.latent.families.sd3 import tiny_sd3_pipeline
+    from cmkit.latent.flow_student import FlowConsistencyModel
+
+    monkeypatch.setenv("CMKIT_CACHE", str(tmp_path / "cache"))
+    common = ["train.batch_size=2", "train.steps=1", "train.log_every=1", "train.checkpoint_every=1",
+              "train.ema_rates=[]", "objective.num_grid_steps=4", 'objective.kind="flow_cd_lora"',
+              "objective.lora_rank=2", "objective.lora_alpha=2.0"]
+    wan = cmkit.load_teacher(str(folders["2.1"]))
+    run_job("distill", load_recipe(None, common), tmp_path / "wan", str(folders["2.1"]), progress=False,
+            teacher=wan, data=clip_data())
+    student = cmkit.load_model(tmp_path / "wan" / "model")
+    sd3_folder = tmp_path / "sd3"
+    tiny_sd3_pipeline(seed=3).save_pretrained(sd3_folder)
+    from cmkit.data import Dataset
+
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    run_job("distill", load_recipe(None, common), tmp_path / "sd3-run", str(sd3_folder), progress=False,
+            data=Dataset("tiny", images[:4], images[4:], train_captions=PROMPTS * 2, test_captions=PROMPTS))
+    cases = [
+        (lambda: cmkit.text_to_video(student, PROMPTS, guidance_scale=5.0), "folds guidance in"),
+        (lambda: cmkit.text_to_video(student, PROMPTS, steps=0), "steps must be"),
+        (lambda: cmkit.text_to_video(student, PROMPTS, steps=2.5), "steps must be"),
+        (lambda: FlowConsistencyModel.from_pretrained(tmp_path / "sd3-run" / "model", base=wan),
+         "is a LoRA of a StableDiffusion3Pipeline teacher; its base here is a WanPipeline"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(ValueError) as e:
+            call()
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -33,8 +33,8 @@ def dry_run(recipe: Recipe, job: str, teacher_path: str | None = None, echo=prin
     teacher = _teacher(recipe, data, teacher_path, echo) if OBJECTIVES[recipe.objective.kind].teacher != "none" \
         else None
     shape = tuple(getattr(teacher, "image_shape", None) or data.sample_shape)
-    if data.name == STAND_IN and shape != tuple(data.sample_shape):  # stand-in images of the loaded teacher's size
-        data = _stand_in(*shape[:1], shape[-1])
+    if data.name == STAND_IN and shape != tuple(data.sample_shape):  # stand-ins of the loaded teacher's size
+        data = _stand_in(shape)
     distance = _distance(recipe, echo)
     with tempfile.TemporaryDirectory(prefix="cmkit-dry-run-") as tmp:
         recipe = _stand_in_vae(recipe, data, Path(tmp), echo)
@@ -79,16 +79,21 @@ def _data(recipe: Recipe, echo) -> Dataset:
     except FileNotFoundError as e:
         # tiny shapes: the point is to build and step every part, not to pay for full-size images on a CPU
         c, size = recipe.data.channels or 3, min(recipe.data.image_size or 32, 16)
-        echo(f"dry run: data not available ({e}); using random {c}x{size}x{size} images")
-        return _stand_in(c, size)
+        frames = (STAND_IN_FRAMES,) if recipe.data.num_frames else ()
+        shape = (c, *frames, size, size)
+        what = f"{STAND_IN_FRAMES}-frame clips" if frames else "images"
+        echo(f"dry run: data not available ({e}); using random {c}x{size}x{size} {what}")
+        return _stand_in(shape)
 
 
 STAND_IN = "stand-in"
+STAND_IN_FRAMES = 9  # a video recipe's stand-in clips: the tiny Wan stand-in's frame count (1 + 2 x its factor 4)
 
 
-def _stand_in(c: int, size: int) -> Dataset:
+def _stand_in(shape: tuple[int, ...]) -> Dataset:
+    """Eight random samples of ``shape`` (C, H, W) or (C, F, H, W) in [-1, 1], with labels and captions."""
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(8, c, size, size, generator=g) * 2 - 1
+    x = torch.rand(8, *shape, generator=g) * 2 - 1
     labels = torch.randint(0, 10, (8,), generator=g)
     captions = [f"a stand-in image of class {int(v)}" for v in labels]  # for text-to-image kinds
     return Dataset(STAND_IN, x[:6], x[6:], labels[:6], labels[6:], 10, captions[:6], captions[6:])
