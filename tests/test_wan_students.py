@@ -44,8 +44,9 @@ def folders(tmp_path_factory):
     out = {}
     for version, two, ti2v in (("2.1", False, False), ("2.2", True, False), ("ti2v", False, True)):
         folder = tmp_path_factory.mktemp("wan") / version
-        tiny_wan_pipeline(seed=4, two_experts=two, image_size=SIZES[version], num_frames=FRAMES,
-                          ti2v=ti2v).save_pretrained(folder, record_size=True)
+        model = tiny_wan_pipeline(seed=4, two_experts=two, image_size=SIZES[version], num_frames=FRAMES, ti2v=ti2v)
+        model.max_sequence_length = LENGTH  # trained at 32 tokens, as cmkit:tiny-wan: its sample_size.json says so
+        model.save_pretrained(folder, record_size=True)
         out[version] = folder
     return out
 
@@ -83,12 +84,14 @@ def test_students_sample_in_the_pipeline_as_cmkit_samples_them(kind, version, fo
                     teacher=teacher, data=clip_data())
         assert "\n" not in str(e.value)
         return
-    assert (teacher.height, teacher.width, teacher.num_frames) == (size, size, FRAMES)  # its sample_size.json
+    assert (teacher.height, teacher.width, teacher.num_frames, teacher.max_sequence_length) == (size, size, FRAMES,
+                                                                                               LENGTH)
     run_job("distill", load_recipe(None, sets), tmp_path / "run", str(folder), progress=False, teacher=teacher,
             data=clip_data(size))
     out = tmp_path / "run" / "model"
     student = cmkit.load_model(out)
     assert (student.height, student.width, student.num_frames) == (size, size, FRAMES)
+    assert student.parts.max_sequence_length == LENGTH  # its prompts as distilled, not the pipeline's 512 tokens
     # a two-expert teacher's full student is the pair, each expert trained on its side of the boundary
     assert (student.denoiser.transformer_2 is not None) == (version == "2.2")
     if version == "2.2":

@@ -140,9 +140,13 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # what a pipeline's load_lora_we
 
 def size_meta(parts) -> dict:
     """What a student's ``cmkit.json`` records of the size it was distilled at, its default sampling size (a video
-    student's frame count too)."""
+    student's frame count too), and the prompt length its prompts were encoded at where its family has one (a
+    teacher trained at 32 tokens whose student sampled at its pipeline's 512 would attend to 480 zero tokens it never
+    saw)."""
     frames = getattr(parts, "num_frames", None)
-    return {"height": int(parts.height), "width": int(parts.width), **({"num_frames": int(frames)} if frames else {})}
+    tokens = getattr(parts, "max_sequence_length", None)
+    return {"height": int(parts.height), "width": int(parts.width), **({"num_frames": int(frames)} if frames else {}),
+            **({"max_sequence_length": int(tokens)} if tokens else {})}
 
 
 def restore_size(folder, meta: dict, parts) -> None:
@@ -154,6 +158,10 @@ def restore_size(folder, meta: dict, parts) -> None:
         h, w, *f = (positive_int(meta[k], f"{where}: {k}", "export the student again")
                     for k in ("height", "width", *(("num_frames",) if frames is not None else ())))
         parts.resize(h, w, *f)
+    if meta.get("max_sequence_length") is not None and getattr(parts, "max_sequence_length", None) is not None:
+        where = Path(folder) / "cmkit.json"
+        parts.max_sequence_length = positive_int(meta["max_sequence_length"], f"{where}: max_sequence_length",
+                                                 "export the student again")
 
 
 def write_lora_student(parts, network, folder: Path, meta: dict) -> None:
