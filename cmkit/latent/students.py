@@ -160,8 +160,10 @@ def restore_size(folder, meta: dict, parts) -> None:
         parts.resize(h, w, *f)
     if meta.get("max_sequence_length") is not None and getattr(parts, "max_sequence_length", None) is not None:
         where = Path(folder) / "cmkit.json"
-        parts.max_sequence_length = positive_int(meta["max_sequence_length"], f"{where}: max_sequence_length",
-                                                 "export the student again")
+        # the encoder's own setting as it was at export (the public setter also caps it at what the encoder reads,
+        # which the pipeline's default can exceed: Z-Image asks 512 of an encoder that reads fewer)
+        parts.prompt_encoder.max_sequence_length = positive_int(
+            meta["max_sequence_length"], f"{where}: max_sequence_length", "export the student again")
 
 
 def write_lora_student(parts, network, folder: Path, meta: dict) -> None:
