@@ -17,6 +17,17 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while a module runs, restored after (a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``): its networks are tiny, and on a loaded machine more
+    threads spend their time waiting for each other in every small matmul."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def gaussian_denoiser():
     """The exact denoiser of N(mu, s^2 I) data: D(x, sigma) = mu + s^2 / (s^2 + sigma^2) (x - mu)."""

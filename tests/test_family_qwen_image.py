@@ -45,14 +45,7 @@ def _pipe(folder, lora=None):
     return pipe
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread while this module runs (restored after): these tiny networks' ops are too small to
-    share, and a second thread spinning on a loaded machine made each solve ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny networks, one thread
 
 
 @pytest.fixture(scope="module")

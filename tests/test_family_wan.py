@@ -24,14 +24,7 @@ FRAMES = 9  # 3 latent frames
 SHIFT = 3.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: its networks are tiny, and on a loaded machine more threads spend their
-    time waiting for each other in every small matmul."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny networks, one thread
 
 
 def _euler():

@@ -22,14 +22,7 @@ PROMPTS = ["a red sneaker", "a green bag"]  # 32 and 30 tokens once templated: c
 LENGTH = 48  # the prompts' max_sequence_length in every call below
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: its networks are tiny, and on a loaded machine conftest's two threads
-    spend ten times the work waiting for each other in every small matmul."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny networks, one thread
 
 
 def _pipe(folder, lora=None):

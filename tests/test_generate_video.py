@@ -17,12 +17,7 @@ from cmkit.latent.families.wan import tiny_wan_pipeline
 SIZE = ["--height", "16", "--width", "16", "--num-frames", "5", "--steps", "2", "--max-sequence-length", "16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny networks, one thread
 
 
 @pytest.fixture(scope="module")

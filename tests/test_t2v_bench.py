@@ -28,12 +28,7 @@ from cmkit.latent.families.wan import tiny_wan_pipeline
 PIPELINE = "diffusers pipeline (UniPCMultistepScheduler)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny networks, one thread
 
 
 def _items():

@@ -20,12 +20,7 @@ PROMPTS = ["a red sneaker moving left", "a blue bag moving up"]
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny networks, one thread
 
 
 def test_the_folder_is_small_and_made_by_its_recipes():

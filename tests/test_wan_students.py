@@ -21,12 +21,7 @@ PROMPTS = ["a red bag moving left", "a blue sneaker moving up"]
 FRAMES, SIZE, LENGTH = 9, 16, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny networks, one thread
 
 
 def clip_data(size: int = SIZE):

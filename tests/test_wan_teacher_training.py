@@ -22,12 +22,7 @@ CAPTIONS = ["a red bag", "a blue shoe", "a green hat", "the sea at dusk", "a cat
             "a yellow kite", "two birds"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny networks, one thread
 
 
 def frames(n: int, h: int, w: int, k: int) -> np.ndarray:
